@@ -1,0 +1,86 @@
+"""The ``covidcxr`` command line: parses arguments and calls the library.
+
+Each area registers its sub-commands from its own module; heavy imports happen
+inside the command functions so that ``--help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+# Modules that define register(subparsers). Order sets the order in --help.
+_AREAS = ["data", "models", "train", "explain", "severity", "deploy"]
+
+
+class UserError(Exception):
+    """An error caused by the user's input: printed as one line, no traceback."""
+
+
+def _known_errors() -> tuple[type[BaseException], ...]:
+    from covidcxr.io import CXRReadError
+    from covidcxr.models.checkpoint import CheckpointError
+    from covidcxr.preprocess import PresetError
+
+    errs: list[type[BaseException]] = [UserError, CXRReadError, CheckpointError, PresetError, FileNotFoundError]
+    try:
+        from covidcxr.data.manifest import ManifestError
+
+        errs.append(ManifestError)
+    except ImportError:
+        pass
+    try:
+        from covidcxr.models.weights import WeightsError
+
+        errs.append(WeightsError)
+    except ImportError:
+        pass
+    return tuple(errs)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from covidcxr import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="covidcxr",
+        description="COVID-19 chest X-ray screening and severity toolkit. For research use only; not for clinical use.",
+    )
+    parser.add_argument("--version", action="version", version=f"covidcxr {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for area in _AREAS:
+        try:
+            mod = importlib.import_module(f"covidcxr.cli.{area}")
+        except ModuleNotFoundError as err:
+            if err.name == f"covidcxr.cli.{area}":
+                continue
+            raise
+        mod.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        rc = args.func(args)
+    except _known_errors() as err:
+        print(f"covidcxr {args.command}: error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return int(rc or 0)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

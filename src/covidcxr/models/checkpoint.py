@@ -1,0 +1,171 @@
+"""Self-contained checkpoints: weights plus everything inference needs.
+
+A checkpoint is a dict saved with ``torch.save``::
+
+    format          "covidcxr-checkpoint"
+    format_version  1
+    arch            registry name, e.g. "resnet18"
+    arch_kwargs     keyword arguments for the builder (num_classes, ...)
+    task            "classification" | "severity-level" | "severity-scores"
+    classes         output names, in logit order
+    preset          Preset.to_dict() -- required; loading refuses a missing or unknown preset
+    state_dict      model weights
+    training        summary filled in by training: manifest hash, split, epochs, seed, ...
+    metrics         validation / test figures known at save time
+    threshold       operating threshold for the positive class (COVID-19), or None for argmax
+    temperature     calibration temperature (1.0 = none)
+    covidcxr_version
+
+A Lightning checkpoint written by ``covidcxr train`` carries the same dict under the
+key ``"covidcxr"``, so :func:`load` accepts both.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from covidcxr.preprocess import Preset, PresetError
+
+FORMAT = "covidcxr-checkpoint"
+FORMAT_VERSION = 1
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, unreadable, or lacks what inference needs."""
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    preset: Preset
+    classes: list[str]
+    arch: str
+    task: str = "classification"
+    threshold: float | None = None
+    temperature: float = 1.0
+    training: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)
+    path: str | None = None
+
+
+def _version() -> str:
+    from covidcxr import __version__
+
+    return __version__
+
+
+def make_bundle(
+    model: nn.Module,
+    *,
+    arch: str,
+    classes: list[str],
+    preset: Preset | dict,
+    arch_kwargs: dict[str, Any] | None = None,
+    task: str = "classification",
+    training: dict[str, Any] | None = None,
+    metrics: dict[str, Any] | None = None,
+    threshold: float | None = None,
+    temperature: float = 1.0,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    preset_d = preset.to_dict() if isinstance(preset, Preset) else Preset.from_dict(preset).to_dict()
+    kw = dict(arch_kwargs or {})
+    kw.setdefault("num_classes", len(classes))
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "arch": arch,
+        "arch_kwargs": kw,
+        "task": task,
+        "classes": list(classes),
+        "preset": preset_d,
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "training": dict(training or {}),
+        "metrics": dict(metrics or {}),
+        "threshold": threshold,
+        "temperature": float(temperature),
+        "extra": dict(extra or {}),
+        "covidcxr_version": _version(),
+    }
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
+    """Write to a temporary file in the same folder, then rename: a killed run never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def save(path: str | os.PathLike, model: nn.Module, **kwargs: Any) -> dict[str, Any]:
+    """Save a self-contained checkpoint; see :func:`make_bundle` for the keyword arguments."""
+    bundle = make_bundle(model, **kwargs)
+    atomic_torch_save(bundle, path)
+    return bundle
+
+
+def read_bundle(path: str | os.PathLike) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise CheckpointError(f"{path}: checkpoint not found")
+    try:
+        obj = torch.load(p, map_location="cpu", weights_only=False)
+    except Exception as err:
+        raise CheckpointError(f"{path}: cannot read checkpoint ({type(err).__name__}: {err})") from None
+    if isinstance(obj, dict) and "covidcxr" in obj:  # Lightning checkpoint written by covidcxr train
+        obj = obj["covidcxr"]
+    if not isinstance(obj, dict) or obj.get("format") != FORMAT:
+        raise CheckpointError(
+            f"{path}: not a covidcxr checkpoint (no architecture/classes/preset); "
+            "a bare state_dict can be loaded with covidcxr.models.create(name, weights=PATH)"
+        )
+    return obj
+
+
+def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> LoadedModel:
+    """Load a checkpoint: the model in eval mode, its preset, classes and metadata."""
+    from covidcxr.models import build
+
+    b = read_bundle(path)
+    for key in ("arch", "classes", "state_dict"):
+        if key not in b:
+            raise CheckpointError(f"{path}: checkpoint lacks {key!r}")
+    try:
+        preset = Preset.from_dict(b.get("preset"))
+    except PresetError as err:
+        raise CheckpointError(f"{path}: {err}") from None
+    model = build(b["arch"], **b.get("arch_kwargs", {}))
+    missing, unexpected = model.load_state_dict(b["state_dict"], strict=False)
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{path}: weights do not match architecture {b['arch']!r}: missing {list(missing)[:10]}, "
+            f"unexpected {list(unexpected)[:10]}"
+        )
+    model.eval().to(device)
+    return LoadedModel(
+        model=model,
+        preset=preset,
+        classes=list(b["classes"]),
+        arch=b["arch"],
+        task=b.get("task", "classification"),
+        threshold=b.get("threshold"),
+        temperature=float(b.get("temperature", 1.0) or 1.0),
+        training=b.get("training", {}),
+        metrics=b.get("metrics", {}),
+        meta={k: v for k, v in b.items() if k not in ("state_dict",)},
+        path=str(path),
+    )

@@ -1,0 +1,53 @@
+"""Shared test fixtures. Real data comes from ../shared/data and tests skip clearly without it."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("COVIDCXR_SHARED", REPO.parent / "shared" / "data"))
+DEV = SHARED / "covid-cxr-dev"
+
+# Keep every test single-threaded per worker: pytest-xdist runs two workers on two cores.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+try:
+    import torch
+
+    torch.set_num_threads(1)
+except ImportError:  # pragma: no cover
+    pass
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    if not SHARED.is_dir():
+        pytest.skip(f"shared data not found at {SHARED} (set COVIDCXR_SHARED or place ../shared beside the repo)")
+    return SHARED
+
+
+@pytest.fixture(scope="session")
+def dev_dir(shared_dir: Path) -> Path:
+    if not (DEV / "metadata.csv").is_file():
+        pytest.skip(f"dev set not found at {DEV}")
+    return DEV
+
+
+@pytest.fixture(scope="session")
+def samples_dir(shared_dir: Path) -> Path:
+    d = shared_dir / "samples"
+    if not d.is_dir():
+        pytest.skip(f"sample files not found at {d}")
+    return d
+
+
+@pytest.fixture(scope="session")
+def dev_manifest(dev_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The shared dev set built into a split manifest once per session (seed 62)."""
+    from covidcxr.data import build_manifest
+
+    out = tmp_path_factory.mktemp("devset")
+    build_manifest(sources=[("csv", str(dev_dir / "metadata.csv"))], out=out, seed=62)
+    return out / "manifest.csv"
