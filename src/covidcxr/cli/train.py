@@ -1,0 +1,139 @@
+"""covidcxr train | evaluate | compare."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+log = logging.getLogger("covidcxr")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    t = sub.add_parser(
+        "train",
+        help="train a classifier from a recipe (configs/*.yaml) on a manifest",
+        description="Train with PyTorch Lightning. The recipe YAML sets model, optimiser, schedule, sampler and "
+        "where the run happens (accelerator, devices, strategy, precision); options below override it. "
+        "Writes RUN/best.ckpt, RUN/last.ckpt (self-contained) and logs under RUN/.",
+    )
+    t.add_argument("--config", required=True, help="recipe YAML, e.g. configs/deepcovid-resnet18.yaml")
+    t.add_argument("--data", required=True, help="manifest CSV with a split column (covidcxr data build)")
+    t.add_argument("--out", required=True, help="run folder")
+    t.add_argument("--max-epochs", type=int, help="override trainer.max_epochs")
+    t.add_argument("--weights", help="initial weights: none | imagenet | xrv-nih | xrv-all | PATH (overrides the recipe)")
+    t.add_argument("--resume", action="store_true", help="continue from RUN/last.ckpt (same config)")
+    t.add_argument("--seed", type=int, help="override seed")
+    t.add_argument("--batch-size", type=int, help="override data.batch_size")
+    t.add_argument("--size", type=int, help="override the preset's input size (e.g. 224 for covidnet)")
+    t.add_argument("--accelerator", help="cpu | gpu | auto (override trainer.accelerator)")
+    t.add_argument("--devices", help="number of devices or 'auto' (override trainer.devices)")
+    t.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="override any config key with a YAML value, e.g. --set optimizer.lr=1e-3 --set trainer.precision=bf16-mixed",
+    )
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser(
+        "evaluate",
+        help="evaluate a checkpoint on a manifest split: metrics with CIs, report, predictions",
+        description="Writes OUT/metrics.json, OUT/report.html, OUT/report.md, OUT/predictions.csv and PNG figures. "
+        "Confidence intervals are 95%% bootstrap intervals over patients.",
+    )
+    e.add_argument("--model", required=True, help="checkpoint (RUN/best.ckpt)")
+    e.add_argument("--data", required=True, help="manifest CSV")
+    e.add_argument("--split", default="test", choices=["test", "val", "train", "all"])
+    e.add_argument("--out", required=True, help="report folder")
+    e.add_argument("--n-boot", type=int, default=1000, help="bootstrap replicates (default 1000)")
+    e.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    e.add_argument("--target-sensitivity", type=float, default=0.95, help="COVID-19 operating point (default 0.95)")
+    e.add_argument("--threshold", type=float, help="COVID-19 decision threshold (default: the checkpoint's, else argmax)")
+    e.add_argument("--calibrate", action="store_true",
+                   help="fit a temperature on the manifest's val split and store it in the checkpoint")
+    e.add_argument("--batch-size", type=int, default=16)
+    e.add_argument("--workers", type=int, default=0, help="data loader workers")
+    e.set_defaults(func=cmd_evaluate)
+
+    c = sub.add_parser(
+        "compare",
+        help="compare checkpoints on one split: params, MACs, CPU latency, metrics with CIs",
+        description="Writes OUT/compare.md, OUT/compare.csv and OUT/compare.json.",
+    )
+    c.add_argument("checkpoints", nargs="+", help="checkpoints to compare")
+    c.add_argument("--data", required=True, help="manifest CSV")
+    c.add_argument("--split", default="test", choices=["test", "val", "train", "all"])
+    c.add_argument("--out", required=True, help="output folder")
+    c.add_argument("--names", nargs="+", help="row names, one per checkpoint (default: RUN/FILE)")
+    c.add_argument("--n-boot", type=int, default=1000)
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--latency-repeats", type=int, default=5)
+    c.set_defaults(func=cmd_compare)
+
+
+def _user_error(err: Exception):
+    from covidcxr.cli import UserError
+
+    return UserError(str(err))
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from covidcxr.train import ConfigError, fit, load_config
+
+    over = list(args.overrides)
+    for key, val in (("trainer.max_epochs", args.max_epochs), ("model.weights", args.weights), ("seed", args.seed),
+                     ("data.batch_size", args.batch_size), ("data.size", args.size),
+                     ("trainer.accelerator", args.accelerator), ("trainer.devices", args.devices)):
+        if val is not None:
+            over.append(f"{key}={val}")
+    try:
+        cfg = load_config(args.config, over)
+        run = fit(cfg, data=args.data, out=args.out, resume=args.resume)
+    except ConfigError as err:
+        raise _user_error(err) from None
+    print(f"best checkpoint: {run / 'best.ckpt'}")
+    print(f"last checkpoint: {run / 'last.ckpt'}")
+    print(f"logs:            {run / 'logs'}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from covidcxr.evaluate import MetricsError, evaluate_checkpoint
+
+    try:
+        res = evaluate_checkpoint(args.model, args.data, args.split, args.out, n_boot=args.n_boot, seed=args.seed,
+                                  target_sensitivity=args.target_sensitivity, calibrate=args.calibrate,
+                                  threshold=args.threshold, batch_size=args.batch_size, num_workers=args.workers)
+    except MetricsError as err:
+        raise _user_error(err) from None
+    m = res["metrics"]
+    acc = m["accuracy"]
+    print(f"{m['n_images']} images / {m['n_patients']} patients ({args.split}); "
+          f"accuracy {acc['value']:.3f} [95% CI {acc['ci_low']:.3f}, {acc['ci_high']:.3f}]")
+    for cname, pc in m["per_class"].items():
+        s = pc["sensitivity"]
+        sv = "n/a" if s["value"] is None else f"{s['value']:.3f}"
+        auc = pc.get("auc", {}).get("value")
+        print(f"  {cname:>10}: sensitivity {sv}  AUC {'n/a' if auc is None else f'{auc:.3f}'}")
+    if res.get("failures"):
+        print(f"skipped {len(res['failures'])} unreadable image(s):")
+        for f in res["failures"]:
+            print(f"  {f['error']}")
+    if args.calibrate:
+        print(f"temperature {res['calibration']['temperature_fitted']:.3f} stored in {args.model}")
+    out = Path(args.out)
+    print(f"report: {out / 'report.html'} (also report.md, metrics.json, predictions.csv)")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from covidcxr.evaluate import MetricsError, compare
+
+    try:
+        compare(args.checkpoints, args.data, args.split, args.out, n_boot=args.n_boot, seed=args.seed,
+                latency_repeats=args.latency_repeats, names=args.names)
+    except MetricsError as err:
+        raise _user_error(err) from None
+    out = Path(args.out)
+    print((out / "compare.md").read_text(encoding="utf-8"))
+    print(f"written: {out / 'compare.md'}, {out / 'compare.csv'}, {out / 'compare.json'}")
+    return 0

@@ -1,0 +1,221 @@
+"""``covidcxr evaluate``: a checkpoint on a manifest split -> metrics.json, report, predictions.csv."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import pandas as pd
+
+from covidcxr.evaluate.metrics import (
+    MetricsError,
+    apply_temperature,
+    compute_metrics,
+    expected_calibration_error,
+    fit_temperature,
+    group_breakdown,
+    nll,
+    predict_labels,
+)
+
+log = logging.getLogger(__name__)
+
+SPLIT_CHOICES = ("test", "val", "train", "all")
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def select_split(df: pd.DataFrame, split: str, manifest: str | Path = "") -> pd.DataFrame:
+    """Rows of one split (or all rows); a clear error when the split is empty or unknown."""
+    if split not in SPLIT_CHOICES:
+        raise MetricsError(f"unknown split {split!r}; choose one of {list(SPLIT_CHOICES)}")
+    if split == "all":
+        return df.reset_index(drop=True)
+    if "split" not in df.columns:
+        raise MetricsError(f"{manifest}: manifest has no 'split' column; use --split all or build it with covidcxr data build")
+    sub = df[df["split"] == split].reset_index(drop=True)
+    if sub.empty:
+        raise MetricsError(f"{manifest}: split {split!r} has no rows (splits present: {sorted(df['split'].dropna().unique())})")
+    return sub
+
+
+def label_indices(frame: pd.DataFrame, classes: Sequence[str], manifest: str | Path = "") -> np.ndarray:
+    classes = list(classes)
+    unknown = sorted(set(frame["label"].astype(str)) - set(classes))
+    if unknown:
+        raise MetricsError(
+            f"{manifest}: label(s) {unknown} are not classes of this model ({classes}); "
+            "filter the manifest or evaluate a model trained on these labels"
+        )
+    return np.array([classes.index(str(v)) for v in frame["label"]], dtype=np.int64)
+
+
+def _col(frame: pd.DataFrame, name: str) -> list[Any]:
+    return list(frame[name]) if name in frame.columns else [None] * len(frame)
+
+
+def evaluate_predictions(
+    frame: pd.DataFrame,
+    probs: np.ndarray,
+    classes: Sequence[str],
+    *,
+    positive: str | None = "COVID-19",
+    threshold: float | None = None,
+    n_boot: int = 1000,
+    seed: int = 0,
+    target_sensitivity: float = 0.95,
+    temperature: float = 1.0,
+    val: tuple[pd.DataFrame, np.ndarray] | None = None,
+) -> dict[str, Any]:
+    """Every figure of the report from a frame (label, patient_id, source, view) and its probabilities.
+
+    With ``val`` (frame, probs), a temperature is fitted on it and the calibration after scaling is
+    reported; the headline metrics stay those of the probabilities as given.
+    """
+    classes = list(classes)
+    y = label_indices(frame, classes)
+    pats = [str(p) for p in frame["patient_id"]]
+    kw = dict(positive=positive, threshold=threshold, seed=seed)
+    metrics = compute_metrics(y, probs, pats, classes, n_boot=n_boot, target_sensitivity=target_sensitivity, **kw)
+    calib: dict[str, Any] = {
+        "before": expected_calibration_error(y, probs),
+        "nll_before": nll(y, probs),
+        "temperature_used": float(temperature),
+    }
+    if val is not None:
+        vf, vp = val
+        vy = label_indices(vf, classes)
+        t_fit = fit_temperature(vy, vp)
+        after = apply_temperature(probs, t_fit)
+        calib.update(
+            temperature_fitted=float(temperature * t_fit),
+            temperature_relative=float(t_fit),
+            after=expected_calibration_error(y, after),
+            nll_after=nll(y, after),
+            fitted_on={"split": "val", "n_images": int(len(vy)), "n_patients": int(vf["patient_id"].nunique())},
+            note=f"temperature fitted on the validation split ({len(vy)} images), applied to this split",
+        )
+    nb = max(200, n_boot // 2) if n_boot else 0
+    return {
+        "metrics": metrics,
+        "calibration": calib,
+        "by_source": group_breakdown(y, probs, pats, classes, _col(frame, "source"), n_boot=nb, **kw),
+        "by_view": group_breakdown(y, probs, pats, classes, _col(frame, "view"), n_boot=nb, **kw),
+    }
+
+
+def _predictions_frame(frame: pd.DataFrame, probs: np.ndarray, classes: list[str], pred: np.ndarray) -> pd.DataFrame:
+    keep = [c for c in ("patient_id", "path", "source", "view", "split", "label") if c in frame.columns]
+    out = frame[keep].copy()
+    out.insert(0, "index", frame["index"] if "index" in frame.columns else range(len(frame)))
+    out["pred"] = [classes[i] for i in pred]
+    for i, c in enumerate(classes):
+        out[f"prob_{c}"] = probs[:, i]
+    out["correct"] = out["pred"] == out["label"].astype(str)
+    return out
+
+
+def _jsonable(o: Any) -> Any:
+    if isinstance(o, dict):
+        return {str(k): _jsonable(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_jsonable(v) for v in o]
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating, float)):
+        f = float(o)
+        return None if math.isnan(f) or math.isinf(f) else f
+    if isinstance(o, np.bool_):
+        return bool(o)
+    return o
+
+
+def save_temperature(ckpt: str | Path, temperature: float, info: dict[str, Any]) -> None:
+    """Write the calibration temperature into a checkpoint (plain bundle or Lightning), atomically."""
+    import torch
+
+    from covidcxr.models.checkpoint import CheckpointError, atomic_torch_save
+
+    obj = torch.load(ckpt, map_location="cpu", weights_only=False)
+    bundle = obj["covidcxr"] if isinstance(obj, dict) and "covidcxr" in obj else obj
+    if not isinstance(bundle, dict) or "state_dict" not in bundle:
+        raise CheckpointError(f"{ckpt}: cannot store a temperature in this checkpoint")
+    bundle["temperature"] = float(temperature)
+    bundle.setdefault("metrics", {})["calibration"] = info
+    atomic_torch_save(obj, ckpt)
+
+
+def evaluate_checkpoint(
+    model: str | Path,
+    manifest: str | Path,
+    split: str = "test",
+    out: str | Path = "report",
+    *,
+    n_boot: int = 1000,
+    seed: int = 0,
+    target_sensitivity: float = 0.95,
+    calibrate: bool = False,
+    threshold: float | None = None,
+    batch_size: int = 16,
+    num_workers: int = 0,
+    positive: str = "COVID-19",
+) -> dict[str, Any]:
+    """Evaluate a checkpoint on a manifest split and write REPORT/{metrics.json, report.html, report.md,
+    predictions.csv, *.png}. Returns the metrics.json content.
+
+    ``calibrate`` fits a temperature on the manifest's ``val`` split and stores it in the checkpoint.
+    ``threshold`` overrides the checkpoint's COVID-19 threshold (default: the checkpoint's, else argmax).
+    """
+    from covidcxr.data import read_manifest
+    from covidcxr.evaluate.inference import predict_frame
+    from covidcxr.evaluate.report import write_report
+    from covidcxr.models import load
+
+    loaded = load(model)
+    classes = list(loaded.classes)
+    df = read_manifest(manifest)
+    frame = select_split(df, split, manifest)
+    label_indices(frame, classes, manifest)  # fail before inference on foreign labels
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    pr = predict_frame(loaded, frame, batch_size=batch_size, num_workers=num_workers)
+    if len(pr.frame) == 0:
+        raise MetricsError(f"{manifest}: no readable image in split {split!r} ({len(pr.failures)} failed)")
+    val = None
+    if calibrate:
+        vframe = select_split(df, "val", manifest)
+        vp = predict_frame(loaded, vframe, batch_size=batch_size, num_workers=num_workers)
+        val = (vp.frame, vp.probs)
+    thr = threshold if threshold is not None else loaded.threshold
+    pos = positive if positive in classes else None
+    res = evaluate_predictions(pr.frame, pr.probs, classes, positive=pos, threshold=thr, n_boot=n_boot, seed=seed,
+                               target_sensitivity=target_sensitivity, temperature=loaded.temperature, val=val)
+    res["model"] = {"path": str(model), "arch": loaded.arch, "preset": loaded.preset.name,
+                    "temperature": loaded.temperature, "threshold": thr, "training": loaded.training}
+    res["data"] = {"manifest": str(manifest), "sha256": sha256_file(manifest), "split": split,
+                   "n_rows": int(len(frame)), "n_evaluated": int(len(pr.frame))}
+    res["failures"] = pr.failures
+    res = _jsonable(res)
+
+    y = label_indices(pr.frame, classes)
+    pred = predict_labels(pr.probs, thr, classes.index(pos) if pos else None)
+    _predictions_frame(pr.frame, pr.probs, classes, pred).to_csv(out / "predictions.csv", index=False)
+    (out / "metrics.json").write_text(json.dumps(res, indent=2), encoding="utf-8")
+    write_report(res, y, pr.probs, out)
+    if calibrate:
+        cal = res["calibration"]
+        save_temperature(model, cal["temperature_fitted"], {k: v for k, v in cal.items() if k not in ("before", "after")})
+        log.info("stored temperature %.3f in %s", cal["temperature_fitted"], model)
+    return res
