@@ -1,0 +1,233 @@
+"""Audit a split manifest for leakage and confounding.
+
+Reports (JSON + Markdown): class x source x split counts; patients in more than one split; exact
+(byte-identical) and near-duplicate (perceptual hash) images across splits; and how well the
+source alone predicts the label, with a confounding warning. ``leak`` is true when any patient or
+image crosses splits.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from itertools import combinations
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from covidcxr.data.labels import CLASSES
+from covidcxr.data.manifest import read_manifest
+from covidcxr.data.splits import file_digest
+from covidcxr.io import CXRReadError, read_image
+
+log = logging.getLogger(__name__)
+
+#: Hamming distance (of 64 bits) at or below which two perceptual hashes count as the same image.
+NEAR_DUPLICATE_BITS = 6
+#: Source-only accuracy above the majority-class rate by this much triggers the confounding warning.
+CONFOUNDING_MARGIN = 0.10
+
+
+def phash(path: str | os.PathLike) -> int:
+    """64-bit perceptual hash (imagehash.phash) of the decoded image, as an int."""
+    import imagehash
+    from PIL import Image
+
+    img = Image.fromarray(np.clip(read_image(path) * 255.0 + 0.5, 0, 255).astype(np.uint8), mode="L")
+    return int(str(imagehash.phash(img, hash_size=8)), 16)
+
+
+def _popcount(x: np.ndarray) -> np.ndarray:
+    return np.unpackbits(x.view(np.uint8).reshape(*x.shape, 8), axis=-1).sum(-1)
+
+
+def near_pairs(hashes: np.ndarray, max_bits: int, chunk: int = 2048) -> list[tuple[int, int, int]]:
+    """All pairs (i < j) whose 64-bit hashes differ in at most ``max_bits`` bits, with the distance."""
+    h = hashes.astype(np.uint64)
+    out: list[tuple[int, int, int]] = []
+    for s in range(0, len(h), chunk):
+        block = h[s : s + chunk]
+        dist = _popcount(block[:, None] ^ h[None, :])
+        ii, jj = np.nonzero(dist <= max_bits)
+        for i, j in zip(ii + s, jj):
+            if i < j:
+                out.append((int(i), int(j), int(dist[i - s, j])))
+    return out
+
+
+def _source_predictability(df: pd.DataFrame) -> dict[str, Any]:
+    """Accuracy of guessing the label from the source alone vs. always guessing the majority class.
+
+    ``in_sample`` fits and scores on all rows; ``train_to_test`` fits the source -> majority-label rule
+    on train and scores it on test (what a shortcut-learning model could exploit there).
+    """
+    labels = df["label"].astype(str)
+    majority = labels.value_counts(normalize=True).iloc[0]
+    rule = labels.groupby(df["source"]).agg(lambda s: s.value_counts().index[0])
+    in_sample = float((df["source"].map(rule) == labels).mean())
+    ct = pd.crosstab(df["source"], labels)
+    chi2 = 0.0
+    if ct.shape[0] > 1 and ct.shape[1] > 1:
+        from scipy.stats import chi2_contingency
+
+        chi2 = float(chi2_contingency(ct)[0])
+    k = min(ct.shape) - 1
+    cramers_v = float(np.sqrt(chi2 / (len(df) * k))) if k > 0 else 0.0
+    res: dict[str, Any] = {
+        "source_only_accuracy": in_sample,
+        "majority_class_rate": float(majority),
+        "cramers_v": cramers_v,
+        "rule": {str(s): str(lab) for s, lab in rule.items()},
+        "label_by_source": {str(s): {str(c): int(n) for c, n in row.items() if n} for s, row in ct.iterrows()},
+    }
+    if "split" in df.columns and {"train", "test"} <= set(df["split"]):
+        tr, te = df[df["split"] == "train"], df[df["split"] == "test"]
+        tr_rule = tr["label"].astype(str).groupby(tr["source"]).agg(lambda s: s.value_counts().index[0])
+        glob = tr["label"].astype(str).value_counts().index[0]
+        pred = te["source"].map(tr_rule).fillna(glob)
+        res["train_to_test_accuracy"] = float((pred == te["label"].astype(str)).mean())
+        res["test_majority_rate"] = float((te["label"].astype(str) == glob).mean())
+    res["confounded"] = bool(in_sample >= majority + CONFOUNDING_MARGIN or cramers_v >= 0.3)
+    return res
+
+
+def audit_manifest(manifest: str | os.PathLike | pd.DataFrame, out_dir: str | os.PathLike | None = None,
+                   near_bits: int = NEAR_DUPLICATE_BITS, perceptual: bool = True) -> dict[str, Any]:
+    """Audit ``manifest``; write ``audit.json`` and ``audit.md`` to ``out_dir`` (default: beside it)."""
+    if isinstance(manifest, pd.DataFrame):
+        df, where = manifest.reset_index(drop=True), None
+    else:
+        df, where = read_manifest(manifest, require_split=True).reset_index(drop=True), Path(manifest)
+    if "split" not in df.columns:
+        df["split"] = "train"
+    report: dict[str, Any] = {"manifest": str(where) if where else None, "images": len(df),
+                              "patients": int(df["patient_id"].nunique())}
+    counts = df.groupby(["label", "source", "split"]).size()
+    report["counts"] = [{"label": lab, "source": s, "split": sp, "images": int(n)} for (lab, s, sp), n in counts.items()]
+
+    # patients across splits
+    splits = sorted(set(df["split"].dropna()), key=lambda s: ["train", "val", "test"].index(s) if s in ("train", "val", "test") else 9)
+    pats = {s: set(df.loc[df["split"] == s, "patient_id"].astype(str)) for s in splits}
+    overlap = {f"{a}/{b}": sorted(pats[a] & pats[b]) for a, b in combinations(splits, 2)}
+    report["patient_overlap"] = {k: {"count": len(v), "examples": v[:10]} for k, v in overlap.items()}
+
+    # exact and near duplicates
+    unreadable: list[str] = []
+    digests: list[str | None] = []
+    for p in df["path"]:
+        try:
+            digests.append(file_digest(p))
+        except OSError as err:
+            digests.append(None)
+            unreadable.append(f"{p}: {err.strerror or err}")
+    df["_digest"] = digests
+    exact_cross, exact_within = [], 0
+    for _, grp in df.dropna(subset=["_digest"]).groupby("_digest"):
+        if len(grp) < 2:
+            continue
+        if grp["split"].nunique() > 1:
+            exact_cross.append({"paths": grp["path"].tolist(), "splits": grp["split"].tolist(),
+                                "patients": grp["patient_id"].astype(str).tolist()})
+        else:
+            exact_within += len(grp) - 1
+    report["exact_duplicates"] = {"across_splits": len(exact_cross), "within_split": exact_within,
+                                  "examples": exact_cross[:20]}
+    if perceptual:
+        hashes = np.zeros(len(df), dtype=np.uint64)
+        ok = np.zeros(len(df), dtype=bool)
+        for i, p in enumerate(df["path"]):
+            if digests[i] is None:
+                continue
+            try:
+                hashes[i], ok[i] = phash(p), True
+            except CXRReadError as err:
+                unreadable.append(str(err))
+        idx = np.nonzero(ok)[0]
+        near_cross, near_within = [], 0
+        split_arr = df["split"].to_numpy()
+        for a, b, d in near_pairs(hashes[idx], near_bits):
+            i, j = idx[a], idx[b]
+            if digests[i] == digests[j]:
+                continue  # already an exact duplicate
+            if split_arr[i] != split_arr[j]:
+                near_cross.append({"paths": [df.at[i, "path"], df.at[j, "path"]], "splits": [split_arr[i], split_arr[j]],
+                                   "patients": [str(df.at[i, "patient_id"]), str(df.at[j, "patient_id"])],
+                                   "hamming_bits": d})
+            else:
+                near_within += 1
+        report["near_duplicates"] = {"max_hamming_bits": near_bits, "across_splits": len(near_cross),
+                                     "within_split_pairs": near_within,
+                                     "examples": sorted(near_cross, key=lambda r: r["hamming_bits"])[:20]}
+    report["unreadable"] = unreadable
+    report["source_predicts_label"] = _source_predictability(df)
+    n_patient = sum(v["count"] for v in report["patient_overlap"].values())
+    n_near = report.get("near_duplicates", {}).get("across_splits", 0)
+    report["leak"] = bool(n_patient or report["exact_duplicates"]["across_splits"] or n_near)
+    warnings = []
+    if n_patient:
+        warnings.append(f"{n_patient} patient(s) appear in more than one split")
+    if report["exact_duplicates"]["across_splits"]:
+        warnings.append(f"{report['exact_duplicates']['across_splits']} byte-identical image(s) cross splits")
+    if n_near:
+        warnings.append(f"{n_near} near-duplicate image pair(s) (phash <= {near_bits} bits) cross splits")
+    if unreadable:
+        warnings.append(f"{len(unreadable)} unreadable file(s)")
+    sp = report["source_predicts_label"]
+    if sp["confounded"]:
+        warnings.append(
+            f"CONFOUNDING: the source alone predicts the label with accuracy {sp['source_only_accuracy']:.2f} "
+            f"(majority class {sp['majority_class_rate']:.2f}, Cramer's V {sp['cramers_v']:.2f}); a model can learn "
+            "the source instead of the disease: evaluate per source and with a source holdout")
+    report["warnings"] = warnings
+    if out_dir is not None or where is not None:
+        out = Path(out_dir) if out_dir is not None else where.parent
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "audit.json").write_text(json.dumps(report, indent=2, default=str))
+        (out / "audit.md").write_text(audit_markdown(report))
+        report["written"] = [str(out / "audit.json"), str(out / "audit.md")]
+    return report
+
+
+def audit_markdown(r: dict[str, Any]) -> str:
+    """Human-readable audit report."""
+    lines = ["# Dataset audit", "", f"Manifest: `{r['manifest']}`  ", f"{r['images']} images, {r['patients']} patients.", ""]
+    lines += ["**Result: LEAKAGE FOUND**" if r["leak"] else "**Result: no patient or image leaks across splits.**", ""]
+    if r["warnings"]:
+        lines += ["## Warnings", ""] + [f"- {w}" for w in r["warnings"]] + [""]
+    counts = pd.DataFrame(r["counts"])
+    lines += ["## Images by class, source and split", ""]
+    if not counts.empty:
+        tab = counts.pivot_table(index=["source", "label"], columns="split", values="images", aggfunc="sum", fill_value=0)
+        cols = [c for c in ("train", "val", "test") if c in tab.columns] + [c for c in tab.columns if c not in ("train", "val", "test")]
+        lines += ["| source | label | " + " | ".join(cols) + " |", "|---|---|" + "---|" * len(cols)]
+        order = {c: i for i, c in enumerate(CLASSES)}
+        for (src, lab), row in sorted(tab.iterrows(), key=lambda kv: (kv[0][0], order.get(kv[0][1], 9))):
+            lines.append(f"| {src} | {lab} | " + " | ".join(str(int(row[c])) for c in cols) + " |")
+    lines += ["", "## Patient overlap between splits", ""]
+    for k, v in r["patient_overlap"].items():
+        ex = f" (e.g. {', '.join(v['examples'][:5])})" if v["count"] else ""
+        lines.append(f"- {k}: {v['count']}{ex}")
+    e = r["exact_duplicates"]
+    lines += ["", "## Duplicate images", "", f"- byte-identical across splits: {e['across_splits']} (within a split: {e['within_split']})"]
+    if "near_duplicates" in r:
+        n = r["near_duplicates"]
+        lines.append(f"- near-duplicates across splits (phash Hamming <= {n['max_hamming_bits']} of 64 bits): "
+                     f"{n['across_splits']} (pairs within a split: {n['within_split_pairs']})")
+        for ex in n["examples"][:10]:
+            lines.append(f"  - {ex['hamming_bits']} bits: `{ex['paths'][0]}` ({ex['splits'][0]}) ~ `{ex['paths'][1]}` ({ex['splits'][1]})")
+    for ex in e["examples"][:10]:
+        lines.append(f"  - identical: " + ", ".join(f"`{p}` ({s})" for p, s in zip(ex["paths"], ex["splits"])))
+    sp = r["source_predicts_label"]
+    lines += ["", "## Does the source predict the label?", "",
+              f"- accuracy of guessing the label from the source alone: {sp['source_only_accuracy']:.3f} "
+              f"(always guessing the majority class: {sp['majority_class_rate']:.3f}); Cramer's V {sp['cramers_v']:.3f}"]
+    if "train_to_test_accuracy" in sp:
+        lines.append(f"- rule fitted on train, scored on test: {sp['train_to_test_accuracy']:.3f} "
+                     f"(majority class on test: {sp['test_majority_rate']:.3f})")
+    lines.append(f"- confounded: {'YES' if sp['confounded'] else 'no'}")
+    if r["unreadable"]:
+        lines += ["", "## Unreadable files", ""] + [f"- {u}" for u in r["unreadable"]]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,118 @@
+"""Lightning DataModule over a split manifest, with balancing samplers that work under DDP."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Callable, Literal, Mapping, Sequence
+
+import lightning as L
+import pandas as pd
+import torch
+from torch.utils.data import DataLoader
+
+from covidcxr.data.dataset import CXRDataset
+from covidcxr.data.labels import CLASSES
+from covidcxr.data.manifest import ManifestError, read_manifest
+from covidcxr.data.sampling import ShuffleSampler, WeightedSampler, class_weights, rebalancing_sampler
+from covidcxr.preprocess import Augment, Preset, get_preset
+
+
+class CXRDataModule(L.LightningDataModule):
+    """Train/val/test loaders from one manifest (``split`` column) and one preprocessing preset.
+
+    ``sampler``: None (shuffle), ``"rebalance"`` (COVID-Net: ``minority_fraction`` of every batch from
+    the minority class) or ``"weighted"`` (sample with balanced class weights). Each is sharded per
+    rank under DDP and re-seeded per epoch. ``label_filter``: labels to keep (a list) or a function
+    ``frame -> boolean mask``. Augmentation applies to the training split only.
+    """
+
+    def __init__(self, manifest: str | os.PathLike | pd.DataFrame, preset: str | Preset | dict = "covidnet",
+                 batch_size: int = 8, num_workers: int = 0, augment: Augment | str | None = None,
+                 cache_dir: str | os.PathLike | None = None,
+                 sampler: Literal["rebalance", "weighted"] | None = None, minority_fraction: float = 0.5,
+                 seed: int = 0, train_split: str = "train", val_split: str = "val", test_split: str = "test",
+                 label_filter: Sequence[str] | Callable[[pd.DataFrame], pd.Series] | None = None,
+                 classes: Sequence[str] | Mapping[str, int] = CLASSES, pin_memory: bool = False):
+        super().__init__()
+        if sampler not in (None, "rebalance", "weighted"):
+            raise ValueError(f"sampler must be None, 'rebalance' or 'weighted', not {sampler!r}")
+        self.manifest = manifest
+        self.preset = get_preset(preset)
+        self.batch_size, self.num_workers = int(batch_size), int(num_workers)
+        self.augment, self.cache_dir = augment, cache_dir
+        self.sampler, self.minority_fraction, self.seed = sampler, minority_fraction, int(seed)
+        self.splits = {"train": train_split, "val": val_split, "test": test_split}
+        self.label_filter, self.classes, self.pin_memory = label_filter, classes, pin_memory
+        self.datasets: dict[str, CXRDataset] = {}
+        self.frame: pd.DataFrame | None = None
+
+    # ------------------------------------------------------------------ setup
+    def _load(self) -> pd.DataFrame:
+        if isinstance(self.manifest, pd.DataFrame):
+            df = self.manifest.copy()
+        else:
+            df = read_manifest(self.manifest, require_split=True)
+        if "split" not in df.columns:
+            raise ManifestError("manifest frame has no 'split' column")
+        if self.label_filter is not None:
+            keep = (self.label_filter(df) if callable(self.label_filter)
+                    else df["label"].isin(list(self.label_filter)))
+            df = df[keep]
+        return df
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.frame is None:
+            self.frame = self._load()
+        for role, split in self.splits.items():
+            if role in self.datasets:
+                continue
+            part = self.frame[self.frame["split"] == split]
+            if part.empty:
+                continue
+            self.datasets[role] = CXRDataset(part, self.preset, augment=self.augment if role == "train" else None,
+                                             cache_dir=self.cache_dir, classes=self.classes)
+
+    def dataset(self, role: str) -> CXRDataset:
+        if role not in self.datasets:
+            self.setup()
+        if role not in self.datasets:
+            where = self.manifest if not isinstance(self.manifest, pd.DataFrame) else "the manifest frame"
+            raise ManifestError(f"{where}: no images in split {self.splits.get(role, role)!r}")
+        return self.datasets[role]
+
+    # ------------------------------------------------------------------ loaders
+    def _loader(self, ds: CXRDataset, sampler: torch.utils.data.Sampler | None) -> DataLoader:
+        return DataLoader(ds, batch_size=self.batch_size, sampler=sampler, shuffle=False,
+                          num_workers=self.num_workers, pin_memory=self.pin_memory,
+                          persistent_workers=False,  # workers restart per epoch, so they pick up set_epoch
+                          drop_last=False)
+
+    def train_sampler(self) -> torch.utils.data.Sampler:
+        ds = self.dataset("train")
+        if self.sampler == "rebalance":
+            return rebalancing_sampler(ds.labels, self.batch_size, self.minority_fraction, seed=self.seed, dataset=ds)
+        if self.sampler == "weighted":
+            return WeightedSampler(ds.labels, seed=self.seed, dataset=ds)
+        return ShuffleSampler(len(ds), seed=self.seed, dataset=ds)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.dataset("train"), self.train_sampler())
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.dataset("val"), None)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.dataset("test"), None)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self.test_dataloader()
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def num_classes(self) -> int:
+        return len(set(self.dataset("train").class_to_index.values()))
+
+    def class_weights(self) -> torch.Tensor:
+        """Balanced class weights of the training split, for a weighted loss."""
+        return class_weights(self.dataset("train").labels, self.num_classes)
