@@ -1,0 +1,130 @@
+"""``severity evaluate``: metrics of a severity checkpoint on a labelled set, with patient-bootstrap CIs."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from covidcxr.severity import labels as L_
+from covidcxr.severity.labels import LEVELS, SCORES, SeverityError
+from covidcxr.severity.metrics import level_metrics, score_metrics
+from covidcxr.severity.model import SeverityModel
+
+log = logging.getLogger(__name__)
+
+DISCLAIMER = "Research use only; not for clinical use. Figures hold for this data set and split only."
+
+
+def jsonable(obj: Any) -> Any:
+    """NaN/inf -> None and numpy scalars -> Python, so metrics.json is strict JSON."""
+    if isinstance(obj, dict):
+        return {str(k): jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [jsonable(v) for v in obj]
+    if isinstance(obj, (np.floating, float)):
+        return float(obj) if np.isfinite(obj) else None
+    if isinstance(obj, np.integer):
+        return int(obj)
+    return obj
+
+
+def _level_source_of(sev: SeverityModel) -> tuple[str, float]:
+    """How the checkpoint's level targets were made, so evaluation uses the same definition."""
+    tr = sev.meta.get("training", {})
+    src = str(tr.get("level_source") or "auto")
+    thr = float(tr.get("level_threshold") or L_.PROXY_THRESHOLD)
+    if src.startswith("proxy"):
+        return "proxy", thr
+    if src == "severity_level":
+        return "column", thr
+    return "auto", thr
+
+
+def evaluate_severity(
+    model: str | os.PathLike,
+    data: str | os.PathLike,
+    split: str = "test",
+    out: str | os.PathLike | None = None,
+    images: str | os.PathLike | None = None,
+    n_boot: int = 1000,
+    seed: int = 0,
+    batch_size: int = 32,
+    level_source: str | None = None,
+    level_threshold: float | None = None,
+) -> dict[str, Any]:
+    """Evaluate a ``severity-level`` or ``severity-scores`` checkpoint on ``split`` of ``data``.
+
+    Writes ``metrics.json`` and ``predictions.csv`` to ``out`` when given. Level targets follow the
+    checkpoint (its own column or PROXY definition) unless ``level_source`` overrides it.
+    """
+    from covidcxr.severity.train import outputs_to_predictions, prepare_images, run_model
+
+    sev = SeverityModel.from_path(model)
+    task = "level" if sev.task == "severity-level" else "scores"
+    src, thr = _level_source_of(sev)
+    src = level_source or src
+    thr = float(level_threshold) if level_threshold is not None else thr
+    table = L_.load_table(data, images)
+    df, y, target_desc = L_.select(table, task, split, src, thr)
+    if len(df) == 0:
+        raise SeverityError(f"{data}: no rows with {task} labels in split {split!r}")
+    arrays, ok, bad = prepare_images(df, sev.preset)
+    if not arrays:
+        raise SeverityError(f"{data}: none of the {len(df)} images could be read")
+    df, y = df[ok].reset_index(drop=True), y[ok]
+    pred = outputs_to_predictions(task, run_model(sev.model, arrays, sev.preset, batch_size))
+    pats = df["patient_id"].tolist()
+    training = sev.meta.get("training", {})
+    report: dict[str, Any] = {
+        "task": sev.task,
+        "model": str(model),
+        "data": str(data),
+        "split": split,
+        "targets": target_desc,
+        "preset": sev.preset.name,
+        "n_images": int(len(df)),
+        "n_patients": int(df["patient_id"].nunique()),
+        "skipped_files": bad,
+        "disclaimer": DISCLAIMER,
+    }
+    if task == "level":
+        if target_desc.startswith("proxy"):
+            report["note"] = (f"PROXY levels: level2 = geographic_extent >= {thr:g} (see docs/severity.md); "
+                              "not COVID-Net CXR-S airspace grades")
+        report["level"] = level_metrics(y, pred, pats, n_boot, seed)
+        counts = training.get("train_counts")
+        if counts:  # trivial baseline: always the training set's majority level
+            major = int(np.argmax([counts.get(c, 0) for c in LEVELS]))
+            report["baseline_majority"] = {"level": LEVELS[major],
+                                           **level_metrics(y, np.full(len(y), major), pats, n_boot, seed)}
+        out_cols = {f"prob_{c}": pred[:, i] for i, c in enumerate(LEVELS)}
+        out_cols.update({"true_level": [LEVELS[i] for i in y], "pred_level": [LEVELS[i] for i in pred.argmax(1)]})
+    else:
+        report["scores"] = score_metrics(y, pred, pats, n_boot, seed)
+        mean = training.get("train_mean")
+        if mean:  # trivial baseline: the training set's mean score for every image
+            base = np.tile([mean[s] for s in SCORES], (len(y), 1))
+            report["baseline_train_mean"] = {"train_mean": mean, **score_metrics(y, base, pats, n_boot, seed)}
+        # PROXY level from the predicted extent, so score models can be compared with level models
+        yl, pl = L_.level_proxy(y[:, 0], thr), L_.level_proxy(pred[:, 0], thr)
+        report["level_proxy_from_scores"] = {
+            "definition": f"level2 = geographic_extent >= {thr:g} (PROXY; see docs/severity.md)",
+            **level_metrics(yl, pl, pats, n_boot, seed),
+        }
+        out_cols = {}
+        for i, s in enumerate(SCORES):
+            out_cols[f"true_{s}"] = y[:, i]
+            out_cols[f"pred_{s}"] = pred[:, i]
+    if out is not None:
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "metrics.json").write_text(json.dumps(jsonable(report), indent=2, default=str))
+        pd.DataFrame({"path": df["path"], "patient_id": df["patient_id"], **out_cols}).to_csv(
+            out / "predictions.csv", index=False)
+    return report

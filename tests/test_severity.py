@@ -1,0 +1,311 @@
+"""Severity: label readers, clamping, metrics, and train/evaluate/cv from the CLI on a tiny manifest."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from covidcxr.severity import labels as L
+from covidcxr.severity import metrics as M
+from covidcxr.severity.labels import SeverityError
+from covidcxr.severity.model import SeverityModel, clamp_scores
+
+
+# ----------------------------------------------------------------------------- label readers
+def test_read_covidxsev_synthetic(tmp_path: Path) -> None:
+    f = tmp_path / "sev.txt"
+    f.write_text("P 1 a.png level1 ricord\n\n419639-001863 b.png LEVEL2 ricord\n", encoding="utf-8")
+    df = L.read_covidxsev(f, images_dir=tmp_path / "imgs")
+    assert df["patient_id"].tolist() == ["P 1", "419639-001863"]  # ids with spaces survive
+    assert df["severity_level"].tolist() == ["level1", "level2"]
+    assert df["path"].tolist() == [str((tmp_path / "imgs" / n).resolve()) for n in ("a.png", "b.png")]
+    assert df["geographic_extent"].isna().all()
+
+
+@pytest.mark.parametrize("line, needle", [("p a.png level3 ricord", "level3"), ("p a.png", "expected")])
+def test_read_covidxsev_errors_name_file_and_line(tmp_path: Path, line: str, needle: str) -> None:
+    f = tmp_path / "bad.txt"
+    f.write_text("p0 ok.png level1 ricord\n" + line + "\n")
+    with pytest.raises(SeverityError, match=rf"bad.txt:2: .*{needle}"):
+        L.read_covidxsev(f)
+
+
+def test_read_covidxsev_shared(shared_dir: Path) -> None:
+    f = shared_dir / "covidx-labels" / "train_COVIDxSev.txt"
+    df = L.read_covidxsev(f)
+    n_lines = sum(1 for ln in f.read_text().splitlines() if ln.strip())
+    assert len(df) == n_lines
+    assert set(df["severity_level"]) == {"level1", "level2"}
+    assert df["patient_id"].nunique() < len(df)  # several images per patient: splits must group them
+
+
+def test_read_severity_annotations_shared(shared_dir: Path) -> None:
+    f = shared_dir / "covidx-labels" / "severity_annotations.csv"
+    raw = pd.read_csv(f)
+    df = L.read_severity_csv(f)
+    both = raw["Geographic"].notna() & raw["Opacity"].notna()
+    assert len(df) == int(both.sum())
+    assert np.allclose(df["geographic_extent"].to_numpy(), raw.loc[both, "Geographic"].to_numpy())
+    # the published file has a few opacity means above the 0-6 scale: clipped, not rejected
+    assert np.allclose(df["opacity"].to_numpy(), raw.loc[both, "Opacity"].clip(upper=6).to_numpy())
+    assert df["geographic_extent"].between(0, 8).all() and df["opacity"].between(0, 6).all()
+    assert (df["patient_id"] != "").all()
+
+
+def test_read_severity_csv_synthetic(tmp_path: Path) -> None:
+    f = tmp_path / "s.csv"
+    f.write_text("filename,Geographic,Opacity,patientid\na.jpg,2.5,1,p1\nb.jpg,,3,p2\nc.jpg,8,6,p3\n")
+    df = L.read_severity_csv(f)
+    assert df["patient_id"].tolist() == ["p1", "p3"]  # row without Geographic skipped
+    assert df[["geographic_extent", "opacity"]].to_numpy().tolist() == [[2.5, 1.0], [8.0, 6.0]]
+    f.write_text("filename,Geographic,Opacity\na.jpg,1,7\nb.jpg,9,1\n")
+    with pytest.raises(SeverityError, match=r"s.csv: row 3: geographic_extent=9 outside .*0-8"):
+        L.read_severity_csv(f)
+    f.write_text("filename,Geographic,Opacity\na.jpg,1,7\nb.jpg,1,-1\n")
+    with pytest.raises(SeverityError, match=r"s.csv: row 3: opacity=-1 outside .*0-6"):
+        L.read_severity_csv(f)
+    f.write_text("filename,Geographic,Opacity\na.jpg,1,7\n")
+    assert L.read_severity_csv(f)["opacity"].tolist() == [6.0]  # tolerated overshoot is clipped
+    f.write_text("filename,Geographic,Opacity\na.jpg,two,1\n")
+    with pytest.raises(SeverityError, match="not a number"):
+        L.read_severity_csv(f)
+    f.write_text("filename,Opacity\na.jpg,1\n")
+    with pytest.raises(SeverityError, match=r"lacks column.*Geographic"):
+        L.read_severity_csv(f)
+
+
+def test_level_proxy_and_targets() -> None:
+    g = np.array([0.0, 3.99, 4.0, 8.0, np.nan])
+    assert L.level_proxy(g).tolist() == [0, 0, 1, 1, -1]
+    assert L.level_proxy(g, threshold=3.0).tolist() == [0, 1, 1, 1, -1]
+    df = L._frame([{"path": "a", "patient_id": "p", "severity_level": "", "geographic_extent": 5.0, "opacity": 1.0}])
+    y, desc = L.level_targets(df)
+    assert y.tolist() == [1] and desc.startswith("proxy")
+    df.loc[0, "severity_level"] = "level1"
+    y, desc = L.level_targets(df)
+    assert y.tolist() == [0] and desc == "severity_level"
+
+
+# ----------------------------------------------------------------------------- clamping
+def test_clamp_scores_tensor_and_array() -> None:
+    x = torch.tensor([[-1.0, 7.0], [9.5, -0.1], [3.0, 2.0]])
+    assert clamp_scores(x).tolist() == [[0.0, 6.0], [8.0, 0.0], [3.0, 2.0]]
+    assert clamp_scores(x.numpy()).tolist() == [[0.0, 6.0], [8.0, 0.0], [3.0, 2.0]]
+
+
+# ----------------------------------------------------------------------------- metrics
+def test_level_metrics_hand_computed() -> None:
+    y = np.array([0, 0, 1, 1, 1])
+    pred = np.array([0, 1, 1, 1, 0])
+    rep = M.level_metrics(y, pred, patients=list("abcde"), n_boot=200, seed=1)
+    m = {k: v["value"] for k, v in rep["metrics"].items()}
+    assert rep["confusion_matrix"]["counts"] == [[1, 1], [1, 2]]
+    assert m["accuracy"] == pytest.approx(3 / 5)
+    assert m["sensitivity_level1"] == pytest.approx(1 / 2) and m["sensitivity_level2"] == pytest.approx(2 / 3)
+    assert m["ppv_level1"] == pytest.approx(1 / 2) and m["ppv_level2"] == pytest.approx(2 / 3)
+    assert m["balanced_accuracy"] == pytest.approx((1 / 2 + 2 / 3) / 2)
+    lo, hi = rep["metrics"]["accuracy"]["ci95"]
+    assert 0 <= lo <= 3 / 5 <= hi <= 1 and hi > lo
+
+
+def test_score_metrics_hand_computed_and_match_sklearn() -> None:
+    from scipy.stats import pearsonr
+    from sklearn.metrics import mean_absolute_error, r2_score
+
+    y = np.array([[1.0, 0.0], [2.0, 1.0], [3.0, 2.0]])
+    p = np.array([[2.0, 0.0], [2.0, 2.0], [2.0, 2.0]])
+    m = M.score_point(y, p)
+    assert m["geographic_extent_mae"] == pytest.approx(2 / 3)
+    assert m["geographic_extent_rmse"] == pytest.approx(math.sqrt(2 / 3))
+    assert m["geographic_extent_r2"] == pytest.approx(0.0)  # predicting the mean
+    assert math.isnan(m["geographic_extent_pearson_r"])  # constant prediction
+    assert m["opacity_r2"] == pytest.approx(1 - 1 / 2)
+    rng = np.random.default_rng(0)
+    y, p = rng.uniform(0, 8, (40, 2)), rng.uniform(0, 8, (40, 2))
+    m = M.score_point(y, p)
+    assert m["opacity_r2"] == pytest.approx(r2_score(y[:, 1], p[:, 1]))
+    assert m["opacity_mae"] == pytest.approx(mean_absolute_error(y[:, 1], p[:, 1]))
+    assert m["geographic_extent_pearson_r"] == pytest.approx(pearsonr(y[:, 0], p[:, 0])[0])
+
+
+def test_bootstrap_resamples_patients_not_images() -> None:
+    y = np.array([0, 1, 1, 0])
+    pred = np.array([0, 1, 0, 1])
+    # one patient: every resample is the whole set, so the interval collapses onto the estimate
+    rep = M.level_metrics(y, pred, patients=["p"] * 4, n_boot=50)
+    assert rep["metrics"]["accuracy"]["ci95"] == [0.5, 0.5]
+    rep = M.level_metrics(y, pred, patients=list("abcd"), n_boot=300)
+    lo, hi = rep["metrics"]["accuracy"]["ci95"]
+    assert lo < 0.5 < hi
+
+
+def test_corrected_t_interval_wider_than_naive() -> None:
+    from scipy import stats
+
+    v = [0.6, 0.7, 0.65, 0.55, 0.7]
+    lo, hi = M.corrected_t_interval(v, n_train=80, n_test=20)
+    se = math.sqrt((1 / 5 + 20 / 80) * np.var(v, ddof=1))
+    t = stats.t.ppf(0.975, 4)
+    assert (lo, hi) == pytest.approx((np.mean(v) - t * se, np.mean(v) + t * se))
+    naive = t * math.sqrt(np.var(v, ddof=1) / 5)
+    assert hi - lo > 2 * naive
+
+
+# ----------------------------------------------------------------------------- CLI end to end
+def _tiny_manifest(root: Path, n_patients: int = 12, bad_file: bool = False) -> Path:
+    """Synthetic 80 px images whose brightness grows with the scores (so there is something to learn)."""
+    import cv2
+
+    img_dir = root / "imgs"
+    img_dir.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    rows = []
+    splits = ["train"] * 8 + ["val"] * 2 + ["test"] * 2
+    for i in range(n_patients):
+        for j in range(2):
+            g = float(rng.uniform(0, 8))
+            o = g * 0.7
+            img = np.clip(rng.normal(40 + 25 * g, 20, (80, 80)), 0, 255).astype(np.uint8)
+            name = f"p{i}_{j}.png"
+            cv2.imwrite(str(img_dir / name), img)
+            scored = not (i == 0 and j == 1)  # one unscored row: must be skipped
+            rows.append({"patient_id": f"p{i}", "path": f"imgs/{name}", "label": "COVID-19", "source": "synth",
+                         "split": splits[i % len(splits)], "geographic_extent": g if scored else None,
+                         "opacity": o if scored else None})
+    if bad_file:
+        (img_dir / "broken.png").write_bytes(b"not an image")
+        rows.append({"patient_id": "p1", "path": "imgs/broken.png", "label": "COVID-19", "source": "synth",
+                     "split": "train", "geographic_extent": 3.0, "opacity": 2.0})
+    m = root / "manifest.csv"
+    pd.DataFrame(rows).to_csv(m, index=False)
+    return m
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A tiny manifest and a tiny 'detector' checkpoint (resnet18, 3 classes, 64 px)."""
+    from covidcxr import models
+    from covidcxr.preprocess import get_preset
+
+    root = tmp_path_factory.mktemp("sev")
+    man = _tiny_manifest(root, bad_file=True)
+    torch.manual_seed(0)
+    det = models.build("resnet18", num_classes=3)
+    ckpt = root / "detector.ckpt"
+    models.save(ckpt, det, arch="resnet18", classes=["normal", "pneumonia", "COVID-19"],
+                preset=get_preset("deepcovid", size=64), task="classification", threshold=0.5)
+    return {"root": root, "manifest": man, "detector": ckpt}
+
+
+def _cli(*args: str) -> int:
+    from covidcxr.cli import main
+
+    return main(list(args))
+
+
+def test_cli_scores_train_evaluate(tiny: dict[str, Path], capsys: pytest.CaptureFixture) -> None:
+    from covidcxr import models
+
+    run, rep = tiny["root"] / "run_scores", tiny["root"] / "rep_scores"
+    assert _cli("severity", "train", "--task", "scores", "--data", str(tiny["manifest"]), "--out", str(run),
+                "--init", str(tiny["detector"]), "--max-epochs", "2", "--batch-size", "8") == 0
+    summary = json.loads((run / "train_summary.json").read_text())
+    assert summary["n_train"] == 15  # 8 train patients x 2 - 1 unscored; the broken file is skipped
+    assert len(summary["skipped_files"]) == 1 and "broken.png" in summary["skipped_files"][0]["path"]
+    assert set(summary["train_mean"]) == {"geographic_extent", "opacity"}
+    lm = models.load(run / "best.ckpt")  # rebuilt by the plain registry builder
+    assert lm.task == "severity-scores" and lm.classes == ["geographic_extent", "opacity"]
+    assert lm.preset.size == 64 and lm.training["init"] == str(tiny["detector"])
+
+    assert _cli("severity", "evaluate", "--model", str(run / "best.ckpt"), "--data", str(tiny["manifest"]),
+                "--split", "test", "--out", str(rep), "--bootstrap", "50") == 0
+    out = json.loads((rep / "metrics.json").read_text())
+    assert out["n_images"] == 4 and out["split"] == "test"
+    for k in ("geographic_extent_mae", "geographic_extent_r2", "opacity_rmse", "opacity_pearson_r"):
+        assert k in out["scores"]["metrics"]
+    assert "baseline_train_mean" in out and "level_proxy_from_scores" in out
+    pred = pd.read_csv(rep / "predictions.csv")
+    assert pred["pred_geographic_extent"].between(0, 8).all() and pred["pred_opacity"].between(0, 6).all()
+    assert "95% CI" in capsys.readouterr().out
+
+
+def test_cli_level_train_evaluate_with_frozen_backbone(tiny: dict[str, Path]) -> None:
+    from covidcxr import models
+
+    run, rep = tiny["root"] / "run_level", tiny["root"] / "rep_level"
+    # the backbone stays frozen for longer than training lasts: it must equal the detector's
+    assert _cli("severity", "train", "--task", "level", "--data", str(tiny["manifest"]), "--out", str(run),
+                "--init", str(tiny["detector"]), "--max-epochs", "1", "--freeze-epochs", "2",
+                "--batch-size", "8") == 0
+    det = torch.load(tiny["detector"], weights_only=False)["state_dict"]
+    sev = models.load(run / "best.ckpt")
+    assert sev.task == "severity-level" and sev.classes == ["level1", "level2"]
+    assert sev.training["level_source"].startswith("proxy:geographic_extent>=4")
+    state = sev.model.state_dict()
+    for k, v in det.items():
+        if not k.startswith("fc."):
+            assert torch.equal(state[k], v), k
+    assert state["fc.weight"].shape == (2, 512)
+
+    assert _cli("severity", "evaluate", "--model", str(run / "best.ckpt"), "--data", str(tiny["manifest"]),
+                "--split", "all", "--out", str(rep), "--bootstrap", "30") == 0
+    out = json.loads((rep / "metrics.json").read_text())
+    assert "PROXY" in out["note"]
+    cm = np.array(out["level"]["confusion_matrix"]["counts"])
+    assert cm.sum() == out["n_images"] == 23
+    assert "sensitivity_level2" in out["level"]["metrics"] and "ppv_level1" in out["level"]["metrics"]
+
+    sm = SeverityModel.from_path(run / "best.ckpt")
+    img = np.random.default_rng(0).uniform(0, 1, (90, 70)).astype(np.float32)
+    (res,) = sm.predict_arrays([img])
+    assert res["level"] in ("level1", "level2") and sum(res["probabilities"].values()) == pytest.approx(1.0)
+
+
+def test_severity_model_clamps_scores(tiny: dict[str, Path]) -> None:
+    from covidcxr import models
+    from covidcxr.preprocess import get_preset
+
+    net = models.build("resnet18", num_classes=2)
+    with torch.no_grad():
+        net.fc.weight.zero_()
+        net.fc.bias.copy_(torch.tensor([11.0, -3.0]))  # out of range on both sides
+    p = tiny["root"] / "scores_const.ckpt"
+    models.save(p, net, arch="resnet18", classes=["geographic_extent", "opacity"], preset=get_preset("deepcovid", 64),
+                task="severity-scores")
+    (res,) = SeverityModel.from_path(p).predict_tensor(torch.zeros(1, 3, 64, 64))
+    assert res["geographic_extent"] == 8.0 and res["opacity"] == 0.0
+
+
+def test_severity_model_refuses_a_detector(tiny: dict[str, Path]) -> None:
+    with pytest.raises(SeverityError, match="not a severity task"):
+        SeverityModel.from_path(tiny["detector"])
+
+
+def test_cli_cv_mean_and_ridge(tiny: dict[str, Path]) -> None:
+    out = tiny["root"] / "cv"
+    assert _cli("severity", "cv", "--data", str(tiny["manifest"]), "--out", str(out), "--init", str(tiny["detector"]),
+                "--splits", "3", "--methods", "mean,ridge,finetune", "--max-epochs", "1", "--size", "64") == 0
+    rep = json.loads((out / "cv.json").read_text())
+    per = pd.read_csv(out / "cv_splits.csv")
+    assert len(per) == 9 and set(per["method"]) == {"mean", "ridge", "finetune"}
+    assert rep["n_images"] == 23 and rep["summary"]["ridge"]["opacity_r2"]["mean"] is not None
+    # the mean baseline never correlates and is never better than predicting the training mean
+    assert (per.loc[per["method"] == "mean", "geographic_extent_r2"] <= 0).all()
+    assert "| ridge |" in (out / "cv_table.md").read_text()
+
+
+def test_cli_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    bad = tmp_path / "scores.csv"
+    bad.write_text("filename,Geographic,Opacity\na.jpg,12,1\n")
+    assert _cli("severity", "train", "--task", "scores", "--data", str(bad), "--out", str(tmp_path / "r")) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "scores.csv: row 2" in err[0] and "0-8" in err[0]
+    assert _cli("severity", "evaluate", "--model", str(tmp_path / "nope.ckpt"), "--data", str(bad),
+                "--out", str(tmp_path / "r")) == 1
+    assert "checkpoint not found" in capsys.readouterr().err
