@@ -1,0 +1,274 @@
+"""covidcxr predict | export | serve."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import sys
+from pathlib import Path
+from typing import IO, Any
+
+EXIT_SOME_FAILED = 2
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "predict",
+        help="batch prediction over files, folders and manifests (JSONL/CSV)",
+        description="Predict every image in PATH... (PNG/JPEG/TIFF/DICOM files, folders searched recursively, "
+        "or manifest CSVs). One record per input; unreadable inputs become records with an 'error' field. "
+        "Exit status 0 when every input was predicted, 2 when some failed. Research use only.",
+    )
+    p.add_argument("paths", nargs="+", metavar="PATH", help="image file, folder or manifest CSV")
+    p.add_argument("--model", required=True, metavar="CKPT_OR_ONNX", help="covidcxr checkpoint or exported ONNX file")
+    p.add_argument("--backend", choices=["torch", "onnx"], default=None,
+                   help="inference engine (default: onnx for *.onnx files, torch otherwise)")
+    p.add_argument("--out", metavar="FILE", help="write records to FILE.jsonl or FILE.csv (default: JSON lines on stdout)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
+                   help="DataLoader worker processes that decode and preprocess (default: %(default)s)")
+    p.add_argument("--threads", type=int, default=None, help="intra-op threads for inference")
+    p.add_argument("--device", default="cpu", help="torch device for the torch backend (default: cpu)")
+    p.add_argument("--heatmap", metavar="DIR", help="write a Grad-CAM overlay PNG per image into DIR (torch backend)")
+    p.add_argument("--severity", metavar="SEV_CKPT", help="severity checkpoint; scores images predicted COVID-19")
+    p.add_argument("--always-severity", action="store_true",
+                   help="score severity for every image, not only those above the COVID-19 threshold")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_predict)
+
+    e = sub.add_parser(
+        "export",
+        help="export a checkpoint to ONNX (preset in the metadata) and check parity on real images",
+        description="Export to ONNX with a dynamic batch axis; the preprocessing preset, classes, threshold and "
+        "temperature go into the metadata. The command then compares onnxruntime with PyTorch on real images "
+        "(default: 16 images of the shared dev set) and fails (exit 1) when any probability differs by more "
+        "than --atol.",
+    )
+    e.add_argument("--model", required=True, metavar="CKPT")
+    e.add_argument("--onnx", required=True, metavar="OUT.onnx")
+    e.add_argument("--parity-images", nargs="+", metavar="PATH", help="files, folders or a manifest for the parity check")
+    e.add_argument("--parity-count", type=int, default=16, help="images used for the parity check (default: 16)")
+    e.add_argument("--atol", type=float, default=1e-4, help="largest allowed probability difference (default: 1e-4)")
+    e.add_argument("--opset", type=int, default=18)
+    e.add_argument("--exporter", choices=["auto", "dynamo", "torchscript"], default="auto",
+                   help="torch.onnx exporter (auto: dynamo, then the legacy TorchScript one)")
+    e.set_defaults(func=cmd_export)
+
+    s = sub.add_parser(
+        "serve",
+        help="REST service and web page (FastAPI + uvicorn)",
+        description="Serve POST /v1/predict (multipart field 'file'), GET /v1/model, GET /healthz, the OpenAPI "
+        "document at /openapi.json (docs at /docs) and a web page at /. Set COVIDCXR_API_KEY to require an "
+        "X-API-Key header. Research use only.",
+    )
+    s.add_argument("--model", required=True, metavar="CKPT_OR_ONNX")
+    s.add_argument("--backend", choices=["torch", "onnx"], default=None)
+    s.add_argument("--host", default="127.0.0.1", help="bind address (default: 127.0.0.1, loopback only)")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--max-upload-mb", type=float, default=20.0, help="larger uploads get 413 (default: 20)")
+    s.add_argument("--max-concurrency", type=int, default=2, help="inferences running at once (default: 2)")
+    s.add_argument("--queue", type=int, default=8, help="requests allowed to wait; more get 503 (default: 8)")
+    s.add_argument("--queue-timeout", type=float, default=30.0, help="seconds a request may wait before 503")
+    s.add_argument("--threads", type=int, default=None, help="intra-op threads per inference")
+    s.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
+                   help="allow this browser origin (repeatable); CORS is closed by default")
+    s.add_argument("--severity", metavar="SEV_CKPT", help="severity checkpoint")
+    s.add_argument("--always-severity", action="store_true")
+    s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    s.set_defaults(func=cmd_serve)
+
+
+# --------------------------------------------------------------------------- predict
+
+
+class _Writer:
+    """Streams records as JSON lines or CSV (by the output file's suffix)."""
+
+    def __init__(self, out: str | None, classes: list[str]):
+        self.classes = classes
+        self.path = out
+        self.fmt = "csv" if out and out.lower().endswith(".csv") else "jsonl"
+        if out:
+            Path(out).parent.mkdir(parents=True, exist_ok=True)
+        self.fh: IO[str] = open(out, "w", newline="", encoding="utf-8") if out else sys.stdout
+        self.csv = None
+        if self.fmt == "csv":
+            cols = ["path", "label", *[f"p_{c}" for c in classes], "threshold", "severity", "heatmap", "error"]
+            self.csv = csv.DictWriter(self.fh, fieldnames=cols, extrasaction="ignore")
+            self.csv.writeheader()
+
+    def write(self, rec: dict[str, Any]) -> None:
+        if self.csv is None:
+            self.fh.write(json.dumps(rec, default=str) + "\n")
+        else:
+            row = {k: rec.get(k) for k in ("path", "label", "threshold", "heatmap", "error")}
+            for c in self.classes:
+                row[f"p_{c}"] = (rec.get("probabilities") or {}).get(c)
+            sev = rec.get("severity")
+            row["severity"] = json.dumps(sev, default=str) if sev is not None else None
+            self.csv.writerow(row)
+        self.fh.flush()
+
+    def close(self) -> None:
+        if self.fh is not sys.stdout:
+            self.fh.close()
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from covidcxr.predict import Predictor, PredictorError, Summary, collect_inputs
+    from covidcxr.cli import UserError
+
+    try:
+        predictor = Predictor.from_path(args.model, backend=args.backend, device=args.device, threads=args.threads)
+    except PredictorError as err:
+        raise UserError(str(err)) from None
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    if not collect_inputs(args.paths):
+        raise UserError(f"no images found in {' '.join(args.paths)} (looked for PNG, JPEG, TIFF, BMP and DICOM files)")
+
+    extras = _Extras.build(args, predictor)
+    writer = _Writer(args.out, predictor.classes)
+    summary = Summary()
+    try:
+        for rec in predictor.predict_paths(
+            args.paths,
+            batch_size=args.batch_size,
+            num_workers=args.workers,
+            progress=not args.quiet,
+            with_tensors=extras.needs_tensors,
+            extra_presets=extras.presets,
+        ):
+            extras.apply(rec)
+            rec.pop("tensor", None)
+            rec.pop("tensors", None)
+            writer.write(rec)
+            summary.add(rec)
+    finally:
+        writer.close()
+    for line in summary.lines() + extras.notes:
+        print(line, file=sys.stderr)
+    if args.out:
+        print(f"wrote {summary.total} records to {args.out}", file=sys.stderr)
+    return EXIT_SOME_FAILED if summary.failures else 0
+
+
+class _Extras:
+    """Optional per-record work: Grad-CAM overlays and severity. Degrades with a note, never fails the run."""
+
+    def __init__(self, threshold: float | None) -> None:
+        self.threshold = threshold
+        self.heatmap_dir: Path | None = None
+        self.heatmapper = None
+        self.severity = None
+        self.always_severity = False
+        self.notes: list[str] = []
+
+    @property
+    def needs_tensors(self) -> bool:
+        return self.heatmapper is not None
+
+    @property
+    def presets(self) -> dict[str, Any]:
+        return {"severity": self.severity.preset} if self.severity is not None else {}
+
+    @classmethod
+    def build(cls, args: argparse.Namespace, predictor: Any) -> "_Extras":
+        from covidcxr.cli import UserError
+        from covidcxr.predict import HeatmapUnavailable, Heatmapper, SeverityScorer, SeverityUnavailable
+
+        ex = cls(predictor.threshold)
+        if args.heatmap:
+            try:
+                ex.heatmapper = Heatmapper.for_predictor(predictor)
+                ex.heatmap_dir = Path(args.heatmap)
+                ex.heatmap_dir.mkdir(parents=True, exist_ok=True)
+            except HeatmapUnavailable as err:
+                msg = f"note: --heatmap skipped: {err}"
+                print(msg, file=sys.stderr)
+                ex.notes.append(msg)
+        if args.severity:
+            try:
+                ex.severity = SeverityScorer.from_path(args.severity, device=args.device)
+            except SeverityUnavailable as err:
+                raise UserError(str(err)) from None
+            except Exception as err:  # SeverityError / CheckpointError name the file already
+                raise UserError(f"--severity {args.severity}: {err}") from None
+            ex.always_severity = args.always_severity
+        return ex
+
+    def apply(self, rec: dict[str, Any]) -> None:
+        if rec.get("error"):
+            return
+        if self.severity is not None:
+            wanted = self.severity.should_score(rec, self.threshold, always=self.always_severity)
+            rec["severity"] = self.severity.score_tensor(rec["tensors"]["severity"]) if wanted else None
+        if self.heatmapper is not None and rec.get("tensor") is not None:
+            try:
+                rec["heatmap"] = str(self.heatmapper.write_overlay(rec, self.heatmap_dir))
+            except Exception as err:  # a heatmap failure must not lose the prediction
+                rec["heatmap"] = None
+                rec["heatmap_error"] = f"{type(err).__name__}: {err}"
+
+
+# --------------------------------------------------------------------------- export
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from covidcxr.cli import UserError
+    from covidcxr.export import ExportError, export_onnx
+    from covidcxr.predict import PredictorError
+
+    try:
+        report = export_onnx(
+            args.model,
+            args.onnx,
+            parity_images=args.parity_images,
+            parity_count=args.parity_count,
+            atol=args.atol,
+            opset=args.opset,
+            exporter=args.exporter,
+        )
+    except (ExportError, PredictorError) as err:
+        raise UserError(str(err)) from None
+    size_mb = Path(args.onnx).stat().st_size / 1e6
+    print(
+        f"wrote {args.onnx} ({size_mb:.1f} MB, exporter {report.exporter}, opset {report.opset}, dynamic batch)\n"
+        f"parity: max |p_onnx - p_torch| = {report.max_abs_diff:.2e} <= {report.atol:.0e} on "
+        f"{report.parity_images} images from {report.parity_source}, batch sizes {report.batch_sizes}; "
+        f"labels identical: {report.labels_equal}"
+    )
+    for f in report.failed_images:
+        print(f"  skipped unreadable parity image: {f}", file=sys.stderr)
+    return 0
+
+
+# --------------------------------------------------------------------------- serve
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from covidcxr.serve import create_app
+
+    app = create_app(
+        args.model,
+        backend=args.backend,
+        max_upload_mb=args.max_upload_mb,
+        max_concurrency=args.max_concurrency,
+        queue=args.queue,
+        queue_timeout=args.queue_timeout,
+        threads=args.threads,
+        cors_origins=args.cors_origin,
+        severity_path=args.severity,
+        always_severity=args.always_severity,
+    )
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"warning: listening on {args.host}; anyone who can reach it can upload images "
+              "(set COVIDCXR_API_KEY and put it behind TLS)", file=sys.stderr)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    return 0

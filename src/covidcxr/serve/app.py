@@ -1,0 +1,401 @@
+"""FastAPI service: ``POST /v1/predict``, ``GET /v1/model``, ``GET /healthz`` and the web page at ``/``.
+
+Safety rules this module keeps:
+
+* the upload limit is enforced while the body streams in (413), before any decoding;
+* content is identified by decoding it with :func:`covidcxr.io.decode`, never by its file name:
+  415 when it is no image format at all, 422 when it is one but cannot be decoded or used;
+* at most ``max_concurrency`` inferences run and ``queue`` wait; beyond that, or after
+  ``queue_timeout`` seconds of waiting, the answer is 503 with ``Retry-After``;
+* an optional API key (``COVIDCXR_API_KEY`` or ``api_key=``) guards ``/v1/*`` (401 without it);
+* logs carry format, size, label and timing only: never image bytes, file names or DICOM tags;
+* no CORS headers unless origins are configured.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import os
+import secrets
+import time
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any, AsyncIterator, Sequence
+
+import anyio
+import numpy as np
+from fastapi import Depends, FastAPI, File, HTTPException, Query, UploadFile
+from fastapi.responses import FileResponse, JSONResponse
+from fastapi.security import APIKeyHeader
+from fastapi.staticfiles import StaticFiles
+
+from covidcxr.io import CXRReadError, decode
+from covidcxr.predict import (
+    RESEARCH_NOTICE,
+    HeatmapUnavailable,
+    Heatmapper,
+    Predictor,
+    SeverityScorer,
+    heat_rgba,
+)
+from covidcxr.preprocess import PresetError
+from covidcxr.serve.schemas import ErrorResponse, HealthResponse, Limits, ModelCard, ModelRef, PredictResponse
+
+log = logging.getLogger("covidcxr.serve")
+STATIC = Path(__file__).parent / "static"
+API_KEY_ENV = "COVIDCXR_API_KEY"
+DISPLAY_SIZE = 512  # side of the image returned for the page (the model input, upscaled for the eye)
+RETRY_AFTER_S = 2
+
+_ERRORS = {
+    401: {"model": ErrorResponse, "description": "Missing or wrong API key"},
+    413: {"model": ErrorResponse, "description": "Upload larger than the configured limit"},
+    415: {"model": ErrorResponse, "description": "Content is not an image (checked by decoding, not by name)"},
+    422: {"model": ErrorResponse, "description": "An image that cannot be decoded or used as a chest X-ray"},
+    503: {"model": ErrorResponse, "description": "Inference queue full; retry after Retry-After seconds"},
+}
+
+
+class _Http(Exception):
+    """Raised in the worker thread; turned into an HTTPException on the event loop."""
+
+    def __init__(self, status: int, detail: str):
+        self.status, self.detail = status, detail
+
+
+def _sniff(data: bytes) -> str:
+    from covidcxr import io as cio
+
+    return cio._sniff(data)  # the reader's own magic-byte check, so both agree on "not an image"
+
+
+def _png_b64(arr: np.ndarray) -> str:
+    import cv2
+
+    if arr.ndim == 3 and arr.shape[2] == 4:
+        arr = cv2.cvtColor(arr, cv2.COLOR_RGBA2BGRA)
+    elif arr.ndim == 3:
+        arr = cv2.cvtColor(arr, cv2.COLOR_RGB2BGR)
+    ok, buf = cv2.imencode(".png", arr)
+    if not ok:  # pragma: no cover - cv2 encodes any uint8 array
+        raise RuntimeError("PNG encoding failed")
+    return base64.b64encode(buf.tobytes()).decode("ascii")
+
+
+# --------------------------------------------------------------------------- the service object
+
+
+class Service:
+    """Holds the predictor and the optional heatmap/severity helpers; runs one request's inference."""
+
+    def __init__(
+        self,
+        predictor: Predictor,
+        severity: SeverityScorer | None = None,
+        always_severity: bool = False,
+    ):
+        self.predictor = predictor
+        self.severity = severity
+        self.always_severity = always_severity
+        try:
+            self.heatmapper: Heatmapper | None = Heatmapper.for_predictor(predictor)
+            self.heatmap_note: str | None = None
+        except HeatmapUnavailable as err:
+            self.heatmapper, self.heatmap_note = None, f"no heatmap: {err}"
+
+    def infer(self, data: bytes, filename: str | None, want_heatmap: bool, want_image: bool) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        p = self.predictor
+        try:
+            image, info = decode(data, filename or None)
+        except CXRReadError as err:
+            if _sniff(data) == "unknown":
+                raise _Http(
+                    415,
+                    "the upload is not an image: expected PNG, JPEG, TIFF, BMP or DICOM content "
+                    "(the content was checked, not the file name)",
+                ) from None
+            raise _Http(422, f"the upload could not be used: {err.reason}") from None
+        try:
+            tensor = p.preprocess(image)
+        except PresetError as err:
+            raise _Http(422, f"the image could not be preprocessed: {err}") from None
+        probs = p.probabilities(tensor.unsqueeze(0))[0]
+        rec = p.record(probs)
+
+        out: dict[str, Any] = {
+            **rec,
+            "severity": None,
+            "severity_note": None,
+            "model": ModelRef(name=p.name, version=p.version, arch=p.arch, backend=p.backend_name),
+            "input": {"format": info.format, "width": int(info.width), "height": int(info.height), "bytes": len(data)},
+            "heatmap_png": None,
+            "heatmap_note": None,
+            "image_png": None,
+            "notice": RESEARCH_NOTICE,
+        }
+        if self.severity is None:
+            out["severity_note"] = "no severity model is configured on this server"
+        elif self.severity.should_score(rec, p.threshold, always=self.always_severity):
+            out["severity"] = self.severity.score_array(image)
+        else:
+            out["severity_note"] = "not computed: the COVID-19 probability is below the operating threshold"
+
+        display = None
+        if want_image or want_heatmap:
+            side = max(p.preset.size, DISPLAY_SIZE)
+            try:
+                display = p.preset.with_size(side).prepare(image)
+            except PresetError:
+                display = p.preset.denormalize(tensor)
+        if want_image and display is not None:
+            out["image_png"] = _png_b64((display * 255 + 0.5).astype(np.uint8))
+        if want_heatmap:
+            if self.heatmapper is None:
+                out["heatmap_note"] = self.heatmap_note
+            else:
+                try:
+                    heat = self.heatmapper.compute(tensor, p.classes.index(rec["label"]))
+                    h, w = display.shape
+                    out["heatmap_png"] = _png_b64(heat_rgba(heat, (w, h)))
+                except Exception as err:  # a broken heatmap must not lose the prediction
+                    log.warning("heatmap failed: %s", type(err).__name__)
+                    out["heatmap_note"] = f"heatmap failed: {type(err).__name__}: {err}"
+        out["elapsed_ms"] = round((time.perf_counter() - t0) * 1000, 1)
+        # Format, size and result only: no bytes, no file name, no DICOM tags.
+        log.info(
+            "predict %s %dx%d %d bytes -> %s (p_covid=%s) in %.0f ms",
+            info.format, info.width, info.height, len(data), rec["label"],
+            f"{rec['probabilities'].get('COVID-19', float('nan')):.3f}", out["elapsed_ms"],
+        )
+        return out
+
+
+class _Limiter:
+    """Bounded concurrency plus a bounded waiting room; overflow becomes 503, not a hang."""
+
+    def __init__(self, concurrency: int, queue: int, timeout: float):
+        self.concurrency = max(1, int(concurrency))
+        self.capacity = self.concurrency + max(0, int(queue))
+        self.timeout = float(timeout)
+        self.busy = 0
+        self._limiter: anyio.CapacityLimiter | None = None
+
+    def _busy_error(self, why: str) -> HTTPException:
+        return HTTPException(
+            503,
+            detail=f"server busy: {why}; retry in {RETRY_AFTER_S} s",
+            headers={"Retry-After": str(RETRY_AFTER_S)},
+        )
+
+    @asynccontextmanager
+    async def slot(self) -> AsyncIterator[None]:
+        if self._limiter is None:
+            self._limiter = anyio.CapacityLimiter(self.concurrency)
+        if self.busy >= self.capacity:
+            raise self._busy_error(f"{self.busy} requests running or waiting (limit {self.capacity})")
+        self.busy += 1
+        try:
+            try:
+                with anyio.fail_after(self.timeout):
+                    await self._limiter.acquire()
+            except TimeoutError:
+                raise self._busy_error(f"waited {self.timeout:.0f} s for a free worker") from None
+            try:
+                yield
+            finally:
+                self._limiter.release()
+        finally:
+            self.busy -= 1
+
+
+class _UploadLimit:
+    """ASGI middleware: 413 as soon as the body of ``/v1/predict`` is known to exceed the limit."""
+
+    def __init__(self, app: Any, limit_bytes: int, paths: Sequence[str]):
+        self.app = app
+        self.limit = int(limit_bytes)
+        self.paths = set(paths)
+
+    def _detail(self, size: int | None) -> str:
+        mb = self.limit / 1e6
+        got = f" ({size / 1e6:.1f} MB)" if size else ""
+        return f"upload too large{got}: the limit is {mb:g} MB (covidcxr serve --max-upload-mb)"
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["path"] not in self.paths:
+            await self.app(scope, receive, send)
+            return
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.limit:
+            await JSONResponse({"detail": self._detail(int(length))}, status_code=413)(scope, receive, send)
+            return
+        seen = 0
+
+        async def limited() -> dict:
+            nonlocal seen
+            msg = await receive()
+            if msg["type"] == "http.request":
+                seen += len(msg.get("body", b""))
+                if seen > self.limit:  # chunked upload without Content-Length
+                    raise HTTPException(413, detail=self._detail(None))
+            return msg
+
+        await self.app(scope, limited, send)
+
+
+class _SecurityHeaders:
+    """nosniff everywhere; a strict CSP on the page (it needs nothing but itself and data: images)."""
+
+    CSP = (
+        "default-src 'self'; img-src 'self' data: blob:; style-src 'self'; script-src 'self'; "
+        "connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'"
+    )
+
+    def __init__(self, app: Any):
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        page = scope["path"] == "/" or scope["path"].startswith("/static/")
+
+        async def add_headers(msg: dict) -> None:
+            if msg["type"] == "http.response.start":
+                headers = list(msg.get("headers", []))
+                headers.append((b"x-content-type-options", b"nosniff"))
+                headers.append((b"referrer-policy", b"no-referrer"))
+                if page:
+                    headers.append((b"content-security-policy", self.CSP.encode()))
+                msg["headers"] = headers
+            await send(msg)
+
+        await self.app(scope, receive, add_headers)
+
+
+# --------------------------------------------------------------------------- app factory
+
+
+def create_app(
+    model_path: str | os.PathLike | None = None,
+    api_key: str | None = None,
+    max_upload_mb: float = 20.0,
+    max_concurrency: int = 2,
+    queue: int = 8,
+    *,
+    backend: str | None = None,
+    queue_timeout: float = 30.0,
+    threads: int | None = None,
+    cors_origins: Sequence[str] | None = None,
+    severity_path: str | os.PathLike | None = None,
+    always_severity: bool = False,
+    predictor: Predictor | None = None,
+) -> FastAPI:
+    """Build the app for a checkpoint or ONNX file (or a ready ``predictor``).
+
+    ``api_key=None`` reads ``COVIDCXR_API_KEY``; an empty key means no authentication.
+    ``cors_origins`` lists browser origins allowed to call the API; none by default.
+    """
+    if predictor is None:
+        if model_path is None:
+            raise ValueError("create_app needs model_path or predictor")
+        predictor = Predictor.from_path(model_path, backend=backend, threads=threads)
+    if threads:
+        import torch
+
+        torch.set_num_threads(int(threads))
+    severity = SeverityScorer.from_path(severity_path) if severity_path else None
+    service = Service(predictor, severity, always_severity)
+    key = api_key if api_key is not None else os.environ.get(API_KEY_ENV, "")
+    limiter = _Limiter(max_concurrency, queue, queue_timeout)
+    limits = Limits(
+        max_upload_mb=max_upload_mb, max_concurrency=limiter.concurrency, queue=limiter.capacity - limiter.concurrency,
+        queue_timeout_s=queue_timeout,
+    )
+
+    app = FastAPI(
+        title="covidcxr",
+        version=predictor.version or "0",
+        description=(
+            "Chest X-ray COVID-19 screening model as a service. " + RESEARCH_NOTICE +
+            " Upload one PNG, JPEG or DICOM file to POST /v1/predict as multipart field `file`."
+        ),
+    )
+    app.state.service = service
+    app.state.limiter = limiter
+
+    api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False, description=f"required when {API_KEY_ENV} is set")
+
+    async def require_key(given: str | None = Depends(api_key_header)) -> None:
+        if key and not (given and secrets.compare_digest(given.encode(), key.encode())):
+            raise HTTPException(401, detail="missing or wrong API key (send it in the X-API-Key header)",
+                                headers={"WWW-Authenticate": "APIKey"})
+
+    @app.get("/healthz", response_model=HealthResponse, tags=["service"])
+    async def healthz() -> HealthResponse:
+        """Liveness and load; never needs the API key."""
+        return HealthResponse(
+            status="ok", model=predictor.name, version=predictor.version, auth_required=bool(key),
+            busy=limiter.busy, capacity=limiter.capacity,
+        )
+
+    @app.get("/v1/model", response_model=ModelCard, tags=["model"],
+             responses={401: _ERRORS[401]}, dependencies=[Depends(require_key)])
+    async def model_card() -> ModelCard:
+        """The model card: architecture, classes, preset, threshold, training summary and metrics."""
+        return ModelCard(
+            **predictor.model_card(),
+            heatmap_available=service.heatmapper is not None,
+            heatmap_note=service.heatmap_note,
+            severity=severity.info() if severity else None,
+            always_severity=always_severity,
+            limits=limits,
+        )
+
+    @app.post(
+        "/v1/predict",
+        response_model=PredictResponse,
+        tags=["model"],
+        responses={k: v for k, v in _ERRORS.items()},
+        dependencies=[Depends(require_key)],
+    )
+    async def predict(
+        file: UploadFile = File(..., description="One PNG, JPEG, TIFF or DICOM file"),
+        heatmap: bool = Query(False, description="add a Grad-CAM heatmap as base64 PNG"),
+        image: bool = Query(False, description="add the model's view of the image as base64 PNG"),
+    ) -> PredictResponse:
+        """Predict one chest X-ray. Research use only."""
+        data = await file.read()
+        if len(data) > limits.max_upload_mb * 1e6:  # belt and braces: the middleware stops most earlier
+            raise HTTPException(413, detail=f"upload too large: the limit is {limits.max_upload_mb:g} MB")
+        async with limiter.slot():
+            try:
+                out = await anyio.to_thread.run_sync(service.infer, data, file.filename, heatmap, image)
+            except _Http as err:
+                log.info("predict rejected with %d", err.status)
+                raise HTTPException(err.status, detail=err.detail) from None
+            except Exception as err:  # never crash the server; never echo internals to the client
+                log.error("predict failed: %s", type(err).__name__, exc_info=True)
+                raise HTTPException(500, detail="internal error while predicting; see the server log") from None
+        return PredictResponse(**out)
+
+    @app.get("/", include_in_schema=False)
+    async def page() -> FileResponse:
+        return FileResponse(STATIC / "index.html", media_type="text/html")
+
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+    if cors_origins:
+        from fastapi.middleware.cors import CORSMiddleware
+
+        app.add_middleware(
+            CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["GET", "POST"],
+            allow_headers=["X-API-Key", "Content-Type"],
+        )
+    app.add_middleware(_UploadLimit, limit_bytes=int(max_upload_mb * 1e6), paths=["/v1/predict"])
+    app.add_middleware(_SecurityHeaders)
+    log.info("serving %s (%s, %s backend); auth %s; CORS %s", predictor.name, predictor.arch,
+             predictor.backend_name, "on" if key else "off", ",".join(cors_origins) if cors_origins else "closed")
+    return app

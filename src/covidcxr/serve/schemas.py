@@ -1,0 +1,82 @@
+"""Typed request/response models of the REST API (they make the OpenAPI document)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+
+class ErrorResponse(BaseModel):
+    detail: str = Field(description="What went wrong, in words")
+
+
+class ModelRef(BaseModel):
+    name: str
+    version: str = Field(description="First 12 hex digits of the model file's SHA-256")
+    arch: str
+    backend: str = Field(description="torch or onnx")
+
+
+class InputInfo(BaseModel):
+    format: str = Field(description="Detected from the content: png, jpeg, tiff, bmp or dicom")
+    width: int
+    height: int
+    bytes: int
+
+
+class PredictResponse(BaseModel):
+    label: str = Field(description="Predicted class at the model's operating threshold")
+    probabilities: dict[str, float] = Field(description="Calibrated probability per class")
+    threshold: float | None = Field(description="COVID-19 operating threshold; null means argmax")
+    severity: dict[str, Any] | None = Field(
+        None, description="Severity from the severity model; null when not configured or not applicable"
+    )
+    severity_note: str | None = Field(None, description="Why severity is null, when it is")
+    model: ModelRef
+    input: InputInfo
+    heatmap_png: str | None = Field(
+        None, description="Grad-CAM map as a base64 RGBA PNG (same size as image_png) when ?heatmap=true"
+    )
+    heatmap_note: str | None = Field(None, description="Why no heatmap was returned, when one was asked for")
+    image_png: str | None = Field(
+        None, description="The model's view of the input (after the preset's crop) as base64 PNG, when ?image=true"
+    )
+    elapsed_ms: float
+    notice: str
+
+
+class HealthResponse(BaseModel):
+    status: str
+    model: str
+    version: str
+    auth_required: bool
+    busy: int = Field(description="Requests running or waiting")
+    capacity: int = Field(description="Requests that can be running or waiting before 503")
+
+
+class Limits(BaseModel):
+    max_upload_mb: float
+    max_concurrency: int
+    queue: int
+    queue_timeout_s: float
+
+
+class ModelCard(BaseModel):
+    name: str
+    version: str
+    arch: str
+    task: str
+    backend: str
+    classes: list[str]
+    threshold: float | None
+    temperature: float
+    preset: dict[str, Any]
+    training: dict[str, Any]
+    metrics: dict[str, Any]
+    heatmap_available: bool
+    heatmap_note: str | None = None
+    severity: dict[str, Any] | None = None
+    always_severity: bool = False
+    limits: Limits
+    notice: str
