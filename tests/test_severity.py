@@ -92,6 +92,16 @@ def test_level_proxy_and_targets() -> None:
     assert y.tolist() == [0] and desc == "severity_level"
 
 
+def test_dev_manifest_scores(dev_manifest: Path) -> None:
+    """The shared dev set's manifest carries the 256 scored images; the proxy splits them about evenly."""
+    df = L.read_manifest_severity(dev_manifest)
+    scored, y, _ = L.select(df, "scores", "all")
+    assert len(scored) == 256 and scored["patient_id"].nunique() > 100
+    assert y[:, 0].max() <= 8 and y[:, 1].max() <= 6
+    lv, desc = L.level_targets(scored)
+    assert desc.startswith("proxy") and 0.3 < lv.mean() < 0.7
+
+
 # ----------------------------------------------------------------------------- clamping
 def test_clamp_scores_tensor_and_array() -> None:
     x = torch.tensor([[-1.0, 7.0], [9.5, -0.1], [3.0, 2.0]])
@@ -214,7 +224,7 @@ def test_cli_scores_train_evaluate(tiny: dict[str, Path], capsys: pytest.Capture
 
     run, rep = tiny["root"] / "run_scores", tiny["root"] / "rep_scores"
     assert _cli("severity", "train", "--task", "scores", "--data", str(tiny["manifest"]), "--out", str(run),
-                "--init", str(tiny["detector"]), "--max-epochs", "2", "--batch-size", "8") == 0
+                "--init", str(tiny["detector"]), "--max-epochs", "2", "--freeze-epochs", "1", "--batch-size", "8") == 0
     summary = json.loads((run / "train_summary.json").read_text())
     assert summary["n_train"] == 15  # 8 train patients x 2 - 1 unscored; the broken file is skipped
     assert len(summary["skipped_files"]) == 1 and "broken.png" in summary["skipped_files"][0]["path"]
@@ -222,6 +232,10 @@ def test_cli_scores_train_evaluate(tiny: dict[str, Path], capsys: pytest.Capture
     lm = models.load(run / "best.ckpt")  # rebuilt by the plain registry builder
     assert lm.task == "severity-scores" and lm.classes == ["geographic_extent", "opacity"]
     assert lm.preset.size == 64 and lm.training["init"] == str(tiny["detector"])
+    assert [h["backbone_frozen"] for h in summary["history"] if "backbone_frozen" in h] == [True, False]
+    det = torch.load(tiny["detector"], weights_only=False)["state_dict"]
+    last = models.load(run / "last.ckpt").model.state_dict()
+    assert not torch.equal(last["layer1.0.conv1.weight"], det["layer1.0.conv1.weight"])  # unfrozen after epoch 1
 
     assert _cli("severity", "evaluate", "--model", str(run / "best.ckpt"), "--data", str(tiny["manifest"]),
                 "--split", "test", "--out", str(rep), "--bootstrap", "50") == 0
@@ -283,7 +297,9 @@ def test_severity_model_clamps_scores(tiny: dict[str, Path]) -> None:
 
 
 def test_severity_model_refuses_a_detector(tiny: dict[str, Path]) -> None:
-    with pytest.raises(SeverityError, match="not a severity task"):
+    from covidcxr.models import CheckpointError
+
+    with pytest.raises(CheckpointError, match="not a severity model"):
         SeverityModel.from_path(tiny["detector"])
 
 

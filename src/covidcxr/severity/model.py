@@ -125,8 +125,12 @@ class SeverityModel:
     def from_path(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> "SeverityModel":
         """Load a ``severity-level`` or ``severity-scores`` checkpoint; CheckpointError/SeverityError if not one."""
         from covidcxr import models
+        from covidcxr.models.checkpoint import CheckpointError
 
         lm = models.load(path, device=device)
+        if lm.task not in TASKS.values():
+            raise CheckpointError(f"{path}: a {lm.task!r} checkpoint, not a severity model "
+                                  "(train one with `covidcxr severity train`)")
         return cls(lm.model, lm.preset, lm.task, lm.classes,
                    meta={"training": lm.training, "metrics": lm.metrics, "arch": lm.arch}, path=str(path))
 
