@@ -135,6 +135,7 @@ def test_score_metrics_hand_computed_and_match_sklearn() -> None:
     assert m["geographic_extent_rmse"] == pytest.approx(math.sqrt(2 / 3))
     assert m["geographic_extent_r2"] == pytest.approx(0.0)  # predicting the mean
     assert math.isnan(m["geographic_extent_pearson_r"])  # constant prediction
+    assert math.isnan(M.pearson(np.array([1.0, 2.0, 3.0]), np.array([0.1 + 0.2, 0.3, 0.3])))  # constant up to rounding
     assert m["opacity_r2"] == pytest.approx(1 - 1 / 2)
     rng = np.random.default_rng(0)
     y, p = rng.uniform(0, 8, (40, 2)), rng.uniform(0, 8, (40, 2))
@@ -313,7 +314,9 @@ def test_cli_cv_mean_and_ridge(tiny: dict[str, Path]) -> None:
     assert rep["n_images"] == 23 and rep["summary"]["ridge"]["opacity_r2"]["mean"] is not None
     # the mean baseline never correlates and is never better than predicting the training mean
     assert (per.loc[per["method"] == "mean", "geographic_extent_r2"] <= 0).all()
-    assert "| ridge |" in (out / "cv_table.md").read_text()
+    table = (out / "cv_table.md").read_text()
+    assert table.startswith("| metric | mean | ridge | finetune |") and "| opacity_r2 |" in table
+    assert "n/a" in table  # Pearson r of the constant baseline is undefined, not 0
 
 
 def test_cli_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

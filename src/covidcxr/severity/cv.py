@@ -176,8 +176,8 @@ def cross_validate(
     return report
 
 
-def markdown_table(summary: dict[str, dict[str, Any]]) -> str:
-    """One row per method: mean ± SD [corrected 95 % CI] of each metric over the splits."""
+def markdown_table(summary: dict[str, dict[str, Any]], metrics: Sequence[str] = TABLE_METRICS) -> str:
+    """One row per metric, one column per method: mean ± SD [corrected 95 % CI] over the splits."""
     def cell(d: dict[str, Any]) -> str:
         if d["mean"] is None or not np.isfinite(d["mean"]):
             return "n/a"
@@ -186,6 +186,6 @@ def markdown_table(summary: dict[str, dict[str, Any]]) -> str:
         ci = f" [{lo:.3f}, {hi:.3f}]" if lo is not None and np.isfinite(lo) else ""
         return f"{d['mean']:.3f}{sd}{ci}"
 
-    cols = TABLE_METRICS
-    head = "| method | " + " | ".join(cols) + " |\n|---|" + "---|" * len(cols) + "\n"
-    return head + "".join(f"| {m} | " + " | ".join(cell(s[c]) for c in cols) + " |\n" for m, s in summary.items())
+    methods = list(summary)
+    head = "| metric | " + " | ".join(methods) + " |\n|---|" + "---|" * len(methods) + "\n"
+    return head + "".join(f"| {c} | " + " | ".join(cell(summary[m][c]) for m in methods) + " |\n" for c in metrics)

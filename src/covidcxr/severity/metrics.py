@@ -35,9 +35,14 @@ def r2(y: np.ndarray, p: np.ndarray) -> float:
 def pearson(y: np.ndarray, p: np.ndarray) -> float:
     """Pearson correlation; NaN when either side is constant."""
     y, p = np.asarray(y, float), np.asarray(p, float)
+    if len(y) < 2 or _constant(y) or _constant(p):  # rounding noise must not pass for a correlation
+        return float("nan")
     yc, pc = y - y.mean(), p - p.mean()
-    den = float(np.sqrt(np.sum(yc**2) * np.sum(pc**2)))
-    return float(np.sum(yc * pc) / den) if den > 0 else float("nan")
+    return float(np.sum(yc * pc) / np.sqrt(np.sum(yc**2) * np.sum(pc**2)))
+
+
+def _constant(v: np.ndarray) -> bool:
+    return bool(np.ptp(v) <= 1e-9 * max(1.0, float(np.max(np.abs(v)))))
 
 
 def confusion(y: np.ndarray, pred: np.ndarray, n: int = 2) -> np.ndarray:
