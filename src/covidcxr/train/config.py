@@ -1,0 +1,228 @@
+"""Training configuration: recipe YAML + command-line overrides -> one validated nested dict.
+
+A recipe (``configs/*.yaml``) only states what differs from :data:`DEFAULTS`. Overrides are
+``dotted.key=value`` strings whose value is parsed as YAML (``optimizer.lr=1e-3``,
+``trainer.devices=2``, ``data.augment=none``). Unknown keys are refused, so a typo cannot
+silently leave the default in place.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+from typing import Any, Iterable
+
+import yaml
+
+#: Every key a recipe may set, with its default.
+DEFAULTS: dict[str, Any] = {
+    "name": "run",
+    "recipe": "",  # one line naming the paper and what the recipe reproduces
+    "seed": 0,
+    "model": {
+        "arch": "resnet18",
+        "weights": "none",  # none | imagenet | xrv-nih | xrv-all | chexnet | PATH
+        "freeze_backbone": False,  # train the classification head only
+        "kwargs": {},
+    },
+    "data": {
+        "preset": None,  # default: the architecture's preset
+        "size": None,  # override the preset's input size
+        "batch_size": 16,
+        "num_workers": 0,
+        "augment": "light",  # a covidcxr.preprocess.AUGMENT_RECIPES name, or none
+        "sampler": None,  # null | rebalance | weighted
+        "minority_fraction": 0.5,
+        "cache_dir": None,  # keep preset.prepare outputs on disk here (null: no cache)
+        "label_filter": None,  # list of labels to keep
+        "classes": None,  # default: normal, pneumonia, COVID-19
+        "pin_memory": False,
+    },
+    "loss": {
+        "label_smoothing": 0.0,
+        "class_weights": None,  # null | balanced
+    },
+    "optimizer": {
+        "name": "adam",  # adam | adamw | sgd
+        "lr": 1e-4,
+        "momentum": 0.9,
+        "weight_decay": 0.0,
+        "nesterov": False,
+    },
+    "scheduler": {
+        "name": "none",  # none | step | plateau | cosine
+        "step_size": 7,
+        "gamma": 0.1,
+        "factor": 0.7,
+        "patience": 5,
+        "monitor": "val_loss",
+        "min_lr": 0.0,
+    },
+    "early_stopping": {
+        "monitor": "val_loss",  # val_loss | val_acc | val_balanced_acc | val_auc_covid | null (off)
+        "mode": "min",
+        "patience": 10,
+        "min_delta": 0.0,
+    },
+    "checkpoint": {
+        "monitor": "val_loss",
+        "mode": "min",
+        "every_n_train_steps": None,  # also refresh last.ckpt every N optimiser steps (mid-epoch resume)
+    },
+    "trainer": {
+        "max_epochs": 20,
+        "max_steps": -1,
+        "accelerator": "auto",  # cpu | gpu | auto
+        "devices": "auto",
+        "num_nodes": 1,
+        "strategy": "auto",  # auto | ddp | ddp_spawn | fsdp ...
+        "precision": "32-true",  # 32-true | bf16-mixed | 16-mixed
+        "channels_last": False,
+        "compile": False,  # torch.compile the model
+        "log_every_n_steps": 10,
+        "limit_train_batches": None,
+        "limit_val_batches": None,
+        "val_check_interval": None,
+        "gradient_clip_val": None,
+        "accumulate_grad_batches": 1,
+        "deterministic": False,
+        "progress_bar": True,
+        "num_threads": None,  # torch.set_num_threads per process (CPU runs)
+    },
+    "debug": {
+        "record_samples": False,  # write RUN/samples/rank{R}.txt with the dataset indices each rank trained on
+    },
+}
+
+_ENUMS = {
+    ("optimizer", "name"): {"adam", "adamw", "sgd"},
+    ("scheduler", "name"): {"none", "step", "plateau", "cosine"},
+    ("data", "sampler"): {None, "rebalance", "weighted"},
+    ("loss", "class_weights"): {None, "balanced"},
+    ("early_stopping", "mode"): {"min", "max"},
+    ("checkpoint", "mode"): {"min", "max"},
+}
+#: Metrics the module logs at validation: what monitor keys may name.
+VAL_METRICS = ("val_loss", "val_acc", "val_balanced_acc", "val_auc_covid", "val_f1_macro")
+
+
+class ConfigError(ValueError):
+    """A recipe or override is malformed; the message names the file or key."""
+
+
+def _merge(base: dict, over: dict, where: str, path: str = "") -> dict:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        key = f"{path}{k}"
+        if k not in base:
+            raise ConfigError(f"{where}: unknown key {key!r}; known here: {sorted(base)}")
+        if isinstance(base[k], dict) and k != "kwargs":
+            if not isinstance(v, dict):
+                raise ConfigError(f"{where}: {key!r} must be a mapping, got {v!r}")
+            out[k] = _merge(base[k], v, where, key + ".")
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} is not KEY=VALUE (e.g. optimizer.lr=1e-3)")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override {item!r} has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() != "" else None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"override {item!r}: value is not valid YAML ({err})") from None
+    return key.split("."), value
+
+
+def apply_overrides(cfg: dict, overrides: Iterable[str]) -> dict:
+    cfg = copy.deepcopy(cfg)
+    for item in overrides:
+        keys, value = parse_override(item)
+        node = cfg
+        for i, k in enumerate(keys[:-1]):
+            if not isinstance(node, dict) or k not in node:
+                raise ConfigError(f"override {item!r}: unknown key {'.'.join(keys[: i + 1])!r}")
+            node = node[k]
+        last = keys[-1]
+        if not isinstance(node, dict) or (last not in node and keys[-2:-1] != ["kwargs"]):
+            raise ConfigError(f"override {item!r}: unknown key {'.'.join(keys)!r}")
+        if isinstance(node.get(last), dict) and keys[-1] != "kwargs":
+            raise ConfigError(f"override {item!r}: {'.'.join(keys)!r} is a section; set one of {sorted(node[last])}")
+        node[last] = value
+    return cfg
+
+
+def _coerce_float(cfg: dict, section: str, key: str) -> None:
+    v = cfg[section][key]
+    if v is None:
+        return
+    try:
+        cfg[section][key] = float(v)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{section}.{key} must be a number, got {v!r}") from None
+
+
+def validate(cfg: dict) -> dict:
+    """Check types and choices; returns the config with numbers coerced (YAML reads 1e-4 as a string)."""
+    for sec, key in (("optimizer", "lr"), ("optimizer", "momentum"), ("optimizer", "weight_decay"),
+                     ("scheduler", "gamma"), ("scheduler", "factor"), ("scheduler", "min_lr"),
+                     ("loss", "label_smoothing"), ("data", "minority_fraction"), ("early_stopping", "min_delta")):
+        _coerce_float(cfg, sec, key)
+    for (sec, key), allowed in _ENUMS.items():
+        v = cfg[sec][key]
+        if isinstance(v, str) and v.lower() in ("none", "null") and None in allowed:
+            v = cfg[sec][key] = None
+        if v not in allowed:
+            raise ConfigError(f"{sec}.{key} = {v!r}; choose one of {sorted(str(a) for a in allowed)}")
+    for sec in ("early_stopping", "checkpoint"):
+        mon = cfg[sec]["monitor"]
+        if mon is not None and mon not in VAL_METRICS:
+            raise ConfigError(f"{sec}.monitor = {mon!r}; choose one of {list(VAL_METRICS)} or null")
+    if cfg["optimizer"]["lr"] <= 0:
+        raise ConfigError(f"optimizer.lr must be > 0, got {cfg['optimizer']['lr']}")
+    if not 0 <= cfg["loss"]["label_smoothing"] < 1:
+        raise ConfigError("loss.label_smoothing must be in [0, 1)")
+    bs = cfg["data"]["batch_size"]
+    if not isinstance(bs, int) or bs < 1:
+        raise ConfigError(f"data.batch_size must be a positive integer, got {bs!r}")
+    if cfg["data"]["size"] is not None and (not isinstance(cfg["data"]["size"], int) or cfg["data"]["size"] < 32):
+        raise ConfigError(f"data.size must be an integer >= 32, got {cfg['data']['size']!r}")
+    me = cfg["trainer"]["max_epochs"]
+    if not isinstance(me, int) or me < 1:
+        raise ConfigError(f"trainer.max_epochs must be a positive integer, got {me!r}")
+    if not isinstance(cfg["seed"], int):
+        raise ConfigError(f"seed must be an integer, got {cfg['seed']!r}")
+    w = cfg["model"]["weights"]
+    cfg["model"]["weights"] = "none" if w in (None, False) else str(w)
+    return cfg
+
+
+def load_config(path: str | os.PathLike | None, overrides: Iterable[str] = ()) -> dict[str, Any]:
+    """Read a recipe YAML (or start from the defaults when ``path`` is None) and apply overrides."""
+    cfg = copy.deepcopy(DEFAULTS)
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"{p}: config file not found (recipes live in configs/*.yaml)")
+        try:
+            raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{p}: not valid YAML ({err})") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{p}: a recipe must be a YAML mapping, got {type(raw).__name__}")
+        cfg = _merge(cfg, raw, str(p))
+        cfg.setdefault("name", p.stem)
+        if cfg["name"] == "run":
+            cfg["name"] = p.stem
+    cfg = apply_overrides(cfg, overrides)
+    return validate(cfg)
+
+
+def dump_config(cfg: dict, path: str | os.PathLike) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg, sort_keys=False), encoding="utf-8")

@@ -1,0 +1,207 @@
+"""The LightningModule: a registry model, its loss, optimiser, schedule and validation metrics.
+
+Every Lightning checkpoint it writes carries a self-contained covidcxr bundle under the key
+``"covidcxr"`` (architecture, classes, preset, weights, training summary, validation metrics), so
+``covidcxr.models.load("RUN/best.ckpt")`` needs nothing else.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+import torchmetrics
+from torch import nn
+
+from covidcxr.preprocess import Preset
+
+log = logging.getLogger(__name__)
+
+
+def _module_at(model: nn.Module, dotted: str | None) -> nn.Module | None:
+    if not dotted:
+        return None
+    m = model
+    for part in dotted.split("."):
+        m = getattr(m, part, None)
+        if m is None:
+            return None
+    return m
+
+
+def init_model(arch: str, weights: str | None, classes: list[str], kwargs: dict[str, Any]) -> nn.Module:
+    """A registry model with fresh weights (``none``) or initialised from a weight source."""
+    from covidcxr import models
+
+    if weights in (None, "", "none"):
+        return models.build(arch, num_classes=len(classes), **kwargs)
+    return models.create(arch, num_classes=len(classes), weights=weights, classes=list(classes), **kwargs)
+
+
+class CXRClassifier(L.LightningModule):
+    """Image classifier over ``classes`` with a covidcxr registry architecture.
+
+    ``config`` is the full training config (see :mod:`covidcxr.train.config`); ``class_weights``
+    (tensor, one per class) weights the cross-entropy when the recipe asks for it.
+    """
+
+    def __init__(
+        self,
+        config: dict[str, Any],
+        classes: list[str],
+        preset: Preset,
+        model: nn.Module | None = None,
+        class_weights: torch.Tensor | None = None,
+        summary: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        from covidcxr.models import get_spec
+
+        self.config = config
+        self.classes = list(classes)
+        self.preset = preset
+        self.arch = config["model"]["arch"]
+        self.arch_kwargs = {"num_classes": len(self.classes), **(config["model"].get("kwargs") or {})}
+        self.summary: dict[str, Any] = dict(summary or {})
+        self.spec = get_spec(self.arch)
+        if model is None:
+            model = init_model(self.arch, config["model"]["weights"], self.classes, config["model"].get("kwargs") or {})
+        # builder arguments set by a weight source (in_chans=1 for xrv) are recorded on the model itself
+        self.arch_kwargs.update(getattr(model, "covidcxr_arch_kwargs", None) or {})
+        self.model = model
+        if config["model"].get("freeze_backbone"):
+            self._freeze_backbone()
+        if config["trainer"].get("channels_last"):
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self._compiled: nn.Module | None = None
+        self.register_buffer("class_weight", class_weights.float() if class_weights is not None else None,
+                             persistent=False)
+        self.label_smoothing = float(config["loss"]["label_smoothing"])
+        k = len(self.classes)
+        self.val_acc = torchmetrics.classification.MulticlassAccuracy(num_classes=k, average="micro")
+        self.val_bacc = torchmetrics.classification.MulticlassRecall(num_classes=k, average="macro")
+        self.val_f1 = torchmetrics.classification.MulticlassF1Score(num_classes=k, average="macro")
+        self.val_auroc = torchmetrics.classification.MulticlassAUROC(num_classes=k, average=None)
+        self._seen: list[int] = []
+        self._record_to: Path | None = None
+
+    # ------------------------------------------------------------------ model
+    def _freeze_backbone(self) -> None:
+        head = _module_at(self.model, self.spec.head)
+        if head is None:
+            raise ValueError(f"model {self.arch!r} names no head layer; cannot freeze its backbone")
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        for p in head.parameters():
+            p.requires_grad_(True)
+        n = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        log.info("frozen backbone: training %d parameters of %s.%s", n, self.arch, self.spec.head)
+
+    def configure_model(self) -> None:
+        if self.config["trainer"].get("compile") and self._compiled is None:
+            # kept outside the module tree so state_dict keys stay those of the plain model
+            object.__setattr__(self, "_compiled", torch.compile(self.model))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.config["trainer"].get("channels_last"):
+            x = x.contiguous(memory_format=torch.channels_last)
+        net = self._compiled if self._compiled is not None else self.model
+        out = net(x)
+        return out[0] if isinstance(out, (tuple, list)) else out
+
+    def _loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return nn.functional.cross_entropy(logits.float(), y, weight=self.class_weight,
+                                           label_smoothing=self.label_smoothing)
+
+    # ------------------------------------------------------------------ steps
+    def on_fit_start(self) -> None:
+        if self.config.get("debug", {}).get("record_samples"):
+            d = Path(self.trainer.default_root_dir) / "samples"
+            d.mkdir(parents=True, exist_ok=True)
+            self._record_to = d / f"rank{self.global_rank}.txt"
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        x, y = batch["image"], batch["label"]
+        logits = self(x)
+        loss = self._loss(logits, y)
+        bs = len(y)
+        self.log("train_loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=bs, sync_dist=True)
+        if self._record_to is not None:
+            idx = batch["index"].tolist()
+            with open(self._record_to, "a", encoding="utf-8") as fh:
+                fh.write(f"{self.current_epoch} {self.global_step} " + ",".join(map(str, idx)) + "\n")
+        return loss
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        x, y = batch["image"], batch["label"]
+        logits = self(x).float()
+        loss = self._loss(logits, y)
+        probs = torch.softmax(logits, dim=1)
+        self.val_acc.update(probs, y)
+        self.val_bacc.update(probs, y)
+        self.val_f1.update(probs, y)
+        self.val_auroc.update(probs, y)
+        self.log("val_loss", loss, on_epoch=True, prog_bar=True, batch_size=len(y), sync_dist=True)
+
+    def on_validation_epoch_end(self) -> None:
+        self.log("val_acc", self.val_acc.compute(), prog_bar=True)
+        self.log("val_balanced_acc", self.val_bacc.compute())
+        self.log("val_f1_macro", self.val_f1.compute())
+        auc = self.val_auroc.compute()
+        for i, c in enumerate(self.classes):
+            self.log(f"val_auc_{c.lower().replace('-', '')}", auc[i])
+        if "COVID-19" in self.classes:
+            self.log("val_auc_covid", auc[self.classes.index("COVID-19")])
+        for m in (self.val_acc, self.val_bacc, self.val_f1, self.val_auroc):
+            m.reset()
+
+    # ------------------------------------------------------------------ optimisation
+    def configure_optimizers(self) -> Any:
+        o, s = self.config["optimizer"], self.config["scheduler"]
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        if o["name"] == "sgd":
+            opt = torch.optim.SGD(params, lr=o["lr"], momentum=o["momentum"], weight_decay=o["weight_decay"],
+                                  nesterov=bool(o.get("nesterov")))
+        elif o["name"] == "adamw":
+            opt = torch.optim.AdamW(params, lr=o["lr"], weight_decay=o["weight_decay"])
+        else:
+            opt = torch.optim.Adam(params, lr=o["lr"], weight_decay=o["weight_decay"])
+        if s["name"] == "step":
+            sched = torch.optim.lr_scheduler.StepLR(opt, step_size=int(s["step_size"]), gamma=s["gamma"])
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
+        if s["name"] == "plateau":
+            mode = "min" if s["monitor"] == "val_loss" else "max"
+            sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode=mode, factor=s["factor"],
+                                                               patience=int(s["patience"]), min_lr=s["min_lr"])
+            return {"optimizer": opt,
+                    "lr_scheduler": {"scheduler": sched, "monitor": s["monitor"], "interval": "epoch"}}
+        if s["name"] == "cosine":
+            sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=int(self.config["trainer"]["max_epochs"]),
+                                                               eta_min=s["min_lr"])
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
+        return opt
+
+    # ------------------------------------------------------------------ checkpoints
+    def bundle(self) -> dict[str, Any]:
+        """The self-contained covidcxr checkpoint dict for the current weights."""
+        from covidcxr.models.checkpoint import make_bundle
+
+        metrics = {k: float(v) for k, v in self.trainer.callback_metrics.items()
+                   if k.startswith("val_") and torch.as_tensor(v).numel() == 1} if self._trainer else {}
+        training = {
+            **self.summary,
+            "epoch": int(self.current_epoch) if self._trainer else 0,  # 0-based epoch at save time
+            "global_step": int(self.global_step) if self._trainer else 0,
+        }
+        return make_bundle(self.model, arch=self.arch, classes=self.classes, preset=self.preset,
+                           arch_kwargs=self.arch_kwargs, training=training, metrics={"val": metrics})
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["covidcxr"] = self.bundle()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # state_dict restore is Lightning's job; nothing of ours needs restoring beyond it
+        checkpoint.pop("covidcxr", None)

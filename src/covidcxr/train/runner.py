@@ -1,0 +1,244 @@
+"""``fit(config, data, out)``: build the DataModule and module, run Lightning, keep best/last checkpoints."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import pandas as pd
+import torch
+from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+from covidcxr.train.config import ConfigError, dump_config
+
+log = logging.getLogger(__name__)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Write checkpoints to a temporary file in the same folder, then rename over the target.
+
+    A run killed while saving leaves the previous ``last.ckpt`` intact instead of half a file.
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+        if storage_options is not None:
+            raise TypeError("AtomicCheckpointIO does not take storage_options")
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        try:
+            torch.save(checkpoint, tmp)
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the usual permissions
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
+
+def _sha256(path: str | os.PathLike) -> str:
+    from covidcxr.evaluate.core import sha256_file
+
+    return sha256_file(path)
+
+
+def split_counts(df: pd.DataFrame) -> dict[str, Any]:
+    """Images, patients and class counts per split: what the checkpoint's training summary records."""
+    out: dict[str, Any] = {}
+    for split, part in df.groupby("split"):
+        out[str(split)] = {
+            "n_images": int(len(part)),
+            "n_patients": int(part["patient_id"].nunique()),
+            "labels": {str(k): int(v) for k, v in part["label"].value_counts().sort_index().items()},
+        }
+    return out
+
+
+def _check_splits(df: pd.DataFrame, manifest: str | os.PathLike) -> None:
+    """Validation must come from training patients; refuse a manifest without it or with overlap."""
+    present = set(df["split"].dropna())
+    for need in ("train", "val"):
+        if need not in present:
+            raise ConfigError(
+                f"{manifest}: no {need!r} rows; build the manifest with `covidcxr data build`, which carves the "
+                "validation split out of the training patients (never from the test set)"
+            )
+    pats = {s: set(df.loc[df["split"] == s, "patient_id"].astype(str)) for s in present}
+    for a in present:
+        for b in present:
+            if a < b and pats[a] & pats[b]:
+                raise ConfigError(f"{manifest}: {len(pats[a] & pats[b])} patient(s) in both {a!r} and {b!r}")
+
+
+def _augment(cfg: dict) -> Any:
+    from covidcxr.preprocess import AUGMENT_RECIPES
+
+    name = cfg["data"]["augment"]
+    if name in (None, False, "none"):
+        return None
+    if name not in AUGMENT_RECIPES:
+        raise ConfigError(f"data.augment = {name!r}; known recipes: {sorted(AUGMENT_RECIPES)}")
+    aug = AUGMENT_RECIPES[name]
+    return dataclasses.replace(aug, seed=int(cfg["seed"])) if aug is not None else None
+
+
+def _loggers(out: Path) -> list[Any]:
+    from lightning.pytorch.loggers import CSVLogger
+
+    loggers: list[Any] = [CSVLogger(save_dir=str(out), name="logs")]
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        try:
+            import tensorboardX  # noqa: F401
+        except ImportError:
+            return loggers
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    loggers.append(TensorBoardLogger(save_dir=str(out), name="tensorboard"))
+    return loggers
+
+
+def _callbacks(cfg: dict, out: Path) -> list[Any]:
+    ck = cfg["checkpoint"]
+    cbs: list[Any] = [
+        # best by the chosen validation figure; also refreshes last.ckpt after every validation
+        ModelCheckpoint(dirpath=out, filename="best", monitor=ck["monitor"], mode=ck["mode"], save_top_k=1,
+                        save_last=True, enable_version_counter=False, auto_insert_metric_name=False),
+    ]
+    if ck.get("every_n_train_steps"):
+        # a mid-epoch last.ckpt so that a killed run loses at most N steps
+        cbs.append(ModelCheckpoint(dirpath=out, filename="step", save_top_k=0, save_last=True,
+                                   every_n_train_steps=int(ck["every_n_train_steps"]), enable_version_counter=False))
+    es = cfg["early_stopping"]
+    if es.get("monitor"):
+        cbs.append(EarlyStopping(monitor=es["monitor"], mode=es["mode"], patience=int(es["patience"]),
+                                 min_delta=float(es["min_delta"])))
+    cbs.append(LearningRateMonitor(logging_interval="epoch"))
+    return cbs
+
+
+def build_trainer(cfg: dict, out: Path) -> L.Trainer:
+    t = cfg["trainer"]
+    kw: dict[str, Any] = {
+        "default_root_dir": str(out),
+        "max_epochs": int(t["max_epochs"]),
+        "max_steps": int(t["max_steps"]),
+        "accelerator": t["accelerator"],
+        "devices": t["devices"],
+        "num_nodes": int(t["num_nodes"]),
+        "strategy": t["strategy"],
+        "precision": t["precision"],
+        "log_every_n_steps": int(t["log_every_n_steps"]),
+        "accumulate_grad_batches": int(t["accumulate_grad_batches"]),
+        "deterministic": t["deterministic"],
+        "enable_progress_bar": bool(t["progress_bar"]),
+        "callbacks": _callbacks(cfg, out),
+        "logger": _loggers(out),
+        "plugins": [AtomicCheckpointIO()],
+        "enable_model_summary": bool(t["progress_bar"]),
+    }
+    for k in ("limit_train_batches", "limit_val_batches", "val_check_interval", "gradient_clip_val"):
+        if t.get(k) is not None:
+            kw[k] = t[k]
+    return L.Trainer(**kw)
+
+
+def prepare(cfg: dict, data: str | os.PathLike) -> tuple[Any, Any, list[str], dict[str, Any]]:
+    """The DataModule, preset, class names and training summary for a config and a manifest."""
+    from covidcxr.data import CLASSES, CXRDataModule, read_manifest
+    from covidcxr.models import get_spec
+    from covidcxr.preprocess import get_preset
+
+    spec = get_spec(cfg["model"]["arch"])
+    preset = get_preset(cfg["data"]["preset"] or spec.preset, size=cfg["data"]["size"])
+    classes = list(cfg["data"]["classes"] or CLASSES)
+    df = read_manifest(data, require_split=True)
+    if cfg["data"]["label_filter"]:
+        df = df[df["label"].isin(list(cfg["data"]["label_filter"]))]
+    df = df[df["label"].isin(classes) | df["split"].isna()]
+    _check_splits(df, data)
+    d = cfg["data"]
+    dm = CXRDataModule(df, preset, batch_size=d["batch_size"], num_workers=d["num_workers"], augment=_augment(cfg),
+                       cache_dir=d["cache_dir"], sampler=d["sampler"], minority_fraction=d["minority_fraction"],
+                       seed=cfg["seed"], classes=classes, pin_memory=bool(d["pin_memory"]))
+    summary = {
+        "run_name": cfg["name"],
+        "recipe": cfg["name"],
+        "recipe_description": cfg["recipe"],
+        "config": cfg,
+        "manifest": str(Path(data).resolve()),
+        "manifest_sha256": _sha256(data),
+        "splits": split_counts(df),
+        "seed": cfg["seed"],
+        "preset": preset.name,
+        "weights_init": cfg["model"]["weights"],
+        "started_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "torch": torch.__version__,
+        "lightning": L.__version__,
+    }
+    return dm, preset, classes, summary
+
+
+def fit(cfg: dict[str, Any], data: str | os.PathLike, out: str | os.PathLike, resume: bool = False) -> Path:
+    """Train per ``cfg`` on manifest ``data`` into folder ``out``; returns ``out``.
+
+    ``resume`` continues from ``out/last.ckpt`` (optimiser, schedule, epoch and step included).
+    Without it, checkpoints and logs of an earlier run in ``out`` are replaced.
+    """
+    from covidcxr.train.module import CXRClassifier
+
+    out = Path(out)
+    last = out / "last.ckpt"
+    if resume and not last.is_file():
+        raise ConfigError(f"{last}: nothing to resume (no last.ckpt); start without --resume")
+    # only the launching process cleans up: DDP children (and torchrun ranks) have LOCAL_RANK set
+    if not resume and "LOCAL_RANK" not in os.environ:
+        stale = [p for p in (out / "best.ckpt", last, out / "logs", out / "tensorboard", out / "samples") if p.exists()]
+        if stale:
+            log.warning("%s holds an earlier run; replacing its checkpoints and logs (use --resume to continue it)", out)
+            for p in stale:
+                shutil.rmtree(p) if p.is_dir() else p.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    if cfg["trainer"].get("num_threads"):
+        torch.set_num_threads(int(cfg["trainer"]["num_threads"]))
+    L.seed_everything(int(cfg["seed"]), workers=True, verbose=False)
+
+    dm, preset, classes, summary = prepare(cfg, data)
+    dm.setup("fit")
+    weights = dm.class_weights() if cfg["loss"]["class_weights"] == "balanced" else None
+    model = CXRClassifier(cfg, classes=classes, preset=preset, class_weights=weights, summary=summary)
+    trainer = build_trainer(cfg, out)
+    if trainer.is_global_zero:
+        dump_config(cfg, out / ("config.resumed.yaml" if resume else "config.yaml"))
+    trainer.fit(model, datamodule=dm, ckpt_path=str(last) if resume else None)
+
+    if trainer.is_global_zero:
+        best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+        score = trainer.checkpoint_callback.best_model_score if trainer.checkpoint_callback else None
+        result = {
+            "run": str(out),
+            "best_checkpoint": best,
+            "best_score": float(score) if score is not None else None,
+            "monitor": cfg["checkpoint"]["monitor"],
+            "last_checkpoint": str(last),
+            "epochs": int(trainer.current_epoch),
+            "global_step": int(trainer.global_step),
+            "stopped_early": any(getattr(cb, "stopped_epoch", 0) > 0 for cb in trainer.callbacks
+                                 if isinstance(cb, EarlyStopping)),
+            "final_metrics": {k: float(v) for k, v in trainer.callback_metrics.items() if torch.as_tensor(v).numel() == 1},
+            "training": {k: v for k, v in summary.items() if k != "config"},
+        }
+        (out / "summary.json").write_text(json.dumps(result, indent=2, default=str), encoding="utf-8")
+    return out
