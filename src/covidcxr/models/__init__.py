@@ -13,39 +13,85 @@ from torch import nn
 
 from covidcxr.models import backbones as _backbones  # noqa: F401  (registers torchvision models)
 from covidcxr.models.checkpoint import CheckpointError, LoadedModel, load, read_bundle, save
-from covidcxr.models.registry import REGISTRY, ModelSpec, get_spec, list_models
+from covidcxr.models.registry import (
+    REGISTRY,
+    ModelError,
+    ModelSpec,
+    UnknownModelError,
+    get_head,
+    get_spec,
+    list_models,
+    pooled_features,
+    replace_head,
+)
 
-try:  # COVID-Net registers itself when its module exists
-    from covidcxr.models import covidnet as _covidnet  # noqa: F401
-except ImportError:  # pragma: no cover
-    pass
+from covidcxr.models import covidnet as _covidnet  # noqa: F401  (registers COVID-Net)
+from covidcxr.models.weights import DEFAULT_CLASSES, WeightsError
+from covidcxr.models.weights import resolve_preset as preset_for
+
+
+def _no_inplace(model: nn.Module) -> None:
+    """Turn in-place activations off: hooks (Grad-CAM, zennit, captum) need unmodified outputs."""
+    for m in model.modules():
+        if getattr(m, "inplace", False) is True:
+            m.inplace = False
 
 
 def build(name: str, num_classes: int = 3, **kwargs: Any) -> nn.Module:
-    """A fresh (randomly initialised) model from the registry."""
+    """A fresh (randomly initialised) model from the registry.
+
+    The model remembers how it was built (``covidcxr_arch``, ``covidcxr_arch_kwargs``) so that
+    :func:`save` can write a checkpoint that rebuilds it without repeating the arguments.
+    """
     spec = get_spec(name)
     kw = {**spec.defaults, **kwargs}
-    return spec.builder(num_classes=num_classes, **kw)
+    model = spec.builder(num_classes=num_classes, **kw)
+    _no_inplace(model)
+    model.covidcxr_arch = name
+    model.covidcxr_arch_kwargs = {"num_classes": int(num_classes), **kw}
+    return model
 
 
-def create(name: str, num_classes: int = 3, weights: str | None = "none", **kwargs: Any) -> nn.Module:
+def create(
+    name: str,
+    num_classes: int = 3,
+    weights: str | None = "none",
+    *,
+    classes: list[str] | tuple[str, ...] | None = None,
+    keep_neurons: bool = True,
+    progress: bool = True,
+    **kwargs: Any,
+) -> nn.Module:
     """Build a registry model and initialise it from ``weights``.
 
     ``weights``: ``"none"``, ``"imagenet"``, ``"xrv-nih"``, ``"xrv-all"`` or a local file
     (state_dict, Lightning checkpoint, covidcxr checkpoint or safetensors).
+
+    ``classes`` names the outputs (default: normal / pneumonia / COVID-19 for 3 outputs); when
+    the source head has a same-named neuron (e.g. ChestX-ray14 "Pneumonia") and
+    ``keep_neurons`` is true, that row is copied (Bassi & Attux's output neuron keeping).
+    ``in_chans`` (1 or 3) defaults to what the weights need: 1 for ``xrv-*``. Use
+    :func:`preset_for` for the matching preprocessing preset; the model also carries it as
+    ``model.covidcxr_init["preset"]``.
     """
     from covidcxr.models.weights import apply_weights
 
-    model = build(name, num_classes=num_classes, **kwargs)
-    if weights in (None, "none", ""):
-        return model
-    return apply_weights(model, name, weights, num_classes=num_classes, **kwargs)
+    return apply_weights(name, weights, num_classes=num_classes, classes=classes, keep_neurons=keep_neurons,
+                         progress=progress, **kwargs)
 
 
 __all__ = [
     "REGISTRY",
     "ModelSpec",
+    "ModelError",
+    "UnknownModelError",
+    "WeightsError",
     "CheckpointError",
+    "get_head",
+    "replace_head",
+    "pooled_features",
+    "preset_for",
+    "DEFAULT_CLASSES",
     "LoadedModel",
     "build",
     "create",

@@ -14,6 +14,7 @@ A checkpoint is a dict saved with ``torch.save``::
     metrics         validation / test figures known at save time
     threshold       operating threshold for the positive class (COVID-19), or None for argmax
     temperature     calibration temperature (1.0 = none)
+    init            how the weights were initialised (source, kept neurons), from covidcxr.models.create
     covidcxr_version
 
 A Lightning checkpoint written by ``covidcxr train`` carries the same dict under the
@@ -65,7 +66,7 @@ def _version() -> str:
 def make_bundle(
     model: nn.Module,
     *,
-    arch: str,
+    arch: str | None = None,
     classes: list[str],
     preset: Preset | dict,
     arch_kwargs: dict[str, Any] | None = None,
@@ -76,9 +77,17 @@ def make_bundle(
     temperature: float = 1.0,
     extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
+    """The checkpoint dict. ``arch`` / ``arch_kwargs`` default to what :func:`covidcxr.models.build`
+    recorded on the model (e.g. ``in_chans=1`` after torchxrayvision weights)."""
     preset_d = preset.to_dict() if isinstance(preset, Preset) else Preset.from_dict(preset).to_dict()
-    kw = dict(arch_kwargs or {})
+    arch = arch or getattr(model, "covidcxr_arch", None)
+    if not arch:
+        raise CheckpointError("make_bundle: arch not given and the model was not built by covidcxr.models")
+    recorded = getattr(model, "covidcxr_arch_kwargs", None) if getattr(model, "covidcxr_arch", None) == arch else None
+    kw = {**(recorded or {}), **(arch_kwargs or {})}
     kw.setdefault("num_classes", len(classes))
+    if kw["num_classes"] != len(classes):
+        raise CheckpointError(f"make_bundle: {len(classes)} class names for a model with {kw['num_classes']} outputs")
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -93,6 +102,7 @@ def make_bundle(
         "threshold": threshold,
         "temperature": float(temperature),
         "extra": dict(extra or {}),
+        "init": dict(getattr(model, "covidcxr_init", None) or {}),
         "covidcxr_version": _version(),
     }
 
@@ -148,7 +158,10 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> LoadedM
         preset = Preset.from_dict(b.get("preset"))
     except PresetError as err:
         raise CheckpointError(f"{path}: {err}") from None
-    model = build(b["arch"], **b.get("arch_kwargs", {}))
+    try:
+        model = build(b["arch"], **b.get("arch_kwargs", {}))
+    except (KeyError, TypeError, ValueError) as err:
+        raise CheckpointError(f"{path}: cannot build architecture {b['arch']!r} ({err})") from None
     missing, unexpected = model.load_state_dict(b["state_dict"], strict=False)
     if missing or unexpected:
         raise CheckpointError(

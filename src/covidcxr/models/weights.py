@@ -1,0 +1,450 @@
+"""Weight sources for :func:`covidcxr.models.create`: ``none``, ``imagenet``, ``xrv-nih``, ``xrv-all``, a file.
+
+* ``imagenet``: torchvision's ``Weights`` API (``IMAGENET1K_V1``, the weights the papers used),
+  downloaded once into the torch hub cache. Offline, one line says where to put the file.
+* ``xrv-nih`` / ``xrv-all``: torchxrayvision's DenseNet-121 trained on ChestX-ray14 (NIH) or on
+  all its datasets: the CheXNet stage of twice transfer learning. These models take one channel
+  in [-1024, 1024], so the model is built with ``in_chans=1`` and :func:`resolve_preset` says ``xrv``.
+* a local file: a state_dict (``.pt``/``.pth``), a Lightning checkpoint (``state_dict`` with a
+  ``model.`` or other prefix), a covidcxr checkpoint or a ``.safetensors`` file.
+
+When the source head has a different number of outputs, the body is loaded and the head starts
+fresh, except that output rows whose class name matches a source label are copied (Bassi &
+Attux's *output neuron keeping*: a 3-class model started from a ChestX-ray14 model keeps the
+"Pneumonia" neuron as its ``pneumonia`` row).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import pickle
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import torch
+from torch import nn
+
+from covidcxr.models.backbones import CHEXNET_LABELS
+from covidcxr.models.registry import ModelError, ModelSpec, get_head, get_spec
+
+log = logging.getLogger(__name__)
+
+#: the 3-class convention of the whole package
+DEFAULT_CLASSES: tuple[str, ...] = ("normal", "pneumonia", "COVID-19")
+
+#: torchxrayvision weight names behind our source names
+XRV_WEIGHTS = {"xrv-nih": "densenet121-res224-nih", "xrv-all": "densenet121-res224-all"}
+
+#: torchxrayvision's 18-output label order (``xrv.datasets.default_pathologies``)
+XRV_LABELS: tuple[str, ...] = (
+    "Atelectasis", "Consolidation", "Infiltration", "Pneumothorax", "Edema", "Emphysema", "Fibrosis",
+    "Effusion", "Pneumonia", "Pleural_Thickening", "Cardiomegaly", "Nodule", "Mass", "Hernia",
+    "Lung Lesion", "Fracture", "Lung Opacity", "Enlarged Cardiomediastinum",
+)
+
+#: torchvision architecture behind each registry name, for ``imagenet``
+TORCHVISION_ARCH = {
+    "resnet18": "resnet18", "resnet50": "resnet50", "squeezenet1_1": "squeezenet1_1", "vgg19": "vgg19",
+    "densenet121": "densenet121", "densenet169": "densenet169", "densenet201": "densenet201",
+    "chexnet": "densenet121", "cxnet": "densenet121",
+}
+_TV_HEAD = {"resnet": "fc", "densenet": "classifier", "squeezenet": "classifier", "vgg": "classifier"}
+
+# torchvision's fix for DenseNet files saved before PyTorch 0.4 ("norm.1" -> "norm1"), also CheXNet's
+_LEGACY_DENSENET = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$")
+
+
+class WeightsError(ModelError):
+    """Weights cannot be obtained or do not fit the architecture."""
+
+
+@dataclass
+class Source:
+    """Weights from somewhere, with what is known about their head."""
+
+    state_dict: dict[str, torch.Tensor]
+    description: str
+    #: names of the source head's outputs, in order, when known
+    labels: list[str] | None = None
+    #: dotted path of the source's final Linear / of the block to ignore when it does not fit
+    head: str | None = None
+    head_block: str | None = None
+    in_chans: int | None = None
+    preset: str | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------- public entry points
+
+
+def apply_weights(
+    name: str,
+    weights: str | os.PathLike | None,
+    num_classes: int = 3,
+    classes: list[str] | tuple[str, ...] | None = None,
+    keep_neurons: bool = True,
+    progress: bool = True,
+    in_chans: int | None = None,
+    **kwargs: Any,
+) -> nn.Module:
+    """Build ``name`` and initialise it from ``weights`` (see module docstring)."""
+    from covidcxr.models import build
+
+    spec = get_spec(name)
+    src = get_source(name, weights, progress=progress)
+    if in_chans is None:
+        in_chans = (src.in_chans if src else None) or 3
+    model = build(name, num_classes=num_classes, in_chans=int(in_chans), **kwargs)
+    if classes is None and num_classes == len(DEFAULT_CLASSES):
+        classes = DEFAULT_CLASSES
+    if classes is not None and len(classes) != num_classes:
+        raise WeightsError(f"{len(classes)} class names given for {num_classes} outputs")
+    report: dict[str, Any] = {}
+    if src is not None:
+        report = transfer(model, spec, src, classes=classes, keep_neurons=keep_neurons)
+    model.covidcxr_init = {
+        "weights": "none" if src is None else str(weights),
+        "source": "none" if src is None else src.description,
+        "preset": _preset(spec, src, int(in_chans)),
+        **report,
+    }
+    return model
+
+
+def resolve_preset(name: str, weights: str | os.PathLike | None = "none") -> str:
+    """The preprocessing preset a model needs with these weights.
+
+    ``xrv`` for torchxrayvision weights (1 channel, [-1024, 1024]); a covidcxr checkpoint's own
+    preset; otherwise the architecture's paper preset.
+    """
+    spec = get_spec(name)
+    if weights in (None, "", "none", "imagenet"):
+        return spec.preset
+    if str(weights) in XRV_WEIGHTS:
+        return "xrv"
+    src = get_source(name, weights)
+    return _preset(spec, src, (src.in_chans if src else None) or 3)
+
+
+def _preset(spec: ModelSpec, src: Source | None, in_chans: int) -> str:
+    if src is not None and src.preset:
+        return src.preset
+    return "xrv" if in_chans == 1 else spec.preset
+
+
+def get_source(name: str, weights: str | os.PathLike | None, progress: bool = True) -> Source | None:
+    """Fetch the weights named by ``weights`` (``None`` for ``none``)."""
+    spec = get_spec(name)
+    w = "none" if weights is None else str(weights)
+    if w in ("", "none"):
+        return None
+    if w == "imagenet":
+        _check_offered(spec, w)
+        return imagenet_source(name, progress=progress)
+    if w in XRV_WEIGHTS:
+        _check_offered(spec, w)
+        return xrv_source(w)
+    if not Path(w).exists():
+        raise WeightsError(
+            f"{w}: no such weights file (weight sources: none, {', '.join(spec.weight_sources) or '-'}, or a local file)"
+        )
+    return file_source(w, name)
+
+
+def _check_offered(spec: ModelSpec, source: str) -> None:
+    if source not in spec.weight_sources:
+        offered = ", ".join(["none", *spec.weight_sources, "a local file"])
+        raise WeightsError(f"{spec.name}: no {source!r} weights for this architecture (offered: {offered})")
+
+
+# --------------------------------------------------------------------------- sources
+
+
+def imagenet_cache_path(name: str) -> Path:
+    """Where torch looks for the ImageNet file of ``name`` (the torch hub ``checkpoints`` folder)."""
+    w = _imagenet_enum(name)
+    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(w.url).path)
+
+
+def _imagenet_enum(name: str):
+    import torchvision
+
+    arch = TORCHVISION_ARCH.get(name)
+    if arch is None:
+        raise WeightsError(f"{name}: no ImageNet weights for this architecture")
+    return torchvision.models.get_model_weights(arch).IMAGENET1K_V1
+
+
+def imagenet_source(name: str, progress: bool = True) -> Source:
+    """torchvision ImageNet weights; offline, one line names the file and the folder to put it in."""
+    w = _imagenet_enum(name)
+    target = imagenet_cache_path(name)
+    try:
+        sd = w.get_state_dict(progress=progress, check_hash=False)
+    except Exception as err:  # URLError, socket errors, HTTP errors, a corrupt cached file...
+        reason = " ".join(f"{type(err).__name__}: {err}".split())[:200]
+        if target.exists():
+            raise WeightsError(
+                f"imagenet weights for {name}: cannot read the cached file {target} ({reason}); delete it and retry, "
+                "or pass weights=PATH to a local file"
+            ) from None
+        raise WeightsError(
+            f"imagenet weights for {name}: download of {w.url} failed ({reason}); offline? place the file "
+            f"{target.name} in {target.parent}/ or pass weights=PATH to a local file"
+        ) from None
+    spec = get_spec(name)
+    return Source(sd, f"torchvision {TORCHVISION_ARCH[name]} IMAGENET1K_V1", head_block=_TV_HEAD[spec.family],
+                  in_chans=3)
+
+
+def xrv_source(weights: str) -> Source:
+    """torchxrayvision DenseNet-121 weights (downloaded by torchxrayvision into its cache)."""
+    try:
+        import torchxrayvision as xrv
+    except ImportError:
+        raise WeightsError(
+            f"{weights}: torchxrayvision is not installed (pip install torchxrayvision, or covidcxr[xrv])"
+        ) from None
+    xname = XRV_WEIGHTS[weights]
+    url = xrv.models.model_urls[xname]["weights_url"]
+    local = Path(os.path.expanduser(xrv.utils.get_cache_dir())) / os.path.basename(url)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):  # torchxrayvision prints download progress
+            xmodel = xrv.models.DenseNet(weights=xname)
+    except Exception as err:
+        reason = " ".join(f"{type(err).__name__}: {err}".split())[:200]
+        raise WeightsError(
+            f"{weights}: cannot get torchxrayvision weights {xname} ({reason}); offline? download {url} "
+            f"and place it as {local}, or pass weights=PATH to that file"
+        ) from None
+    src = xrv_model_source(xmodel, description=f"torchxrayvision {xname}")
+    return src
+
+
+def xrv_model_source(xmodel: nn.Module, description: str = "torchxrayvision DenseNet") -> Source:
+    """A torchxrayvision ``DenseNet`` (loaded or not) as a weight source.
+
+    Its layout is torchvision's DenseNet-121 with one input channel and an 18-output
+    ``classifier``; ``op_threshs`` (calibration buffer) is not part of the network.
+    """
+    sd = {k: v for k, v in xmodel.state_dict().items() if k != "op_threshs"}
+    labels = list(getattr(xmodel, "targets", None) or getattr(xmodel, "pathologies", None) or XRV_LABELS)
+    return Source(sd, description, labels=labels, head="classifier", head_block="classifier",
+                  in_chans=int(sd["features.conv0.weight"].shape[1]), preset="xrv")
+
+
+def _torch_load(path: Path) -> Any:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        # Lightning checkpoints and pickled modules hold Python objects: only load files you trust.
+        log.warning("%s holds pickled Python objects; loading it with weights_only=False (only load files you trust)", path)
+        return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def _read_file(path: Path) -> Any:
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(path))
+        return _torch_load(path)
+    except WeightsError:
+        raise
+    except Exception as err:
+        reason = " ".join(f"{type(err).__name__}: {err}".split())[:200]
+        raise WeightsError(f"{path}: cannot read weights ({reason})") from None
+
+
+def file_source(path: str | os.PathLike, name: str) -> Source:
+    """A state_dict, Lightning checkpoint, covidcxr checkpoint, pickled module or safetensors file."""
+    from covidcxr.models.checkpoint import FORMAT
+
+    p = Path(path)
+    obj = _read_file(p)
+    if isinstance(obj, nn.Module):  # e.g. a torchxrayvision .pt file, which pickles the whole model
+        labels = getattr(obj, "targets", None) or getattr(obj, "pathologies", None)
+        sd, meta, labels = obj.state_dict(), {}, (list(labels) if labels else None)
+        sd.pop("op_threshs", None)
+        src = Source(sd, f"{p} (pickled {type(obj).__name__})", labels=labels)
+    elif isinstance(obj, dict) and (obj.get("format") == FORMAT or isinstance(obj.get("covidcxr"), dict)):
+        b = obj if obj.get("format") == FORMAT else obj["covidcxr"]
+        try:
+            bspec = get_spec(b["arch"])
+            sd = b["state_dict"]
+        except (KeyError, ModelError) as err:
+            raise WeightsError(f"{p}: covidcxr checkpoint without a usable architecture/state_dict ({err})") from None
+        preset = (b.get("preset") or {}).get("name")
+        src = Source(sd, f"{p} (covidcxr checkpoint, {b['arch']})", labels=list(b.get("classes") or []) or None,
+                     head=bspec.head, head_block=bspec.reinit_block,
+                     in_chans=(b.get("arch_kwargs") or {}).get("in_chans"), preset=preset, meta={"arch": b["arch"]})
+    elif isinstance(obj, dict):
+        sd = None
+        for key in ("state_dict", "model_state_dict", "model", "net"):
+            if isinstance(obj.get(key), dict):
+                sd = obj[key]
+                break
+        if sd is None and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+            sd = obj
+        if sd is None:
+            raise WeightsError(f"{p}: no state_dict in this file (top-level keys: {sorted(map(str, obj))[:10]})")
+        src = Source(dict(sd), str(p))
+    else:
+        raise WeightsError(f"{p}: not a weights file (holds a {type(obj).__name__})")
+    # Align key names with the architecture so that in_chans can be read before building.
+    from covidcxr.models import build
+
+    with torch.device("meta"):
+        ref = build(name, num_classes=1)
+    src.state_dict = align_keys(src.state_dict, ref.state_dict().keys())
+    if src.in_chans is None:
+        first = get_spec(name).first_conv
+        w = src.state_dict.get(f"{first}.weight") if first else None
+        if isinstance(w, torch.Tensor) and w.ndim == 4:
+            src.in_chans = int(w.shape[1])
+    return src
+
+
+# --------------------------------------------------------------------------- mapping
+
+
+def align_keys(sd: dict[str, torch.Tensor], target_keys) -> dict[str, torch.Tensor]:
+    """Fix legacy DenseNet names and strip the wrapper prefix (``model.``, ``module.densenet121.``...).
+
+    The prefix is the one under which most keys match the target; keys outside it belong to
+    other parts of a wrapper (losses, EMA copies...) and are dropped.
+    """
+    targets = set(target_keys)
+    fixed: dict[str, torch.Tensor] = {}
+    for k, v in sd.items():
+        m = _LEGACY_DENSENET.match(k)
+        fixed[m.group(1) + m.group(2) if m else k] = v
+    counts: Counter[str] = Counter()
+    for k in fixed:
+        parts = k.split(".")
+        for i in range(len(parts)):
+            if ".".join(parts[i:]) in targets:
+                counts[".".join(parts[:i]) + ("." if i else "")] += 1
+                break
+    if not counts:
+        return fixed
+    prefix = max(counts.items(), key=lambda kv: (kv[1], -len(kv[0])))[0]
+    if not prefix:
+        return fixed
+    return {k[len(prefix):]: v for k, v in fixed.items() if k.startswith(prefix)}
+
+
+def _in_block(key: str, block: str | None) -> bool:
+    return bool(block) and (key == block or key.startswith(block + "."))
+
+
+def _norm(label: str) -> str:
+    return re.sub(r"[\s_\-]+", "", str(label)).lower()
+
+
+def transfer(
+    model: nn.Module,
+    spec: ModelSpec,
+    src: Source,
+    classes: list[str] | tuple[str, ...] | None = None,
+    keep_neurons: bool = True,
+) -> dict[str, Any]:
+    """Load ``src`` into ``model``: the body must fit; the head is loaded if it fits, else fresh
+    with same-named output rows copied (output neuron keeping). Returns what was done."""
+    target = model.state_dict()
+    sd = align_keys(src.state_dict, target.keys())
+    reinit = spec.reinit_block
+    first = f"{spec.first_conv}.weight" if spec.first_conv else None
+    load: dict[str, torch.Tensor] = {}
+    unexpected: list[str] = []
+    mismatched: list[str] = []
+    adapted = None
+    for k, v in sd.items():
+        in_head = _in_block(k, reinit) or _in_block(k, src.head_block)
+        t = target.get(k)
+        if t is None:
+            if not in_head:
+                unexpected.append(k)
+            continue
+        if t.shape != v.shape:
+            if k == first and v.ndim == 4 and v.shape[0] == t.shape[0] and v.shape[2:] == t.shape[2:]:
+                v = _adapt_channels(v, t.shape[1])
+                adapted = f"{k}: {sd[k].shape[1]} -> {t.shape[1]} input channels"
+            elif in_head:
+                continue
+            else:
+                mismatched.append(f"{k} {tuple(v.shape)}!={tuple(t.shape)}")
+                continue
+        load[k] = v.to(t.dtype)
+    missing = [k for k in target if k not in load and not _in_block(k, reinit) and not k.endswith("num_batches_tracked")]
+    if missing or unexpected or mismatched:
+        raise WeightsError(
+            f"{src.description}: weights do not fit {spec.name}: "
+            f"{len(missing)} missing keys {missing[:6]}, {len(unexpected)} unexpected keys {unexpected[:6]}, "
+            f"{len(mismatched)} shape mismatches {mismatched[:4]}"
+        )
+    model.load_state_dict(load, strict=False)
+    head_keys = [k for k in target if _in_block(k, reinit) and not k.endswith("num_batches_tracked")]
+    head_loaded = all(k in load for k in head_keys)
+    report: dict[str, Any] = {"head": "loaded" if head_loaded else "fresh", "kept_neurons": {}}
+    if adapted:
+        report["adapted"] = adapted
+    if not head_loaded and keep_neurons and classes:
+        report["kept_neurons"] = keep_output_neurons(model, spec, sd, src, classes)
+    return report
+
+
+def _adapt_channels(w: torch.Tensor, cin: int) -> torch.Tensor:
+    """RGB filters -> grayscale by summing; grayscale -> RGB by spreading (same response to gray input)."""
+    if cin == 1:
+        return w.sum(1, keepdim=True)
+    return w.mean(1, keepdim=True).repeat(1, cin, 1, 1) * (w.shape[1] / cin)
+
+
+def _source_head(sd: dict[str, torch.Tensor], spec: ModelSpec, src: Source, in_features: int):
+    candidates = [src.head, spec.head, spec.reinit_block, "classifier", "classifier.0", "fc"]
+    for c in candidates:
+        w = sd.get(f"{c}.weight") if c else None
+        if isinstance(w, torch.Tensor) and w.ndim == 2 and w.shape[1] == in_features:
+            return c, w, sd.get(f"{c}.bias")
+    return None, None, None
+
+
+def keep_output_neurons(
+    model: nn.Module, spec: ModelSpec, sd: dict[str, torch.Tensor], src: Source, classes
+) -> dict[str, str]:
+    """Copy source head rows into the new head where a class name matches a source label.
+
+    Only where the new head reads the same pooled features as the source head (same input
+    width); COVID-CXNet's 10-unit hidden layer, for instance, has no such row to copy.
+    """
+    head = get_head(model, spec)
+    name, w, b = _source_head(sd, spec, src, head.in_features)
+    if w is None:
+        return {}
+    labels = src.labels
+    if not labels or len(labels) != w.shape[0]:
+        labels = {14: list(CHEXNET_LABELS), 18: list(XRV_LABELS)}.get(w.shape[0])
+    if not labels:
+        return {}
+    index = {_norm(lab): j for j, lab in enumerate(labels) if lab}
+    kept: dict[str, str] = {}
+    with torch.no_grad():
+        for i, c in enumerate(classes):
+            j = index.get(_norm(c))
+            if j is None:
+                continue
+            head.weight[i].copy_(w[j])
+            if head.bias is not None:
+                head.bias[i].copy_(b[j] if b is not None else 0.0)
+            kept[str(c)] = f"{labels[j]} (row {j} of {name})"
+    if kept:
+        log.info("output neuron keeping: %s", kept)
+    return kept
