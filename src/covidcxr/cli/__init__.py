@@ -32,9 +32,10 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     except ImportError:
         pass
     try:
+        from covidcxr.models.registry import ModelError  # unknown model name, bad model argument
         from covidcxr.models.weights import WeightsError
 
-        errs.append(WeightsError)
+        errs.extend([WeightsError, ModelError])
     except ImportError:
         pass
     return tuple(errs)
