@@ -115,7 +115,11 @@ def _read_raster(data: bytes, path: str | None) -> tuple[np.ndarray, ImageInfo]:
     except CXRReadError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
-        raise CXRReadError(path, f"refused as a possible decompression bomb ({err})") from None
+        raise CXRReadError(
+            path,
+            f"refused as a possible decompression bomb: above the limit of {MAX_PIXELS:,} pixels "
+            f"(covidcxr.io.MAX_PIXELS) [{err}]",
+        ) from None
     except (OSError, SyntaxError, ValueError) as err:
         reason = str(err) or type(err).__name__
         if "truncated" in reason.lower() or "broken data stream" in reason.lower():
@@ -146,6 +150,8 @@ def _read_raster(data: bytes, path: str | None) -> tuple[np.ndarray, ImageInfo]:
         bits, scale = 8, 255.0
     if arr.ndim != 2:
         raise CXRReadError(path, f"expected a 2-D image, got shape {arr.shape}")
+    # report stored values (0..255, 0..65535), as for DICOM, not the normalised ones
+    raw_min, raw_max = float(arr.min()), float(arr.max())
     arr = np.clip(arr / scale, 0.0, 1.0).astype(np.float32, copy=False)
     info = ImageInfo(
         path=str(path),
@@ -154,8 +160,8 @@ def _read_raster(data: bytes, path: str | None) -> tuple[np.ndarray, ImageInfo]:
         height=height,
         bit_depth=bits,
         photometric=mode,
-        min_value=float(arr.min()),
-        max_value=float(arr.max()),
+        min_value=raw_min,
+        max_value=raw_max,
     )
     return arr, info
 

@@ -1,0 +1,117 @@
+"""covidcxr.preprocess: presets do what their papers say, serialise, and augmentation is seeded."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from covidcxr.preprocess import (
+    AUGMENT_RECIPES,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    Augment,
+    Preset,
+    PresetError,
+    crop_to_mask,
+    get_preset,
+)
+
+
+def _image(h: int = 300, w: int = 240) -> np.ndarray:
+    y = np.linspace(0, 1, h, dtype=np.float32)[:, None]
+    return np.repeat(y, w, axis=1)  # brightness = row position
+
+
+def test_covidnet_crop_top_and_square():
+    p = get_preset("covidnet")
+    assert (p.size, p.channels, p.crop_top, p.center_square) == (480, 3, 0.08, True)
+    img = _image(300, 240)
+    out = p.prepare(img)
+    assert out.shape == (480, 480)
+    # top 8% (24 rows) removed, then a central 240-row square of the remaining 276: first row kept ~ row 42
+    first_row = 24 + (276 - 240) // 2
+    assert out[0].mean() == pytest.approx(img[first_row].mean(), abs=0.01)
+    t = p.finalize(out)
+    assert t.shape == (3, 480, 480) and 0.0 <= float(t.min()) and float(t.max()) <= 1.0
+
+
+@pytest.mark.parametrize("name", ["deepcovid", "chexnet"])
+def test_imagenet_presets(name):
+    p = get_preset(name)
+    t = p(np.full((256, 256), 0.5, np.float32))
+    assert t.shape == (3, 224, 224)
+    expect = [(0.5 - m) / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD)]
+    np.testing.assert_allclose(t.mean((1, 2)).numpy(), expect, atol=1e-5)
+
+
+def test_cxnet_clahe_changes_contrast():
+    p = get_preset("cxnet")
+    assert (p.size, p.clahe_clip, p.clahe_tiles) == (320, 2.0, 8)
+    rng = np.random.default_rng(0)
+    img = (0.4 + 0.05 * rng.random((400, 400))).astype(np.float32)  # low contrast
+    out = p.prepare(img)
+    assert out.shape == (320, 320)
+    assert out.std() > img.std() * 1.5
+
+
+def test_xrv_range_and_single_channel():
+    p = get_preset("xrv")
+    img = np.zeros((300, 300), np.float32)
+    img[150:] = 1.0
+    t = p(img)
+    assert t.shape == (1, 224, 224)
+    assert float(t.min()) == pytest.approx(-1024) and float(t.max()) == pytest.approx(1024)
+
+
+def test_roundtrip_and_fingerprint():
+    for name in ("covidnet", "deepcovid", "chexnet", "cxnet", "xrv"):
+        p = get_preset(name)
+        q = Preset.from_dict(p.to_dict())
+        assert q == p and q.fingerprint() == p.fingerprint()
+    assert get_preset("covidnet@224").fingerprint() != get_preset("covidnet").fingerprint()
+    assert get_preset("covidnet@224").size == 224
+
+
+def test_unknown_or_missing_preset_refused():
+    with pytest.raises(PresetError, match="unknown"):
+        get_preset("nope")
+    with pytest.raises(PresetError, match="no preprocessing preset"):
+        Preset.from_dict(None)
+    with pytest.raises(PresetError, match="unknown fields"):
+        Preset.from_dict({**get_preset("covidnet").to_dict(), "bogus": 1})
+
+
+def test_denormalize_inverts_finalize():
+    p = get_preset("deepcovid")
+    img = p.prepare(_image())
+    np.testing.assert_allclose(p.denormalize(p.finalize(img)), img, atol=1e-5)
+
+
+def test_lung_crop_needs_mask_or_model():
+    p = get_preset("cxnet-lungcrop")
+    mask = np.zeros((300, 240), bool)
+    mask[100:200, 50:150] = True
+    out = p.prepare(_image(), mask)
+    assert out.shape == (320, 320)
+    cropped = crop_to_mask(_image(), mask, margin=0.0)
+    assert cropped.shape == (100, 100)
+
+
+def test_augment_seeded_and_epoch_dependent():
+    aug = AUGMENT_RECIPES["covidnet"]
+    assert isinstance(aug, Augment) and aug.rotation == 10.0 and aug.zoom == (0.85, 1.15)
+    img = get_preset("covidnet@224").prepare(_image())
+    a = aug(img, index=3, epoch=0)
+    b = aug(img, index=3, epoch=0)
+    c = aug(img, index=3, epoch=1)
+    assert a.shape == (1, 224, 224)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+    assert float(a.min()) >= 0.0 and float(a.max()) <= 1.0
+    # the global RNG is untouched
+    torch.manual_seed(5)
+    before = torch.rand(1)
+    torch.manual_seed(5)
+    aug(img, index=0)
+    assert torch.equal(torch.rand(1), before)
