@@ -282,6 +282,39 @@ def test_cli_level_train_evaluate_with_frozen_backbone(tiny: dict[str, Path]) ->
     assert res["level"] in ("level1", "level2") and sum(res["probabilities"].values()) == pytest.approx(1.0)
 
 
+def test_cli_trains_from_covidxsev_and_score_csv(tiny: dict[str, Path], capsys: pytest.CaptureFixture) -> None:
+    """The published label formats train too: a COVIDxSev .txt (levels) and a score CSV, images via --images."""
+    man = pd.read_csv(tiny["manifest"]).dropna(subset=["geographic_extent"])
+    man = man[~man["path"].str.contains("broken")]
+    names = man["path"].str.replace("imgs/", "", regex=False)
+    txt = tiny["root"] / "train_COVIDxSev.txt"
+    txt.write_text("".join(f"{p} {n} {'level2' if g >= 4 else 'level1'} synth\n"
+                           for p, n, g in zip(man["patient_id"], names, man["geographic_extent"])))
+    csv = tiny["root"] / "annotations.csv"
+    pd.DataFrame({"filename": names, "Geographic": man["geographic_extent"], "Opacity": man["opacity"],
+                  "patientid": man["patient_id"]}).to_csv(csv, index=False)
+    imgs = str(tiny["root"] / "imgs")
+    run = tiny["root"] / "run_txt"
+    assert _cli("severity", "train", "--task", "level", "--data", str(txt), "--images", imgs, "--out", str(run),
+                "--max-epochs", "1", "--size", "64", "--batch-size", "8") == 0
+    from covidcxr import models
+
+    lm = models.load(run / "best.ckpt")
+    assert lm.training["targets"] == "severity_level" and "seeded patient split" in lm.training["split"]
+    assert lm.training["n_train"] + lm.training["n_val"] == len(man)
+    assert _cli("severity", "evaluate", "--model", str(run / "best.ckpt"), "--data", str(txt), "--images", imgs,
+                "--split", "test", "--out", str(tiny["root"] / "r")) == 1  # a .txt has no split column
+    assert "use --split all" in capsys.readouterr().err
+    assert _cli("severity", "evaluate", "--model", str(run / "best.ckpt"), "--data", str(txt), "--images", imgs,
+                "--split", "all", "--out", str(tiny["root"] / "r_txt"), "--bootstrap", "20") == 0
+    rep = json.loads((tiny["root"] / "r_txt" / "metrics.json").read_text())
+    assert rep["targets"] == "severity_level" and "note" not in rep  # real levels: no proxy note
+    run = tiny["root"] / "run_csv"
+    assert _cli("severity", "train", "--task", "scores", "--data", str(csv), "--images", imgs, "--out", str(run),
+                "--max-epochs", "1", "--size", "64", "--arch", "resnet18") == 0
+    assert models.load(run / "best.ckpt").training["n_train"] > 0
+
+
 def test_severity_model_clamps_scores(tiny: dict[str, Path]) -> None:
     from covidcxr import models
     from covidcxr.preprocess import get_preset
