@@ -1,0 +1,186 @@
+"""covidcxr explain / audit-model / segment train|predict."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+METHOD_NAMES = ("gradcam", "lrp", "occlusion", "ig")
+
+
+def _methods(value: str) -> list[str]:
+    names = [v.strip() for v in value.split(",") if v.strip()]
+    if names == ["all"]:
+        return list(METHOD_NAMES)
+    bad = [n for n in names if n not in METHOD_NAMES]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(f"unknown method(s) {bad or value!r}; choose from {', '.join(METHOD_NAMES)} "
+                                         "(comma-separated, or 'all')")
+    return names
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "explain",
+        help="heatmaps (Grad-CAM, LRP, occlusion, integrated gradients) and the randomisation sanity check",
+        description="Per image: an overlay PNG (heatmap on the preprocessed image, colour bar, predicted class and "
+        "probability) and the raw heatmap as .npy at model size and at the original image size. With --sanity: "
+        "cascading weight randomisation (Adebayo et al. 2018) with Spearman rank correlations; methods whose maps "
+        "do not change are flagged. Research use only.",
+    )
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files or folders")
+    p.add_argument("--model", required=True, metavar="CKPT", help="covidcxr checkpoint")
+    p.add_argument("--method", type=_methods, default=None, metavar="METHOD",
+                   help="gradcam|lrp|occlusion|ig, a comma-separated list, or 'all' (default gradcam; "
+                   "with --sanity default gradcam,lrp,ig)")
+    p.add_argument("--out", required=True, metavar="DIR")
+    p.add_argument("--target", default=None, help="class to explain (default: each image's predicted class)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--lrp-composite", default="epsilon-plus-flat",
+                   choices=["epsilon-plus-flat", "epsilon-gamma-box", "epsilon-alpha2-beta1-flat", "epsilon"])
+    p.add_argument("--ig-steps", type=int, default=32, help="integration steps for ig (default 32)")
+    p.add_argument("--seg-model", metavar="CKPT", help="lung segmenter for lung-crop presets (cxnet-lungcrop)")
+    p.add_argument("--sanity", action="store_true", help="run the cascading randomisation sanity check instead")
+    p.add_argument("--sanity-threshold", type=float, default=0.5,
+                   help="flag a method whose mean rank correlation after full randomisation is at least this")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_explain)
+
+    a = sub.add_parser(
+        "audit-model",
+        help="shortcut audit: relevance inside the lungs, lung-only accuracy/AUC, text sensitivity",
+        description="For each image and per class and source: the fraction of positive Grad-CAM and LRP relevance "
+        "inside the lung mask, accuracy and AUC with everything outside the lungs blanked vs unmasked, and the change "
+        "in predicted probability when the borders/corners (where burned-in text sits) are blanked. Uses the "
+        "manifest's mask_path where present and the segmentation model (--seg-model) otherwise.",
+    )
+    a.add_argument("--model", required=True, metavar="CKPT")
+    a.add_argument("--data", required=True, metavar="MANIFEST")
+    a.add_argument("--split", default="test", help="test|val|train|all (default test)")
+    a.add_argument("--out", required=True, metavar="DIR")
+    a.add_argument("--seg-model", metavar="CKPT", help="lung segmenter for images without mask_path")
+    a.add_argument("--methods", type=_methods, default=["gradcam", "lrp"], help="relevance methods (default gradcam,lrp)")
+    a.add_argument("--batch-size", type=int, default=8)
+    a.add_argument("--examples", type=int, default=6, help="example overlays in the report (default 6)")
+    a.add_argument("--bootstrap", type=int, default=1000, help="patient bootstrap resamples for CIs (default 1000)")
+    a.add_argument("--limit", type=int, default=None, help="audit at most this many images (for a quick look)")
+    a.add_argument("--seed", type=int, default=0)
+    a.set_defaults(func=cmd_audit)
+
+    s = sub.add_parser("segment", help="lung segmentation: train a small U-Net, predict masks")
+    ssub = s.add_subparsers(dest="segment_command", metavar="ACTION")
+    t = ssub.add_parser("train", help="train the lung U-Net on a manifest's mask_path images (patient-level split)")
+    t.add_argument("--data", required=True, metavar="MANIFEST")
+    t.add_argument("--out", required=True, metavar="RUN")
+    t.add_argument("--size", type=int, default=256, help="training resolution (default 256)")
+    t.add_argument("--epochs", type=int, default=40)
+    t.add_argument("--batch-size", type=int, default=8)
+    t.add_argument("--lr", type=float, default=2e-3)
+    t.add_argument("--base", type=int, default=16, help="U-Net width (channels of the first level)")
+    t.add_argument("--val-fraction", type=float, default=0.2, help="share of patients held out (default 0.2)")
+    t.add_argument("--max-steps", type=int, default=None, help="stop after this many optimiser steps (smoke tests)")
+    t.add_argument("--seed", type=int, default=0)
+    t.set_defaults(func=cmd_segment_train)
+    pr = ssub.add_parser("predict", help="write lung masks (PNG 0/255 at the image size)")
+    pr.add_argument("images", nargs="+", metavar="IMAGE")
+    pr.add_argument("--model", required=True, metavar="CKPT")
+    pr.add_argument("--out", required=True, metavar="DIR")
+    pr.add_argument("--batch-size", type=int, default=8)
+    pr.add_argument("--overlay", action="store_true", help="also write an outline overlay PNG per image")
+    pr.set_defaults(func=cmd_segment_predict)
+    s.set_defaults(func=lambda args: (s.print_help(), 2)[1])
+
+
+def _err(command: str, path: str, reason: str) -> None:
+    print(f"covidcxr {command}: {path}: {reason}", file=sys.stderr)
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    import torch
+
+    from covidcxr.cli import UserError
+    from covidcxr.explain.methods import Context
+    from covidcxr.explain.run import explain_files, iter_images, prepare_image
+    from covidcxr.models import load
+
+    if args.batch_size < 1:
+        raise UserError("--batch-size must be at least 1")
+    if args.seg_model:
+        from covidcxr.segment import use_model
+
+        use_model(args.seg_model)
+    loaded = load(args.model)
+    if loaded.task != "classification":
+        raise UserError(f"{args.model}: a {loaded.task} checkpoint; explain needs a classification checkpoint")
+    files = iter_images(args.images)
+    if not files:
+        raise UserError("no image files given")
+    ctx = Context(arch=loaded.arch, preset=loaded.preset, lrp_composite=args.lrp_composite, ig_steps=args.ig_steps)
+    out = Path(args.out)
+    if args.sanity:
+        from covidcxr.explain.sanity import sanity_check, sanity_markdown
+        from covidcxr.io import CXRReadError
+        from covidcxr.preprocess import PresetError
+
+        methods = args.method or ["gradcam", "lrp", "ig"]
+        tensors, failed = [], []
+        for f in files:
+            try:
+                tensors.append(prepare_image(f, loaded.preset).tensor)
+            except (CXRReadError, PresetError) as err:
+                failed.append(f)
+                _err("explain", f, str(err).removeprefix(f"{f}: "))
+        if not tensors:
+            raise UserError("no readable images for the sanity check")
+        torch.manual_seed(args.seed)
+        results = sanity_check(loaded.model, torch.stack(tensors), methods, ctx=ctx,
+                               threshold=args.sanity_threshold, seed=args.seed)
+        out.mkdir(parents=True, exist_ok=True)
+        md = sanity_markdown(results, title=f"Sanity check: {Path(args.model).name} ({loaded.arch})")
+        (out / "sanity.md").write_text(md)
+        (out / "sanity.json").write_text(json.dumps({"model": args.model, "arch": loaded.arch,
+                                                     "images": [f for f in files if f not in failed],
+                                                     "results": [r.to_dict() for r in results]}, indent=2))
+        print(md)
+        return 1 if failed else 0
+    methods = args.method or ["gradcam"]
+    records, failures = explain_files(files, loaded, methods, out, batch_size=args.batch_size,
+                                      target=args.target, ctx=ctx,
+                                      on_error=lambda f, r: _err("explain", f, r))
+    n_img = len({r.file for r in records})
+    print(f"explained {n_img} image(s) with {', '.join(methods)} -> {out} ({len(failures)} failed)")
+    return 1 if failures else 0
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    from covidcxr.explain.audit import audit_model
+
+    report = audit_model(args.model, args.data, split=args.split, out=args.out, seg_model=args.seg_model,
+                         methods=args.methods, batch_size=args.batch_size, examples=args.examples,
+                         bootstrap=args.bootstrap, limit=args.limit, seed=args.seed,
+                         on_error=lambda f, r: _err("audit-model", f, r))
+    print(report["headline"])
+    print(f"report: {Path(args.out) / 'audit.md'}")
+    return 1 if report["failures"] else 0
+
+
+def cmd_segment_train(args: argparse.Namespace) -> int:
+    from covidcxr.segment import train_segmenter
+
+    res = train_segmenter(args.data, args.out, size=args.size, epochs=args.epochs, batch_size=args.batch_size,
+                          lr=args.lr, base=args.base, val_fraction=args.val_fraction, max_steps=args.max_steps,
+                          seed=args.seed)
+    print(json.dumps(res, indent=2))
+    return 0
+
+
+def cmd_segment_predict(args: argparse.Namespace) -> int:
+    from covidcxr.explain.run import iter_images
+    from covidcxr.segment import predict_files
+
+    written, failures = predict_files(iter_images(args.images), args.model, args.out, batch_size=args.batch_size,
+                                      overlay=args.overlay, on_error=lambda f, r: _err("segment predict", f, r))
+    print(f"wrote {len(written)} mask(s) to {args.out} ({len(failures)} failed)")
+    return 1 if failures else 0

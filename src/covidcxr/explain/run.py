@@ -1,0 +1,175 @@
+"""Explain image files in batches: overlays (.png) and heatmaps (.npy, model and original size)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+import torch
+
+from covidcxr.explain.methods import SIGNED, Context, explain, get_method
+from covidcxr.explain.render import save_overlay, to_original
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Prepared:
+    """One image read and preprocessed, with what is needed to map heatmaps back."""
+
+    path: str
+    tensor: torch.Tensor
+    shape: tuple[int, int]
+    mask: np.ndarray | None = None  # lung mask used by a lung-crop preset
+
+
+@dataclass
+class ExplainRecord:
+    file: str
+    method: str
+    predicted: str
+    probability: float
+    target: str
+    target_probability: float
+    overlay: str
+    heatmap: str
+    heatmap_original: str
+    seconds: float
+    probabilities: dict[str, float] = field(default_factory=dict)
+
+
+def prepare_image(path: str | os.PathLike, preset, mask: np.ndarray | None = None) -> Prepared:
+    """Read and preprocess one file. Raises CXRReadError / PresetError naming the file."""
+    from covidcxr import preprocess
+    from covidcxr.io import read_image
+    from covidcxr.preprocess import PresetError
+
+    img = read_image(path)
+    if preset.lung_crop and mask is None:
+        if preprocess.LUNG_SEGMENTER is None:
+            import covidcxr.segment  # noqa: F401  (installs a configured segmenter)
+        if preprocess.LUNG_SEGMENTER is None:
+            raise PresetError(f"{path}: preset {preset.name} crops to the lungs; pass --seg-model or set "
+                              "COVIDCXR_LUNG_MODEL")
+        mask = np.asarray(preprocess.LUNG_SEGMENTER(img)).astype(bool)
+    return Prepared(str(path), preset(img, mask), img.shape, mask)
+
+
+def probabilities(model: torch.nn.Module, x: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    with torch.no_grad():
+        return torch.softmax(model(x) / float(temperature or 1.0), dim=1)
+
+
+def _short(name: str, n: int = 48) -> str:
+    return name if len(name) <= n else name[: n // 2 - 1] + "..." + name[-(n // 2 - 2):]
+
+
+def _unique_stem(path: str, used: set[str]) -> str:
+    stem = Path(path).stem or "image"
+    name, i = stem, 1
+    while name in used:
+        i += 1
+        name = f"{stem}-{i}"
+    used.add(name)
+    return name
+
+
+def explain_files(
+    paths: Sequence[str | os.PathLike],
+    loaded,
+    methods: Sequence[str],
+    out: str | os.PathLike,
+    *,
+    batch_size: int = 8,
+    target: str | None = None,
+    ctx: Context | None = None,
+    on_error=None,
+) -> tuple[list[ExplainRecord], list[tuple[str, str]]]:
+    """Explain every readable file; return the records and ``(file, reason)`` for those that failed.
+
+    ``loaded`` is a :class:`covidcxr.models.LoadedModel`. ``target`` names a class to explain
+    (default: each image's predicted class).
+    """
+    from covidcxr.io import CXRReadError
+    from covidcxr.preprocess import PresetError
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    model, preset, classes = loaded.model.eval(), loaded.preset, list(loaded.classes)
+    ctx = ctx or Context(arch=loaded.arch, preset=preset)
+    for m in methods:
+        get_method(m)
+    if target is not None and target not in classes:
+        raise ValueError(f"--target {target!r} is not one of the model's classes {classes}")
+    records: list[ExplainRecord] = []
+    failures: list[tuple[str, str]] = []
+    used: set[str] = set()
+
+    def fail(path: str, reason: str) -> None:
+        failures.append((path, reason))
+        if on_error:
+            on_error(path, reason)
+
+    for start in range(0, len(paths), batch_size):
+        chunk = paths[start : start + batch_size]
+        items: list[Prepared] = []
+        for p in chunk:
+            try:
+                items.append(prepare_image(p, preset))
+            except (CXRReadError, PresetError) as err:
+                msg = str(err)
+                fail(str(p), msg.split(": ", 1)[1] if msg.startswith(str(p)) else msg)
+        if not items:
+            continue
+        x = torch.stack([it.tensor for it in items])
+        probs = probabilities(model, x, loaded.temperature)
+        pred = probs.argmax(1)
+        tgt = torch.full_like(pred, classes.index(target)) if target is not None else pred
+        stems = [_unique_stem(it.path, used) for it in items]
+        for method in methods:
+            t0 = time.perf_counter()
+            heat = explain(model, x, method, target=tgt, ctx=ctx).cpu().numpy().astype(np.float32)
+            per_image = (time.perf_counter() - t0) / len(items)
+            for i, it in enumerate(items):
+                stem = f"{stems[i]}_{method}"
+                h = heat[i]
+                np.save(out / f"{stem}.npy", h)
+                np.save(out / f"{stem}_original.npy", to_original(h, preset, it.shape, it.mask))
+                p_pred, p_tgt = float(probs[i, pred[i]]), float(probs[i, tgt[i]])
+                title = (f"{_short(Path(it.path).name)}\n{method}: evidence for {classes[int(tgt[i])]} "
+                         f"| predicted {classes[int(pred[i])]} (p={p_pred:.2f})")
+                save_overlay(out / f"{stem}.png", preset.denormalize(it.tensor), h, title=title,
+                             signed=method in SIGNED)
+                records.append(ExplainRecord(
+                    file=it.path, method=method, predicted=classes[int(pred[i])], probability=p_pred,
+                    target=classes[int(tgt[i])], target_probability=p_tgt, overlay=str(out / f"{stem}.png"),
+                    heatmap=str(out / f"{stem}.npy"), heatmap_original=str(out / f"{stem}_original.npy"),
+                    seconds=per_image, probabilities={c: float(probs[i, k]) for k, c in enumerate(classes)},
+                ))
+    summary = {
+        "model": getattr(loaded, "path", None), "arch": loaded.arch, "preset": preset.name, "methods": list(methods),
+        "records": [asdict(r) for r in records], "failures": [{"file": f, "reason": r} for f, r in failures],
+        "note": "Research use only; heatmaps show what the model used, not where disease is.",
+    }
+    (out / "explain.json").write_text(json.dumps(summary, indent=2))
+    return records, failures
+
+
+def iter_images(items: Iterable[str]) -> list[str]:
+    """Expand folders into their supported image files; keep files as given (bad ones fail later, by name)."""
+    from covidcxr.io import is_supported
+
+    files: list[str] = []
+    for item in items:
+        p = Path(item)
+        if p.is_dir():
+            files += sorted(str(f) for f in p.rglob("*") if f.is_file() and is_supported(f))
+        else:
+            files.append(str(p))
+    return files
