@@ -510,6 +510,10 @@ class Heatmapper:
             raise HeatmapUnavailable(f"covidcxr.explain is not available in this installation ({err})") from None
         return cls(predictor, method)
 
+    def display_preset(self, side: int = 512) -> Preset:
+        """The model's preset at a larger size: the same crop, for a readable overlay."""
+        return self.predictor.preset.with_size(max(self.predictor.preset.size, side))
+
     def compute(self, tensor: torch.Tensor, target: int) -> np.ndarray:
         """H x W map in [0, 1] for one preprocessed C x H x W image and the class index ``target``."""
         batch = tensor.unsqueeze(0) if tensor.ndim == 3 else tensor
@@ -527,7 +531,8 @@ class Heatmapper:
     def write_overlay(self, rec: dict[str, Any], out_dir: Path) -> Path:
         """Save the model-input image with the map blended on top; the file name keeps the input's stem."""
         heat = self.for_record(rec)
-        base = self.predictor.preset.denormalize(rec["tensor"])
+        display = (rec.get("tensors") or {}).get("display")  # sharper background, same crop as the model's
+        base = self.predictor.preset.denormalize(display if display is not None else rec["tensor"])
         rgb = overlay_rgb(base, heat)
         digest = hashlib.sha1(rec["path"].encode()).hexdigest()[:8]  # same stem in two folders must not collide
         out = Path(out_dir) / f"{Path(rec['path']).stem}-{digest}-{self.method}.png"

@@ -174,7 +174,10 @@ class _Extras:
 
     @property
     def presets(self) -> dict[str, Any]:
-        return {"severity": self.severity.preset} if self.severity is not None else {}
+        out = {"severity": self.severity.preset} if self.severity is not None else {}
+        if self.heatmapper is not None:
+            out["display"] = self.heatmapper.display_preset()
+        return out
 
     @classmethod
     def build(cls, args: argparse.Namespace, predictor: Any) -> "_Extras":

@@ -107,6 +107,8 @@ class Service:
     def infer(self, data: bytes, filename: str | None, want_heatmap: bool, want_image: bool) -> dict[str, Any]:
         t0 = time.perf_counter()
         p = self.predictor
+        if not data:
+            raise _Http(422, "the uploaded file is empty (0 bytes)")
         try:
             image, info = decode(data, filename or None)
         except CXRReadError as err:

@@ -1,5 +1,5 @@
 // covidcxr web page: upload one file, show the prediction. Plain JS, no build step.
-// Everything from the server is written with textContent (never innerHTML).
+// Everything from the server is written with textContent, never parsed as HTML.
 "use strict";
 
 const $ = (id) => document.getElementById(id);

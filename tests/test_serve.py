@@ -1,0 +1,250 @@
+"""REST service: every status code (200, 401, 413, 415, 422, 500, 503), logs, CORS, model card, OpenAPI, page."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from covidcxr import models
+from covidcxr.preprocess import get_preset
+
+fastapi = pytest.importorskip("fastapi")
+from fastapi.testclient import TestClient  # noqa: E402
+
+from covidcxr.serve import create_app  # noqa: E402
+
+CLASSES = ["normal", "pneumonia", "COVID-19"]
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("serve") / "tiny.ckpt"
+    models.save(path, models.build("resnet18", num_classes=3), arch="resnet18", classes=CLASSES,
+                preset=get_preset("deepcovid", size=64), threshold=0.4,
+                training={"run_name": "tiny-serve", "epochs": 1}, metrics={"test_auc": 0.5})
+    return path
+
+
+@pytest.fixture(scope="module")
+def client(ckpt: Path) -> TestClient:
+    with TestClient(create_app(ckpt, api_key="", max_upload_mb=1.0)) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def jpeg(dev_dir: Path) -> bytes:
+    return sorted((dev_dir / "images").glob("*.jpg"))[0].read_bytes()
+
+
+@pytest.fixture(scope="module")
+def dicom_with_phi(samples_dir: Path) -> bytes:
+    """The RSNA sample with made-up patient tags that must never reach logs or responses."""
+    import pydicom
+
+    ds = pydicom.dcmread(samples_dir / "rsna-pneumonia-sample.dcm")
+    ds.PatientName = "Doe^Secretname"
+    ds.PatientID = "PID-0042-SECRET"
+    ds.PatientBirthDate = "19010101"
+    buf = io.BytesIO()
+    ds.save_as(buf)
+    return buf.getvalue()
+
+
+def _png_shape(b64: str) -> tuple[int, ...]:
+    import cv2
+
+    arr = cv2.imdecode(np.frombuffer(base64.b64decode(b64), np.uint8), cv2.IMREAD_UNCHANGED)
+    assert arr is not None
+    return arr.shape
+
+
+def test_predict_jpeg_and_dicom_200(client: TestClient, jpeg: bytes, dicom_with_phi: bytes) -> None:
+    r = client.post("/v1/predict", files={"file": ("x.jpg", jpeg, "image/jpeg")})
+    assert r.status_code == 200, r.text
+    j = r.json()
+    assert set(j["probabilities"]) == set(CLASSES) and abs(sum(j["probabilities"].values()) - 1) < 1e-6
+    assert j["label"] in CLASSES and j["threshold"] == 0.4
+    assert j["model"]["name"] == "tiny-serve" and len(j["model"]["version"]) == 12 and j["model"]["arch"] == "resnet18"
+    assert j["input"]["format"] == "jpeg" and j["heatmap_png"] is None and j["image_png"] is None
+    assert "research use only" in j["notice"].lower()
+    assert j["severity"] is None and "no severity model" in j["severity_note"]
+
+    # DICOM, uploaded under a misleading name and type: the content decides
+    r = client.post("/v1/predict?heatmap=true&image=true", files={"file": ("scan.png", dicom_with_phi, "image/png")})
+    assert r.status_code == 200, r.text
+    j = r.json()
+    assert j["input"]["format"] == "dicom" and (j["input"]["width"], j["input"]["height"]) == (1024, 1024)
+    assert _png_shape(j["image_png"]) == (512, 512)
+    if j["heatmap_png"] is not None:  # present whenever covidcxr.explain is installed
+        assert _png_shape(j["heatmap_png"]) == (512, 512, 4)
+    else:
+        assert "explain" in j["heatmap_note"]
+    assert "Secretname" not in r.text and "PID-0042" not in r.text
+
+
+def test_415_not_an_image(client: TestClient) -> None:
+    r = client.post("/v1/predict", files={"file": ("chest.png", b"%PDF-1.4 definitely not an X-ray", "image/png")})
+    assert r.status_code == 415
+    assert "not an image" in r.json()["detail"] and "content was checked" in r.json()["detail"]
+
+
+def test_422_undecodable_or_unusable_image(client: TestClient, jpeg: bytes) -> None:
+    r = client.post("/v1/predict", files={"file": ("x.jpg", jpeg[: len(jpeg) // 4], "image/jpeg")})
+    assert r.status_code == 422 and "truncated" in r.json()["detail"].lower()
+    import cv2
+
+    ok, tiny = cv2.imencode(".png", np.zeros((20, 20), np.uint8))
+    r = client.post("/v1/predict", files={"file": ("tiny.png", tiny.tobytes(), "image/png")})
+    assert r.status_code == 422 and "too small" in r.json()["detail"]
+    r = client.post("/v1/predict", files={"file": ("empty.png", b"", "image/png")})
+    assert r.status_code == 422 and "empty" in r.json()["detail"]
+    r = client.post("/v1/predict", data={"other": "x"})  # no "file" field
+    assert r.status_code == 422
+
+
+def test_413_upload_limit(client: TestClient) -> None:
+    big = b"\x89PNG\r\n\x1a\n" + bytes(1_200_000)
+    r = client.post("/v1/predict", files={"file": ("big.png", big, "image/png")})
+    assert r.status_code == 413 and "limit is 1 MB" in r.json()["detail"]
+
+    def chunks():  # no Content-Length: the limit is enforced while the body streams
+        boundary = b"--xyz\r\nContent-Disposition: form-data; name=\"file\"; filename=\"b.png\"\r\n\r\n"
+        yield boundary
+        for _ in range(20):
+            yield bytes(100_000)
+        yield b"\r\n--xyz--\r\n"
+
+    r = client.post("/v1/predict", content=chunks(), headers={"content-type": "multipart/form-data; boundary=xyz"})
+    assert r.status_code == 413
+    assert client.get("/healthz").status_code == 200  # and the server is fine
+
+
+def test_401_api_key(ckpt: Path, jpeg: bytes, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("COVIDCXR_API_KEY", "s3cret-key")
+    with TestClient(create_app(ckpt)) as c:
+        assert c.get("/healthz").json()["auth_required"] is True
+        assert c.get("/v1/model").status_code == 401
+        r = c.post("/v1/predict", files={"file": ("x.jpg", jpeg)})
+        assert r.status_code == 401 and "API key" in r.json()["detail"]
+        r = c.post("/v1/predict", files={"file": ("x.jpg", jpeg)}, headers={"X-API-Key": "wrong"})
+        assert r.status_code == 401
+        r = c.post("/v1/predict", files={"file": ("x.jpg", jpeg)}, headers={"X-API-Key": "s3cret-key"})
+        assert r.status_code == 200
+        assert c.get("/v1/model", headers={"X-API-Key": "s3cret-key"}).status_code == 200
+
+
+def test_503_when_queue_full_and_on_queue_timeout(ckpt: Path, jpeg: bytes) -> None:
+    import time
+
+    import httpx
+
+    async def burst(app, n: int) -> list[httpx.Response]:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+            return await asyncio.gather(*[c.post("/v1/predict", files={"file": ("x.jpg", jpeg)}) for _ in range(n)])
+
+    def slow(real):
+        def infer(*a, **k):
+            time.sleep(0.4)
+            return real(*a, **k)
+        return infer
+
+    # 1 running + 1 waiting: of 4 simultaneous requests, 2 are answered 503 at once
+    app = create_app(ckpt, api_key="", max_concurrency=1, queue=1)
+    app.state.service.infer = slow(app.state.service.infer)
+    codes = sorted(r.status_code for r in asyncio.run(burst(app, 4)))
+    assert codes == [200, 200, 503, 503]
+    busy = [r for r in asyncio.run(burst(app, 4)) if r.status_code == 503][0]
+    assert busy.headers["retry-after"] == "2" and "server busy" in busy.json()["detail"]
+
+    # a long queue but a short wait: waiting too long is also a 503, not a hang
+    app = create_app(ckpt, api_key="", max_concurrency=1, queue=10, queue_timeout=0.1)
+    app.state.service.infer = slow(app.state.service.infer)
+    codes = sorted(r.status_code for r in asyncio.run(burst(app, 3)))
+    assert codes == [200, 503, 503]
+
+
+def test_500_is_json_and_server_survives(ckpt: Path, jpeg: bytes) -> None:
+    app = create_app(ckpt, api_key="")
+
+    def boom(*a, **k):
+        raise RuntimeError("internal detail that must not leak")
+
+    real = app.state.service.infer
+    app.state.service.infer = boom
+    with TestClient(app) as c:
+        r = c.post("/v1/predict", files={"file": ("x.jpg", jpeg)})
+        assert r.status_code == 500 and "internal error" in r.json()["detail"] and "must not leak" not in r.text
+        app.state.service.infer = real
+        assert c.post("/v1/predict", files={"file": ("x.jpg", jpeg)}).status_code == 200
+
+
+def test_logs_hold_no_image_bytes_or_patient_tags(client: TestClient, dicom_with_phi: bytes,
+                                                  caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.DEBUG):
+        r = client.post("/v1/predict?heatmap=true", files={"file": ("Doe_Secretname.dcm", dicom_with_phi)})
+        client.post("/v1/predict", files={"file": ("Doe_Secretname.png", b"garbage bytes here")})
+    assert r.status_code == 200
+    text = caplog.text
+    assert "predict dicom 1024x1024" in text  # the request is logged ...
+    for secret in ("Secretname", "PID-0042", "19010101", "garbage bytes"):
+        assert secret not in text  # ... but not the patient, the file name or the bytes
+    assert all(len(rec.getMessage()) < 500 for rec in caplog.records)
+
+
+def test_cors_closed_by_default_and_opt_in(client: TestClient, ckpt: Path) -> None:
+    pre = {"Origin": "https://evil.example", "Access-Control-Request-Method": "POST"}
+    r = client.options("/v1/predict", headers=pre)
+    assert "access-control-allow-origin" not in r.headers
+    r = client.get("/healthz", headers={"Origin": "https://evil.example"})
+    assert "access-control-allow-origin" not in r.headers
+    with TestClient(create_app(ckpt, api_key="", cors_origins=["https://ok.example"])) as c:
+        r = c.options("/v1/predict", headers={**pre, "Origin": "https://ok.example"})
+        assert r.headers.get("access-control-allow-origin") == "https://ok.example"
+        r = c.options("/v1/predict", headers=pre)
+        assert r.headers.get("access-control-allow-origin") != "https://evil.example"
+
+
+def test_model_card_health_openapi_and_page(client: TestClient) -> None:
+    card = client.get("/v1/model").json()
+    assert card["arch"] == "resnet18" and card["classes"] == CLASSES and card["preset"]["name"] == "deepcovid@64"
+    assert card["training"]["run_name"] == "tiny-serve" and card["metrics"]["test_auc"] == 0.5
+    assert card["limits"]["max_upload_mb"] == 1.0 and "research use only" in card["notice"].lower()
+    h = client.get("/healthz").json()
+    assert h["status"] == "ok" and h["capacity"] == 10 and h["auth_required"] is False
+
+    spec = client.get("/openapi.json").json()
+    op = spec["paths"]["/v1/predict"]["post"]
+    assert {"200", "401", "413", "415", "422", "503"} <= set(op["responses"])
+    assert "multipart/form-data" in op["requestBody"]["content"]
+    assert "PredictResponse" in spec["components"]["schemas"]
+
+    page = client.get("/")
+    assert page.status_code == 200 and "Research use only" in page.text
+    assert "default-src 'self'" in page.headers["content-security-policy"]
+    js = client.get("/static/app.js")
+    assert js.status_code == 200 and "/v1/predict" in js.text and "innerHTML" not in js.text
+
+
+def test_onnx_backed_service(ckpt: Path, jpeg: bytes, tmp_path: Path, samples_dir: Path) -> None:
+    pytest.importorskip("onnxruntime")
+    from covidcxr.export import export_onnx
+
+    onnx = tmp_path / "m.onnx"
+    export_onnx(ckpt, onnx, parity_images=[samples_dir], exporter="torchscript")
+    with TestClient(create_app(onnx, api_key="")) as c:
+        card = c.get("/v1/model").json()
+        assert card["backend"] == "onnx" and card["heatmap_available"] is False
+        r = c.post("/v1/predict?heatmap=true", files={"file": ("x.jpg", jpeg)})
+        assert r.status_code == 200
+        j = r.json()
+        assert j["heatmap_png"] is None and "PyTorch checkpoint" in j["heatmap_note"]
+        assert j["model"]["backend"] == "onnx"
