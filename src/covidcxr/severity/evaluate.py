@@ -34,16 +34,10 @@ def jsonable(obj: Any) -> Any:
     return obj
 
 
-def _level_source_of(sev: SeverityModel) -> tuple[str, float]:
-    """How the checkpoint's level targets were made, so evaluation uses the same definition."""
+def _level_threshold_of(sev: SeverityModel) -> float:
+    """The PROXY threshold the checkpoint was trained with, so evaluation uses the same definition."""
     tr = sev.meta.get("training", {})
-    src = str(tr.get("level_source") or "auto")
-    thr = float(tr.get("level_threshold") or L_.PROXY_THRESHOLD)
-    if src.startswith("proxy"):
-        return "proxy", thr
-    if src == "severity_level":
-        return "column", thr
-    return "auto", thr
+    return float(tr.get("level_threshold") or L_.PROXY_THRESHOLD)
 
 
 def evaluate_severity(
@@ -60,16 +54,17 @@ def evaluate_severity(
 ) -> dict[str, Any]:
     """Evaluate a ``severity-level`` or ``severity-scores`` checkpoint on ``split`` of ``data``.
 
-    Writes ``metrics.json`` and ``predictions.csv`` to ``out`` when given. Level targets follow the
-    checkpoint (its own column or PROXY definition) unless ``level_source`` overrides it.
+    Writes ``metrics.json`` and ``predictions.csv`` to ``out`` when given. Level targets are the
+    data's ``severity_level`` labels when it has any, else the PROXY (geographic extent >= the
+    checkpoint's threshold); ``level_source`` ("column" | "proxy") forces one.
     """
     from covidcxr.severity.train import outputs_to_predictions, prepare_images, run_model
 
     sev = SeverityModel.from_path(model)
     task = "level" if sev.task == "severity-level" else "scores"
-    src, thr = _level_source_of(sev)
-    src = level_source or src
-    thr = float(level_threshold) if level_threshold is not None else thr
+    # real severity_level labels when the data has them, else the PROXY at the checkpoint's threshold
+    src = level_source or "auto"
+    thr = float(level_threshold) if level_threshold is not None else _level_threshold_of(sev)
     table = L_.load_table(data, images)
     df, y, target_desc = L_.select(table, task, split, src, thr)
     if len(df) == 0:
