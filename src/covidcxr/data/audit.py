@@ -29,6 +29,8 @@ log = logging.getLogger(__name__)
 NEAR_DUPLICATE_BITS = 6
 #: Source-only accuracy above the majority-class rate by this much triggers the confounding warning.
 CONFOUNDING_MARGIN = 0.10
+#: ... or the source ranks one class against the rest with at least this AUC.
+CONFOUNDING_AUC = 0.70
 
 
 def phash(path: str | os.PathLike) -> int:
@@ -90,7 +92,20 @@ def _source_predictability(df: pd.DataFrame) -> dict[str, Any]:
         pred = te["source"].map(tr_rule).fillna(glob)
         res["train_to_test_accuracy"] = float((pred == te["label"].astype(str)).mean())
         res["test_majority_rate"] = float((te["label"].astype(str) == glob).mean())
-    res["confounded"] = bool(in_sample >= majority + CONFOUNDING_MARGIN or cramers_v >= 0.3)
+    # One class vs rest: how well P(class | source) ranks that class's images (AUC 0.5 = no information).
+    from sklearn.metrics import roc_auc_score
+
+    per_class = {}
+    rate = pd.crosstab(df["source"], labels, normalize="index")
+    for c in sorted(set(labels)):
+        y = (labels == c).to_numpy()
+        if 0 < y.sum() < len(y) and len(rate) > 1:
+            per_class[c] = float(roc_auc_score(y, df["source"].map(rate[c]).to_numpy()))
+    res["per_class_source_auc"] = per_class
+    worst = max(per_class.items(), key=lambda kv: kv[1], default=(None, 0.5))
+    res["confounded"] = bool(in_sample >= majority + CONFOUNDING_MARGIN or cramers_v >= 0.3
+                             or worst[1] >= CONFOUNDING_AUC)
+    res["most_confounded_class"] = worst[0]
     return res
 
 
@@ -178,9 +193,10 @@ def audit_manifest(manifest: str | os.PathLike | pd.DataFrame, out_dir: str | os
     sp = report["source_predicts_label"]
     if sp["confounded"]:
         warnings.append(
-            f"CONFOUNDING: the source alone predicts the label with accuracy {sp['source_only_accuracy']:.2f} "
-            f"(majority class {sp['majority_class_rate']:.2f}, Cramer's V {sp['cramers_v']:.2f}); a model can learn "
-            "the source instead of the disease: evaluate per source and with a source holdout")
+            f"CONFOUNDING: the source alone predicts the label (accuracy {sp['source_only_accuracy']:.2f} vs majority "
+            f"class {sp['majority_class_rate']:.2f}; Cramer's V {sp['cramers_v']:.2f}; "
+            + ", ".join(f"{c} AUC {a:.2f}" for c, a in sp["per_class_source_auc"].items())
+            + "); a model can learn the source instead of the disease: report per-source results and a source holdout")
     report["warnings"] = warnings
     if out_dir is not None or where is not None:
         out = Path(out_dir) if out_dir is not None else where.parent
@@ -227,6 +243,9 @@ def audit_markdown(r: dict[str, Any]) -> str:
     if "train_to_test_accuracy" in sp:
         lines.append(f"- rule fitted on train, scored on test: {sp['train_to_test_accuracy']:.3f} "
                      f"(majority class on test: {sp['test_majority_rate']:.3f})")
+    if sp.get("per_class_source_auc"):
+        lines.append("- one class vs rest, AUC of ranking by the class's rate in the image's source: "
+                     + ", ".join(f"{c} {a:.3f}" for c, a in sp["per_class_source_auc"].items()))
     lines.append(f"- confounded: {'YES' if sp['confounded'] else 'no'}")
     if r["unreadable"]:
         lines += ["", "## Unreadable files", ""] + [f"- {u}" for u in r["unreadable"]]
