@@ -315,6 +315,18 @@ def test_cli_trains_from_covidxsev_and_score_csv(tiny: dict[str, Path], capsys: 
     assert models.load(run / "best.ckpt").training["n_train"] > 0
 
 
+def test_without_validation_the_last_epoch_is_kept() -> None:
+    from covidcxr.severity import train as T
+    from covidcxr.severity.model import initial_model
+
+    ini = initial_model("scores", None, "resnet18", 64)
+    rng = np.random.default_rng(0)
+    arrays = [rng.uniform(0, 1, (64, 64)).astype(np.float32) for _ in range(6)]
+    cfg = T.SeverityConfig(task="scores", data="-", out="-", max_epochs=2, batch_size=3, val_fraction=0)
+    m = T.fit_model(ini, "scores", arrays, rng.uniform(0, 6, (6, 2)), [], np.zeros((0, 2)), cfg)
+    assert m.best["epoch"] == 1 and [h["epoch"] for h in m.history] == [0, 1]
+
+
 def test_severity_model_clamps_scores(tiny: dict[str, Path]) -> None:
     from covidcxr import models
     from covidcxr.preprocess import get_preset

@@ -170,7 +170,7 @@ class SeverityModule(_lightning().LightningModule):
         else:
             self.history.append(row)
         if not self.trainer.val_dataloaders:  # no validation set: the last epoch is the one kept
-            self._keep(row, -float(self.current_epoch))
+            self._keep(row, float(self.current_epoch))
 
     def on_validation_epoch_end(self) -> None:
         if not self._val:
@@ -207,6 +207,8 @@ def make_trainer(max_epochs: int, **kw: Any):
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
     warnings.filterwarnings("ignore", ".*number of training batches.*")
     warnings.filterwarnings("ignore", ".*no `val_dataloader`.*")
+    warnings.filterwarnings("ignore", ".*LeafSpec.*is deprecated.*")
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # no "GPU available: False" chatter
     return L.Trainer(
         max_epochs=int(max_epochs), accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, log_every_n_steps=1,
