@@ -90,6 +90,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         run = fit(cfg, data=args.data, out=args.out, resume=args.resume)
     except ConfigError as err:
         raise _user_error(err) from None
+    from lightning.pytorch.utilities import rank_zero_only
+
+    if rank_zero_only.rank != 0:  # DDP: one process reports
+        return 0
     print(f"best checkpoint: {run / 'best.ckpt'}")
     print(f"last checkpoint: {run / 'last.ckpt'}")
     print(f"logs:            {run / 'logs'}")
@@ -98,12 +102,13 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from covidcxr.evaluate import MetricsError, evaluate_checkpoint
+    from covidcxr.predict import PredictorError
 
     try:
         res = evaluate_checkpoint(args.model, args.data, args.split, args.out, n_boot=args.n_boot, seed=args.seed,
                                   target_sensitivity=args.target_sensitivity, calibrate=args.calibrate,
                                   threshold=args.threshold, batch_size=args.batch_size, num_workers=args.workers)
-    except MetricsError as err:
+    except (MetricsError, PredictorError) as err:
         raise _user_error(err) from None
     m = res["metrics"]
     acc = m["accuracy"]
@@ -127,11 +132,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def cmd_compare(args: argparse.Namespace) -> int:
     from covidcxr.evaluate import MetricsError, compare
+    from covidcxr.predict import PredictorError
 
     try:
         compare(args.checkpoints, args.data, args.split, args.out, n_boot=args.n_boot, seed=args.seed,
                 latency_repeats=args.latency_repeats, names=args.names)
-    except MetricsError as err:
+    except (MetricsError, PredictorError) as err:
         raise _user_error(err) from None
     out = Path(args.out)
     print((out / "compare.md").read_text(encoding="utf-8"))

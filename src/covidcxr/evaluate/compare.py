@@ -74,7 +74,7 @@ def compare(
     from covidcxr.evaluate.core import label_indices, select_split, sha256_file
     from covidcxr.evaluate.inference import predict_frame
     from covidcxr.evaluate.metrics import compute_metrics
-    from covidcxr.models import load
+    from covidcxr.predict import Predictor
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -83,26 +83,27 @@ def compare(
     rows: list[dict[str, Any]] = []
     class_sets = []
     for i, ck in enumerate(checkpoints):
-        loaded = load(ck)
-        classes = list(loaded.classes)
+        predictor = Predictor.from_path(ck)
+        classes = list(predictor.classes)
         class_sets.append(classes)
         label_indices(frame, classes, manifest)
-        pr = predict_frame(loaded, frame, batch_size=batch_size)
+        pr = predict_frame(predictor, frame, batch_size=batch_size)
         y = label_indices(pr.frame, classes)
         pos = positive if positive in classes else None
         m = compute_metrics(y, pr.probs, pr.frame["patient_id"].astype(str), classes, positive=pos,
-                            threshold=loaded.threshold, n_boot=n_boot, seed=seed, thresholds=())
-        p = loaded.preset
+                            threshold=predictor.threshold, n_boot=n_boot, seed=seed, thresholds=())
+        p = predictor.preset
+        net = predictor.torch_model
         name = names[i] if names and i < len(names) else Path(ck).parent.name + "/" + Path(ck).name
         rows.append({
             "name": name,
             "checkpoint": str(ck),
-            "arch": loaded.arch,
+            "arch": predictor.arch,
             "preset": p.name,
             "input_size": p.size,
-            "params": int(sum(t.numel() for t in loaded.model.parameters())),
-            "macs": count_macs(loaded.model, p.channels, p.size),
-            "latency": cpu_latency_ms(loaded.model, p.channels, p.size, repeats=latency_repeats),
+            "params": int(sum(t.numel() for t in net.parameters())),
+            "macs": count_macs(net, p.channels, p.size),
+            "latency": cpu_latency_ms(net, p.channels, p.size, repeats=latency_repeats),
             "n_images": m["n_images"],
             "n_patients": m["n_patients"],
             "skipped": len(pr.failures),

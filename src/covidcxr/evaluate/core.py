@@ -180,30 +180,31 @@ def evaluate_checkpoint(
     from covidcxr.data import read_manifest
     from covidcxr.evaluate.inference import predict_frame
     from covidcxr.evaluate.report import write_report
-    from covidcxr.models import load
+    from covidcxr.predict import Predictor
 
-    loaded = load(model)
-    classes = list(loaded.classes)
+    predictor = Predictor.from_path(model)
+    classes = list(predictor.classes)
     df = read_manifest(manifest)
     frame = select_split(df, split, manifest)
     label_indices(frame, classes, manifest)  # fail before inference on foreign labels
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
 
-    pr = predict_frame(loaded, frame, batch_size=batch_size, num_workers=num_workers)
+    pr = predict_frame(predictor, frame, batch_size=batch_size, num_workers=num_workers)
     if len(pr.frame) == 0:
         raise MetricsError(f"{manifest}: no readable image in split {split!r} ({len(pr.failures)} failed)")
     val = None
     if calibrate:
         vframe = select_split(df, "val", manifest)
-        vp = predict_frame(loaded, vframe, batch_size=batch_size, num_workers=num_workers)
+        vp = predict_frame(predictor, vframe, batch_size=batch_size, num_workers=num_workers)
         val = (vp.frame, vp.probs)
-    thr = threshold if threshold is not None else loaded.threshold
+    thr = threshold if threshold is not None else predictor.threshold
     pos = positive if positive in classes else None
     res = evaluate_predictions(pr.frame, pr.probs, classes, positive=pos, threshold=thr, n_boot=n_boot, seed=seed,
-                               target_sensitivity=target_sensitivity, temperature=loaded.temperature, val=val)
-    res["model"] = {"path": str(model), "arch": loaded.arch, "preset": loaded.preset.name,
-                    "temperature": loaded.temperature, "threshold": thr, "training": loaded.training}
+                               target_sensitivity=target_sensitivity, temperature=predictor.temperature, val=val)
+    training = {k: v for k, v in predictor.training.items() if k != "config"}
+    res["model"] = {"path": str(model), "arch": predictor.arch, "preset": predictor.preset.name,
+                    "temperature": predictor.temperature, "threshold": thr, "training": training}
     res["data"] = {"manifest": str(manifest), "sha256": sha256_file(manifest), "split": split,
                    "n_rows": int(len(frame)), "n_evaluated": int(len(pr.frame))}
     res["failures"] = pr.failures

@@ -147,14 +147,16 @@ class CXRClassifier(L.LightningModule):
         self.log("val_loss", loss, on_epoch=True, prog_bar=True, batch_size=len(y), sync_dist=True)
 
     def on_validation_epoch_end(self) -> None:
-        self.log("val_acc", self.val_acc.compute(), prog_bar=True)
-        self.log("val_balanced_acc", self.val_bacc.compute())
-        self.log("val_f1_macro", self.val_f1.compute())
+        # torchmetrics already gathers over ranks; sync_dist only averages identical values (and silences
+        # Lightning's DDP warning)
+        kw = {"sync_dist": True}
+        self.log("val_acc", self.val_acc.compute(), prog_bar=True, **kw)
+        self.log("val_balanced_acc", self.val_bacc.compute(), **kw)
+        self.log("val_f1_macro", self.val_f1.compute(), **kw)
         auc = self.val_auroc.compute()
         for i, c in enumerate(self.classes):
-            self.log(f"val_auc_{c.lower().replace('-', '')}", auc[i])
-        if "COVID-19" in self.classes:
-            self.log("val_auc_covid", auc[self.classes.index("COVID-19")])
+            name = "covid" if c == "COVID-19" else c.lower().replace("-", "").replace(" ", "_")
+            self.log(f"val_auc_{name}", auc[i], **kw)
         for m in (self.val_acc, self.val_bacc, self.val_f1, self.val_auroc):
             m.reset()
 

@@ -185,8 +185,8 @@ def prepare(cfg: dict, data: str | os.PathLike) -> tuple[Any, Any, list[str], di
         "preset": preset.name,
         "weights_init": cfg["model"]["weights"],
         "started_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "torch": torch.__version__,
-        "lightning": L.__version__,
+        "torch": str(torch.__version__),
+        "lightning": str(L.__version__),
     }
     return dm, preset, classes, summary
 
