@@ -1,0 +1,102 @@
+"""Lung segmentation: U-Net shapes, a few training steps, mask prediction, the lung-crop hook."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from _explain_fixtures import make_dataset, synthetic_cxr
+from covidcxr import preprocess
+from covidcxr.segment import UNet, dice, dilate, postprocess, predict_files, train_segmenter, use_model
+
+
+def test_unet_output_shape():
+    net = UNet(base=4, depth=3)
+    assert net(torch.zeros(2, 1, 64, 64)).shape == (2, 1, 64, 64)
+
+
+def test_dice_and_postprocess():
+    a = np.zeros((20, 20), bool)
+    a[2:8, 2:8] = True
+    assert dice(a, a) == 1.0
+    assert dice(a, ~a) == 0.0
+    prob = np.zeros((40, 40), np.float32)
+    prob[5:20, 5:15] = 0.9
+    prob[10:12, 8:10] = 0.1  # a hole: filled
+    prob[5:20, 25:35] = 0.9
+    prob[38, 38] = 0.9  # a speck: dropped
+    m = postprocess(prob)
+    assert m[11, 9] and not m[38, 38] and m[6, 30]
+    assert dilate(a, 0.1).sum() > a.sum()
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("seg")
+    manifest = make_dataset(root, n=9)
+    res = train_segmenter(manifest, root / "run", size=32, epochs=5, batch_size=2, base=4, depth=2, max_steps=3)
+    return root, manifest, res
+
+
+def test_train_writes_checkpoint_and_metrics(trained):
+    root, _, res = trained
+    ckpt = Path(res["checkpoint"])
+    assert ckpt.is_file()
+    metrics = json.loads((root / "run" / "metrics.json").read_text())
+    # the synthetic manifest has train/val/test splits, each with masks: all three are scored
+    for split in ("train", "val", "test"):
+        assert metrics["metrics"][split]["n"] == 3
+        assert 0.0 <= metrics["metrics"][split]["mean"] <= 1.0
+    assert metrics["training"]["steps"] == 3
+
+
+def test_predict_writes_masks_and_reports_bad_files(trained, tmp_path):
+    root, _, res = trained
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    files = [str(root / "images" / "img00.png"), str(bad), str(root / "images" / "img01.png")]
+    written, failures = predict_files(files, res["checkpoint"], tmp_path / "out", overlay=True)
+    assert len(written) == 2 and [f for f, _ in failures] == [str(bad)]
+    import cv2
+
+    m = cv2.imread(written[0], cv2.IMREAD_UNCHANGED)
+    assert m.shape == (96, 80) and set(np.unique(m)) <= {0, 255}
+    assert (tmp_path / "out" / "img00_outline.png").is_file()
+
+
+def test_use_model_drives_lungcrop_preset(trained):
+    _, _, res = trained
+    seg = use_model(res["checkpoint"])
+    try:
+        assert preprocess.LUNG_SEGMENTER is not None
+        img = synthetic_cxr(3)[0].astype(np.float32) / 255
+        calls = []
+        orig = preprocess.LUNG_SEGMENTER
+
+        def spy(image):
+            calls.append(image.shape)
+            return orig(image)
+
+        preprocess.LUNG_SEGMENTER = spy
+        out = preprocess.get_preset("cxnet-lungcrop", size=32)(img)
+        assert out.shape == (3, 32, 32) and calls == [img.shape]
+        assert seg.size == 32
+    finally:
+        use_model(None)
+    assert preprocess.LUNG_SEGMENTER is None
+
+
+def test_lungcrop_crops_to_dilated_box():
+    """With a known mask, the hook's dilation widens the crop (COVID-CXNet: segment, dilate, crop)."""
+    img, mask = synthetic_cxr(1)
+    m = mask > 0
+    p = preprocess.get_preset("cxnet-lungcrop", size=32)
+    from covidcxr.explain.render import crop_box
+
+    y0, y1, x0, x1 = crop_box(p, m.shape, m)
+    dy0, dy1, dx0, dx1 = crop_box(p, m.shape, dilate(m, 0.05))
+    assert dy0 <= y0 and dy1 >= y1 and dx0 <= x0 and dx1 >= x1 and (dy1 - dy0) > (y1 - y0)
