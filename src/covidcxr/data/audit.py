@@ -115,7 +115,7 @@ def audit_manifest(manifest: str | os.PathLike | pd.DataFrame, out_dir: str | os
     if isinstance(manifest, pd.DataFrame):
         df, where = manifest.reset_index(drop=True), None
     else:
-        df, where = read_manifest(manifest, require_split=True).reset_index(drop=True), Path(manifest)
+        df, where = read_manifest(manifest, require_split=True, check_leakage=False).reset_index(drop=True), Path(manifest)
     if "split" not in df.columns:
         df["split"] = "train"
     report: dict[str, Any] = {"manifest": str(where) if where else None, "images": len(df),

@@ -34,11 +34,11 @@ def _resolve(col: pd.Series, base: Path) -> pd.Series:
     return col.map(one)
 
 
-def read_manifest(path: str | os.PathLike, require_split: bool = False) -> pd.DataFrame:
+def read_manifest(path: str | os.PathLike, require_split: bool = False, check_leakage: bool = True) -> pd.DataFrame:
     """Read and validate a manifest CSV; ``path``/``mask_path`` come back absolute.
 
     Raises ManifestError naming the file for a missing file, unreadable CSV, missing columns,
-    empty paths or labels, unknown split names, or a patient in two splits.
+    empty paths or sources, unknown split names, or (``check_leakage``) a patient in two splits.
     """
     p = Path(path)
     if not p.is_file():
@@ -69,6 +69,7 @@ def read_manifest(path: str | os.PathLike, require_split: bool = False) -> pd.Da
         unknown = sorted(set(df["split"].dropna()) - set(SPLITS))
         if unknown:
             raise ManifestError(f"{p}: unknown split name(s) {unknown}; expected {list(SPLITS)}")
+    if "split" in df.columns and check_leakage:
         per_patient = df.dropna(subset=["split"]).groupby("patient_id")["split"].nunique()
         leaky = per_patient[per_patient > 1]
         if len(leaky):
