@@ -605,7 +605,7 @@ def heat_rgba(heat: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
     heat = cv2.resize(heat.astype(np.float32), size, interpolation=cv2.INTER_LINEAR).clip(0, 1)
     colour = cv2.cvtColor(cv2.applyColorMap((heat * 255).astype(np.uint8), cv2.COLORMAP_JET), cv2.COLOR_BGR2RGB)
-    alpha = (np.clip(heat * 1.2, 0, 1) * 200).astype(np.uint8)
+    alpha = (np.clip((heat - 0.15) / 0.85, 0, 1) * 200).astype(np.uint8)  # weak evidence stays see-through
     return np.dstack([colour, alpha])
 
 

@@ -32,12 +32,10 @@ async function errorText(response) {
   return response.statusText || "unknown error";
 }
 
+// Extra advice where the server's own message does not say what to do next.
 const STATUS_HINT = {
   401: "This server needs an API key: enter it above and try again.",
-  413: "The file is too large for this server.",
-  415: "This file is not an image. Choose a PNG, JPEG or DICOM chest X-ray.",
-  422: "The file looks like an image but could not be used.",
-  503: "The server is busy. Wait a few seconds and try again.",
+  503: "Wait a few seconds and try again.",
 };
 
 async function loadModelInfo() {
@@ -173,6 +171,8 @@ async function analyse(file) {
   }
   state.busy = true;
   $("status").textContent = `Analysing ${file.name}…`;
+  // hide the previous result so it cannot be mistaken for this file's
+  $("result").hidden = true;
   const key = $("api-key").value.trim();
   if (key) sessionStorage.setItem("covidcxr-key", key);
   const form = new FormData();
@@ -182,7 +182,7 @@ async function analyse(file) {
     if (!r.ok) {
       const detail = await errorText(r);
       const hint = STATUS_HINT[r.status] ? ` ${STATUS_HINT[r.status]}` : "";
-      showError(`Could not analyse "${file.name}" (HTTP ${r.status}): ${detail}.${hint}`);
+      showError(`Could not analyse "${file.name}" (HTTP ${r.status}): ${detail.replace(/\.$/, "")}.${hint}`);
       return;
     }
     renderResult(await r.json(), file.name);
@@ -202,7 +202,10 @@ function setup() {
   for (const ev of ["dragleave", "drop"]) {
     drop.addEventListener(ev, (e) => { e.preventDefault(); drop.classList.remove("over"); });
   }
-  drop.addEventListener("drop", (e) => analyse(e.dataTransfer.files[0]));
+  drop.addEventListener("drop", (e) => {
+    $("file").value = "";  // the chooser must not keep showing an older file's name
+    analyse(e.dataTransfer.files[0]);
+  });
   drop.addEventListener("keydown", (e) => { if (e.key === "Enter" || e.key === " ") { e.preventDefault(); $("file").click(); } });
   $("show-heatmap").addEventListener("change", (e) => {
     const heat = $("heatmap");

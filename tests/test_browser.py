@@ -1,0 +1,137 @@
+"""End-to-end: uvicorn on 127.0.0.1, headless Chromium via Playwright, a real JPEG chosen and a real DICOM dropped."""
+
+from __future__ import annotations
+
+import base64
+import shutil
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from covidcxr import models
+from covidcxr.preprocess import get_preset
+
+CHROMIUM = "/usr/bin/chromium"
+ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+        "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+CLASSES = ["normal", "pneumonia", "COVID-19"]
+
+pytestmark = pytest.mark.skipif(
+    not Path(CHROMIUM).exists() and shutil.which("chromium") is None,
+    reason="Chromium is not installed (apt-get install -y chromium); the browser test needs it",
+)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> str:
+    import uvicorn
+
+    from covidcxr.serve import create_app
+
+    torch.manual_seed(0)
+    ckpt = tmp_path_factory.mktemp("browser") / "tiny.ckpt"
+    models.save(ckpt, models.build("resnet18", num_classes=3), arch="resnet18", classes=CLASSES,
+                preset=get_preset("deepcovid", size=64), threshold=0.4, training={"run_name": "tiny-browser"})
+    port = _free_port()
+    srv = uvicorn.Server(uvicorn.Config(create_app(ckpt, api_key=""), host="127.0.0.1", port=port,
+                                        log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not srv.started:
+        if time.time() > deadline or not thread.is_alive():
+            pytest.fail("uvicorn did not start within 30 s")
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}"
+    srv.should_exit = True
+    thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def page(server: str):
+    sync_api = pytest.importorskip("playwright.sync_api")
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM if Path(CHROMIUM).exists() else shutil.which("chromium"),
+                                    args=ARGS)
+        pg = browser.new_page(viewport={"width": 1200, "height": 1000})
+        errors: list[str] = []
+        pg.on("pageerror", lambda e: errors.append(str(e)))
+        # JS errors only; "Failed to load resource" console lines are the expected 4xx answers
+        pg.on("console", lambda m: errors.append(m.text) if m.type == "error" and "Failed to load" not in m.text else None)
+        pg.goto(server + "/")
+        sync_api.expect(pg.locator("#model-info")).to_contain_text("tiny-browser")
+        pg.errors = errors
+        yield pg
+        browser.close()
+
+
+def _check_result(pg, fmt: str) -> str:
+    # locator assertions, not wait_for_function: the page's CSP forbids string eval, and the test keeps it on
+    from playwright.sync_api import expect
+
+    expect(pg.locator("#input-info")).to_contain_text(fmt, timeout=30_000)
+    assert pg.locator("#probabilities .bar-row").count() == 3
+    values = [float(t.strip().rstrip("%").strip()) for t in pg.locator("#probabilities .bar-value").all_inner_texts()]
+    assert abs(sum(values) - 100) < 0.5
+    label = pg.inner_text("#label")
+    assert label in CLASSES
+    assert pg.locator("#error").is_hidden()
+    # the X-ray and the heatmap overlay are decoded images on top of each other
+    assert pg.locator("#xray").evaluate("el => el.naturalWidth") == 512
+    if pg.locator("#show-heatmap").is_enabled():
+        assert pg.locator("#heatmap").is_visible()
+        assert pg.locator("#heatmap").evaluate("el => el.naturalWidth") == 512
+        pg.uncheck("#show-heatmap")
+        assert pg.locator("#heatmap").is_hidden()
+        pg.check("#show-heatmap")
+        assert pg.locator("#heatmap").is_visible()
+    else:
+        pytest.fail("no heatmap overlay: " + pg.inner_text("#heatmap-note"))
+    assert "Research use only" in pg.inner_text("#notice")
+    return label
+
+
+def test_choose_jpeg_drop_dicom_and_read_errors(page, dev_dir: Path, samples_dir: Path, tmp_path: Path) -> None:
+    pg = page
+    jpg = sorted((dev_dir / "images").glob("*.jpg"))[0]
+    pg.set_input_files("#file", str(jpg))
+    _check_result(pg, "JPEG")
+    pg.screenshot(path=str(tmp_path / "page-jpeg.png"), full_page=True)
+
+    # drop a real DICOM onto the drop zone, as a user would
+    b64 = base64.b64encode((samples_dir / "rsna-pneumonia-sample.dcm").read_bytes()).decode()
+    pg.evaluate(
+        """(b64) => {
+            const bytes = Uint8Array.from(atob(b64), c => c.charCodeAt(0));
+            const dt = new DataTransfer();
+            dt.items.add(new File([bytes], "rsna-pneumonia-sample.dcm", {type: "application/dicom"}));
+            document.getElementById("drop").dispatchEvent(new DragEvent("drop", {dataTransfer: dt, bubbles: true}));
+        }""",
+        b64,
+    )
+    _check_result(pg, "DICOM")
+    assert "rsna-pneumonia-sample.dcm" in pg.inner_text("#input-info")
+    shot = tmp_path / "page-dicom.png"
+    pg.screenshot(path=str(shot), full_page=True)
+    assert shot.stat().st_size > 10_000
+
+    # a non-image gives a readable message, not a stack trace
+    bad = tmp_path / "notes.png"
+    bad.write_text("these are notes, not an X-ray")
+    pg.set_input_files("#file", str(bad))
+    pg.wait_for_selector("#error:not([hidden])")
+    msg = pg.inner_text("#error")
+    assert "HTTP 415" in msg and "not an image" in msg and "notes.png" in msg
+    assert pg.locator("#result").is_hidden()  # the previous result is not shown next to the error
+    pg.screenshot(path=str(tmp_path / "page-error.png"), full_page=True)
+    assert not pg.errors, pg.errors
