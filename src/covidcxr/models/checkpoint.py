@@ -162,13 +162,18 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> LoadedM
         model = build(b["arch"], **b.get("arch_kwargs", {}))
     except (KeyError, TypeError, ValueError) as err:
         raise CheckpointError(f"{path}: cannot build architecture {b['arch']!r} ({err})") from None
-    missing, unexpected = model.load_state_dict(b["state_dict"], strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(b["state_dict"], strict=False)
+    except RuntimeError as err:  # shape mismatches raise even with strict=False
+        shapes = [ln.strip() for ln in str(err).splitlines() if "size mismatch" in ln][:3]
+        raise CheckpointError(f"{path}: weights do not match architecture {b['arch']!r}: {shapes}") from None
     if missing or unexpected:
         raise CheckpointError(
             f"{path}: weights do not match architecture {b['arch']!r}: missing {list(missing)[:10]}, "
             f"unexpected {list(unexpected)[:10]}"
         )
     model.eval().to(device)
+    model.covidcxr_init = dict(b.get("init") or {})
     return LoadedModel(
         model=model,
         preset=preset,
