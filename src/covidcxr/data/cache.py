@@ -49,7 +49,9 @@ class PreparedCache:
         self.hits += 1
         return arr.astype(np.float32) * np.float32(1.0 / 255.0)
 
-    def put(self, key: str, image: np.ndarray) -> None:
+    def put(self, key: str, image: np.ndarray) -> np.ndarray:
+        """Store ``image`` and return it as it will come back from :meth:`get` (quantised), so the
+        first epoch sees exactly what later, cached epochs see."""
         f = self._file(key)
         f.parent.mkdir(parents=True, exist_ok=True)
         u8 = np.clip(np.asarray(image, dtype=np.float32) * 255.0 + 0.5, 0, 255).astype(np.uint8)
@@ -62,6 +64,7 @@ class PreparedCache:
             if os.path.exists(tmp):
                 os.unlink(tmp)
             raise
+        return u8.astype(np.float32) * np.float32(1.0 / 255.0)
 
     def __contains__(self, key: str) -> bool:
         return self._file(key).is_file()

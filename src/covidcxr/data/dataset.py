@@ -112,7 +112,7 @@ class CXRDataset(Dataset):
             mask = read_image(mask_path) > 0.5
         out = self.preset.prepare(img, mask)
         if self.cache is not None and key is not None:
-            self.cache.put(key, out)
+            return self.cache.put(key, out)
         return out
 
     def __getitem__(self, i: int) -> dict[str, Any]:
