@@ -58,7 +58,7 @@ TORCHVISION_ARCH = {
 _TV_HEAD = {"resnet": "fc", "densenet": "classifier", "squeezenet": "classifier", "vgg": "classifier"}
 
 # torchvision's fix for DenseNet files saved before PyTorch 0.4 ("norm.1" -> "norm1"), also CheXNet's
-_LEGACY_DENSENET = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$")
+_LEGACY_DENSENET = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var|num_batches_tracked))$")
 
 
 class WeightsError(ModelError):
