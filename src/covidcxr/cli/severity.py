@@ -132,6 +132,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if "level" in rep:
         print(f"  confusion (rows true, cols pred {block['confusion_matrix']['rows_true_cols_pred']}): "
               f"{block['confusion_matrix']['counts']}")
+    base = rep.get("baseline_train_mean") or rep.get("baseline_majority")
+    if base:
+        keys = [k for k in ("geographic_extent_mae", "opacity_mae", "accuracy") if k in base["metrics"]]
+        name = "training mean" if "train_mean" in base else f"always {base['level']}"
+        print(f"  baseline ({name}): " + ", ".join(f"{k} {_fmt(base['metrics'][k])}" for k in keys))
+    if "level_proxy_from_scores" in rep:
+        print(f"  PROXY level accuracy from the predicted extent: "
+              f"{_fmt(rep['level_proxy_from_scores']['metrics']['accuracy'])}")
     if rep.get("note"):
         print(f"  note: {rep['note']}")
     print(f"wrote {args.out}/metrics.json and predictions.csv")
