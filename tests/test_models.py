@@ -248,3 +248,16 @@ def test_cli_models_list_table_and_json(capsys):
     small = next(r for r in rows if r["name"] == "squeezenet1_1")
     net = models.build("squeezenet1_1")
     assert small["params"] == count_params(net) and small["macs"] == count_macs(net, 224)
+
+
+def test_save_after_a_head_swap_records_the_real_output_count(tmp_path):
+    """Severity swaps the head for a 2-output Linear by hand; the checkpoint still rebuilds."""
+    net = models.build("densenet121", in_chans=1)
+    net.classifier = nn.Linear(1024, 2)
+    models.save(tmp_path / "s.ckpt", net, classes=["geographic_extent", "opacity"], preset=get_preset("xrv"),
+                task="severity-scores")
+    loaded = models.load(tmp_path / "s.ckpt")
+    assert loaded.meta["arch_kwargs"] == {"num_classes": 2, "in_chans": 1}
+    x = torch.randn(1, 1, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(loaded.model(x), net.eval()(x))

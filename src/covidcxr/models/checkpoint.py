@@ -85,7 +85,14 @@ def make_bundle(
         raise CheckpointError("make_bundle: arch not given and the model was not built by covidcxr.models")
     recorded = getattr(model, "covidcxr_arch_kwargs", None) if getattr(model, "covidcxr_arch", None) == arch else None
     kw = {**(recorded or {}), **(arch_kwargs or {})}
-    kw.setdefault("num_classes", len(classes))
+    if "num_classes" not in (arch_kwargs or {}):
+        # the head actually on the model wins over what build() recorded (heads get swapped)
+        from covidcxr.models.registry import get_head
+
+        try:
+            kw["num_classes"] = get_head(model, arch).out_features
+        except Exception:  # a model outside the registry layout: trust the class names
+            kw.setdefault("num_classes", len(classes))
     if kw["num_classes"] != len(classes):
         raise CheckpointError(f"make_bundle: {len(classes)} class names for a model with {kw['num_classes']} outputs")
     return {
