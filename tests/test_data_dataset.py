@@ -74,7 +74,7 @@ def test_cache_hit_path_skips_decoding(frame, tmp_path, monkeypatch):
     cached = CXRDataset(frame, PRESET, cache_dir=tmp_path / "cache")
     first = cached[5]["image"]
     assert cached.cache.misses == 1 and cached.cache.hits == 0
-    assert list((tmp_path / "cache").rglob("*.npy"))
+    assert list((tmp_path / "cache").rglob("*.u8"))
     torch.testing.assert_close(first, plain[5]["image"], atol=1 / 255, rtol=0)
 
     def no_decode(path):

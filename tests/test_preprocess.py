@@ -115,3 +115,18 @@ def test_augment_seeded_and_epoch_dependent():
     torch.manual_seed(5)
     aug(img, index=0)
     assert torch.equal(torch.rand(1), before)
+
+
+def test_augment_params_within_recipe_and_geometry():
+    aug = Augment(rotation=10, translate=0.1, zoom=(0.85, 1.15), brightness=(0.9, 1.1), seed=3)
+    ps = [aug.params(i, 0, (200, 100)) for i in range(200)]
+    assert all(-10 <= p["angle"] <= 10 and 0.85 <= p["scale"] <= 1.15 and 0.9 <= p["brightness"] <= 1.1 for p in ps)
+    assert all(abs(p["tx"]) <= 10 and abs(p["ty"]) <= 20 for p in ps)
+    assert 60 < sum(p["flip"] for p in ps) < 140
+    # with geometry and brightness switched off, the flip is the only change
+    flip_only = Augment(rotation=0, translate=0, zoom=(1, 1), brightness=(1, 1), seed=0)
+    img = _image(64, 64) * np.linspace(0.2, 1, 64, dtype=np.float32)[None, :]
+    for i in range(6):
+        out = flip_only(img, index=i)[0].numpy()
+        expect = img[:, ::-1] if flip_only.params(i, 0, img.shape)["flip"] else img
+        np.testing.assert_allclose(out, expect, atol=1e-5)
