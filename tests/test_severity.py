@@ -186,7 +186,8 @@ def _tiny_manifest(root: Path, n_patients: int = 12, bad_file: bool = False) -> 
             name = f"p{i}_{j}.png"
             cv2.imwrite(str(img_dir / name), img)
             scored = not (i == 0 and j == 1)  # one unscored row: must be skipped
-            rows.append({"patient_id": f"p{i}", "path": f"imgs/{name}", "label": "COVID-19", "source": "synth",
+            rows.append({"patient_id": f"p{i}", "path": f"imgs/{name}", "label": "COVID-19",
+                         "source": "synth" if i % 3 else "other",
                          "split": splits[i % len(splits)], "geographic_extent": g if scored else None,
                          "opacity": o if scored else None})
     if bad_file:
@@ -275,6 +276,7 @@ def test_cli_level_train_evaluate_with_frozen_backbone(tiny: dict[str, Path]) ->
     cm = np.array(out["level"]["confusion_matrix"]["counts"])
     assert cm.sum() == out["n_images"] == 23
     assert "sensitivity_level2" in out["level"]["metrics"] and "ppv_level1" in out["level"]["metrics"]
+    assert {k: v["n_images"] for k, v in out["by_source"].items()} == {"other": 7, "synth": 16}
 
     sm = SeverityModel.from_path(run / "best.ckpt")
     img = np.random.default_rng(0).uniform(0, 1, (90, 70)).astype(np.float32)

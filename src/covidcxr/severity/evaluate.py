@@ -116,6 +116,15 @@ def evaluate_severity(
         for i, s in enumerate(SCORES):
             out_cols[f"true_{s}"] = y[:, i]
             out_cols[f"pred_{s}"] = pred[:, i]
+    # per-source figures (no CIs): sources differ in acquisition and in how images were chosen
+    if df["source"].nunique() > 1:
+        from covidcxr.severity.metrics import level_point, score_point
+
+        by = {}
+        for src_name, idx in df.groupby("source").indices.items():
+            pt = level_point(y[idx], pred[idx].argmax(1)) if task == "level" else score_point(y[idx], pred[idx])
+            by[str(src_name)] = {"n_images": int(len(idx)), **pt}
+        report["by_source"] = by
     if out is not None:
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
