@@ -1,0 +1,204 @@
+"""Bounded load test of ``covidcxr serve`` on the loopback interface.
+
+Starts the real server (uvicorn, in a subprocess, on 127.0.0.1 and a free port), then for each
+concurrency level sends a fixed number of ``POST /v1/predict`` requests with real dev-set JPEGs,
+``concurrency`` at a time, with a per-request timeout and a time limit per level. Reports p50/p95
+latency of the answered requests, counts per status code, other 5xx, timeouts and transport errors.
+
+The server's limits decide what overload looks like: with ``--max-concurrency 2 --queue 8`` at most
+10 requests are inside at once, so 16 concurrent clients must see some 503 + Retry-After answers
+(by design), never a 500 and never a timeout. ``--queues`` runs the whole sweep once per queue size.
+
+    .venv/bin/python benchmarks/service_load.py [--model CKPT_OR_ONNX] [--requests 64]
+        [--concurrency 1 4 16] [--queues 8 32] [--max-concurrency 2] [--threads 1] [--time-limit 120]
+
+Without --model a random-weight resnet18 checkpoint at 224 px is made (speed does not depend on
+the weights). Prints a table and writes benchmarks/results/service_load.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+DEV = Path(os.environ.get("COVIDCXR_SHARED", REPO.parent / "shared" / "data")) / "covid-cxr-dev" / "images"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _pct(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    v = sorted(values)
+    k = (len(v) - 1) * q
+    lo, hi = int(k), min(int(k) + 1, len(v) - 1)
+    return v[lo] + (v[hi] - v[lo]) * (k - lo)
+
+
+def _make_model(workdir: Path) -> Path:
+    import torch
+
+    from covidcxr import models
+    from covidcxr.preprocess import get_preset
+
+    torch.manual_seed(0)
+    ckpt = workdir / "resnet18-random.ckpt"
+    models.save(ckpt, models.build("resnet18", num_classes=3), arch="resnet18",
+                classes=["normal", "pneumonia", "COVID-19"], preset=get_preset("deepcovid"), threshold=0.5,
+                training={"run_name": "resnet18-random-weights"})
+    return ckpt
+
+
+def _start_server(model: Path, port: int, max_conc: int, queue: int, threads: int, queue_timeout: float):
+    exe = Path(sys.executable).parent / "covidcxr"
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-c", "import sys; from covidcxr.cli import main; sys.exit(main())"]
+    cmd += ["serve", "--model", str(model), "--host", "127.0.0.1", "--port", str(port),
+            "--max-concurrency", str(max_conc), "--queue", str(queue), "--threads", str(threads),
+            "--queue-timeout", str(queue_timeout), "--log-level", "warning"]
+    env = {**os.environ, "COVIDCXR_API_KEY": ""}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    import httpx
+
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited: {proc.stderr.read()[-2000:]}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            time.sleep(0.25)
+    proc.kill()
+    raise RuntimeError("server did not answer /healthz within 120 s")
+
+
+async def _level(url: str, images: list[tuple[str, bytes]], n: int, conc: int, timeout: float,
+                 time_limit: float) -> dict:
+    import httpx
+
+    results: list[tuple[str, float]] = []
+    counter = iter(range(n))
+    t_start = time.perf_counter()
+
+    async def worker(client: httpx.AsyncClient) -> None:
+        for i in counter:
+            if time.perf_counter() - t_start > time_limit:
+                results.append(("skipped", 0.0))
+                continue
+            name, data = images[i % len(images)]
+            t0 = time.perf_counter()
+            try:
+                r = await client.post(url, files={"file": (name, data, "image/jpeg")}, timeout=timeout)
+                results.append((str(r.status_code), time.perf_counter() - t0))
+            except httpx.TimeoutException:
+                results.append(("timeout", time.perf_counter() - t0))
+            except httpx.HTTPError as err:
+                results.append((f"error:{type(err).__name__}", time.perf_counter() - t0))
+
+    limits = httpx.Limits(max_connections=conc, max_keepalive_connections=conc)
+    async with httpx.AsyncClient(limits=limits) as client:
+        await asyncio.gather(*[worker(client) for _ in range(conc)])
+    wall = time.perf_counter() - t_start
+    codes: dict[str, int] = {}
+    for code, _ in results:
+        codes[code] = codes.get(code, 0) + 1
+    ok = [dt * 1000 for code, dt in results if code == "200"]
+    busy = [dt * 1000 for code, dt in results if code == "503"]
+    return {
+        "concurrency": conc, "requests": n, "wall_s": round(wall, 2), "codes": codes,
+        "ok": len(ok), "ok_per_s": round(len(ok) / wall, 2) if wall else None,
+        "p50_ms": _pct(ok, 0.5), "p95_ms": _pct(ok, 0.95), "max_ms": max(ok) if ok else None,
+        "busy_503": codes.get("503", 0), "busy_503_median_ms": statistics.median(busy) if busy else None,
+        "other_5xx": sum(v for k, v in codes.items() if k.isdigit() and k.startswith("5") and k != "503"),
+        "timeouts": codes.get("timeout", 0),
+        "transport_errors": sum(v for k, v in codes.items() if k.startswith("error:")),
+        "skipped_time_limit": codes.get("skipped", 0),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", type=Path, help="checkpoint or ONNX (default: random-weight resnet18 at 224 px)")
+    ap.add_argument("--requests", type=int, default=64, help="requests per concurrency level")
+    ap.add_argument("--concurrency", nargs="+", type=int, default=[1, 4, 16])
+    ap.add_argument("--queues", nargs="+", type=int, default=[8], help="server --queue values to sweep")
+    ap.add_argument("--max-concurrency", type=int, default=2, help="server --max-concurrency")
+    ap.add_argument("--threads", type=int, default=1, help="server intra-op threads per inference")
+    ap.add_argument("--queue-timeout", type=float, default=30.0)
+    ap.add_argument("--timeout", type=float, default=60.0, help="client timeout per request, seconds")
+    ap.add_argument("--time-limit", type=float, default=120.0, help="seconds per level; later requests are skipped")
+    ap.add_argument("--images", type=int, default=8, help="distinct dev-set JPEGs to cycle through")
+    ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "service_load.json")
+    args = ap.parse_args(argv)
+
+    files = sorted(DEV.glob("*.jpg"))
+    if not files:
+        print(f"no dev-set images at {DEV} (set COVIDCXR_SHARED)", file=sys.stderr)
+        return 1
+    step = max(1, len(files) // args.images)
+    images = [(f.name, f.read_bytes()) for f in files[::step][: args.images]]
+    mean_kb = sum(len(b) for _, b in images) / len(images) / 1024
+
+    runs = []
+    with tempfile.TemporaryDirectory() as tmp:
+        model = args.model or _make_model(Path(tmp))
+        for queue in args.queues:
+            port = _free_port()
+            proc = _start_server(model, port, args.max_concurrency, queue, args.threads, args.queue_timeout)
+            try:
+                url = f"http://127.0.0.1:{port}/v1/predict"
+                asyncio.run(_level(url, images, 4, 1, args.timeout, args.time_limit))  # warm-up
+                print(f"server: --max-concurrency {args.max_concurrency} --queue {queue} --threads {args.threads}; "
+                      f"{len(images)} JPEGs, mean {mean_kb:.0f} KiB; load {os.getloadavg()[0]:.2f}", flush=True)
+                for conc in args.concurrency:
+                    r = asyncio.run(_level(url, images, args.requests, conc, args.timeout, args.time_limit))
+                    r.update({"queue": queue, "max_concurrency": args.max_concurrency, "threads": args.threads,
+                              "loadavg": os.getloadavg()[0]})
+                    runs.append(r)
+                    print(f"  c={conc:3d}: {r['codes']}  p50 {r['p50_ms'] or 0:.0f} ms  p95 {r['p95_ms'] or 0:.0f} ms"
+                          f"  {r['ok_per_s']} ok/s", flush=True)
+                alive = proc.poll() is None
+            finally:
+                proc.terminate()
+                try:
+                    proc.wait(timeout=20)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+            if not alive:
+                print("SERVER DIED during the run", file=sys.stderr)
+                return 1
+
+    print()
+    print("| queue | concurrency | requests | 200 | 503 (busy) | other 5xx | timeouts | p50 ms | p95 ms | ok/s |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for r in runs:
+        print(f"| {r['queue']} | {r['concurrency']} | {r['requests']} | {r['ok']} | {r['busy_503']} | {r['other_5xx']} |"
+              f" {r['timeouts']} | {r['p50_ms'] or 0:.0f} | {r['p95_ms'] or 0:.0f} | {r['ok_per_s']} |")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({
+        "command": "python benchmarks/service_load.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "model": str(args.model) if args.model else "random-weight resnet18, deepcovid preset, 224 px",
+        "logical_cores": os.cpu_count(), "image_mean_kib": round(mean_kb, 1),
+        "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "runs": runs,
+    }, indent=2))
+    print(f"wrote {args.out}")
+    bad = sum(r["other_5xx"] + r["timeouts"] + r["transport_errors"] for r in runs)
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
