@@ -133,7 +133,7 @@ def test_covidx_files_real(shared_dir):
     a9 = read_covidx_labels(d / "test_COVIDx9A.txt")
     assert set(a9["label"]) == {"COVID-19", "pneumonia", "normal"}
     sev = read_covidx_labels(d / "test_COVIDxSev.txt")
-    assert set(sev["severity_level"].dropna()) == {1, 2} and (sev["label"] == "COVID-19").all()
+    assert set(sev["severity_level"].dropna()) == {"level1", "level2"} and (sev["label"] == "COVID-19").all()
 
 
 def test_covidx_patient_ids_with_spaces_roundtrip(tmp_path):
@@ -162,8 +162,8 @@ def test_covidx_sev_roundtrip_and_adapter(tmp_path):
     p = tmp_path / "train_COVIDxSev.txt"
     p.write_text("A s0.png level1 ricord\nB s1.png level2 ricord\nC gone.png level2 ricord\n")
     df, dropped = load_source("covidx", p)
-    assert df["severity_level"].tolist() == [1, 2] and dropped == {"image file missing": 1}
+    assert df["severity_level"].tolist() == ["level1", "level2"] and dropped == {"image file missing": 1}
     assert all(Path(x).parent == (tmp_path / "train").resolve() for x in df["path"])
     out = write_covidx_labels(df, tmp_path / "o.txt", label_style="severity")
     assert out.read_text().splitlines() == ["A s0.png level1 ricord", "B s1.png level2 ricord"]
-    assert np.isnan(read_covidx_labels(tmp_path / "train_COVIDxSev.txt")["severity_level"].astype(float)).sum() == 0
+    assert read_covidx_labels(tmp_path / "train_COVIDxSev.txt")["severity_level"].notna().all()

@@ -109,8 +109,8 @@ _COVIDX_LABELS = {
     "pneumonia": ("pneumonia", None),
     "normal": ("normal", None),
     "negative": ("negative", None),
-    "level1": ("COVID-19", 1),
-    "level2": ("COVID-19", 2),
+    "level1": ("COVID-19", "level1"),
+    "level2": ("COVID-19", "level2"),
 }
 
 
@@ -119,7 +119,7 @@ def read_covidx_labels(path: str | os.PathLike, image_dir: str | os.PathLike | N
 
     Parsed from the right, so COVIDx8B patient ids containing spaces survive. Labels ``positive``
     (binary files) become ``COVID-19``; ``negative`` stays ``negative``; COVIDxSev ``level1|level2``
-    become label ``COVID-19`` with ``severity_level`` 1 or 2. ``covidx_label`` keeps the raw word.
+    become label ``COVID-19`` with ``severity_level`` ``level1``/``level2`` (the manifest convention). ``covidx_label`` keeps the raw word.
     """
     p = Path(path)
     if not p.is_file():
@@ -151,8 +151,6 @@ def read_covidx_labels(path: str | os.PathLike, image_dir: str | os.PathLike | N
     df = pd.DataFrame(rows)
     if df["severity_level"].isna().all():
         df = df.drop(columns=["severity_level"])
-    else:
-        df["severity_level"] = df["severity_level"].astype("Int64")
     if image_dir is not None:
         base = Path(image_dir).resolve()
         df["path"] = df["path"].map(lambda f: str(base / f))
@@ -175,9 +173,9 @@ def write_covidx_labels(df: pd.DataFrame, path: str | os.PathLike, label_style: 
             word = "positive" if r["label"] == "COVID-19" else "negative"
         elif label_style == "severity":
             lvl = r.get("severity_level")
-            if lvl is None or pd.isna(lvl):
+            if lvl is None or pd.isna(lvl) or str(lvl).strip() == "":
                 raise ManifestError(f"{p}: row for {r['path']} has no severity_level to write")
-            word = f"level{int(lvl)}"
+            word = str(lvl) if str(lvl).startswith("level") else f"level{int(float(lvl))}"
         else:
             raise ValueError(f"label_style must be 3class, binary or severity, not {label_style!r}")
         lines.append(f"{r['patient_id']} {Path(str(r['path'])).name} {word} {r['source']}")

@@ -343,10 +343,16 @@ def csv_source(path: str | os.PathLike, column_map: dict[str, str] | None = None
         row = {"patient_id": pid, "path": str(img.resolve()), "label": label,
                "source": (r.get(mapping.get("source", ""), "") or "").strip() or source_name,
                "view": (view or "").strip() or np.nan}
-        for col in ("geographic_extent", "opacity", "severity_level"):
+        for col in ("geographic_extent", "opacity"):
             if col in mapping:
                 v = str(r[mapping[col]]).strip()
-                row[col] = float(v) if v else np.nan
+                try:
+                    row[col] = float(v) if v else np.nan
+                except ValueError:
+                    raise ManifestError(f"{p}: {mapping[col]} = {v!r} is not a number (file {raw})") from None
+        if "severity_level" in mapping:  # manifest convention: level1 | level2
+            v = str(r[mapping["severity_level"]]).strip().lower()
+            row["severity_level"] = (f"level{v}" if v in ("1", "2") else v) or np.nan
         if "finding" in mapping:
             row["finding"] = r[mapping["finding"]] or np.nan
         if "mask_path" in mapping:
