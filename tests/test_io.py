@@ -179,9 +179,13 @@ def test_truncated_jpeg(tmp_path):
 def test_truncated_dicom(tmp_path):
     data = write_dicom(tmp_path / "full.dcm", dicom_dataset()).read_bytes()
     p = tmp_path / "trunc.dcm"
-    p.write_bytes(data[:200])
-    msg = _err(p)
-    assert "DICOM" in msg
+    p.write_bytes(data[:200])  # cut inside the header
+    assert "DICOM" in _err(p)
+    p.write_bytes(data[:-3000])  # cut inside native pixel data
+    assert "truncated DICOM pixel data" in _err(p)
+    jpeg = write_jpeg_dicom(tmp_path / "j.dcm").read_bytes()
+    p.write_bytes(jpeg[:-500])  # cut inside encapsulated JPEG fragments
+    assert "truncated DICOM file" in _err(p)
 
 
 def test_dicom_without_pixel_data(tmp_path):

@@ -180,15 +180,28 @@ def _read_dicom(data: bytes, path: str | None) -> tuple[np.ndarray, ImageInfo]:
     import pydicom
     from pydicom.errors import InvalidDicomError
 
+    import logging
+
+    # pydicom reports a file cut short as a warning (and a log line); turn it into one clear error.
+    pd_log = logging.getLogger("pydicom")
+    old_level = pd_log.level
+    pd_log.setLevel(logging.ERROR)
     try:
-        ds = pydicom.dcmread(_io.BytesIO(data), force=False)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            ds = pydicom.dcmread(_io.BytesIO(data), force=False)
     except InvalidDicomError as err:
         raise CXRReadError(path, f"not a valid DICOM file ({err})") from None
     except Exception as err:  # pydicom raises many types on truncated headers
         raise CXRReadError(path, f"corrupt or truncated DICOM header ({type(err).__name__}: {err})") from None
+    finally:
+        pd_log.setLevel(old_level)
+    eof = [str(w.message) for w in caught if "end of file" in str(w.message).lower()]
+    if eof:
+        raise CXRReadError(path, f"truncated DICOM file ({eof[0]})")
 
     if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
-        raise CXRReadError(path, "DICOM file has no pixel data")
+        raise CXRReadError(path, "DICOM file has no pixel data (a header-only object, or a file cut short)")
     rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
     frames = int(ds.get("NumberOfFrames", 1) or 1)
     if frames > 1:
@@ -203,6 +216,8 @@ def _read_dicom(data: bytes, path: str | None) -> tuple[np.ndarray, ImageInfo]:
             path, f"cannot decode compressed pixel data (transfer syntax {ts_name}): missing codec; {_CODEC_HINT} [{err}]"
         ) from None
     except Exception as err:
+        if "less than expected" in str(err):
+            raise CXRReadError(path, f"truncated DICOM pixel data ({err})") from None
         raise CXRReadError(path, f"cannot decode DICOM pixel data ({type(err).__name__}: {err})") from None
     if pixels.ndim != 2:
         raise CXRReadError(path, f"DICOM pixel array has shape {pixels.shape}; expected one 2-D grayscale image")
