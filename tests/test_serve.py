@@ -248,3 +248,19 @@ def test_onnx_backed_service(ckpt: Path, jpeg: bytes, tmp_path: Path, samples_di
         j = r.json()
         assert j["heatmap_png"] is None and "PyTorch checkpoint" in j["heatmap_note"]
         assert j["model"]["backend"] == "onnx"
+
+
+def test_cli_serve_builds_the_app_with_its_limits(ckpt: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import uvicorn
+
+    from covidcxr.cli import main
+
+    seen = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: seen.update(app=app, **kw))
+    monkeypatch.delenv("COVIDCXR_API_KEY", raising=False)
+    assert main(["serve", "--model", str(ckpt), "--host", "127.0.0.1", "--port", "8123", "--max-upload-mb", "3",
+                 "--max-concurrency", "3", "--queue", "4"]) == 0
+    assert seen["host"] == "127.0.0.1" and seen["port"] == 8123
+    with TestClient(seen["app"]) as c:
+        limits = c.get("/v1/model").json()["limits"]
+    assert (limits["max_upload_mb"], limits["max_concurrency"], limits["queue"]) == (3.0, 3, 4)

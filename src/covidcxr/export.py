@@ -101,6 +101,9 @@ def _pick(files: list[str], n: int) -> list[str]:
 
 def _export_graph(wrapper: nn.Module, example: torch.Tensor, out: Path, opset: int, dynamo: bool) -> str:
     kwargs: dict[str, Any] = dict(input_names=["input"], output_names=["logits", "probabilities"], opset_version=opset)
+    # the exporter's optimiser logs every pass at INFO; the CLI's INFO logging would print hundreds of lines
+    for name in ("onnxscript", "onnx_ir", "torch.onnx", "torch.export"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # deprecation chatter from the exporters
         if dynamo:
