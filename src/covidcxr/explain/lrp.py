@@ -37,8 +37,15 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
-from zennit.canonizers import Canonizer, SequentialMergeBatchNorm
-from zennit.composites import EpsilonAlpha2Beta1Flat, EpsilonGammaBox, EpsilonPlusFlat, LayerMapComposite
+from zennit.canonizers import AttributeCanonizer, Canonizer, CompositeCanonizer, SequentialMergeBatchNorm
+from zennit.composites import (
+    EpsilonAlpha2Beta1Flat,
+    EpsilonGammaBox,
+    EpsilonPlus,
+    EpsilonPlusFlat,
+    LayerMapComposite,
+)
+from zennit.layer import Sum
 from zennit.rules import Epsilon, Norm, Pass
 from zennit.torchvision import ResNetCanonizer
 from zennit.types import AvgPool, BatchNorm, Convolution
@@ -160,10 +167,12 @@ class DenseNetCanonizer(Canonizer):
                 self._swap(module, "conv", merge_bn_before(module.conv, module.norm))
                 self._swap(module, "relu", ShiftReLU(a, b))
                 self._swap(module, "norm", nn.Identity())
-        # head: norm5 -> F.relu -> global average pool -> classifier. Make the functional ops modules.
-        if "norm5" in feats._modules:
+        # head: norm5 -> relu -> global average pool -> classifier. Make the functional ops modules.
+        head = _first_linear(model, "classifier")
+        if "norm5" in feats._modules and head is not None:
+            parent, name = head
             a, b = _bn_affine(feats.norm5)
-            self._swap(model, "classifier", merge_bn_before(model.classifier, feats.norm5))
+            self._swap(parent, name, merge_bn_before(parent._modules[name], feats.norm5))
             self._swap(feats, "norm5", nn.Identity())
             self._add(model, "lrp_head_act", ShiftReLU(a, b))
         else:
@@ -181,9 +190,64 @@ class DenseNetCanonizer(Canonizer):
         self.swaps, self.added, self.root = [], [], None
 
 
+def _first_linear(model: nn.Module, name: str) -> tuple[nn.Module, str] | None:
+    """(parent, key) of the Linear that first sees the pooled features: ``classifier`` itself, or
+    the first Linear of a ``classifier`` Sequential when only Dropout/Flatten precede it."""
+    mod = model._modules.get(name)
+    if isinstance(mod, nn.Linear):
+        return model, name
+    if isinstance(mod, nn.Sequential):
+        for key, child in mod._modules.items():
+            if isinstance(child, nn.Linear):
+                return mod, key
+            if not isinstance(child, (nn.Dropout, nn.Flatten, nn.Identity)):
+                return None
+    return None
+
+
 def _densenet_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
     out = self.lrp_head_pool(self.lrp_head_act(self.features(x)))
     return self.classifier(torch.flatten(out, 1))
+
+
+# --------------------------------------------------------------------------- COVID-Net
+
+
+class COVIDNetStageCanonizer(AttributeCanonizer):
+    """COVID-Net's stages add the side projection and every PEPX output with ``+``; a gradient
+    through ``a + b`` hands the full relevance to both terms. This routes each sum through a
+    zennit ``Sum`` module, which the composites give the proportional ``Norm`` rule."""
+
+    def __init__(self) -> None:
+        super().__init__(self._attribute_map)
+
+    @classmethod
+    def _attribute_map(cls, name: str, module: nn.Module) -> dict | None:
+        try:
+            from covidcxr.models.covidnet import PEPXStage
+        except ImportError:  # pragma: no cover
+            return None
+        if isinstance(module, PEPXStage):
+            return {"forward": cls.forward.__get__(module), "canonizer_sums": nn.ModuleList(
+                [Sum() for _ in range(len(module.blocks))])}
+        return None
+
+    @staticmethod
+    def forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        acc = self.canonizer_sums[0](torch.stack([self.side(x), self.blocks[0](x)], dim=-1))
+        for block, add in zip(self.blocks[1:], self.canonizer_sums[1:]):
+            acc = add(torch.stack([acc, block(acc)], dim=-1))
+        return acc
+
+    def copy(self) -> "COVIDNetStageCanonizer":
+        return COVIDNetStageCanonizer()
+
+
+class COVIDNetCanonizer(CompositeCanonizer):
+    """COVID-Net: merge every Conv -> BatchNorm pair and make the stages' sums hookable."""
+
+    def __init__(self) -> None:
+        super().__init__((SequentialMergeBatchNorm(), COVIDNetStageCanonizer()))
 
 
 # --------------------------------------------------------------------------- canonizer / composite choice
@@ -203,6 +267,12 @@ def canonizers_for(model: nn.Module, arch: str | None = None) -> list[Canonizer]
         return list(hook())
     if isinstance(model, DenseNet):
         return [DenseNetCanonizer()]
+    try:
+        from covidcxr.models.covidnet import COVIDNet
+    except ImportError:  # pragma: no cover
+        COVIDNet = ()  # type: ignore[assignment]
+    if COVIDNet and isinstance(model, COVIDNet):
+        return [COVIDNetCanonizer()]
     if isinstance(model, ResNet):
         return [ResNetCanonizer()]
     if isinstance(model, VGG):
@@ -214,7 +284,7 @@ def _base_map() -> list:
     return [(ShiftReLU, Pass())]
 
 
-COMPOSITES = ("epsilon-plus-flat", "epsilon-gamma-box", "epsilon-alpha2-beta1-flat", "epsilon")
+COMPOSITES = ("epsilon-plus-flat", "epsilon-plus", "epsilon-gamma-box", "epsilon-alpha2-beta1-flat", "epsilon")
 
 
 def make_composite(name: str, canonizers: list[Canonizer], *, low: torch.Tensor | None = None,
@@ -223,6 +293,8 @@ def make_composite(name: str, canonizers: list[Canonizer], *, low: torch.Tensor 
     zp = ["bias"] if zero_bias else None
     if name == "epsilon-plus-flat":
         return EpsilonPlusFlat(layer_map=_base_map(), canonizers=canonizers, zero_params=zp)
+    if name == "epsilon-plus":
+        return EpsilonPlus(epsilon=epsilon, layer_map=_base_map(), canonizers=canonizers, zero_params=zp)
     if name == "epsilon-alpha2-beta1-flat":
         return EpsilonAlpha2Beta1Flat(layer_map=_base_map(), canonizers=canonizers, zero_params=zp)
     if name == "epsilon-gamma-box":
@@ -230,7 +302,6 @@ def make_composite(name: str, canonizers: list[Canonizer], *, low: torch.Tensor 
             raise ValueError("epsilon-gamma-box needs the input's low/high bounds")
         return EpsilonGammaBox(low=low, high=high, layer_map=_base_map(), canonizers=canonizers, zero_params=zp)
     if name == "epsilon":
-        from zennit.layer import Sum
         from zennit.types import Activation
 
         layer_map = _base_map() + [
