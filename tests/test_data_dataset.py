@@ -22,7 +22,7 @@ from covidcxr.data import (
     rebalancing_sampler,
 )
 from covidcxr.io import CXRReadError
-from covidcxr.preprocess import Augment, get_preset
+from covidcxr.preprocess import Augment
 from test_data_factories import make_manifest_set
 
 PRESET = "covidnet@64"
@@ -218,3 +218,55 @@ def test_datamodule_under_lightning_keeps_sampler_and_sets_epoch(manifest, tmp_p
     assert [e[:2] for e in model.epochs_seen] == [(0, 0), (0, 0), (1, 1), (1, 1)]
     assert model.epochs_seen[0][2] == "RebalancingSampler"
     assert dm.dataset("train").epoch == 1
+
+
+
+def _ddp_module(out_dir: str):
+    import lightning as L
+
+    class RankTiny(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(3, 3)
+            self.seen: list = []
+
+        def training_step(self, batch, _):
+            s = self.trainer.train_dataloader.sampler
+            self.seen.append({"rank": s.rank, "world": s.num_replicas, "sampler": type(s).__name__,
+                              "index": batch["index"].tolist(), "label": batch["label"].tolist()})
+            return torch.nn.functional.cross_entropy(self.lin(batch["image"].mean((2, 3))), batch["label"])
+
+        def on_train_end(self):
+            import json
+
+            Path(out_dir, f"rank{self.global_rank}.json").write_text(json.dumps(self.seen))
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    return RankTiny
+
+
+def test_datamodule_under_ddp_two_ranks_see_different_balanced_batches(manifest, tmp_path):
+    """Two CPU ranks (gloo, fork): each keeps the re-balancing sampler, with its own shard."""
+    import json
+
+    import lightning as L
+
+    if not torch.distributed.is_available():
+        pytest.skip("torch.distributed not available")
+    model = _ddp_module(str(tmp_path))()
+    dm = CXRDataModule(manifest, PRESET, batch_size=4, sampler="rebalance", minority_fraction=0.5)
+    trainer = L.Trainer(max_epochs=1, limit_train_batches=3, limit_val_batches=0, accelerator="cpu", devices=2,
+                        strategy="ddp_fork", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, default_root_dir=tmp_path)
+    trainer.fit(model, datamodule=dm)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    idx = [sorted(i for step in steps for i in step["index"]) for steps in ranks]
+    assert all(step["sampler"] == "RebalancingSampler" and step["world"] == 2 for steps in ranks for step in steps)
+    assert [steps[0]["rank"] for steps in ranks] == [0, 1]
+    assert idx[0] != idx[1]
+    minority = RebalancingSampler(dm.dataset("train").labels, 4).minority_class
+    for steps in ranks:
+        for step in steps:
+            assert sum(lab == minority for lab in step["label"]) == 2

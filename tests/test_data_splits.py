@@ -5,14 +5,13 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
 
 from covidcxr.cli import main
 from covidcxr.data import ManifestError, audit_manifest, build_manifest, read_manifest, write_manifest
-from test_data_factories import distinct_image, make_manifest_set, write_png
+from test_data_factories import make_manifest_set
 
 
 @pytest.fixture(scope="module")
