@@ -62,8 +62,10 @@ def test_imagenet_offline_cli_prints_one_line(no_network, empty_caches, capsys, 
 
     monkeypatch.setattr(cli, "build_parser", parser_with_probe)
     rc = cli.main(["probe"])
-    err = capsys.readouterr().err.strip().splitlines()
+    cap = capsys.readouterr()
+    err = cap.err.strip().splitlines()
     assert rc == 1 and len(err) == 1 and "squeezenet1_1-b8a52dc0.pth" in err[0], err
+    assert cap.out == ""  # no stray "Downloading ..." line before the error
 
 
 def test_imagenet_loads_from_the_cache_without_network(no_network, empty_caches):

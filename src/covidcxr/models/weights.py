@@ -186,18 +186,26 @@ def imagenet_source(name: str, progress: bool = True) -> Source:
     """torchvision ImageNet weights; offline, one line names the file and the folder to put it in."""
     w = _imagenet_enum(name)
     target = imagenet_cache_path(name)
-    try:
-        sd = w.get_state_dict(progress=progress, check_hash=False)
-    except Exception as err:  # URLError, socket errors, HTTP errors, a corrupt cached file...
-        reason = " ".join(f"{type(err).__name__}: {err}".split())[:200]
-        if target.exists():
+    if not target.exists():
+        # download_url_to_file directly: load_state_dict_from_url prints a "Downloading" line first,
+        # which offline would precede our one-line error. The progress bar starts once connected.
+        log.debug("downloading %s to %s", w.url, target)
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            torch.hub.download_url_to_file(w.url, str(target), progress=progress)
+        except Exception as err:  # URLError, socket errors, HTTP errors, a read-only cache...
+            reason = " ".join(f"{type(err).__name__}: {err}".split())[:200]
             raise WeightsError(
-                f"imagenet weights for {name}: cannot read the cached file {target} ({reason}); delete it and retry, "
-                "or pass weights=PATH to a local file"
+                f"imagenet weights for {name}: download of {w.url} failed ({reason}); offline? place the file "
+                f"{target.name} in {target.parent}/ or pass weights=PATH to a local file"
             ) from None
+    try:
+        sd = w.get_state_dict(progress=False, check_hash=False)  # reads the cached file
+    except Exception as err:
+        reason = " ".join(f"{type(err).__name__}: {err}".split())[:200]
         raise WeightsError(
-            f"imagenet weights for {name}: download of {w.url} failed ({reason}); offline? place the file "
-            f"{target.name} in {target.parent}/ or pass weights=PATH to a local file"
+            f"imagenet weights for {name}: cannot read the cached file {target} ({reason}); delete it and retry, "
+            "or pass weights=PATH to a local file"
         ) from None
     spec = get_spec(name)
     return Source(sd, f"torchvision {TORCHVISION_ARCH[name]} IMAGENET1K_V1", head_block=_TV_HEAD[spec.family],
