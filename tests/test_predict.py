@@ -194,3 +194,19 @@ def test_cli_predict_user_errors(tmp_path: Path, ckpt: Path, capsys: pytest.Capt
     assert main(["predict", str(tmp_path), "--model", str(bad)]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "bad.ckpt" in err and "Traceback" not in err
+
+
+def test_heatmapper_matches_explain_and_uses_a_private_model(ckpt: Path) -> None:
+    pytest.importorskip("covidcxr.explain.methods")
+    from covidcxr.explain.methods import Context, explain
+    from covidcxr.predict import Heatmapper
+
+    p = Predictor.from_path(ckpt)
+    hm = Heatmapper.for_predictor(p)
+    assert hm.model is not p.torch_model  # hooks never touch the model that serves predictions
+    x = p.preprocess(np.random.default_rng(1).random((70, 70), dtype=np.float32))
+    got = hm.compute(x, 2)
+    ref = explain(p.torch_model, x.unsqueeze(0), "gradcam", target=[2], ctx=Context(arch="resnet18"))[0].numpy()
+    ref = (ref - ref.min()) / (ref.max() - ref.min())
+    assert got.shape == (64, 64) and 0 <= got.min() and got.max() <= 1
+    np.testing.assert_allclose(got, ref, atol=1e-5)

@@ -489,11 +489,15 @@ class Heatmapper:
     """Grad-CAM maps from :mod:`covidcxr.explain` for a torch-backed predictor, rendered as PNGs."""
 
     def __init__(self, predictor: Predictor, method: str = "gradcam"):
+        import copy
         import threading
 
         self.predictor = predictor
         self.method = method
-        # Grad-CAM puts hooks on the shared model: one map at a time (the service runs threads).
+        # Grad-CAM hooks a layer and reads its activations. On the shared model, a prediction running in
+        # another service thread would fire the hook too and swap in its own activations, so the maps
+        # use a private copy of the model, one map at a time.
+        self.model = copy.deepcopy(predictor.torch_model).eval()
         self._lock = threading.Lock()
 
     @classmethod
@@ -518,7 +522,7 @@ class Heatmapper:
         """H x W map in [0, 1] for one preprocessed C x H x W image and the class index ``target``."""
         batch = tensor.unsqueeze(0) if tensor.ndim == 3 else tensor
         with self._lock:
-            out = _call_explain(_explain_fn(), self.predictor, batch, self.method, target)
+            out = _call_explain(_explain_fn(), self.model, self.predictor, batch, self.method, target)
         heat = _as_map(out)
         heat = np.nan_to_num(heat.astype(np.float32))
         lo, hi = float(heat.min()), float(heat.max())
@@ -554,7 +558,8 @@ def _explain_fn() -> Any:
         return explain
 
 
-def _call_explain(explain: Any, predictor: Predictor, batch: torch.Tensor, method: str, target: int) -> Any:
+def _call_explain(explain: Any, model: torch.nn.Module, predictor: Predictor, batch: torch.Tensor, method: str,
+                  target: int) -> Any:
     """Call ``explain(model, batch, method, target=..., ctx=Context(arch, preset))`` as far as it accepts."""
     import inspect
 
@@ -569,7 +574,7 @@ def _call_explain(explain: Any, predictor: Predictor, batch: torch.Tensor, metho
             kw["ctx"] = Context(arch=predictor.arch, preset=predictor.preset)
         except ImportError:
             pass
-    return explain(predictor.torch_model, batch, method, **kw)
+    return explain(model, batch, method, **kw)
 
 
 def _as_map(out: Any) -> np.ndarray:

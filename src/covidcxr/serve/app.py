@@ -310,6 +310,11 @@ def create_app(
         torch.set_num_threads(int(threads))
     severity = SeverityScorer.from_path(severity_path) if severity_path else None
     service = Service(predictor, severity, always_severity)
+    # Keep uploads up to the limit in memory: Starlette otherwise spools parts above 1 MB to a temp file,
+    # and X-rays should not touch the disk. (A class attribute: it applies to this whole process.)
+    from starlette.formparsers import MultiPartParser
+
+    MultiPartParser.spool_max_size = max(MultiPartParser.spool_max_size, int(max_upload_mb * 1e6) + 1)
     key = api_key if api_key is not None else os.environ.get(API_KEY_ENV, "")
     limiter = _Limiter(max_concurrency, queue, queue_timeout)
     limits = Limits(
