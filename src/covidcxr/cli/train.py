@@ -17,7 +17,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "where the run happens (accelerator, devices, strategy, precision); options below override it. "
         "Writes RUN/best.ckpt, RUN/last.ckpt (self-contained) and logs under RUN/.",
     )
-    t.add_argument("--config", required=True, help="recipe YAML, e.g. configs/deepcovid-resnet18.yaml")
+    t.add_argument("--config", required=True, help="recipe YAML (configs/deepcovid-resnet18.yaml) or a recipe name (deepcovid-resnet18)")
     t.add_argument("--data", required=True, help="manifest CSV with a split column (covidcxr data build)")
     t.add_argument("--out", required=True, help="run folder")
     t.add_argument("--max-epochs", type=int, help="override trainer.max_epochs")
@@ -78,6 +78,7 @@ def _user_error(err: Exception):
 
 def cmd_train(args: argparse.Namespace) -> int:
     from covidcxr.train import ConfigError, fit, load_config
+    from covidcxr.train.runner import resolve_config_path
 
     over = list(args.overrides)
     for key, val in (("trainer.max_epochs", args.max_epochs), ("model.weights", args.weights), ("seed", args.seed),
@@ -86,7 +87,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         if val is not None:
             over.append(f"{key}={val}")
     try:
-        cfg = load_config(args.config, over)
+        cfg = load_config(resolve_config_path(args.config), over)
         run = fit(cfg, data=args.data, out=args.out, resume=args.resume)
     except ConfigError as err:
         raise _user_error(err) from None

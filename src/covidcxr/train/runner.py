@@ -112,15 +112,17 @@ def _loggers(out: Path) -> list[Any]:
 
 def _callbacks(cfg: dict, out: Path) -> list[Any]:
     ck = cfg["checkpoint"]
+    common = {"dirpath": out, "enable_version_counter": False, "auto_insert_metric_name": False}
     cbs: list[Any] = [
-        # best by the chosen validation figure; also refreshes last.ckpt after every validation
-        ModelCheckpoint(dirpath=out, filename="best", monitor=ck["monitor"], mode=ck["mode"], save_top_k=1,
-                        save_last=True, enable_version_counter=False, auto_insert_metric_name=False),
+        # best by the chosen validation figure (Lightning >= 2.5 refreshes save_last only when top-k saved,
+        # so last.ckpt has callbacks of its own)
+        ModelCheckpoint(filename="best", monitor=ck["monitor"], mode=ck["mode"], save_top_k=1, **common),
+        ModelCheckpoint(filename="last", monitor=None, save_top_k=1, every_n_epochs=1, **common),
     ]
     if ck.get("every_n_train_steps"):
         # a mid-epoch last.ckpt so that a killed run loses at most N steps
-        cbs.append(ModelCheckpoint(dirpath=out, filename="step", save_top_k=0, save_last=True,
-                                   every_n_train_steps=int(ck["every_n_train_steps"]), enable_version_counter=False))
+        cbs.append(ModelCheckpoint(filename="last", monitor=None, save_top_k=1,
+                                   every_n_train_steps=int(ck["every_n_train_steps"]), **common))
     es = cfg["early_stopping"]
     if es.get("monitor"):
         cbs.append(EarlyStopping(monitor=es["monitor"], mode=es["mode"], patience=int(es["patience"]),
@@ -155,14 +157,35 @@ def build_trainer(cfg: dict, out: Path) -> L.Trainer:
     return L.Trainer(**kw)
 
 
+def _default_preset(cfg: dict) -> str:
+    """The preset the weights need (``xrv`` for torchxrayvision weights), else the architecture's."""
+    from covidcxr import models
+
+    if hasattr(models, "preset_for"):
+        return models.preset_for(cfg["model"]["arch"], cfg["model"]["weights"])
+    return models.get_spec(cfg["model"]["arch"]).preset
+
+
+def resolve_config_path(name: str | os.PathLike) -> Path:
+    """A recipe file, or a recipe name (``deepcovid-resnet18``) looked up in ./configs and the repo's configs/."""
+    p = Path(name)
+    if p.is_file():
+        return p
+    stem = p.name if p.suffix in (".yaml", ".yml") else p.name + ".yaml"
+    for d in (Path.cwd() / "configs", Path(__file__).resolve().parents[3] / "configs"):
+        if (d / stem).is_file():
+            return d / stem
+    return p
+
+
 def prepare(cfg: dict, data: str | os.PathLike) -> tuple[Any, Any, list[str], dict[str, Any]]:
     """The DataModule, preset, class names and training summary for a config and a manifest."""
     from covidcxr.data import CLASSES, CXRDataModule, read_manifest
     from covidcxr.models import get_spec
     from covidcxr.preprocess import get_preset
 
-    spec = get_spec(cfg["model"]["arch"])
-    preset = get_preset(cfg["data"]["preset"] or spec.preset, size=cfg["data"]["size"])
+    get_spec(cfg["model"]["arch"])  # unknown architecture: fail before reading data
+    preset = get_preset(cfg["data"]["preset"] or _default_preset(cfg), size=cfg["data"]["size"])
     classes = list(cfg["data"]["classes"] or CLASSES)
     df = read_manifest(data, require_split=True)
     if cfg["data"]["label_filter"]:
@@ -215,11 +238,16 @@ def fit(cfg: dict[str, Any], data: str | os.PathLike, out: str | os.PathLike, re
         torch.set_num_threads(int(cfg["trainer"]["num_threads"]))
     L.seed_everything(int(cfg["seed"]), workers=True, verbose=False)
 
+    if cfg["model"]["freeze_backbone"] and cfg["model"]["weights"] in (None, "", "none"):
+        log.warning("model.freeze_backbone with weights 'none' trains only the head on random features")
     dm, preset, classes, summary = prepare(cfg, data)
     dm.setup("fit")
     weights = dm.class_weights() if cfg["loss"]["class_weights"] == "balanced" else None
     model = CXRClassifier(cfg, classes=classes, preset=preset, class_weights=weights, summary=summary)
     trainer = build_trainer(cfg, out)
+    model.summary["run"] = {"world_size": int(trainer.world_size), "num_nodes": int(trainer.num_nodes),
+                            "strategy": type(trainer.strategy).__name__, "precision": str(trainer.precision),
+                            "accelerator": type(trainer.accelerator).__name__, "resumed": bool(resume)}
     if trainer.is_global_zero:
         dump_config(cfg, out / ("config.resumed.yaml" if resume else "config.yaml"))
     trainer.fit(model, datamodule=dm, ckpt_path=str(last) if resume else None)
@@ -238,7 +266,7 @@ def fit(cfg: dict[str, Any], data: str | os.PathLike, out: str | os.PathLike, re
             "stopped_early": any(getattr(cb, "stopped_epoch", 0) > 0 for cb in trainer.callbacks
                                  if isinstance(cb, EarlyStopping)),
             "final_metrics": {k: float(v) for k, v in trainer.callback_metrics.items() if torch.as_tensor(v).numel() == 1},
-            "training": {k: v for k, v in summary.items() if k != "config"},
+            "training": {k: v for k, v in model.summary.items() if k != "config"},
         }
         (out / "summary.json").write_text(json.dumps(result, indent=2, default=str), encoding="utf-8")
     return out
