@@ -99,10 +99,16 @@ def test_cli_export_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFi
     assert main(["export", "--model", str(bad), "--onnx", str(tmp_path / "x.onnx")]) == 1
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "bad.ckpt" in err
+    broken = tmp_path / "broken.onnx"
+    broken.write_bytes(b"\x08\x07")
+    assert main(["predict", str(tmp_path), "--model", str(broken)]) == 1
+    assert "cannot load ONNX model" in capsys.readouterr().err
+    # a valid ONNX file without covidcxr metadata is refused with a hint, not guessed at
     plain = tmp_path / "plain.onnx"
-    plain.write_bytes(b"\x08\x07")  # an ONNX file without covidcxr metadata is refused with a hint
+    torch.onnx.export(torch.nn.Conv2d(3, 3, 1), (torch.zeros(1, 3, 8, 8),), str(plain), dynamo=False)
     assert main(["predict", str(tmp_path), "--model", str(plain)]) == 1
-    assert "covidcxr" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "no covidcxr metadata" in err and "covidcxr export" in err
 
 
 @pytest.mark.slow
