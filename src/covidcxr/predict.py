@@ -547,49 +547,24 @@ class Heatmapper:
 
 
 def _explain_fn() -> Any:
-    """covidcxr.explain's ``explain`` function (package export, else its methods module)."""
-    try:
-        from covidcxr.explain import explain  # type: ignore[attr-defined]
+    """covidcxr.explain's ``explain`` (imported lazily: prediction works without the explain extras)."""
+    from covidcxr.explain import explain
 
-        return explain
-    except ImportError:
-        from covidcxr.explain.methods import explain
-
-        return explain
+    return explain
 
 
 def _call_explain(explain: Any, model: torch.nn.Module, predictor: Predictor, batch: torch.Tensor, method: str,
                   target: int) -> Any:
-    """Call ``explain(model, batch, method, target=..., ctx=Context(arch, preset))`` as far as it accepts."""
-    import inspect
+    """``explain(model, batch, method, target=[target], ctx=Context(arch, preset))`` -> B x H x W."""
+    from covidcxr.explain import Context
 
-    params = inspect.signature(explain).parameters
-    kw: dict[str, Any] = {}
-    if "target" in params:
-        kw["target"] = [target]
-    if "ctx" in params:
-        try:
-            from covidcxr.explain.methods import Context
-
-            kw["ctx"] = Context(arch=predictor.arch, preset=predictor.preset)
-        except ImportError:
-            pass
-    return explain(model, batch, method, **kw)
+    return explain(model, batch, method, target=[target], ctx=Context(arch=predictor.arch, preset=predictor.preset))
 
 
 def _as_map(out: Any) -> np.ndarray:
-    """Accept a tensor/array (N x H x W, N x 1 x H x W, H x W), a dict or an object holding one."""
-    for attr in ("maps", "heatmaps", "attributions", "heatmap", "attribution"):
-        if hasattr(out, attr):
-            out = getattr(out, attr)
-            break
-        if isinstance(out, dict) and attr in out:
-            out = out[attr]
-            break
+    """The first map of explain's B x H x W output as an H x W array."""
     arr = out.detach().float().cpu().numpy() if isinstance(out, torch.Tensor) else np.asarray(out, dtype=np.float32)
-    while arr.ndim > 2:
-        arr = arr[0] if arr.shape[0] == 1 else arr.mean(0)
-    return arr
+    return arr[0] if arr.ndim == 3 else arr
 
 
 def overlay_rgb(base: np.ndarray, heat: np.ndarray, alpha: float = 0.45) -> np.ndarray:
