@@ -152,6 +152,20 @@ def test_xrv_mapping_keeps_the_pneumonia_neuron(target):
     assert torch.equal(net.features.conv0.weight, xm.features.conv0.weight)
 
 
+def test_chexnet14_from_xrv_keeps_all_fourteen_neurons(tmp_path):
+    """A 14-label chexnet started from an 18-output xrv model reorders the matching neurons."""
+    xm = _xrv_model(2)
+    path = tmp_path / "xrv.pt"
+    torch.save(xm, path)
+    net = models.create("chexnet", num_classes=14, weights=str(path)).eval()
+    assert len(net.covidcxr_init["kept_neurons"]) == 14
+    x = torch.randn(2, 1, 64, 64)
+    with torch.no_grad():
+        ours, theirs = net(x), xm(x)
+    order = [xm.targets.index(lab) for lab in CHEXNET_LABELS]
+    torch.testing.assert_close(ours, theirs[:, order], rtol=1e-5, atol=1e-5)
+
+
 def test_xrv_pickled_file_as_local_weights(tmp_path):
     """A torchxrayvision .pt file (the whole pickled model) placed by hand works as weights=PATH."""
     xm = _xrv_model(1)

@@ -104,6 +104,8 @@ def apply_weights(
     model = build(name, num_classes=num_classes, in_chans=int(in_chans), **kwargs)
     if classes is None and num_classes == len(DEFAULT_CLASSES):
         classes = DEFAULT_CLASSES
+    elif classes is None and name == "chexnet" and num_classes == len(CHEXNET_LABELS):
+        classes = CHEXNET_LABELS  # CheXNet's head: every ChestX-ray14 neuron of an xrv model is kept
     if classes is not None and len(classes) != num_classes:
         raise WeightsError(f"{len(classes)} class names given for {num_classes} outputs")
     report: dict[str, Any] = {}
