@@ -264,3 +264,22 @@ def test_cli_serve_builds_the_app_with_its_limits(ckpt: Path, monkeypatch: pytes
     with TestClient(seen["app"]) as c:
         limits = c.get("/v1/model").json()["limits"]
     assert (limits["max_upload_mb"], limits["max_concurrency"], limits["queue"]) == (3.0, 3, 4)
+
+
+def test_severity_in_response_and_model_card(ckpt: Path, jpeg: bytes, tmp_path: Path) -> None:
+    pytest.importorskip("covidcxr.severity.model")
+    sev = tmp_path / "sev.ckpt"
+    models.save(sev, models.build("resnet18", num_classes=2), arch="resnet18", classes=["geographic_extent", "opacity"],
+                task="severity-scores", preset=get_preset("deepcovid", size=64))
+    with TestClient(create_app(ckpt, api_key="", severity_path=sev, always_severity=True)) as c:
+        card = c.get("/v1/model").json()
+        assert card["severity"]["task"] == "severity-scores" and card["always_severity"] is True
+        j = c.post("/v1/predict", files={"file": ("x.jpg", jpeg)}).json()
+        assert 0 <= j["severity"]["geographic_extent"] <= 8 and 0 <= j["severity"]["opacity"] <= 6
+        assert j["severity_note"] is None
+    strict = tmp_path / "strict.ckpt"  # threshold 1.0: nothing passes, so severity is gated off
+    models.save(strict, models.build("resnet18", num_classes=3), arch="resnet18", classes=CLASSES,
+                preset=get_preset("deepcovid", size=64), threshold=1.0)
+    with TestClient(create_app(strict, api_key="", severity_path=sev)) as c:
+        j = c.post("/v1/predict", files={"file": ("x.jpg", jpeg)}).json()
+        assert j["severity"] is None and "below the operating threshold" in j["severity_note"]
