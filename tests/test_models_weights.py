@@ -104,6 +104,8 @@ def test_weight_source_not_offered():
         models.create("covidnet-cxr-large", weights="imagenet")
     with pytest.raises(WeightsError, match="resnet18: no 'xrv-nih' weights"):
         models.create("resnet18", weights="xrv-nih")
+    with pytest.raises(WeightsError, match="read 1 channel.*drop in_chans=3"):
+        models.create("densenet121", weights="xrv-nih", in_chans=3)
     with pytest.raises(WeightsError, match="xrv-foo: no such weights file"):
         models.create("densenet121", weights="xrv-foo")
 
@@ -200,6 +202,9 @@ def test_neuron_keeping_from_a_chexnet_checkpoint(tmp_path):
     assert not torch.allclose(new[:, 0], old[:, 0]) and not torch.allclose(new[:, 2], old[:, 2])
     assert net.covidcxr_init["kept_neurons"] == {"pneumonia": "Pneumonia (row 6 of classifier.0)"}
     assert net.covidcxr_init["preset"] == "chexnet"  # the source checkpoint's preset
+    assert models.preset_for("densenet121", str(path)) == "chexnet"
+    gray = models.create("densenet121", weights=str(path), in_chans=1)  # 3 -> 1 channel: preset must follow
+    assert gray.covidcxr_init["preset"] == "xrv"
     # the provenance travels into the next checkpoint
     models.save(tmp_path / "covid.ckpt", net, classes=list(models.DEFAULT_CLASSES), preset=get_preset("chexnet"))
     assert models.load(tmp_path / "covid.ckpt").meta["init"]["kept_neurons"]["pneumonia"].startswith("Pneumonia")

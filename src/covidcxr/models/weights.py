@@ -98,6 +98,9 @@ def apply_weights(
     from covidcxr.models import build
 
     spec = get_spec(name)
+    if str(weights) in XRV_WEIGHTS and in_chans not in (None, 1):
+        raise WeightsError(f"{weights}: torchxrayvision models read 1 channel in [-1024, 1024] (preset xrv); "
+                           f"drop in_chans={in_chans}")
     src = get_source(name, weights, progress=progress)
     if in_chans is None:
         in_chans = (src.in_chans if src else None) or 3
@@ -136,8 +139,15 @@ def resolve_preset(name: str, weights: str | os.PathLike | None = "none") -> str
 
 
 def _preset(spec: ModelSpec, src: Source | None, in_chans: int) -> str:
+    """The source's preset when it fits the model's input channels, else by channel count."""
+    from covidcxr.preprocess import PresetError, get_preset
+
     if src is not None and src.preset:
-        return src.preset
+        try:
+            if get_preset(src.preset).channels == in_chans:
+                return src.preset
+        except PresetError:
+            pass
     return "xrv" if in_chans == 1 else spec.preset
 
 
