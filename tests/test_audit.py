@@ -11,7 +11,7 @@ import torch
 
 from _explain_fixtures import CLASSES, make_dataset
 from covidcxr import models
-from covidcxr.explain.audit import _share, _variants, border_mask
+from covidcxr.explain.audit import _share, _variants, border_mask, detect_text
 from covidcxr.preprocess import get_preset
 
 
@@ -27,6 +27,21 @@ def test_variants_and_shares():
     assert _share(heat, lung) == 1.0
     assert np.isnan(_share(-np.ones((4, 4)), np.ones((4, 4), bool)))
     assert border_mask((40, 40)).mean() == pytest.approx(1 - 0.8 * 0.8)
+
+
+def test_text_detector_finds_burned_in_label_not_lungs():
+    from _explain_fixtures import synthetic_cxr
+
+    from covidcxr.explain.render import to_model
+
+    p = get_preset("deepcovid", size=64)
+    with_text, mask = synthetic_cxr(0, text=True)
+    without, _ = synthetic_cxr(0, text=False)
+    lung = to_model(mask.astype(np.float32), p, nearest=True) > 0.5
+    found = detect_text(p.prepare(with_text.astype(np.float32) / 255), lung)
+    assert found.any() and found[:8, :16].any()  # the label sits in the top-left corner
+    assert not (found & lung).any()
+    assert not detect_text(p.prepare(without.astype(np.float32) / 255), lung).any()
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +73,10 @@ def test_audit_report_end_to_end(setup, tmp_path, capsys):
     assert rep["overall"]["n"] == 9 and len(rep["per_image"]) == 9
     assert rep["mask_sources"] == {"manifest": 6, "none": 3} and rep["images_without_mask"] == 3
     for r in rep["per_image"]:
-        assert set(r) >= {"gradcam_in_lungs", "lrp_in_lungs", "text_delta_border", "p_pred_lung_only"}
+        assert set(r) >= {"gradcam_in_lungs", "lrp_in_lungs", "text_delta_border", "p_pred_lung_only",
+                          "text_delta_detected"}
+        # the fixture burns a label into every even-numbered image
+        assert (r["text_detected_share"] > 0) == r["file"].endswith(("0.png", "2.png", "4.png", "6.png", "8.png"))
         if r["mask_source"] == "manifest":
             assert 0 < r["lung_area"] < 1
             assert 0 <= r["gradcam_in_lungs"] <= 1 or np.isnan(r["gradcam_in_lungs"])
