@@ -42,9 +42,12 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> str:
     ckpt = tmp_path_factory.mktemp("browser") / "tiny.ckpt"
     models.save(ckpt, models.build("resnet18", num_classes=3), arch="resnet18", classes=CLASSES,
                 preset=get_preset("deepcovid", size=64), threshold=0.4, training={"run_name": "tiny-browser"})
+    sev = ckpt.parent / "sev.ckpt"  # a severity model, shown for every image (--always-severity)
+    models.save(sev, models.build("resnet18", num_classes=2), arch="resnet18", classes=["geographic_extent", "opacity"],
+                task="severity-scores", preset=get_preset("deepcovid", size=64))
+    app = create_app(ckpt, api_key="", severity_path=sev, always_severity=True)
     port = _free_port()
-    srv = uvicorn.Server(uvicorn.Config(create_app(ckpt, api_key=""), host="127.0.0.1", port=port,
-                                        log_level="warning"))
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=srv.run, daemon=True)
     thread.start()
     deadline = time.time() + 30
@@ -98,6 +101,8 @@ def _check_result(pg, fmt: str) -> str:
     else:
         pytest.fail("no heatmap overlay: " + pg.inner_text("#heatmap-note"))
     assert "Research use only" in pg.inner_text("#notice")
+    sev = pg.inner_text("#severity")
+    assert "geographic extent" in sev and "(scale 0–8)" in sev and "opacity" in sev
     return label
 
 
