@@ -65,15 +65,29 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.models:
         r = table[name]
         rate = train_rate(name, args.batch, args.rounds)
-        rows.append({"name": name, "input_size": r["input_size"], "params": r["params"], "macs": r["macs"],
-                     "train_images_per_s": round(rate, 3)})
-        print(f"{name:20s} {r['input_size']:5d} {r['params'] / 1e6:9.2f} {r['macs'] / 1e9:7.2f} {rate:11.2f}", flush=True)
+        rows.append(
+            {
+                "name": name,
+                "input_size": r["input_size"],
+                "params": r["params"],
+                "macs": r["macs"],
+                "train_images_per_s": round(rate, 3),
+            }
+        )
+        print(
+            f"{name:20s} {r['input_size']:5d} {r['params'] / 1e6:9.2f} {r['macs'] / 1e9:7.2f} {rate:11.2f}", flush=True
+        )
     result = {
         "benchmark": "models: CPU training step at the native input size",
         "command": " ".join([os.path.relpath(sys.executable, REPO), "benchmarks/models.py", *(argv or sys.argv[1:])]),
-        "batch": args.batch, "threads": args.threads, "rounds": args.rounds,
-        "torch": torch.__version__, "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
-        "load_average_at_end": os.getloadavg(), "rows": rows,
+        "batch": args.batch,
+        "threads": args.threads,
+        "rounds": args.rounds,
+        "torch": torch.__version__,
+        "cpu": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "load_average_at_end": os.getloadavg(),
+        "rows": rows,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))

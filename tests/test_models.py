@@ -15,8 +15,18 @@ from covidcxr.preprocess import get_preset
 
 ALL = models.list_models()
 EXPECTED = {
-    "resnet18", "resnet50", "squeezenet1_1", "densenet121", "chexnet", "cxnet", "densenet169", "densenet201",
-    "vgg19", "covidnet-cxr-large", "covidnet-cxr-small", "covidnet-cxr-2",
+    "resnet18",
+    "resnet50",
+    "squeezenet1_1",
+    "densenet121",
+    "chexnet",
+    "cxnet",
+    "densenet169",
+    "densenet201",
+    "vgg19",
+    "covidnet-cxr-large",
+    "covidnet-cxr-small",
+    "covidnet-cxr-2",
 }
 
 
@@ -28,8 +38,11 @@ def test_registry_has_every_seed_model():
         assert spec.cam_layer and spec.head and spec.first_conv, name
     assert models.get_spec("chexnet").preset == "chexnet"
     assert models.get_spec("cxnet").preset == "cxnet" and models.get_spec("cxnet").input_size == 320
-    assert all(models.get_spec(n).input_size == 480 and models.get_spec(n).preset == "covidnet"
-               for n in ALL if n.startswith("covidnet"))
+    assert all(
+        models.get_spec(n).input_size == 480 and models.get_spec(n).preset == "covidnet"
+        for n in ALL
+        if n.startswith("covidnet")
+    )
 
 
 def test_unknown_model_is_a_typed_error():
@@ -68,9 +81,7 @@ def _cam_probe(net: nn.Module, layer: str):
     return net.get_submodule(layer).register_forward_hook(hook), store
 
 
-@pytest.mark.parametrize(
-    "name", [pytest.param(n, marks=pytest.mark.slow) if n == "vgg19" else n for n in ALL]
-)
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n == "vgg19" else n for n in ALL])
 def test_forward_backward_at_native_size(name):
     """Every model trains at its native size on the CPU; Grad-CAM's layer gets a gradient."""
     spec = models.get_spec(name)
@@ -98,8 +109,10 @@ def test_covidnet_stages_strides_and_pepx_layout():
     for name, first_strides in [("covidnet-cxr-large", (2, 2, 2, 2)), ("covidnet-cxr-2", (1, 2, 2, 2))]:
         net = models.build(name).eval()
         sizes = {}
-        hooks = [getattr(net, f"stage{i}").register_forward_hook(lambda m, i_, o, i=i: sizes.__setitem__(i, o.shape))
-                 for i in range(1, 5)]
+        hooks = [
+            getattr(net, f"stage{i}").register_forward_hook(lambda m, i_, o, i=i, s=sizes: s.__setitem__(i, o.shape))
+            for i in range(1, 5)
+        ]
         with torch.no_grad():
             net(torch.zeros(1, 3, 96, 96))
         for h in hooks:
@@ -165,7 +178,9 @@ def test_stored_table_matches_live_counts():
 
 def test_mac_counter_on_a_known_layer():
     # 3x3 conv, 4->8 channels, 10x10 output: 4*8*9*100 MACs, plus a Linear 8->2 after pooling
-    net = nn.Sequential(nn.Conv2d(4, 8, 3, padding=1, bias=False), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 2))
+    net = nn.Sequential(
+        nn.Conv2d(4, 8, 3, padding=1, bias=False), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 2)
+    )
     assert count_macs(net, 10, in_chans=4) == 4 * 8 * 9 * 100 + 8 * 2
 
 
@@ -180,8 +195,10 @@ def _ckpt(tmp_path, name="resnet18", in_chans=3, preset="deepcovid", **kw):
     return net, path
 
 
-@pytest.mark.parametrize("name,in_chans,preset", [("resnet18", 3, "deepcovid"), ("covidnet-cxr-small", 3, "covidnet"),
-                                                  ("densenet121", 1, "xrv")])
+@pytest.mark.parametrize(
+    "name,in_chans,preset",
+    [("resnet18", 3, "deepcovid"), ("covidnet-cxr-small", 3, "covidnet"), ("densenet121", 1, "xrv")],
+)
 def test_checkpoint_round_trip_is_bit_identical(tmp_path, name, in_chans, preset):
     net, path = _ckpt(tmp_path, name, in_chans, preset, metrics={"auc": 0.5}, training={"epochs": 1})
     loaded = models.load(path)
@@ -254,8 +271,13 @@ def test_save_after_a_head_swap_records_the_real_output_count(tmp_path):
     """Severity swaps the head for a 2-output Linear by hand; the checkpoint still rebuilds."""
     net = models.build("densenet121", in_chans=1)
     net.classifier = nn.Linear(1024, 2)
-    models.save(tmp_path / "s.ckpt", net, classes=["geographic_extent", "opacity"], preset=get_preset("xrv"),
-                task="severity-scores")
+    models.save(
+        tmp_path / "s.ckpt",
+        net,
+        classes=["geographic_extent", "opacity"],
+        preset=get_preset("xrv"),
+        task="severity-scores",
+    )
     loaded = models.load(tmp_path / "s.ckpt")
     assert loaded.meta["arch_kwargs"] == {"num_classes": 2, "in_chans": 1}
     x = torch.randn(1, 1, 64, 64)

@@ -90,13 +90,17 @@ def test_imagenet_densenet_legacy_key_names(no_network, empty_caches):
 
     torch.manual_seed(0)
     tv = torchvision.models.densenet121(weights=None)
-    legacy = {re.sub(r"(denselayer\d+\.(?:norm|relu|conv))([12])\.", r"\1.\2.", k): v for k, v in tv.state_dict().items()}
+    legacy = {
+        re.sub(r"(denselayer\d+\.(?:norm|relu|conv))([12])\.", r"\1.\2.", k): v for k, v in tv.state_dict().items()
+    }
     assert any(".norm.1." in k for k in legacy)
     path = imagenet_cache_path("cxnet")
     path.parent.mkdir(parents=True)
     torch.save(legacy, path)
     net = models.create("cxnet", weights="imagenet")
-    assert torch.equal(net.features.denseblock4.denselayer16.conv2.weight, tv.features.denseblock4.denselayer16.conv2.weight)
+    assert torch.equal(
+        net.features.denseblock4.denselayer16.conv2.weight, tv.features.denseblock4.denselayer16.conv2.weight
+    )
 
 
 def test_weight_source_not_offered():
@@ -253,8 +257,14 @@ def test_local_state_dict_lightning_and_safetensors(tmp_path):
     sd = src.state_dict()
     plain, light, safe = tmp_path / "w.pt", tmp_path / "l.ckpt", tmp_path / "w.safetensors"
     torch.save(sd, plain)
-    torch.save({"epoch": 3, "state_dict": {**{f"model.{k}": v for k, v in sd.items()},
-                                           "criterion.weight": torch.ones(3)}, "hyper_parameters": {"lr": 1e-3}}, light)
+    torch.save(
+        {
+            "epoch": 3,
+            "state_dict": {**{f"model.{k}": v for k, v in sd.items()}, "criterion.weight": torch.ones(3)},
+            "hyper_parameters": {"lr": 1e-3},
+        },
+        light,
+    )
     save_file({k: v.contiguous() for k, v in sd.items()}, str(safe))
     for p in (plain, light, safe):
         net = models.create("resnet18", weights=str(p))

@@ -17,7 +17,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "'published' gives the paper's figures where it reports them.",
     )
     ls.add_argument("--json", action="store_true", help="print a JSON list of objects")
-    ls.add_argument("--live", action="store_true", help="count parameters and MACs now instead of using the stored table")
+    ls.add_argument(
+        "--live", action="store_true", help="count parameters and MACs now instead of using the stored table"
+    )
     ls.set_defaults(func=cmd_list)
     p.set_defaults(func=lambda _a: (p.print_help(), 2)[1])
 
@@ -42,14 +44,16 @@ def cmd_list(args: argparse.Namespace) -> int:
             r["preset"],
             _fmt(r["params"], 1e6),
             _fmt(r["macs"], 1e9),
-            "-" if r["published_params"] is None else f"{_fmt(r['published_params'], 1e6)} / {_fmt(r['published_macs'], 1e9)}",
+            "-"
+            if r["published_params"] is None
+            else f"{_fmt(r['published_params'], 1e6)} / {_fmt(r['published_macs'], 1e9)}",
             ",".join(w for w in r["weights"] if w not in ("none", "PATH")) or "-",
         ]
         for r in rows
     ]
     widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(head)]
-    print("  ".join(h.ljust(w) for h, w in zip(head, widths)).rstrip())
+    print("  ".join(h.ljust(w) for h, w in zip(head, widths, strict=True)).rstrip())
     for c in cells:
-        print("  ".join(v.ljust(w) for v, w in zip(c, widths)).rstrip())
+        print("  ".join(v.ljust(w) for v, w in zip(c, widths, strict=True)).rstrip())
     print("MACs at the native input size; every model also accepts weights=none or a local file.")
     return 0

@@ -1,8 +1,8 @@
 """Model registry, builders, weight sources and self-contained checkpoints.
 
-    >>> from covidcxr import models
-    >>> net = models.create("resnet18", num_classes=3, weights="none")
-    >>> loaded = models.load("run/best.ckpt")      # model + preset + classes
+>>> from covidcxr import models
+>>> net = models.create("resnet18", num_classes=3, weights="none")
+>>> loaded = models.load("run/best.ckpt")      # model + preset + classes
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from typing import Any
 from torch import nn
 
 from covidcxr.models import backbones as _backbones  # noqa: F401  (registers torchvision models)
+from covidcxr.models import covidnet as _covidnet  # noqa: F401  (registers COVID-Net)
 from covidcxr.models.checkpoint import CheckpointError, LoadedModel, load, read_bundle, save
 from covidcxr.models.registry import (
     REGISTRY,
@@ -24,8 +25,6 @@ from covidcxr.models.registry import (
     pooled_features,
     replace_head,
 )
-
-from covidcxr.models import covidnet as _covidnet  # noqa: F401  (registers COVID-Net)
 from covidcxr.models.weights import DEFAULT_CLASSES, WeightsError
 from covidcxr.models.weights import resolve_preset as preset_for
 
@@ -76,8 +75,9 @@ def create(
     """
     from covidcxr.models.weights import apply_weights
 
-    return apply_weights(name, weights, num_classes=num_classes, classes=classes, keep_neurons=keep_neurons,
-                         progress=progress, **kwargs)
+    return apply_weights(
+        name, weights, num_classes=num_classes, classes=classes, keep_neurons=keep_neurons, progress=progress, **kwargs
+    )
 
 
 __all__ = [

@@ -18,8 +18,20 @@ from covidcxr.models.registry import ModelSpec, register, set_module
 #: ChestX-ray14 labels in the order of the CheXNet reimplementation (arnoweng/CheXNet), the
 #: layout of a 14-output ``chexnet`` model.
 CHEXNET_LABELS: tuple[str, ...] = (
-    "Atelectasis", "Cardiomegaly", "Effusion", "Infiltration", "Mass", "Nodule", "Pneumonia",
-    "Pneumothorax", "Consolidation", "Edema", "Emphysema", "Fibrosis", "Pleural_Thickening", "Hernia",
+    "Atelectasis",
+    "Cardiomegaly",
+    "Effusion",
+    "Infiltration",
+    "Mass",
+    "Nodule",
+    "Pneumonia",
+    "Pneumothorax",
+    "Consolidation",
+    "Edema",
+    "Emphysema",
+    "Fibrosis",
+    "Pleural_Thickening",
+    "Hernia",
 )
 
 DEEPCOVID = "Deep-COVID (Minaee et al. 2020)"
@@ -32,8 +44,17 @@ def set_in_chans(model: nn.Module, path: str, in_chans: int) -> None:
     assert isinstance(old, nn.Conv2d)
     if old.in_channels == in_chans:
         return
-    new = nn.Conv2d(in_chans, old.out_channels, old.kernel_size, old.stride, old.padding,
-                    old.dilation, old.groups, old.bias is not None, old.padding_mode)
+    new = nn.Conv2d(
+        in_chans,
+        old.out_channels,
+        old.kernel_size,
+        old.stride,
+        old.padding,
+        old.dilation,
+        old.groups,
+        old.bias is not None,
+        old.padding_mode,
+    )
     nn.init.kaiming_normal_(new.weight, mode="fan_out", nonlinearity="relu")
     set_module(model, path, new)
 
@@ -136,34 +157,120 @@ def _vgg19(num_classes: int = 3, in_chans: int = 3, **_: object) -> nn.Module:
 # --------------------------------------------------------------------------- registry
 
 for _arch, _size_note in (("resnet18", ""), ("resnet50", "")):
-    register(ModelSpec(_arch, DEEPCOVID, 224, "deepcovid", _resnet(_arch), ("imagenet",),
-                       cam_layer="layer4", head="fc", family="resnet", first_conv="conv1",
-                       notes="torchvision ResNet, new Linear head"))
+    register(
+        ModelSpec(
+            _arch,
+            DEEPCOVID,
+            224,
+            "deepcovid",
+            _resnet(_arch),
+            ("imagenet",),
+            cam_layer="layer4",
+            head="fc",
+            family="resnet",
+            first_conv="conv1",
+            notes="torchvision ResNet, new Linear head",
+        )
+    )
 
-register(ModelSpec("squeezenet1_1", DEEPCOVID, 224, "deepcovid", _squeezenet, ("imagenet",),
-                   cam_layer="features", head="classifier.3", head_block="classifier", family="squeezenet", first_conv="features.0",
-                   notes="head: global pool -> Dropout 0.5 -> Linear (no ReLU on logits)"))
+register(
+    ModelSpec(
+        "squeezenet1_1",
+        DEEPCOVID,
+        224,
+        "deepcovid",
+        _squeezenet,
+        ("imagenet",),
+        cam_layer="features",
+        head="classifier.3",
+        head_block="classifier",
+        family="squeezenet",
+        first_conv="features.0",
+        notes="head: global pool -> Dropout 0.5 -> Linear (no ReLU on logits)",
+    )
+)
 
-register(ModelSpec("densenet121", DEEPCOVID, 224, "deepcovid", _densenet("densenet121"),
-                   ("imagenet", "xrv-nih", "xrv-all"), cam_layer="features", head="classifier", family="densenet", first_conv="features.conv0",
-                   notes="torchvision DenseNet-121; xrv-* weights switch it to 1 channel and the xrv preset"))
+register(
+    ModelSpec(
+        "densenet121",
+        DEEPCOVID,
+        224,
+        "deepcovid",
+        _densenet("densenet121"),
+        ("imagenet", "xrv-nih", "xrv-all"),
+        cam_layer="features",
+        head="classifier",
+        family="densenet",
+        first_conv="features.conv0",
+        notes="torchvision DenseNet-121; xrv-* weights switch it to 1 channel and the xrv preset",
+    )
+)
 
-register(ModelSpec("chexnet", "CheXNet (Rajpurkar et al. 2017)", 224, "chexnet", _chexnet,
-                   ("imagenet", "xrv-nih", "xrv-all"), cam_layer="features", head="classifier.0",
-                   head_block="classifier", family="densenet", first_conv="features.conv0",
-                   notes="DenseNet-121, head Sequential(Linear(1024, 14)) for the ChestX-ray14 labels"))
+register(
+    ModelSpec(
+        "chexnet",
+        "CheXNet (Rajpurkar et al. 2017)",
+        224,
+        "chexnet",
+        _chexnet,
+        ("imagenet", "xrv-nih", "xrv-all"),
+        cam_layer="features",
+        head="classifier.0",
+        head_block="classifier",
+        family="densenet",
+        first_conv="features.conv0",
+        notes="DenseNet-121, head Sequential(Linear(1024, 14)) for the ChestX-ray14 labels",
+    )
+)
 
-register(ModelSpec("cxnet", "COVID-CXNet (Haghanifar et al. 2022)", 320, "cxnet", _cxnet,
-                   ("imagenet", "xrv-nih", "xrv-all"), cam_layer="features", head="classifier.3",
-                   head_block="classifier", family="densenet", first_conv="features.conv0",
-                   notes="DenseNet-121, head: global pool -> Dense 10 ReLU -> Dropout 0.2 -> classes"))
+register(
+    ModelSpec(
+        "cxnet",
+        "COVID-CXNet (Haghanifar et al. 2022)",
+        320,
+        "cxnet",
+        _cxnet,
+        ("imagenet", "xrv-nih", "xrv-all"),
+        cam_layer="features",
+        head="classifier.3",
+        head_block="classifier",
+        family="densenet",
+        first_conv="features.conv0",
+        notes="DenseNet-121, head: global pool -> Dense 10 ReLU -> Dropout 0.2 -> classes",
+    )
+)
 
 for _arch in ("densenet169", "densenet201"):
-    register(ModelSpec(_arch, BASSI, 224, "chexnet", _densenet(_arch), ("imagenet",),
-                       cam_layer="features", head="classifier", family="densenet", first_conv="features.conv0",
-                       notes="torchvision DenseNet; twice transfer from a ChestX-ray14 checkpoint keeps the pneumonia neuron"))
+    register(
+        ModelSpec(
+            _arch,
+            BASSI,
+            224,
+            "chexnet",
+            _densenet(_arch),
+            ("imagenet",),
+            cam_layer="features",
+            head="classifier",
+            family="densenet",
+            first_conv="features.conv0",
+            notes="torchvision DenseNet; twice transfer from a ChestX-ray14 checkpoint keeps the pneumonia neuron",
+        )
+    )
 
-register(ModelSpec("vgg19", "COVID-Net comparison baseline (Wang et al. 2020)", 480, "covidnet", _vgg19, ("imagenet",),
-                   cam_layer="features", head="classifier", family="vgg", first_conv="features.0",
-                   published_params=20.37e6, published_macs=89.87e9,
-                   notes="VGG-19 conv layers, global pool, Linear head"))
+register(
+    ModelSpec(
+        "vgg19",
+        "COVID-Net comparison baseline (Wang et al. 2020)",
+        480,
+        "covidnet",
+        _vgg19,
+        ("imagenet",),
+        cam_layer="features",
+        head="classifier",
+        family="vgg",
+        first_conv="features.0",
+        published_params=20.37e6,
+        published_macs=89.87e9,
+        notes="VGG-19 conv layers, global pool, Linear head",
+    )
+)

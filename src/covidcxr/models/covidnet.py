@@ -79,17 +79,23 @@ class Variant:
 VARIANTS: dict[str, Variant] = {
     # paper-scale widths (Fig. 2 of Wang et al.); PEPX projection = width/8, expansion = width/4
     "covidnet-cxr-large": Variant(
-        widths=(256, 512, 1024, 2048), inner=((32, 64), (64, 128), (128, 256), (256, 512)),
+        widths=(256, 512, 1024, 2048),
+        inner=((32, 64), (64, 128), (128, 256), (256, 512)),
     ),
     # half the widths, same ratios
     "covidnet-cxr-small": Variant(
-        widths=(128, 256, 512, 1024), inner=((16, 32), (32, 64), (64, 128), (128, 256)), stem=32, hidden=(512, 128),
+        widths=(128, 256, 512, 1024),
+        inner=((16, 32), (32, 64), (64, 128), (128, 256)),
+        stem=32,
+        hidden=(512, 128),
     ),
     # CXR-2 figure: 7x7 stem + max-pool, widths 160/328/640/2048, stride-2 first modules in stages 2-4.
     # PEPX twice as wide in the two high-resolution stages (width/4, width/2), width/8, width/4 after.
     "covidnet-cxr-2": Variant(
-        widths=(160, 328, 640, 2048), inner=((40, 80), (82, 164), (80, 160), (256, 512)),
-        stem_pool=True, strides=(1, 2, 2, 2),
+        widths=(160, 328, 640, 2048),
+        inner=((40, 80), (82, 164), (80, 160), (256, 512)),
+        stem_pool=True,
+        strides=(1, 2, 2, 2),
     ),
 }
 
@@ -147,6 +153,20 @@ _PAPER = {
 for _name, _v in VARIANTS.items():
     _paper, _pp, _pm = _PAPER[_name]
     _head = f"classifier.{len(_v.hidden) * (3 if _v.dropout else 2)}"
-    register(ModelSpec(_name, _paper, 480, "covidnet", _builder(_name), (), cam_layer="stage4", head=_head,
-                       family="covidnet", published_params=_pp, published_macs=_pm, first_conv="stem.0",
-                       notes=f"PEPX widths {'/'.join(map(str, _v.widths))}"))
+    register(
+        ModelSpec(
+            _name,
+            _paper,
+            480,
+            "covidnet",
+            _builder(_name),
+            (),
+            cam_layer="stage4",
+            head=_head,
+            family="covidnet",
+            published_params=_pp,
+            published_macs=_pm,
+            first_conv="stem.0",
+            notes=f"PEPX widths {'/'.join(map(str, _v.widths))}",
+        )
+    )

@@ -52,7 +52,7 @@ def count_macs(model: nn.Module, input_size: int, in_chans: int = 3) -> int:
     return int(counter.get_total_flops()) // 2
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def measure(name: str, num_classes: int = 3, input_size: int | None = None) -> tuple[int, int]:
     """(parameters, MACs) of a registry model at ``input_size`` (native size by default)."""
     from covidcxr.models import build

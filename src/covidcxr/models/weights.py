@@ -44,21 +44,44 @@ XRV_WEIGHTS = {"xrv-nih": "densenet121-res224-nih", "xrv-all": "densenet121-res2
 
 #: torchxrayvision's 18-output label order (``xrv.datasets.default_pathologies``)
 XRV_LABELS: tuple[str, ...] = (
-    "Atelectasis", "Consolidation", "Infiltration", "Pneumothorax", "Edema", "Emphysema", "Fibrosis",
-    "Effusion", "Pneumonia", "Pleural_Thickening", "Cardiomegaly", "Nodule", "Mass", "Hernia",
-    "Lung Lesion", "Fracture", "Lung Opacity", "Enlarged Cardiomediastinum",
+    "Atelectasis",
+    "Consolidation",
+    "Infiltration",
+    "Pneumothorax",
+    "Edema",
+    "Emphysema",
+    "Fibrosis",
+    "Effusion",
+    "Pneumonia",
+    "Pleural_Thickening",
+    "Cardiomegaly",
+    "Nodule",
+    "Mass",
+    "Hernia",
+    "Lung Lesion",
+    "Fracture",
+    "Lung Opacity",
+    "Enlarged Cardiomediastinum",
 )
 
 #: torchvision architecture behind each registry name, for ``imagenet``
 TORCHVISION_ARCH = {
-    "resnet18": "resnet18", "resnet50": "resnet50", "squeezenet1_1": "squeezenet1_1", "vgg19": "vgg19",
-    "densenet121": "densenet121", "densenet169": "densenet169", "densenet201": "densenet201",
-    "chexnet": "densenet121", "cxnet": "densenet121",
+    "resnet18": "resnet18",
+    "resnet50": "resnet50",
+    "squeezenet1_1": "squeezenet1_1",
+    "vgg19": "vgg19",
+    "densenet121": "densenet121",
+    "densenet169": "densenet169",
+    "densenet201": "densenet201",
+    "chexnet": "densenet121",
+    "cxnet": "densenet121",
 }
 _TV_HEAD = {"resnet": "fc", "densenet": "classifier", "squeezenet": "classifier", "vgg": "classifier"}
 
 # torchvision's fix for DenseNet files saved before PyTorch 0.4 ("norm.1" -> "norm1"), also CheXNet's
-_LEGACY_DENSENET = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var|num_batches_tracked))$")
+_LEGACY_DENSENET = re.compile(
+    r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var|num_batches_tracked))$"
+)
 
 
 class WeightsError(ModelError):
@@ -99,8 +122,9 @@ def apply_weights(
 
     spec = get_spec(name)
     if str(weights) in XRV_WEIGHTS and in_chans not in (None, 1):
-        raise WeightsError(f"{weights}: torchxrayvision models read 1 channel in [-1024, 1024] (preset xrv); "
-                           f"drop in_chans={in_chans}")
+        raise WeightsError(
+            f"{weights}: torchxrayvision models read 1 channel in [-1024, 1024] (preset xrv); drop in_chans={in_chans}"
+        )
     src = get_source(name, weights, progress=progress)
     if in_chans is None:
         in_chans = (src.in_chans if src else None) or 3
@@ -165,7 +189,8 @@ def get_source(name: str, weights: str | os.PathLike | None, progress: bool = Tr
         return xrv_source(w)
     if not Path(w).exists():
         raise WeightsError(
-            f"{w}: no such weights file (weight sources: none, {', '.join(spec.weight_sources) or '-'}, or a local file)"
+            f"{w}: no such weights file "
+            f"(weight sources: none, {', '.join(spec.weight_sources) or '-'}, or a local file)"
         )
     return file_source(w, name)
 
@@ -220,8 +245,9 @@ def imagenet_source(name: str, progress: bool = True) -> Source:
             "or pass weights=PATH to a local file"
         ) from None
     spec = get_spec(name)
-    return Source(sd, f"torchvision {TORCHVISION_ARCH[name]} IMAGENET1K_V1", head_block=_TV_HEAD[spec.family],
-                  in_chans=3)
+    return Source(
+        sd, f"torchvision {TORCHVISION_ARCH[name]} IMAGENET1K_V1", head_block=_TV_HEAD[spec.family], in_chans=3
+    )
 
 
 def xrv_source(weights: str) -> Source:
@@ -256,8 +282,15 @@ def xrv_model_source(xmodel: nn.Module, description: str = "torchxrayvision Dens
     """
     sd = {k: v for k, v in xmodel.state_dict().items() if k != "op_threshs"}
     labels = list(getattr(xmodel, "targets", None) or getattr(xmodel, "pathologies", None) or XRV_LABELS)
-    return Source(sd, description, labels=labels, head="classifier", head_block="classifier",
-                  in_chans=int(sd["features.conv0.weight"].shape[1]), preset="xrv")
+    return Source(
+        sd,
+        description,
+        labels=labels,
+        head="classifier",
+        head_block="classifier",
+        in_chans=int(sd["features.conv0.weight"].shape[1]),
+        preset="xrv",
+    )
 
 
 def _torch_load(path: Path) -> Any:
@@ -265,7 +298,9 @@ def _torch_load(path: Path) -> Any:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
         # Lightning checkpoints and pickled modules hold Python objects: only load files you trust.
-        log.warning("%s holds pickled Python objects; loading it with weights_only=False (only load files you trust)", path)
+        log.warning(
+            "%s holds pickled Python objects; loading it with weights_only=False (only load files you trust)", path
+        )
         return torch.load(path, map_location="cpu", weights_only=False)
 
 
@@ -291,7 +326,7 @@ def file_source(path: str | os.PathLike, name: str) -> Source:
     obj = _read_file(p)
     if isinstance(obj, nn.Module):  # e.g. a torchxrayvision .pt file, which pickles the whole model
         labels = getattr(obj, "targets", None) or getattr(obj, "pathologies", None)
-        sd, meta, labels = obj.state_dict(), {}, (list(labels) if labels else None)
+        sd, labels = obj.state_dict(), (list(labels) if labels else None)
         sd.pop("op_threshs", None)
         src = Source(sd, f"{p} (pickled {type(obj).__name__})", labels=labels)
     elif isinstance(obj, dict) and (obj.get("format") == FORMAT or isinstance(obj.get("covidcxr"), dict)):
@@ -302,9 +337,16 @@ def file_source(path: str | os.PathLike, name: str) -> Source:
         except (KeyError, ModelError) as err:
             raise WeightsError(f"{p}: covidcxr checkpoint without a usable architecture/state_dict ({err})") from None
         preset = (b.get("preset") or {}).get("name")
-        src = Source(sd, f"{p} (covidcxr checkpoint, {b['arch']})", labels=list(b.get("classes") or []) or None,
-                     head=bspec.head, head_block=bspec.reinit_block,
-                     in_chans=(b.get("arch_kwargs") or {}).get("in_chans"), preset=preset, meta={"arch": b["arch"]})
+        src = Source(
+            sd,
+            f"{p} (covidcxr checkpoint, {b['arch']})",
+            labels=list(b.get("classes") or []) or None,
+            head=bspec.head,
+            head_block=bspec.reinit_block,
+            in_chans=(b.get("arch_kwargs") or {}).get("in_chans"),
+            preset=preset,
+            meta={"arch": b["arch"]},
+        )
     elif isinstance(obj, dict):
         sd = None
         for key in ("state_dict", "model_state_dict", "model", "net"):
@@ -358,7 +400,7 @@ def align_keys(sd: dict[str, torch.Tensor], target_keys) -> dict[str, torch.Tens
     prefix = max(counts.items(), key=lambda kv: (kv[1], -len(kv[0])))[0]
     if not prefix:
         return fixed
-    return {k[len(prefix):]: v for k, v in fixed.items() if k.startswith(prefix)}
+    return {k[len(prefix) :]: v for k, v in fixed.items() if k.startswith(prefix)}
 
 
 def _in_block(key: str, block: str | None) -> bool:
@@ -403,7 +445,9 @@ def transfer(
                 mismatched.append(f"{k} {tuple(v.shape)}!={tuple(t.shape)}")
                 continue
         load[k] = v.to(t.dtype)
-    missing = [k for k in target if k not in load and not _in_block(k, reinit) and not k.endswith("num_batches_tracked")]
+    missing = [
+        k for k in target if k not in load and not _in_block(k, reinit) and not k.endswith("num_batches_tracked")
+    ]
     if missing or unexpected or mismatched:
         raise WeightsError(
             f"{src.description}: weights do not fit {spec.name}: "
