@@ -283,3 +283,16 @@ def test_save_after_a_head_swap_records_the_real_output_count(tmp_path):
     x = torch.randn(1, 1, 64, 64)
     with torch.no_grad():
         assert torch.equal(loaded.model(x), net.eval()(x))
+
+
+def test_cli_models_show(capsys):
+    from covidcxr.cli import main
+
+    assert main(["models", "show", "densenet121", "--weights", "xrv-all", "--json"]) == 0
+    row = json.loads(capsys.readouterr().out)
+    assert row["preset"] == "deepcovid" and row["preset_for_weights"] == "xrv" and row["head"] == "classifier"
+    assert main(["models", "show", "covidnet-cxr-2"]) == 0
+    out = capsys.readouterr().out
+    assert "cam_layer" in out and "stage4" in out and "8.80 M" in out
+    assert main(["models", "show", "nope"]) == 1
+    assert "unknown model 'nope'" in capsys.readouterr().err

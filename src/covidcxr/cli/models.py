@@ -21,6 +21,16 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--live", action="store_true", help="count parameters and MACs now instead of using the stored table"
     )
     ls.set_defaults(func=cmd_list)
+    show = msub.add_parser(
+        "show",
+        help="one model's paper, input size, preset, layer paths and weight sources",
+        description="Print one registry entry. With --weights, the preprocessing preset those weights need "
+        "(xrv for torchxrayvision weights, a checkpoint's own preset for a covidcxr checkpoint).",
+    )
+    show.add_argument("name", help="registry name, e.g. covidnet-cxr-2 (see `covidcxr models list`)")
+    show.add_argument("--weights", default="none", help="none, imagenet, xrv-nih, xrv-all or a local file")
+    show.add_argument("--json", action="store_true", help="print a JSON object")
+    show.set_defaults(func=cmd_show)
     p.set_defaults(func=lambda _a: (p.print_help(), 2)[1])
 
 
@@ -56,4 +66,29 @@ def cmd_list(args: argparse.Namespace) -> int:
     for c in cells:
         print("  ".join(v.ljust(w) for v, w in zip(c, widths, strict=True)).rstrip())
     print("MACs at the native input size; every model also accepts weights=none or a local file.")
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    from covidcxr.models import preset_for
+    from covidcxr.models.summary import model_table
+
+    row = next((r for r in model_table() if r["name"] == args.name), None)
+    if row is None:
+        from covidcxr.models import get_spec
+
+        get_spec(args.name)  # raises UnknownModelError with the known names
+    row = {**row, "weights_given": args.weights, "preset_for_weights": preset_for(args.name, args.weights)}
+    if args.json:
+        print(json.dumps(row, indent=2))
+        return 0
+    width = max(map(len, row))
+    for k, v in row.items():
+        if k in ("params", "published_params") and v:
+            v = f"{v / 1e6:.2f} M"
+        elif k in ("macs", "published_macs") and v:
+            v = f"{v / 1e9:.2f} G"
+        elif isinstance(v, list):
+            v = ", ".join(map(str, v))
+        print(f"{k.ljust(width)}  {v}")
     return 0

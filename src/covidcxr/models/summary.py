@@ -89,6 +89,8 @@ def model_table(num_classes: int = 3, live: bool = False) -> list[dict[str, Any]
                 "weights": ["none", *spec.weight_sources, "PATH"],
                 "cam_layer": spec.cam_layer,
                 "head": spec.head,
+                "head_block": spec.reinit_block,
+                "first_conv": spec.first_conv,
                 "notes": spec.notes,
             }
         )
