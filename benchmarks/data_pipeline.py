@@ -75,6 +75,26 @@ def main(argv: list[str] | None = None) -> int:
 
     paths = frame["path"].tolist()
     add("-", "decode only (JPEG -> float32)", 0, lambda: [read_image(p).shape for p in paths] and None)
+
+    # augmentation alone on a 224 image: covidcxr's OpenCV Augment vs the same recipe in torchvision v2
+    from torchvision.transforms import v2
+
+    img224 = CXRDataset(frame.head(1), "covidnet@224").prepared(0)
+    tv2 = v2.Compose([v2.RandomAffine(degrees=aug.rotation, translate=(aug.translate, aug.translate), scale=aug.zoom),
+                      v2.RandomHorizontalFlip(), v2.ColorJitter(brightness=aug.brightness)])
+
+    def aug_cv() -> None:
+        for i in range(n):
+            aug(img224, index=i)
+
+    def aug_tv() -> None:
+        t = torch.from_numpy(img224)[None]
+        for i in range(n):
+            torch.manual_seed(i)
+            tv2(t).clamp(0, 1)
+
+    add(224, "augment only: covidcxr Augment (OpenCV warpAffine)", 0, aug_cv)
+    add(224, "augment only: same recipe in torchvision v2 (for comparison)", 0, aug_tv)
     cache_dirs = {}
     try:
         for size in (224, 480):
