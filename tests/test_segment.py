@@ -100,3 +100,26 @@ def test_lungcrop_crops_to_dilated_box():
     y0, y1, x0, x1 = crop_box(p, m.shape, m)
     dy0, dy1, dx0, dx1 = crop_box(p, m.shape, dilate(m, 0.05))
     assert dy0 <= y0 and dy1 >= y1 and dx0 <= x0 and dx1 >= x1 and (dy1 - dy0) > (y1 - y0)
+
+
+def test_explain_with_lungcrop_preset_maps_back_to_original(trained, tmp_path):
+    """explain --seg-model on a cxnet-lungcrop checkpoint: the crop box is undone in *_original.npy."""
+    from _explain_fixtures import CLASSES
+
+    from covidcxr import models
+    from covidcxr.cli import main
+
+    root, _, res = trained
+    ckpt = tmp_path / "dn.ckpt"
+    torch.manual_seed(0)
+    models.save(ckpt, models.build("resnet18", num_classes=3), arch="resnet18", classes=CLASSES,
+                preset=preprocess.get_preset("cxnet-lungcrop", size=64))
+    try:
+        rc = main(["explain", str(root / "images" / "img04.png"), "--model", str(ckpt), "--seg-model",
+                   res["checkpoint"], "--out", str(tmp_path / "out")])
+    finally:
+        use_model(None)
+    assert rc == 0
+    full = np.load(tmp_path / "out" / "img04_gradcam_original.npy")
+    assert full.shape == (96, 80)
+    assert np.load(tmp_path / "out" / "img04_gradcam.npy").shape == (64, 64)
