@@ -11,7 +11,16 @@ import torch
 
 from _explain_fixtures import make_dataset, synthetic_cxr
 from covidcxr import preprocess
-from covidcxr.segment import UNet, dice, dilate, postprocess, predict_files, train_segmenter, use_model
+from covidcxr.segment import (
+    UNet,
+    dice,
+    dilate,
+    postprocess,
+    predict_files,
+    predict_masks,
+    train_segmenter,
+    use_model,
+)
 
 
 def test_unet_output_shape():
@@ -66,6 +75,9 @@ def test_predict_writes_masks_and_reports_bad_files(trained, tmp_path):
     m = cv2.imread(written[0], cv2.IMREAD_UNCHANGED)
     assert m.shape == (96, 80) and set(np.unique(m)) <= {0, 255}
     assert (tmp_path / "out" / "img00_outline.png").is_file()
+    img = synthetic_cxr(0)[0].astype(np.float32) / 255
+    (mask,) = predict_masks([img], res["checkpoint"])
+    assert mask.shape == img.shape and mask.dtype == bool
 
 
 def test_use_model_drives_lungcrop_preset(trained):

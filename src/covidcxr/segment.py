@@ -364,6 +364,16 @@ def train_segmenter(
     return {"checkpoint": str(outdir / "segmenter.pt"), **metrics}
 
 
+def predict_masks(images: Sequence[np.ndarray], model: str | os.PathLike | LungSegmenter,
+                  batch_size: int = 8) -> list[np.ndarray]:
+    """Boolean lung masks for [0,1] grayscale arrays (each at its own size)."""
+    seg = model if isinstance(model, LungSegmenter) else LungSegmenter.load(model)
+    out: list[np.ndarray] = []
+    for s in range(0, len(images), batch_size):
+        out += seg.predict(images[s : s + batch_size])
+    return out
+
+
 def predict_files(paths: Sequence[str], model: str | os.PathLike | LungSegmenter, out: str | os.PathLike, *,
                   batch_size: int = 8, overlay: bool = False,
                   on_error: Callable[[str, str], None] | None = None) -> tuple[list[str], list[tuple[str, str]]]:
