@@ -66,7 +66,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--names", nargs="+", help="row names, one per checkpoint (default: RUN/FILE)")
     c.add_argument("--n-boot", type=int, default=1000)
     c.add_argument("--seed", type=int, default=0)
-    c.add_argument("--latency-repeats", type=int, default=5)
+    c.add_argument("--latency-repeats", type=int, default=10, help="batch-1 forward passes timed per model")
+    c.add_argument("--threads", type=int, default=1,
+                   help="torch threads for the CPU latency (default 1: stable on a shared machine)")
     c.set_defaults(func=cmd_compare)
 
 
@@ -135,6 +137,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from covidcxr.evaluate import MetricsError, compare
     from covidcxr.predict import PredictorError
 
+    import torch
+
+    torch.set_num_threads(max(1, args.threads))
     try:
         compare(args.checkpoints, args.data, args.split, args.out, n_boot=args.n_boot, seed=args.seed,
                 latency_repeats=args.latency_repeats, names=args.names)

@@ -1,0 +1,152 @@
+"""Training images per second: real images through the prepared-image cache vs synthetic tensors.
+
+Both paths run the same Lightning training loop (``covidcxr.train.CXRClassifier``, Adam, the
+model at its size) for a few steps; only the data differ. The real path is the one ``covidcxr
+train`` uses: ``CXRDataModule`` over the shared dev set with the on-disk cache (warmed first, as
+after one epoch) and augmentation. The synthetic path feeds random tensors already in memory, so
+it measures the model alone. If real / synthetic is close to 1, data loading is not the
+bottleneck. Prints a table and writes benchmarks/results/train_throughput.json.
+
+    .venv/bin/python benchmarks/train_throughput.py [--models resnet18:224 densenet121:224 covidnet-cxr-small:224]
+        [--steps 6] [--warmup 2] [--batch-size 8] [--workers 0] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_DATA = Path(os.environ.get("COVIDCXR_SHARED", REPO.parent / "shared" / "data")) / "covid-cxr-dev"
+DEFAULT_MODELS = ["resnet18:224", "densenet121:224", "covidnet-cxr-small:224"]
+
+
+class _Timer:
+    """Lightning callback: wall time of the training batches after ``warmup``."""
+
+    def __new__(cls, warmup: int):
+        import lightning as L
+
+        class T(L.Callback):
+            def __init__(self) -> None:
+                self.t0: float | None = None
+                self.t1: float | None = None
+                self.images = 0
+
+            def on_train_batch_start(self, trainer, module, batch, idx) -> None:
+                if idx == warmup:
+                    self.t0 = time.perf_counter()
+
+            def on_train_batch_end(self, trainer, module, outputs, batch, idx) -> None:
+                if idx >= warmup:
+                    self.images += len(batch["label"])
+                    self.t1 = time.perf_counter()
+
+        return T()
+
+
+class _Synthetic(torch.utils.data.Dataset):
+    def __init__(self, n: int, channels: int, size: int) -> None:
+        g = torch.Generator().manual_seed(0)
+        self.x = torch.randn(n, channels, size, size, generator=g)
+        self.y = torch.randint(0, 3, (n,), generator=g)
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"image": self.x[i], "label": int(self.y[i]), "index": i}
+
+
+def _run(cfg: dict, preset, loader, steps: int, warmup: int) -> float:
+    import lightning as L
+
+    from covidcxr.train import CXRClassifier
+
+    module = CXRClassifier(cfg, ["normal", "pneumonia", "COVID-19"], preset)
+    timer = _Timer(warmup)
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=1, limit_train_batches=warmup + steps,
+                        limit_val_batches=0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, callbacks=[timer])
+    trainer.fit(module, train_dataloaders=loader)
+    return timer.images / (timer.t1 - timer.t0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", type=Path, default=DEFAULT_DATA, help="folder with metadata.csv (dev-set layout)")
+    ap.add_argument("--models", nargs="+", default=DEFAULT_MODELS, help="NAME:SIZE entries")
+    ap.add_argument("--steps", type=int, default=6, help="timed training steps per row")
+    ap.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--workers", type=int, default=0, help="DataLoader workers for the real-data path")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads")
+    ap.add_argument("--repeats", type=int, default=2, help="runs per row; the best counts (least disturbed)")
+    ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "train_throughput.json")
+    args = ap.parse_args(argv)
+
+    if not (args.data / "metadata.csv").is_file():
+        print(f"no dataset at {args.data} (needs metadata.csv); pass --data", file=sys.stderr)
+        return 2
+    torch.set_num_threads(args.threads)
+    import logging
+
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    from covidcxr.data import CXRDataModule, build_manifest
+    from covidcxr.models import get_spec
+    from covidcxr.preprocess import get_preset
+    from covidcxr.train import load_config
+
+    tmp = Path(tempfile.mkdtemp(prefix="covidcxr-bench-"))
+    build_manifest(sources=[("csv", str(args.data / "metadata.csv"))], out=tmp / "data", seed=62)
+    manifest = tmp / "data" / "manifest.csv"
+    n_img = args.batch_size * (args.warmup + args.steps)
+    rows = []
+    for entry in args.models:
+        name, _, size = entry.partition(":")
+        spec = get_spec(name)
+        preset = get_preset(spec.preset, size=int(size) if size else None)
+        cfg = load_config(None, [f"model.arch={name}", "optimizer.name=adam", "optimizer.lr=1e-4"])
+        dm = CXRDataModule(manifest, preset, batch_size=args.batch_size, num_workers=args.workers, augment="covidnet",
+                           cache_dir=tmp / "cache", seed=0)
+        dm.setup("fit")
+        ds = dm.dataset("train")
+        for i in range(min(len(ds), n_img * 2)):  # warm the cache (what epoch 1 does)
+            ds.prepared(i)
+        synth = torch.utils.data.DataLoader(_Synthetic(n_img, preset.channels, preset.size), batch_size=args.batch_size)
+        real_r, synth_r = 0.0, 0.0
+        for _ in range(args.repeats):
+            synth_r = max(synth_r, _run(cfg, preset, synth, args.steps, args.warmup))
+            real_r = max(real_r, _run(cfg, preset, dm.train_dataloader(), args.steps, args.warmup))
+        row = {"model": name, "size": preset.size, "batch_size": args.batch_size, "synthetic_img_s": synth_r,
+               "real_cached_img_s": real_r, "ratio": real_r / synth_r, "workers": args.workers}
+        rows.append(row)
+        print(f"{name:>20} {preset.size:>4}px  synthetic {synth_r:7.2f} img/s   real+cache {real_r:7.2f} img/s   "
+              f"ratio {row['ratio']:.2f}", flush=True)
+
+    meta = {"threads": args.threads, "steps": args.steps, "warmup": args.warmup, "repeats": args.repeats,
+            "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "torch": torch.__version__,
+            "load_average_at_end": os.getloadavg()[0], "augment": "covidnet",
+            "command": "python benchmarks/train_throughput.py " + " ".join(argv if argv is not None else sys.argv[1:])}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    print()
+    print("| model | size | synthetic img/s | real (cached) img/s | real / synthetic |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['model']} | {r['size']} | {r['synthetic_img_s']:.2f} | {r['real_cached_img_s']:.2f} | "
+              f"{r['ratio']:.2f} |")
+    print(f"\nwritten {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
