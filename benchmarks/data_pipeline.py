@@ -102,8 +102,11 @@ def main(argv: list[str] | None = None) -> int:
             cache_dir = cache_dirs[size] = tmp / f"cache{size}"
 
             def fill(cache_dir: Path = cache_dir, preset: str = preset) -> None:
-                shutil.rmtree(cache_dir, ignore_errors=True)
-                each(CXRDataset(frame, preset, cache_dir=cache_dir))()
+                # a fresh, empty cache folder per pass (deleting the old one is not part of an epoch)
+                fresh = cache_dir.with_name(f"{cache_dir.name}-fill{len(list(tmp.glob(cache_dir.name + '-fill*')))}")
+                each(CXRDataset(frame, preset, cache_dir=fresh))()
+
+            each(CXRDataset(frame, preset, cache_dir=cache_dir))()  # the cached rows read this one
 
             add(size, "cold: read + preprocess", 0, each(CXRDataset(frame, preset)))
             add(size, "cold: read + preprocess + augment", 0, each(CXRDataset(frame, preset, augment=aug)))
@@ -125,12 +128,10 @@ def main(argv: list[str] | None = None) -> int:
                             pass
 
                     if persistent:
-                        fill(cache_dir, preset)  # the loader rows need a full cache
                         drain()  # start the workers once; later epochs reuse them
                     add(size, f"{what}, DataLoader batches of 32, {how}", workers, drain)
 
-        # interleaved rounds in a fixed row order; the best pass of each row counts. Each "fill" row
-        # leaves its cache full again before the cached rows of its size run.
+        # interleaved rounds in a fixed row order; the best pass of each row counts
         best = {id(row): float("inf") for row, _ in tasks}
         for _ in range(args.repeats):
             for row, fn in tasks:
