@@ -5,10 +5,11 @@ model at its size) for a few steps; only the data differ. The real path is the o
 train`` uses: ``CXRDataModule`` over the shared dev set with the on-disk cache (warmed first, as
 after one epoch) and augmentation. The synthetic path feeds random tensors already in memory, so
 it measures the model alone. If real / synthetic is close to 1, data loading is not the
-bottleneck. Prints a table and writes benchmarks/results/train_throughput.json.
+bottleneck; the share of the real run's wall time spent waiting for the next batch says the same
+without depending on how busy the machine was between runs. Prints a table and writes benchmarks/results/train_throughput.json.
 
     .venv/bin/python benchmarks/train_throughput.py [--models resnet18:224 densenet121:224 covidnet-cxr-small:224]
-        [--steps 6] [--warmup 2] [--batch-size 8] [--workers 0] [--threads 2]
+        [--steps 6] [--warmup 2] [--batch-size 8] [--workers 0] [--threads 1]
 """
 
 from __future__ import annotations
@@ -40,10 +41,14 @@ class _Timer:
                 self.t0: float | None = None
                 self.t1: float | None = None
                 self.images = 0
+                self.wait = 0.0  # time between one batch's end and the next one's start: fetching data
 
             def on_train_batch_start(self, trainer, module, batch, idx) -> None:
+                now = time.perf_counter()
                 if idx == warmup:
-                    self.t0 = time.perf_counter()
+                    self.t0 = now
+                elif idx > warmup and self.t1 is not None:
+                    self.wait += now - self.t1
 
             def on_train_batch_end(self, trainer, module, outputs, batch, idx) -> None:
                 if idx >= warmup:
@@ -77,7 +82,8 @@ def _run(cfg: dict, preset, loader, steps: int, warmup: int) -> float:
                         limit_val_batches=0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, callbacks=[timer])
     trainer.fit(module, train_dataloaders=loader)
-    return timer.images / (timer.t1 - timer.t0)
+    total = timer.t1 - timer.t0
+    return timer.images / total, timer.wait / total
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -88,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--workers", type=int, default=0, help="DataLoader workers for the real-data path")
-    ap.add_argument("--threads", type=int, default=2, help="torch threads")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (1: fastest on a busy machine)")
     ap.add_argument("--repeats", type=int, default=2, help="runs per row; the best counts (least disturbed)")
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "train_throughput.json")
     args = ap.parse_args(argv)
@@ -122,15 +128,17 @@ def main(argv: list[str] | None = None) -> int:
         for i in range(min(len(ds), n_img * 2)):  # warm the cache (what epoch 1 does)
             ds.prepared(i)
         synth = torch.utils.data.DataLoader(_Synthetic(n_img, preset.channels, preset.size), batch_size=args.batch_size)
-        real_r, synth_r = 0.0, 0.0
-        for _ in range(args.repeats):
-            synth_r = max(synth_r, _run(cfg, preset, synth, args.steps, args.warmup))
-            real_r = max(real_r, _run(cfg, preset, dm.train_dataloader(), args.steps, args.warmup))
+        real_r, synth_r, wait = 0.0, 0.0, []
+        for _ in range(args.repeats):  # alternate, so that load changes hit both paths alike
+            synth_r = max(synth_r, _run(cfg, preset, synth, args.steps, args.warmup)[0])
+            r, w = _run(cfg, preset, dm.train_dataloader(), args.steps, args.warmup)
+            real_r, wait = max(real_r, r), wait + [w]
         row = {"model": name, "size": preset.size, "batch_size": args.batch_size, "synthetic_img_s": synth_r,
-               "real_cached_img_s": real_r, "ratio": real_r / synth_r, "workers": args.workers}
+               "real_cached_img_s": real_r, "ratio": real_r / synth_r, "data_wait_fraction": min(wait),
+               "workers": args.workers}
         rows.append(row)
         print(f"{name:>20} {preset.size:>4}px  synthetic {synth_r:7.2f} img/s   real+cache {real_r:7.2f} img/s   "
-              f"ratio {row['ratio']:.2f}", flush=True)
+              f"ratio {row['ratio']:.2f}   data wait {100 * row['data_wait_fraction']:.1f}%", flush=True)
 
     meta = {"threads": args.threads, "steps": args.steps, "warmup": args.warmup, "repeats": args.repeats,
             "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "torch": torch.__version__,
@@ -139,11 +147,11 @@ def main(argv: list[str] | None = None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     print()
-    print("| model | size | synthetic img/s | real (cached) img/s | real / synthetic |")
-    print("|---|---|---|---|---|")
+    print("| model | size | batch | synthetic img/s | real (cached) img/s | real / synthetic | time waiting for data |")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['model']} | {r['size']} | {r['synthetic_img_s']:.2f} | {r['real_cached_img_s']:.2f} | "
-              f"{r['ratio']:.2f} |")
+        print(f"| {r['model']} | {r['size']} | {r['batch_size']} | {r['synthetic_img_s']:.2f} | "
+              f"{r['real_cached_img_s']:.2f} | {r['ratio']:.2f} | {100 * r['data_wait_fraction']:.1f}% |")
     print(f"\nwritten {args.out}")
     return 0
 

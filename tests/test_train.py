@@ -253,3 +253,24 @@ def test_killed_run_resumes_to_same_step_count(small_manifest: Path, tmp_path: P
     assert final["global_step"] == 16 and final["epochs"] == 2
     assert final["training"]["run"]["resumed"] is True
     assert torch.load(run / "last.ckpt", map_location="cpu", weights_only=False)["global_step"] == 16
+
+
+def test_gpu_options_on_cpu(small_manifest: Path, tmp_path: Path) -> None:
+    """bf16 mixed precision and channels_last run (here on the CPU); compile keeps checkpoint keys plain."""
+    from covidcxr.models import load
+    from covidcxr.preprocess import get_preset
+    from covidcxr.train import CXRClassifier
+
+    run = _fit(small_manifest, tmp_path / "bf16", extra=[
+        "trainer.precision=bf16-mixed", "trainer.channels_last=true", "trainer.max_epochs=1",
+        "trainer.limit_train_batches=1", "trainer.limit_val_batches=1"])
+    lm = load(run / "last.ckpt")
+    assert lm.training["run"]["precision"] == "bf16-mixed"
+    assert all(t.dtype == torch.float32 for t in lm.model.state_dict().values() if t.is_floating_point())
+
+    cfg = load_config(REPO / "configs" / "deepcovid-resnet18.yaml", ["model.weights=none", "trainer.compile=true"])
+    module = CXRClassifier(cfg, ["normal", "pneumonia", "COVID-19"], get_preset("deepcovid", size=64))
+    module.configure_model()
+    assert module._compiled is not None
+    assert not any("_orig_mod" in k for k in module.state_dict())
+    assert set(module.bundle()["state_dict"]) == set(module.model.state_dict())
