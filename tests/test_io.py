@@ -240,3 +240,26 @@ def test_dicom_missing_codec_names_transfer_syntax(tmp_path):
     ds.save_as(p)
     msg = _err(p)
     assert "missing codec" in msg and "MPEG2" in msg and "pip install" in msg
+
+
+def test_dicom_voi_lut_sequence(tmp_path):
+    from pydicom.dataset import Dataset
+
+    px = gradient(dtype=np.uint16, maxval=4095)
+    ds = dicom_dataset(px)
+    item = Dataset()
+    item.LUTDescriptor = [4096, 0, 16]  # 4096 entries from stored value 0, 16-bit output
+    item.LUTData = [4095 * 16 - v * 16 for v in range(4096)]  # an inverting 12 -> 16 bit LUT
+    item["LUTData"].VR = "US"
+    ds.VOILUTSequence = [item]
+    img = read_image(write_dicom(tmp_path / "lut.dcm", ds))
+    # the LUT's output range (16 bits) gives the scale, and the LUT's inversion shows through
+    np.testing.assert_allclose(img, (4095 - px) * 16 / 65535.0, atol=1e-5)
+
+
+def test_tiff_16bit(tmp_path):
+    arr = gradient(dtype=np.uint16, maxval=65535)
+    p = tmp_path / "a.tif"
+    Image.fromarray(arr).save(p, format="TIFF")
+    np.testing.assert_allclose(read_image(p), arr / 65535.0, atol=1e-6)
+    assert inspect(p).format == "tiff"

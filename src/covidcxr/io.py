@@ -224,11 +224,14 @@ def _read_dicom(data: bytes, path: str | None) -> tuple[np.ndarray, ImageInfo]:
 
     from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
-    arr = apply_modality_lut(pixels, ds).astype(np.float32)
+    modality = apply_modality_lut(pixels, ds)
+    arr = modality.astype(np.float32)
     has_voi = "VOILUTSequence" in ds or ("WindowCenter" in ds and "WindowWidth" in ds)
     bits_stored = int(ds.get("BitsStored", ds.get("BitsAllocated", 8)) or 8)
     if has_voi:
-        arr = apply_voi_lut(arr, ds, prefer_lut=True).astype(np.float32)
+        # a LUT is indexed by integer values: feeding it floats gives wrong results (pydicom warns)
+        voi_in = np.rint(modality).astype(np.int64) if "VOILUTSequence" in ds else arr
+        arr = apply_voi_lut(voi_in, ds, prefer_lut=True).astype(np.float32)
         lo, hi = _voi_range(ds, arr)
     else:
         # BitsStored bounds the stored values; after a modality LUT, use the data's own span.
