@@ -64,11 +64,13 @@ class CXRClassifier(L.LightningModule):
         self.classes = list(classes)
         self.preset = preset
         self.arch = config["model"]["arch"]
-        self.arch_kwargs = {"num_classes": len(self.classes), **(config["model"].get("kwargs") or {})}
+        # the input channels follow the preset (1 for torchxrayvision's scaling, else 3)
+        kwargs = {"in_chans": preset.channels, **(config["model"].get("kwargs") or {})}
+        self.arch_kwargs = {"num_classes": len(self.classes), **kwargs}
         self.summary: dict[str, Any] = dict(summary or {})
         self.spec = get_spec(self.arch)
         if model is None:
-            model = init_model(self.arch, config["model"]["weights"], self.classes, config["model"].get("kwargs") or {})
+            model = init_model(self.arch, config["model"]["weights"], self.classes, kwargs)
         # builder arguments set by a weight source (in_chans=1 for xrv) are recorded on the model itself
         self.arch_kwargs.update(getattr(model, "covidcxr_arch_kwargs", None) or {})
         self.model = model
