@@ -180,6 +180,10 @@ def test_datamodule_loaders(manifest, tmp_path):
     assert dm.dataset("val").augment is None and train.augment is not None
     assert len(dm.class_weights()) == 3 and dm.num_classes == 3
     assert sum(len(b["label"]) for b in dm.test_dataloader()) == len(dm.dataset("test"))
+    forced = CXRDataModule(manifest, PRESET, batch_size=4, sampler="rebalance", minority_label="COVID-19")
+    assert forced.train_sampler().minority_class == 2
+    with pytest.raises(ManifestError, match="minority_label 'covid'"):
+        CXRDataModule(manifest, PRESET, sampler="rebalance", minority_label="covid").train_sampler()
     # label_filter keeps the chosen labels only
     dm2 = CXRDataModule(manifest, PRESET, label_filter=["COVID-19", "normal"])
     dm2.setup()

@@ -21,7 +21,7 @@ class CXRDataModule(L.LightningDataModule):
     """Train/val/test loaders from one manifest (``split`` column) and one preprocessing preset.
 
     ``sampler``: None (shuffle), ``"rebalance"`` (COVID-Net: ``minority_fraction`` of every batch from
-    the minority class) or ``"weighted"`` (sample with balanced class weights). Each is sharded per
+    the minority class: the rarest training label, or ``minority_label``, e.g. ``"COVID-19"``) or ``"weighted"`` (sample with balanced class weights). Each is sharded per
     rank under DDP and re-seeded per epoch. ``label_filter``: labels to keep (a list) or a function
     ``frame -> boolean mask``. Augmentation applies to the training split only.
     """
@@ -32,7 +32,8 @@ class CXRDataModule(L.LightningDataModule):
                  sampler: Literal["rebalance", "weighted"] | None = None, minority_fraction: float = 0.5,
                  seed: int = 0, train_split: str = "train", val_split: str = "val", test_split: str = "test",
                  label_filter: Sequence[str] | Callable[[pd.DataFrame], pd.Series] | None = None,
-                 classes: Sequence[str] | Mapping[str, int] = CLASSES, pin_memory: bool = False):
+                 classes: Sequence[str] | Mapping[str, int] = CLASSES, pin_memory: bool = False,
+                 minority_label: str | None = None):
         super().__init__()
         if sampler not in (None, "rebalance", "weighted"):
             raise ValueError(f"sampler must be None, 'rebalance' or 'weighted', not {sampler!r}")
@@ -43,6 +44,7 @@ class CXRDataModule(L.LightningDataModule):
         self.sampler, self.minority_fraction, self.seed = sampler, minority_fraction, int(seed)
         self.splits = {"train": train_split, "val": val_split, "test": test_split}
         self.label_filter, self.classes, self.pin_memory = label_filter, classes, pin_memory
+        self.minority_label = minority_label
         self.datasets: dict[str, CXRDataset] = {}
         self.frame: pd.DataFrame | None = None
 
@@ -90,7 +92,13 @@ class CXRDataModule(L.LightningDataModule):
     def train_sampler(self) -> torch.utils.data.Sampler:
         ds = self.dataset("train")
         if self.sampler == "rebalance":
-            return rebalancing_sampler(ds.labels, self.batch_size, self.minority_fraction, seed=self.seed, dataset=ds)
+            minority = None
+            if self.minority_label is not None:
+                if self.minority_label not in ds.class_to_index:
+                    raise ManifestError(f"minority_label {self.minority_label!r} is not one of {list(ds.class_to_index)}")
+                minority = ds.class_to_index[self.minority_label]
+            return rebalancing_sampler(ds.labels, self.batch_size, self.minority_fraction, seed=self.seed, dataset=ds,
+                                       minority_class=minority)
         if self.sampler == "weighted":
             return WeightedSampler(ds.labels, seed=self.seed, dataset=ds)
         return ShuffleSampler(len(ds), seed=self.seed, dataset=ds)
