@@ -385,8 +385,9 @@ def _headline(overall: dict, metrics: dict, methods: Sequence[str]) -> str:
     lm = metrics.get("images_with_lung_mask", {})
     if lm:
         a0, a1 = lm["original"]["accuracy"], lm["lung_only"]["accuracy"]
-        parts.append(f"accuracy {a0['value']:.3f} unmasked -> {a1['value']:.3f} lungs only "
-                     f"(difference CI{_ci(a1, 'diff_ci95')})")
+        parts.append(f"accuracy {a0['value']:.3f} unmasked -> {a1['value']:.3f} with everything outside the "
+                     f"lungs blanked (difference {a1.get('diff_vs_original', float('nan')):+.3f}, 95% CI"
+                     f"{_ci(a1, 'diff_ci95')})")
     parts.append(f"blanking the border band changes p(predicted) by {_fmt(overall['abs_text_delta_border'])} on "
                  f"average and flips {_fmt(overall['changed_by_border'], True)} of predictions")
     return "; ".join(parts) + "."
@@ -432,18 +433,15 @@ def _markdown(r: dict, methods: Sequence[str]) -> str:
          "input the lungs cover. A model that uses the lungs scores well above the lung area; at or below it, the "
          "model draws its evidence from elsewhere (borders, text, devices, the body outline).", ""]
     head = ["group", "n", "lung area"] + [f"{m} in lungs" for m in methods] + [f"{m} in border" for m in methods]
+    o = r["overall"]
     for title, key in (("per class", "per_class"), ("per source", "per_source")):
         L += [f"**{title}**", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         gk = "label" if key == "per_class" else "source"
-        for g in r[key]:
+        for g in r[key] + [{**o, gk: "**all**"}]:
             cells = [str(g[gk]), str(g["n"]), _fmt(g["lung_area"], True)]
             cells += [_fmt(g[f"{m}_in_lungs"], True) for m in methods] + [_fmt(g[f"{m}_in_border"], True) for m in methods]
             L.append("| " + " | ".join(cells) + " |")
         L.append("")
-    o = r["overall"]
-    L.append("| all | " + " | ".join([str(o["n"]), _fmt(o["lung_area"], True)] +
-                                      [_fmt(o[f"{m}_in_lungs"], True) for m in methods] +
-                                      [_fmt(o[f"{m}_in_border"], True) for m in methods]) + " |")
     L += ["", "## Lungs only vs unmasked (images with a lung mask)", "",
           "Everything outside the lung mask is set to black. 95 % CIs: patient bootstrap; the difference CI is paired.",
           "", "| metric | unmasked | lungs only | difference [95% CI] |", "|---|---|---|---|"]
