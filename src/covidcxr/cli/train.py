@@ -113,15 +113,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                                   threshold=args.threshold, batch_size=args.batch_size, num_workers=args.workers)
     except (MetricsError, PredictorError) as err:
         raise _user_error(err) from None
+    from covidcxr.evaluate.report import _fmt_ci
+
     m = res["metrics"]
-    acc = m["accuracy"]
     print(f"{m['n_images']} images / {m['n_patients']} patients ({args.split}); "
-          f"accuracy {acc['value']:.3f} [95% CI {acc['ci_low']:.3f}, {acc['ci_high']:.3f}]")
+          f"accuracy {_fmt_ci(m['accuracy'])}" + (" [95% CI, bootstrap over patients]" if args.n_boot else ""))
     for cname, pc in m["per_class"].items():
-        s = pc["sensitivity"]
-        sv = "n/a" if s["value"] is None else f"{s['value']:.3f}"
-        auc = pc.get("auc", {}).get("value")
-        print(f"  {cname:>10}: sensitivity {sv}  AUC {'n/a' if auc is None else f'{auc:.3f}'}")
+        print(f"  {cname:>10}: sensitivity {_fmt_ci(pc['sensitivity'])}  AUC {_fmt_ci(pc.get('auc'))}")
     if res.get("failures"):
         print(f"skipped {len(res['failures'])} unreadable image(s):")
         for f in res["failures"]:
