@@ -74,7 +74,7 @@ def _bn_affine(bn: nn.modules.batchnorm._BatchNorm) -> tuple[torch.Tensor, torch
     weight = bn.weight if bn.weight is not None else torch.ones_like(var)
     bias = bn.bias if bn.bias is not None else torch.zeros_like(var)
     scale = weight / torch.sqrt(var + bn.eps)
-    # A zero scale makes the channel constant; a tiny scale keeps the rewrite exact to ~1e-12.
+    # A zero scale makes the channel constant (relu(b)); a tiny stand-in keeps the rewrite finite and exact.
     tiny = torch.full_like(scale, 1e-12)
     scale = torch.where(scale.abs() < 1e-12, torch.where(scale < 0, -tiny, tiny), scale)
     return scale.detach(), (bias - mean * scale).detach()
