@@ -6,14 +6,14 @@
 #
 #   bash scripts/results_classification.sh [DATA] [RUNS]
 #     DATA  folder with metadata.csv (default ../shared/data/covid-cxr-dev)
-#     RUNS  output folder, outside the repository (default /work/runs/results)
+#     RUNS  output folder, outside the repository (default ../runs/results, beside the checkout)
 #   EPOCHS=12 JOBS=2 bash scripts/results_classification.sh    # JOBS: trainings run side by side
 #
 # Every training uses one torch thread (fastest on a shared 2-core machine); JOBS=2 runs two at once.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${1:-../shared/data/covid-cxr-dev}
-RUNS=${2:-/work/runs/results}
+RUNS=${2:-../runs/results}
 EPOCHS=${EPOCHS:-12}
 JOBS=${JOBS:-2}
 HOLDOUT=${HOLDOUT:-actualmed}
