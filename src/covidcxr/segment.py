@@ -261,14 +261,20 @@ def evaluate_dice(seg: LungSegmenter, pairs: list[tuple[np.ndarray, np.ndarray]]
     return out
 
 
-def _summary(d: list[float], seed: int = 0) -> dict:
+def _summary(d: list[float], patients: Sequence[str] | None = None, seed: int = 0) -> dict:
+    """Mean/median/min Dice with a 95 % CI from 1000 bootstrap resamples of *patients* (images of one
+    patient are resampled together), or of images when no patient ids are given."""
     if not d:
         return {"n": 0}
     a = np.asarray(d)
+    ids = np.asarray(patients if patients is not None else np.arange(len(a)))
+    groups = [np.nonzero(ids == u)[0] for u in np.unique(ids)]
     rng = np.random.default_rng(seed)
-    boots = [rng.choice(a, len(a)).mean() for _ in range(1000)]
+    boots = [a[np.concatenate([groups[i] for i in rng.integers(0, len(groups), len(groups))])].mean()
+             for _ in range(1000)]
     return {"n": int(len(a)), "mean": float(a.mean()), "median": float(np.median(a)), "min": float(a.min()),
-            "ci95": [float(np.percentile(boots, 2.5)), float(np.percentile(boots, 97.5))]}
+            "ci95": [float(np.percentile(boots, 2.5)), float(np.percentile(boots, 97.5))],
+            "ci_method": "bootstrap over patients" if patients is not None else "bootstrap over images"}
 
 
 def train_segmenter(
@@ -348,7 +354,8 @@ def train_segmenter(
     for name in ("train", "val", "test"):
         if groups[name]:
             pairs = val_pairs if name == "val" else _load_pairs(df, groups[name], size)[2]
-            metrics[name] = _summary(evaluate_dice(seg, pairs, batch_size), seed)
+            metrics[name] = _summary(evaluate_dice(seg, pairs, batch_size),
+                                     df.loc[groups[name], "patient_id"].tolist(), seed)
             metrics[name]["patients"] = int(df.loc[groups[name], "patient_id"].nunique())
     bundle = {
         "format": FORMAT, "format_version": 1, "arch": "unet", "kwargs": kwargs, "size": size,
