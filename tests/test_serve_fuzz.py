@@ -7,7 +7,6 @@ its schema, and never a 5xx.
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 
