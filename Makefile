@@ -27,8 +27,13 @@ test: install
 demo: install
 	bash scripts/demo.sh "$(DATA)" "$(DEMO_OUT)"
 
+# Speed figures for docs/benchmarks.md; each script prints a table and writes benchmarks/results/*.json.
 bench: install
 	$(PY) benchmarks/data_pipeline.py
+	$(PY) benchmarks/train_throughput.py
+	$(PY) benchmarks/inference.py --threads 1
+	$(PY) benchmarks/explain_speed.py
+	$(PY) benchmarks/service_load.py
 
 clean:
 	rm -rf $(VENV) $(DEMO_OUT) .pytest_cache
