@@ -171,10 +171,21 @@ def test_sanity_check_flags_input_copy_and_passes_gradcam():
 
     res = {r.method: r for r in sanity_check(model, x, {"gradcam": "gradcam", "input": copy_of_input},
                                              ctx=Context(cam_layer="4"))}
-    assert res["input"].flagged and res["input"].final > 0.99
-    assert not res["gradcam"].flagged and res["gradcam"].final < 0.5
+    assert res["input"].flagged and res["input"].final > 0.99 and res["input"].steps_above == 4
+    assert not res["gradcam"].flagged and res["gradcam"].final < 0.5 and res["gradcam"].steps_above < 2
     assert len(res["gradcam"].rank_correlation) == len(res["gradcam"].layers) == 4
     assert res["gradcam"].layers[0] == "8"  # cascade starts at the classifier
+
+
+def test_sanity_flags_maps_that_ignore_the_upper_layers():
+    """A method that only reacts to the first layer survives most of the cascade: flagged."""
+    model, x = _trained_tiny_cnn()
+
+    def first_layer_only(m, batch, _target, _ctx):
+        return m[0](batch).abs().sum(1).detach()
+
+    (res,) = sanity_check(model, x, {"first": first_layer_only}, ctx=Context(cam_layer="4"))
+    assert res.final < 0.5 and res.steps_above == 3 and res.flagged
 
 
 def test_geometry_maps_back_to_original():

@@ -44,7 +44,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seg-model", metavar="CKPT", help="lung segmenter for lung-crop presets (cxnet-lungcrop)")
     p.add_argument("--sanity", action="store_true", help="run the cascading randomisation sanity check instead")
     p.add_argument("--sanity-threshold", type=float, default=0.5,
-                   help="flag a method whose mean rank correlation after full randomisation is at least this")
+                   help="flag a method whose mean rank correlation stays at least this after full randomisation, "
+                   "or through half of the cascade steps (default 0.5)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.set_defaults(func=cmd_explain)
