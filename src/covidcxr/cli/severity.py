@@ -40,6 +40,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--val-fraction", type=float, default=0.15,
                    help="patients held out for validation when the data has no val split")
     t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--accelerator", default="cpu", choices=["cpu", "gpu", "auto"], help="Lightning accelerator")
     t.set_defaults(func=_guard(cmd_train))
 
     e = ssub.add_parser("evaluate", help="metrics of a severity checkpoint, with patient-bootstrap CIs")
@@ -106,7 +107,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         size=args.size, images=args.images, max_epochs=args.max_epochs, batch_size=args.batch_size, lr=args.lr,
         backbone_lr_mult=args.backbone_lr_mult, freeze_epochs=args.freeze_epochs, augment=args.augment,
         level_source=args.level_source, level_threshold=args.level_threshold, val_fraction=args.val_fraction,
-        seed=args.seed,
+        seed=args.seed, accelerator=args.accelerator,
     )
     ckpt = train_severity(cfg)
     summary = json.loads((ckpt.parent / "train_summary.json").read_text())

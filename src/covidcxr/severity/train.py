@@ -202,7 +202,7 @@ class SeverityModule(_lightning().LightningModule):
         return torch.optim.AdamW(groups, weight_decay=self.weight_decay)
 
 
-def make_trainer(max_epochs: int, **kw: Any):
+def make_trainer(max_epochs: int, accelerator: str = "cpu", **kw: Any):
     L = _lightning()
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
     warnings.filterwarnings("ignore", ".*number of training batches.*")
@@ -210,7 +210,7 @@ def make_trainer(max_epochs: int, **kw: Any):
     warnings.filterwarnings("ignore", ".*LeafSpec.*is deprecated.*")
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # no "GPU available: False" chatter
     return L.Trainer(
-        max_epochs=int(max_epochs), accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+        max_epochs=int(max_epochs), accelerator=accelerator, devices=1, logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, log_every_n_steps=1,
         deterministic=False, **kw,
     )
@@ -240,6 +240,8 @@ class SeverityConfig:
     level_threshold: float = L_.PROXY_THRESHOLD
     val_fraction: float = 0.15
     seed: int = 0
+    #: Lightning accelerator: "cpu" (default, what the tests and the dev figures use), "gpu" or "auto"
+    accelerator: str = "cpu"
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -306,7 +308,8 @@ def fit_model(ini: Initial, task: str, tr_arrays: Sequence[np.ndarray], y_tr: np
     va = DataLoader(PreparedDataset(va_arrays, y_va, ini.preset), batch_size=max(cfg.batch_size, 32)) if len(va_arrays) else None
     module = SeverityModule(ini.model, task, head, cfg.lr, cfg.backbone_lr_mult, cfg.weight_decay,
                             cfg.freeze_epochs, cw)
-    make_trainer(cfg.max_epochs).fit(module, tr, va)
+    make_trainer(cfg.max_epochs, cfg.accelerator).fit(module, tr, va)
+    module.model.cpu()
     for p in module.model.parameters():
         p.requires_grad_(True)
     return module
