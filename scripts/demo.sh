@@ -41,7 +41,17 @@ $CX train --config configs/dev-resnet18.yaml --data "$OUT/data/manifest.csv" --o
   --weights none --max-epochs "$EPOCHS" --set data.cache_dir="$OUT/cache"
 $CX evaluate --model "$OUT/run/best.ckpt" --data "$OUT/data/manifest.csv" --split test --out "$OUT/report"
 
-# ---------------------------------------------------------------- 3. explain, predict, export
+# ---------------------------------------------------------------- 3. severity (COVID-19-positive images with scores)
+if $CX severity train --task scores --data "$OUT/data/manifest.csv" --out "$OUT/severity" \
+     --init "$OUT/run/best.ckpt" --max-epochs "$EPOCHS" --size 128; then
+  $CX severity evaluate --model "$OUT/severity/best.ckpt" --data "$OUT/data/manifest.csv" --split test --out "$OUT/severity-report"
+  SEVERITY=(--severity "$OUT/severity/best.ckpt" --always-severity)
+else
+  echo "(no severity scores in this dataset: skipping the severity step)"
+  SEVERITY=()
+fi
+
+# ---------------------------------------------------------------- 4. explain, predict, export
 mapfile -t EXAMPLES < <(.venv/bin/python - "$OUT/data/manifest.csv" <<'PY'
 import sys, pandas as pd
 from pathlib import Path
@@ -51,7 +61,7 @@ for _, r in t.groupby("label").head(1).iterrows():
 PY
 )
 $CX explain "${EXAMPLES[@]}" --model "$OUT/run/best.ckpt" --method gradcam --out "$OUT/explain"
-$CX predict "${EXAMPLES[@]}" --model "$OUT/run/best.ckpt" --out "$OUT/predictions.jsonl"
+$CX predict "${EXAMPLES[@]}" --model "$OUT/run/best.ckpt" "${SEVERITY[@]}" --out "$OUT/predictions.jsonl"
 $CX export --model "$OUT/run/best.ckpt" --onnx "$OUT/model.onnx"
 $CX predict "${EXAMPLES[@]}" --model "$OUT/model.onnx" --backend onnx --out "$OUT/predictions-onnx.jsonl"
 
@@ -59,6 +69,7 @@ echo
 echo "== demo finished"
 echo "dataset + audit:   $OUT/data"
 echo "evaluation report: $OUT/report"
+echo "severity report:   $OUT/severity-report"
 echo "heatmaps:          $OUT/explain"
 echo "predictions:       $OUT/predictions.jsonl (torch), $OUT/predictions-onnx.jsonl (onnx)"
 echo "serve it:          .venv/bin/covidcxr serve --model $OUT/run/best.ckpt --host 127.0.0.1 --port 8000"
