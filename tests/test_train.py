@@ -144,6 +144,22 @@ def test_cli_errors_are_one_line(tmp_path: Path, small_manifest: Path, capsys: p
         assert err.startswith("covidcxr train: error:") and "\n" not in err, err
 
 
+def test_resume_from_truncated_last_ckpt_is_one_line(tmp_path: Path, small_manifest: Path,
+                                                     capsys: pytest.CaptureFixture) -> None:
+    """A half-written or foreign last.ckpt must not end in Lightning's miniz traceback."""
+    from covidcxr.cli import main
+
+    run = tmp_path / "run"
+    run.mkdir()
+    torch.save({"state_dict": {"w": torch.zeros(1000)}}, run / "full.ckpt")
+    (run / "last.ckpt").write_bytes((run / "full.ckpt").read_bytes()[:500])  # killed mid-copy
+    rc = main(["train", "--config", "configs/dev-resnet18.yaml", "--data", str(small_manifest),
+               "--out", str(run), "--resume"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 1 and "last.ckpt: cannot resume, not a complete checkpoint" in err, err
+    assert "\n" not in err, err
+
+
 # --------------------------------------------------------------------------- fitting
 
 

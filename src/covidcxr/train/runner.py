@@ -9,6 +9,7 @@ import logging
 import os
 import shutil
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -226,6 +227,11 @@ def fit(cfg: dict[str, Any], data: str | os.PathLike, out: str | os.PathLike, re
     last = out / "last.ckpt"
     if resume and not last.is_file():
         raise ConfigError(f"{last}: nothing to resume (no last.ckpt); start without --resume")
+    if resume and not zipfile.is_zipfile(last):
+        # torch.save writes a zip archive; a truncated or foreign file would otherwise fail deep inside
+        # Lightning with a miniz traceback
+        raise ConfigError(f"{last}: cannot resume, not a complete checkpoint (truncated or not written by "
+                          "covidcxr train); delete it or start without --resume")
     # only the launching process cleans up: DDP children (and torchrun ranks) have LOCAL_RANK set
     if not resume and "LOCAL_RANK" not in os.environ:
         stale = [p for p in (out / "best.ckpt", last, out / "logs", out / "tensorboard", out / "samples") if p.exists()]
