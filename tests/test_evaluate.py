@@ -123,3 +123,36 @@ def test_compare_writes_one_table(ckpts: list[Path], manifest: Path, tmp_path: P
     for c in ("accuracy_ci_low", "sensitivity_COVID-19_ci_high", "ppv_normal_value", "auc_covid_value"):
         assert c in csv.columns
     assert capsys.readouterr().out.count("| ResNet-18 |") == 1
+
+
+def test_set_threshold_is_chosen_on_val_and_used_by_predict(ckpts: list[Path], manifest: Path, tmp_path: Path,
+                                                            capsys) -> None:
+    import shutil
+
+    import numpy as np
+
+    from covidcxr.data import read_manifest
+    from covidcxr.evaluate.inference import predict_frame
+    from covidcxr.models import read_bundle
+    from covidcxr.predict import Predictor
+
+    ckpt = tmp_path / "thr.ckpt"
+    shutil.copy(ckpts[0], ckpt)
+    rc = main(["evaluate", "--model", str(ckpt), "--data", str(manifest), "--split", "test", "--out",
+               str(tmp_path / "r"), "--n-boot", "0", "--set-threshold", "--target-sensitivity", "0.9"])
+    assert rc == 0
+    thr = read_bundle(ckpt)["threshold"]
+    assert thr is not None and 0.0 < thr < 1.0
+    assert "stored in" in capsys.readouterr().out
+    # The stored threshold reaches the target on val, and the next higher val score would not.
+    pred = Predictor.from_path(ckpt)
+    df = read_manifest(manifest)
+    val = predict_frame(pred, df[df["split"] == "val"])
+    covid = (val.frame["label"] == "COVID-19").to_numpy()
+    p = val.probs[:, 2]
+    assert (p[covid] >= thr).mean() >= 0.9
+    higher = p[p > thr]
+    if len(higher):
+        assert (p[covid] >= higher.min()).mean() < 0.9
+    assert pred.threshold == pytest.approx(thr)
+    assert np.isfinite(p).all()

@@ -50,6 +50,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--threshold", type=float, help="COVID-19 decision threshold (default: the checkpoint's, else argmax)")
     e.add_argument("--calibrate", action="store_true",
                    help="fit a temperature on the manifest's val split and store it in the checkpoint")
+    e.add_argument("--set-threshold", action="store_true",
+                   help="choose the COVID-19 threshold reaching --target-sensitivity on the val split and store it "
+                        "in the checkpoint (predict and serve use it)")
     e.add_argument("--batch-size", type=int, default=16)
     e.add_argument("--workers", type=int, default=0, help="data loader workers")
     e.set_defaults(func=cmd_evaluate)
@@ -110,6 +113,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     try:
         res = evaluate_checkpoint(args.model, args.data, args.split, args.out, n_boot=args.n_boot, seed=args.seed,
                                   target_sensitivity=args.target_sensitivity, calibrate=args.calibrate,
+                                  set_threshold=args.set_threshold,
                                   threshold=args.threshold, batch_size=args.batch_size, num_workers=args.workers)
     except (MetricsError, PredictorError) as err:
         raise _user_error(err) from None
@@ -126,6 +130,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             print(f"  {f['error']}")
     if args.calibrate:
         print(f"temperature {res['calibration']['temperature_fitted']:.3f} stored in {args.model}")
+    if args.set_threshold:
+        op = res["stored_threshold"]
+        print(f"COVID-19 threshold {op['threshold']:.4f} (sensitivity >= {op['target_sensitivity']} on val) "
+              f"stored in {args.model}")
     out = Path(args.out)
     print(f"report: {out / 'report.html'} (also report.md, metrics.json, predictions.csv)")
     return 0

@@ -20,6 +20,7 @@ from covidcxr.evaluate.metrics import (
     fit_temperature,
     group_breakdown,
     nll,
+    operating_point,
     predict_labels,
 )
 
@@ -141,8 +142,8 @@ def _jsonable(o: Any) -> Any:
     return o
 
 
-def save_temperature(ckpt: str | Path, temperature: float, info: dict[str, Any]) -> None:
-    """Write the calibration temperature into a checkpoint (plain bundle or Lightning), atomically."""
+def _update_bundle(ckpt: str | Path, what: str, fields: dict[str, Any], metrics: dict[str, Any]) -> None:
+    """Write fields into a checkpoint's bundle (plain bundle or Lightning), atomically."""
     import torch
 
     from covidcxr.models.checkpoint import CheckpointError, atomic_torch_save
@@ -150,10 +151,32 @@ def save_temperature(ckpt: str | Path, temperature: float, info: dict[str, Any])
     obj = torch.load(ckpt, map_location="cpu", weights_only=False)
     bundle = obj["covidcxr"] if isinstance(obj, dict) and "covidcxr" in obj else obj
     if not isinstance(bundle, dict) or "state_dict" not in bundle:
-        raise CheckpointError(f"{ckpt}: cannot store a temperature in this checkpoint")
-    bundle["temperature"] = float(temperature)
-    bundle.setdefault("metrics", {})["calibration"] = info
+        raise CheckpointError(f"{ckpt}: cannot store a {what} in this checkpoint")
+    bundle.update(fields)
+    bundle.setdefault("metrics", {}).update(metrics)
     atomic_torch_save(obj, ckpt)
+
+
+def save_temperature(ckpt: str | Path, temperature: float, info: dict[str, Any]) -> None:
+    """Write the calibration temperature into a checkpoint."""
+    _update_bundle(ckpt, "temperature", {"temperature": float(temperature)}, {"calibration": info})
+
+
+def save_threshold(ckpt: str | Path, threshold: float, info: dict[str, Any]) -> None:
+    """Write the COVID-19 operating threshold into a checkpoint; predict and serve then use it."""
+    _update_bundle(ckpt, "threshold", {"threshold": float(threshold)}, {"operating_point": info})
+
+
+def val_operating_point(
+    frame: pd.DataFrame, probs: np.ndarray, classes: Sequence[str], positive: str, target: float
+) -> dict[str, Any]:
+    """Choose the positive-class threshold reaching ``target`` sensitivity on validation data."""
+    y = label_indices(frame, classes)
+    is_pos = y == list(classes).index(positive)
+    pat = frame["patient_id"].astype(str).to_numpy()
+    op = operating_point(is_pos, probs[:, list(classes).index(positive)], np.zeros(0), np.zeros(0), target, 0.95, pat)
+    op["note"] = f"threshold chosen on the validation split ({len(y)} images, {int(is_pos.sum())} {positive})"
+    return op
 
 
 def evaluate_checkpoint(
@@ -166,6 +189,7 @@ def evaluate_checkpoint(
     seed: int = 0,
     target_sensitivity: float = 0.95,
     calibrate: bool = False,
+    set_threshold: bool = False,
     threshold: float | None = None,
     batch_size: int = 16,
     num_workers: int = 0,
@@ -175,6 +199,8 @@ def evaluate_checkpoint(
     predictions.csv, *.png}. Returns the metrics.json content.
 
     ``calibrate`` fits a temperature on the manifest's ``val`` split and stores it in the checkpoint.
+    ``set_threshold`` chooses the COVID-19 threshold reaching ``target_sensitivity`` on the ``val`` split
+    (never on the evaluated split) and stores it in the checkpoint, for predict and serve.
     ``threshold`` overrides the checkpoint's COVID-19 threshold (default: the checkpoint's, else argmax).
     """
     from covidcxr.data import read_manifest
@@ -194,12 +220,14 @@ def evaluate_checkpoint(
     if len(pr.frame) == 0:
         raise MetricsError(f"{manifest}: no readable image in split {split!r} ({len(pr.failures)} failed)")
     val = None
-    if calibrate:
+    pos = positive if positive in classes else None
+    if set_threshold and pos is None:
+        raise MetricsError(f"{model}: --set-threshold needs a {positive!r} output; classes are {classes}")
+    if calibrate or set_threshold:
         vframe = select_split(df, "val", manifest)
         vp = predict_frame(predictor, vframe, batch_size=batch_size, num_workers=num_workers)
-        val = (vp.frame, vp.probs)
+        val = (vp.frame, vp.probs) if calibrate else None
     thr = threshold if threshold is not None else predictor.threshold
-    pos = positive if positive in classes else None
     res = evaluate_predictions(pr.frame, pr.probs, classes, positive=pos, threshold=thr, n_boot=n_boot, seed=seed,
                                target_sensitivity=target_sensitivity, temperature=predictor.temperature, val=val)
     training = {k: v for k, v in predictor.training.items() if k != "config"}
@@ -219,4 +247,12 @@ def evaluate_checkpoint(
         cal = res["calibration"]
         save_temperature(model, cal["temperature_fitted"], {k: v for k, v in cal.items() if k not in ("before", "after")})
         log.info("stored temperature %.3f in %s", cal["temperature_fitted"], model)
+    if set_threshold:
+        vprobs = apply_temperature(vp.probs, cal["temperature_relative"]) if calibrate else vp.probs
+        op = val_operating_point(vp.frame, vprobs, classes, pos, target_sensitivity)
+        if op.get("threshold") is None:
+            raise MetricsError(f"{manifest}: the val split has no {pos} image; cannot choose a threshold")
+        save_threshold(model, op["threshold"], _jsonable(op))
+        res["stored_threshold"] = _jsonable(op)
+        log.info("stored threshold %.4f in %s", op["threshold"], model)
     return res
