@@ -244,6 +244,22 @@ def test_checkpoint_errors_name_the_file(tmp_path):
         models.load(tmp_path / "wrong.ckpt")
 
 
+def test_atomic_save_keeps_usual_permissions(tmp_path):
+    """Checkpoints rewritten in place (calibrate, set-threshold) must stay readable by others, not 0600."""
+    import os
+    import stat
+
+    from covidcxr.models.checkpoint import atomic_torch_save
+
+    old = os.umask(0o022)
+    try:
+        atomic_torch_save({"a": 1}, tmp_path / "x.ckpt")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "x.ckpt").stat().st_mode) == 0o644
+    assert [p.name for p in tmp_path.iterdir()] == ["x.ckpt"]  # no temporary left behind
+
+
 # --------------------------------------------------------------------------- CLI
 
 

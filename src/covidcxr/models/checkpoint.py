@@ -122,6 +122,11 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
     os.close(fd)
     try:
         torch.save(obj, tmp)
+        # mkstemp creates 0600: without this, evaluate --calibrate/--set-threshold or export would make a
+        # shared checkpoint unreadable to everyone but its writer
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
