@@ -156,3 +156,11 @@ def test_set_threshold_is_chosen_on_val_and_used_by_predict(ckpts: list[Path], m
         assert (p[covid] >= higher.min()).mean() < 0.9
     assert pred.threshold == pytest.approx(thr)
     assert np.isfinite(p).all()
+
+
+def test_evaluate_help_states_the_interval_plainly(capsys: pytest.CaptureFixture) -> None:
+    """argparse does not %-format descriptions: a doubled percent sign reached the user verbatim."""
+    with pytest.raises(SystemExit):
+        main(["evaluate", "--help"])
+    out = capsys.readouterr().out
+    assert "95% bootstrap" in out and "%%" not in out

@@ -38,7 +38,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "evaluate",
         help="evaluate a checkpoint on a manifest split: metrics with CIs, report, predictions",
         description="Writes OUT/metrics.json, OUT/report.html, OUT/report.md, OUT/predictions.csv and PNG figures. "
-        "Confidence intervals are 95%% bootstrap intervals over patients.",
+        "Confidence intervals are 95% bootstrap intervals over patients.",
     )
     e.add_argument("--model", required=True, help="checkpoint (RUN/best.ckpt)")
     e.add_argument("--data", required=True, help="manifest CSV")
