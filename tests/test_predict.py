@@ -210,3 +210,15 @@ def test_heatmapper_matches_explain_and_uses_a_private_model(ckpt: Path) -> None
     ref = (ref - ref.min()) / (ref.max() - ref.min())
     assert got.shape == (64, 64) and 0 <= got.min() and got.max() <= 1
     np.testing.assert_allclose(got, ref, atol=1e-5)
+
+
+def test_cli_predict_refuses_a_severity_checkpoint_as_model(tmp_path: Path, inputs: dict[str, Path],
+                                                            capsys: pytest.CaptureFixture) -> None:
+    """A severity model's regression outputs were softmaxed into 'geographic_extent'/'opacity' labels."""
+    sev = tmp_path / "sev.ckpt"
+    models.save(sev, models.build("resnet18", num_classes=2), arch="resnet18", classes=["geographic_extent", "opacity"],
+                task="severity-scores", preset=get_preset("deepcovid", size=64))
+    img = str(inputs["root"] / "a" / "x1.jpg")
+    assert main(["predict", img, "--model", str(sev), "-q", "--workers", "0"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "sev.ckpt: a 'severity-scores' checkpoint, not a COVID-19 classifier" in err and "\n" not in err, err

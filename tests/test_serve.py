@@ -283,3 +283,22 @@ def test_severity_in_response_and_model_card(ckpt: Path, jpeg: bytes, tmp_path: 
     with TestClient(create_app(strict, api_key="", severity_path=sev)) as c:
         j = c.post("/v1/predict", files={"file": ("x.jpg", jpeg)}).json()
         assert j["severity"] is None and "below the operating threshold" in j["severity_note"]
+
+
+def test_cli_serve_bad_model_files_are_one_line(ckpt: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """A missing or wrong-task model must fail before uvicorn starts, as one line (was a traceback)."""
+    from covidcxr.cli import main
+
+    sev = tmp_path / "sev.ckpt"
+    models.save(sev, models.build("resnet18", num_classes=2), arch="resnet18", classes=["geographic_extent", "opacity"],
+                task="severity-scores", preset=get_preset("deepcovid", size=64))
+    cases = [
+        (["--model", str(tmp_path / "nope.ckpt")], "nope.ckpt: model file not found"),
+        (["--model", str(ckpt), "--backend", "onnx"], "export it first"),
+        (["--model", str(sev)], "not a COVID-19 classifier"),
+        (["--model", str(ckpt), "--severity", str(tmp_path / "nosev.ckpt")], "--severity"),
+    ]
+    for args, msg in cases:
+        assert main(["serve", *args, "--port", "1"]) == 1
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("covidcxr serve: error:") and msg in err and "\n" not in err, err

@@ -245,6 +245,12 @@ class Predictor:
             )
         raise PredictorError(f"unknown backend {backend!r}; choose torch or onnx")
 
+    def require_classifier(self, severity_option: str) -> None:
+        """Refuse a severity checkpoint as the screening model: its regression outputs are not classes."""
+        if self.task != "classification":
+            raise PredictorError(f"{self.path}: a {self.task!r} checkpoint, not a COVID-19 classifier; pass a "
+                                 f"classifier as --model and this file as {severity_option}")
+
     @property
     def backend_name(self) -> str:
         return self.backend.name

@@ -122,6 +122,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     try:
         predictor = Predictor.from_path(args.model, backend=args.backend, device=args.device, threads=args.threads)
+        predictor.require_classifier("--severity")
     except PredictorError as err:
         raise UserError(str(err)) from None
     if args.threads:
@@ -256,8 +257,23 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from covidcxr.cli import UserError
+    from covidcxr.predict import Predictor, PredictorError, SeverityScorer, SeverityUnavailable
     from covidcxr.serve import create_app
 
+    # load both models here so that a bad file is one line before the server starts, not a traceback
+    try:
+        predictor = Predictor.from_path(args.model, backend=args.backend, threads=args.threads)
+        predictor.require_classifier("--severity")
+    except PredictorError as err:
+        raise UserError(str(err)) from None
+    if args.severity:
+        try:
+            SeverityScorer.from_path(args.severity)
+        except SeverityUnavailable as err:
+            raise UserError(str(err)) from None
+        except Exception as err:  # SeverityError / CheckpointError name the file already
+            raise UserError(f"--severity {args.severity}: {err}") from None
     app = create_app(
         args.model,
         backend=args.backend,
@@ -269,6 +285,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         cors_origins=args.cors_origin,
         severity_path=args.severity,
         always_severity=args.always_severity,
+        predictor=predictor,
     )
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: listening on {args.host}; anyone who can reach it can upload images "
