@@ -290,3 +290,15 @@ def test_gpu_options_on_cpu(small_manifest: Path, tmp_path: Path) -> None:
     assert module._compiled is not None
     assert not any("_orig_mod" in k for k in module.state_dict())
     assert set(module.bundle()["state_dict"]) == set(module.model.state_dict())
+
+
+def test_resume_changes_name_changed_keys_but_not_length_or_hardware() -> None:
+    """--resume with another --size or model used to mix two runs without a word."""
+    from covidcxr.train.runner import resume_changes
+
+    old = load_config("configs/dev-resnet18.yaml")
+    assert resume_changes(old, load_config("configs/dev-resnet18.yaml",
+                                           ["trainer.max_epochs=99", "trainer.accelerator=gpu"])) == []
+    new = load_config("configs/dev-resnet18.yaml", ["optimizer.lr=0.5"])
+    changed = resume_changes(old, new)
+    assert len(changed) == 1 and changed[0].startswith("optimizer.lr:") and "0.5" in changed[0]

@@ -215,6 +215,32 @@ def prepare(cfg: dict, data: str | os.PathLike) -> tuple[Any, Any, list[str], di
     return dm, preset, classes, summary
 
 
+#: keys a resumed run may change without a warning: training longer, or on other hardware
+_RESUME_FREE = ("trainer.max_epochs", "trainer.max_steps", "trainer.accelerator", "trainer.devices",
+                "trainer.num_nodes", "trainer.num_threads", "data.num_workers")
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def resume_changes(previous: dict[str, Any], cfg: dict[str, Any]) -> list[str]:
+    """Config keys that differ from the run being resumed (``"key: old -> new"``), hardware/length excepted.
+
+    Lightning resumes whatever it is given; a changed input size or model silently mixes two runs.
+    """
+    a, b = _flatten(previous), _flatten(cfg)
+    return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b))
+            if k not in _RESUME_FREE and a.get(k) != b.get(k)]
+
+
 def fit(cfg: dict[str, Any], data: str | os.PathLike, out: str | os.PathLike, resume: bool = False) -> Path:
     """Train per ``cfg`` on manifest ``data`` into folder ``out``; returns ``out``.
 
@@ -232,6 +258,12 @@ def fit(cfg: dict[str, Any], data: str | os.PathLike, out: str | os.PathLike, re
         # Lightning with a miniz traceback
         raise ConfigError(f"{last}: cannot resume, not a complete checkpoint (truncated or not written by "
                           "covidcxr train); delete it or start without --resume")
+    if resume and (out / "config.yaml").is_file():
+        import yaml
+
+        changed = resume_changes(yaml.safe_load((out / "config.yaml").read_text(encoding="utf-8")) or {}, cfg)
+        if changed:
+            log.warning("resuming %s with a config that differs from the original run: %s", out, "; ".join(changed))
     # only the launching process cleans up: DDP children (and torchrun ranks) have LOCAL_RANK set
     if not resume and "LOCAL_RANK" not in os.environ:
         stale = [p for p in (out / "best.ckpt", last, out / "logs", out / "tensorboard", out / "samples") if p.exists()]
