@@ -130,12 +130,16 @@ def test_cli_errors_are_one_line(tmp_path: Path, small_manifest: Path, capsys: p
     df = pd.read_csv(small_manifest)
     df[df["split"] != "val"].to_csv(no_val, index=False)
     dev, data = "configs/dev-resnet18.yaml", str(small_manifest)
+    malformed = tmp_path / "malformed.yaml"
+    malformed.write_text("model: [unclosed\n")  # PyYAML's own message spans three lines
     cases = [
         (["--config", str(tmp_path / "nope.yaml"), "--data", data], "config file not found"),
         (["--config", dev, "--data", data, "--set", "trainer.max_epoch=2"], "unknown key"),
         (["--config", dev, "--data", str(no_val)], "no 'val' rows"),
         (["--config", dev, "--data", data, "--resume"], "nothing to resume"),
         (["--config", dev, "--data", str(tmp_path / "none.csv")], "manifest not found"),
+        (["--config", str(malformed), "--data", data], "malformed.yaml: not valid YAML (expected ',' or ']'"),
+        (["--config", dev, "--data", data, "--set", "optimizer.lr=[1"], "value is not valid YAML"),
     ]
     for args, msg in cases:
         rc = main(["train", "--out", str(tmp_path / "run"), *args])

@@ -136,7 +136,7 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     try:
         value = yaml.safe_load(raw) if raw.strip() != "" else None
     except yaml.YAMLError as err:
-        raise ConfigError(f"override {item!r}: value is not valid YAML ({err})") from None
+        raise ConfigError(f"override {item!r}: value is not valid YAML ({yaml_problem(err)})") from None
     return key.split("."), value
 
 
@@ -203,6 +203,14 @@ def validate(cfg: dict) -> dict:
     return cfg
 
 
+def yaml_problem(err: Exception) -> str:
+    """PyYAML's message on one line: the problem and where (its own text spans several lines with a caret)."""
+    problem, mark = getattr(err, "problem", None), getattr(err, "problem_mark", None)
+    if problem and mark is not None:
+        return f"{problem} at line {mark.line + 1}, column {mark.column + 1}"
+    return " ".join(str(err).split())
+
+
 def load_config(path: str | os.PathLike | None, overrides: Iterable[str] = ()) -> dict[str, Any]:
     """Read a recipe YAML (or start from the defaults when ``path`` is None) and apply overrides."""
     cfg = copy.deepcopy(DEFAULTS)
@@ -213,7 +221,7 @@ def load_config(path: str | os.PathLike | None, overrides: Iterable[str] = ()) -
         try:
             raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as err:
-            raise ConfigError(f"{p}: not valid YAML ({err})") from None
+            raise ConfigError(f"{p}: not valid YAML ({yaml_problem(err)})") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{p}: a recipe must be a YAML mapping, got {type(raw).__name__}")
         cfg = _merge(cfg, raw, str(p))

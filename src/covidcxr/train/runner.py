@@ -261,7 +261,11 @@ def fit(cfg: dict[str, Any], data: str | os.PathLike, out: str | os.PathLike, re
     if resume and (out / "config.yaml").is_file():
         import yaml
 
-        changed = resume_changes(yaml.safe_load((out / "config.yaml").read_text(encoding="utf-8")) or {}, cfg)
+        try:
+            previous = yaml.safe_load((out / "config.yaml").read_text(encoding="utf-8")) or {}
+        except (yaml.YAMLError, OSError, UnicodeDecodeError):
+            previous = None  # only a check: an unreadable old config must not stop the resume
+        changed = resume_changes(previous, cfg) if isinstance(previous, dict) else []
         if changed:
             log.warning("resuming %s with a config that differs from the original run: %s", out, "; ".join(changed))
     # only the launching process cleans up: DDP children (and torchrun ranks) have LOCAL_RANK set
