@@ -250,6 +250,11 @@ def test_cli_explain_target_and_unknown_method(checkpoint_and_images, tmp_path, 
     assert rec["target"] == "COVID-19" and rec["method"] == "occlusion"
     with pytest.raises(SystemExit):
         main(["explain", paths[2], "--model", str(ckpt), "--method", "saliency", "--out", str(tmp_path)])
+    capsys.readouterr()
+    # an unknown class name was a ValueError traceback
+    assert main(["explain", paths[2], "--model", str(ckpt), "--target", "covid", "--out", str(tmp_path)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("covidcxr explain: error: --target 'covid' is not one of the classes") and "\n" not in err
 
 
 def test_cli_sanity(checkpoint_and_images, tmp_path):

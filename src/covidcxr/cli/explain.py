@@ -127,6 +127,9 @@ def cmd_explain(args: argparse.Namespace) -> int:
     loaded = load(args.model)
     if loaded.task != "classification":
         raise UserError(f"{args.model}: a {loaded.task} checkpoint; explain needs a classification checkpoint")
+    if getattr(args, "target", None) is not None and args.target not in loaded.classes:
+        raise UserError(f"--target {args.target!r} is not one of the classes of {args.model}: "
+                        f"{', '.join(loaded.classes)}")
     files = iter_images(args.images)
     if not files:
         raise UserError("no image files given")
