@@ -164,3 +164,12 @@ def test_evaluate_help_states_the_interval_plainly(capsys: pytest.CaptureFixture
         main(["evaluate", "--help"])
     out = capsys.readouterr().out
     assert "95% bootstrap" in out and "%%" not in out
+
+
+def test_evaluate_rejects_probabilities_outside_0_1(capsys: pytest.CaptureFixture) -> None:
+    """--threshold 1.5 was accepted and reported sensitivity 0 without a word."""
+    for opt, val in [("--threshold", "1.5"), ("--target-sensitivity", "95"), ("--threshold", "x")]:
+        with pytest.raises(SystemExit) as exc:
+            main(["evaluate", "--model", "m.ckpt", "--data", "d.csv", "--out", "o", opt, val])
+        assert exc.value.code == 2
+        assert f"argument {opt}:" in capsys.readouterr().err

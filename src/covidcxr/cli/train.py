@@ -9,6 +9,17 @@ from pathlib import Path
 log = logging.getLogger("covidcxr")
 
 
+def _probability(text: str) -> float:
+    """A number in [0, 1]: a threshold of 1.5 would silently call every image negative."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{text} is outside [0, 1]")
+    return value
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     t = sub.add_parser(
         "train",
@@ -46,8 +57,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--out", required=True, help="report folder")
     e.add_argument("--n-boot", type=int, default=1000, help="bootstrap replicates (default 1000)")
     e.add_argument("--seed", type=int, default=0, help="bootstrap seed")
-    e.add_argument("--target-sensitivity", type=float, default=0.95, help="COVID-19 operating point (default 0.95)")
-    e.add_argument("--threshold", type=float, help="COVID-19 decision threshold (default: the checkpoint's, else argmax)")
+    e.add_argument("--target-sensitivity", type=_probability, default=0.95,
+                   help="COVID-19 operating point (default 0.95)")
+    e.add_argument("--threshold", type=_probability,
+                   help="COVID-19 decision threshold (default: the checkpoint's, else argmax)")
     e.add_argument("--calibrate", action="store_true",
                    help="fit a temperature on the manifest's val split and store it in the checkpoint")
     e.add_argument("--set-threshold", action="store_true",
