@@ -135,3 +135,14 @@ def test_explain_with_lungcrop_preset_maps_back_to_original(trained, tmp_path):
     full = np.load(tmp_path / "out" / "img04_gradcam_original.npy")
     assert full.shape == (96, 80)
     assert np.load(tmp_path / "out" / "img04_gradcam.npy").shape == (64, 64)
+
+
+def test_cli_segment_train_size_must_be_a_multiple_of_16(tmp_path, capsys):
+    """--size 7 ended in a ValueError traceback from train_segmenter."""
+    from covidcxr.cli import main
+
+    for bad in ("7", "0", "x"):
+        with pytest.raises(SystemExit) as exc:
+            main(["segment", "train", "--data", str(tmp_path / "m.csv"), "--out", str(tmp_path / "o"), "--size", bad])
+        assert exc.value.code == 2
+        assert "argument --size:" in capsys.readouterr().err

@@ -77,7 +77,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     t = ssub.add_parser("train", help="train the lung U-Net on a manifest's mask_path images (patient-level split)")
     t.add_argument("--data", required=True, metavar="MANIFEST")
     t.add_argument("--out", required=True, metavar="RUN")
-    t.add_argument("--size", type=int, default=256, help="training resolution (default 256)")
+    t.add_argument("--size", type=_unet_size, default=256, help="training resolution, a multiple of 16 (default 256)")
     t.add_argument("--epochs", type=int, default=40)
     t.add_argument("--batch-size", type=int, default=8)
     t.add_argument("--lr", type=float, default=2e-3)
@@ -95,6 +95,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     pr.add_argument("--overlay", action="store_true", help="also write an outline overlay PNG per image")
     pr.set_defaults(func=cmd_segment_predict)
     s.set_defaults(func=lambda args: (s.print_help(), 2)[1])
+
+
+def _unet_size(text: str) -> int:
+    """The U-Net halves the input four times, so its side must be a positive multiple of 16."""
+    try:
+        size = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if size < 16 or size % 16:
+        raise argparse.ArgumentTypeError(f"{size} must be a positive multiple of 16 (e.g. 64, 128, 256)")
+    return size
 
 
 def _threads(args: argparse.Namespace) -> None:
