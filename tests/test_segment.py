@@ -146,3 +146,14 @@ def test_cli_segment_train_size_must_be_a_multiple_of_16(tmp_path, capsys):
             main(["segment", "train", "--data", str(tmp_path / "m.csv"), "--out", str(tmp_path / "o"), "--size", bad])
         assert exc.value.code == 2
         assert "argument --size:" in capsys.readouterr().err
+
+
+def test_cli_segment_train_rejects_zero_epochs_or_batch(tmp_path, capsys):
+    """--epochs 0 (OneCycleLR ValueError) and --batch-size 0 (ZeroDivisionError) were tracebacks."""
+    from covidcxr.cli import main
+
+    for opt in ("--epochs", "--batch-size", "--max-steps"):
+        with pytest.raises(SystemExit) as exc:
+            main(["segment", "train", "--data", str(tmp_path / "m.csv"), "--out", str(tmp_path / "o"), opt, "0"])
+        assert exc.value.code == 2
+        assert f"argument {opt}: 0 is below the minimum 1" in capsys.readouterr().err

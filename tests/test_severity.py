@@ -375,3 +375,15 @@ def test_cli_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) 
     assert _cli("severity", "evaluate", "--model", str(tmp_path / "nope.ckpt"), "--data", str(bad),
                 "--out", str(tmp_path / "r")) == 1
     assert "checkpoint not found" in capsys.readouterr().err
+
+
+def test_cli_severity_train_rejects_degenerate_sizes(tmp_path, capsys):
+    """--max-epochs 0 wrote an untrained best.ckpt ('best epoch None'); --size 7 trained a 7-pixel model."""
+    from covidcxr.cli import main
+
+    for opt, val in (("--max-epochs", "0"), ("--size", "7"), ("--batch-size", "0")):
+        with pytest.raises(SystemExit) as exc:
+            main(["severity", "train", "--task", "scores", "--data", str(tmp_path / "m.csv"),
+                  "--out", str(tmp_path / "o"), opt, val])
+        assert exc.value.code == 2
+        assert f"argument {opt}: {val} is below the minimum" in capsys.readouterr().err

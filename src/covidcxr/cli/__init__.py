@@ -19,6 +19,22 @@ class UserError(Exception):
     """An error caused by the user's input: printed as one line, no traceback."""
 
 
+def int_at_least(low: int):
+    """An argparse type: an integer >= ``low`` (0 epochs or batch size 0 otherwise fail deep inside)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{value} is below the minimum {low}")
+        return value
+
+    parse.__name__ = f"int>={low}"
+    return parse
+
+
 def _known_errors() -> tuple[type[BaseException], ...]:
     from covidcxr.io import CXRReadError
     from covidcxr.models.checkpoint import CheckpointError

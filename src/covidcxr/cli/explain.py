@@ -7,6 +7,8 @@ import json
 import sys
 from pathlib import Path
 
+from covidcxr.cli import int_at_least
+
 METHOD_NAMES = ("gradcam", "lrp", "occlusion", "ig")
 
 
@@ -78,12 +80,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--data", required=True, metavar="MANIFEST")
     t.add_argument("--out", required=True, metavar="RUN")
     t.add_argument("--size", type=_unet_size, default=256, help="training resolution, a multiple of 16 (default 256)")
-    t.add_argument("--epochs", type=int, default=40)
-    t.add_argument("--batch-size", type=int, default=8)
+    t.add_argument("--epochs", type=int_at_least(1), default=40)
+    t.add_argument("--batch-size", type=int_at_least(1), default=8)
     t.add_argument("--lr", type=float, default=2e-3)
     t.add_argument("--base", type=int, default=16, help="U-Net width (channels of the first level)")
     t.add_argument("--val-fraction", type=float, default=0.2, help="share of patients held out (default 0.2)")
-    t.add_argument("--max-steps", type=int, default=None, help="stop after this many optimiser steps (smoke tests)")
+    t.add_argument("--max-steps", type=int_at_least(1), default=None, help="stop after this many optimiser steps (smoke tests)")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     t.set_defaults(func=cmd_segment_train)

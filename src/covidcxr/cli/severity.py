@@ -7,6 +7,8 @@ import json
 import sys
 from typing import Any, Callable
 
+from covidcxr.cli import int_at_least
+
 DATA_HELP = ("labels: a covidcxr manifest (geographic_extent/opacity/severity_level columns), a COVIDxSev "
              ".txt file or a COVID-Net S score CSV like severity_annotations.csv")
 IMAGES_HELP = "image folder for a COVIDxSev file or score CSV (default: the label file's folder)"
@@ -23,12 +25,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--out", required=True, help="run folder: best.ckpt, last.ckpt, train_summary.json")
     t.add_argument("--init", help="trained COVID detector checkpoint: backbone and preset kept, new 2-output head "
                                   "(default: a randomly initialised --arch)")
-    t.add_argument("--max-epochs", type=int, default=10)
+    t.add_argument("--max-epochs", type=int_at_least(1), default=10)
     t.add_argument("--arch", default="resnet18", help="architecture when no --init is given")
     t.add_argument("--preset", help="preprocessing preset (default: the detector's, else the architecture's)")
-    t.add_argument("--size", type=int, help="input size (e.g. 128 for a quick CPU run); keeps the preset otherwise")
+    t.add_argument("--size", type=int_at_least(32), help="input size (e.g. 128 for a quick CPU run); keeps the preset otherwise")
     t.add_argument("--images", help=IMAGES_HELP)
-    t.add_argument("--batch-size", type=int, default=16)
+    t.add_argument("--batch-size", type=int_at_least(1), default=16)
     t.add_argument("--lr", type=float, default=1e-3, help="head learning rate")
     t.add_argument("--backbone-lr-mult", type=float, default=0.1, help="backbone learning rate = lr x this")
     t.add_argument("--freeze-epochs", type=int, default=0, help="keep the backbone frozen for the first N epochs")
