@@ -222,3 +222,9 @@ def test_cli_predict_refuses_a_severity_checkpoint_as_model(tmp_path: Path, inpu
     assert main(["predict", img, "--model", str(sev), "-q", "--workers", "0"]) == 1
     err = capsys.readouterr().err.strip()
     assert "sev.ckpt: a 'severity-scores' checkpoint, not a COVID-19 classifier" in err and "\n" not in err, err
+
+
+def test_cli_predict_batch_size_must_be_positive(capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["predict", "x.png", "--model", "m.ckpt", "--batch-size", "0"])
+    assert exc.value.code == 2 and "argument --batch-size: 0 is below the minimum 1" in capsys.readouterr().err

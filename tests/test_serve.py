@@ -302,3 +302,14 @@ def test_cli_serve_bad_model_files_are_one_line(ckpt: Path, tmp_path: Path, caps
         assert main(["serve", *args, "--port", "1"]) == 1
         err = capsys.readouterr().err.strip()
         assert err.startswith("covidcxr serve: error:") and msg in err and "\n" not in err, err
+
+
+def test_cli_serve_rejects_nonsense_limits(ckpt: Path, capsys: pytest.CaptureFixture) -> None:
+    """--max-upload-mb 0 started a server that answered 413 to every upload."""
+    from covidcxr.cli import main
+
+    for opt, val in (("--max-upload-mb", "0"), ("--max-concurrency", "0"), ("--queue", "-1")):
+        with pytest.raises(SystemExit) as exc:
+            main(["serve", "--model", str(ckpt), opt, val])
+        assert exc.value.code == 2
+        assert f"argument {opt}:" in capsys.readouterr().err

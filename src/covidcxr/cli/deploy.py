@@ -10,7 +10,20 @@ import sys
 from pathlib import Path
 from typing import IO, Any
 
+from covidcxr.cli import int_at_least
+
 EXIT_SOME_FAILED = 2
+
+
+def _positive_float(text: str) -> float:
+    """A number > 0: --max-upload-mb 0 started a server that refused every upload."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text} must be above 0")
+    return value
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -26,7 +39,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--backend", choices=["torch", "onnx"], default=None,
                    help="inference engine (default: onnx for *.onnx files, torch otherwise)")
     p.add_argument("--out", metavar="FILE", help="write records to FILE.jsonl or FILE.csv (default: JSON lines on stdout)")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=int_at_least(1), default=16)
     p.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
                    help="DataLoader worker processes that decode and preprocess (default: %(default)s)")
     p.add_argument("--threads", type=int, default=None, help="intra-op threads for inference")
@@ -67,9 +80,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--backend", choices=["torch", "onnx"], default=None)
     s.add_argument("--host", default="127.0.0.1", help="bind address (default: 127.0.0.1, loopback only)")
     s.add_argument("--port", type=int, default=8000)
-    s.add_argument("--max-upload-mb", type=float, default=20.0, help="larger uploads get 413 (default: 20)")
-    s.add_argument("--max-concurrency", type=int, default=2, help="inferences running at once (default: 2)")
-    s.add_argument("--queue", type=int, default=8, help="requests allowed to wait; more get 503 (default: 8)")
+    s.add_argument("--max-upload-mb", type=_positive_float, default=20.0, help="larger uploads get 413 (default: 20)")
+    s.add_argument("--max-concurrency", type=int_at_least(1), default=2, help="inferences running at once (default: 2)")
+    s.add_argument("--queue", type=int_at_least(0), default=8, help="requests allowed to wait; more get 503 (default: 8)")
     s.add_argument("--queue-timeout", type=float, default=30.0, help="seconds a request may wait before 503")
     s.add_argument("--threads", type=int, default=None, help="intra-op threads per inference")
     s.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
