@@ -27,6 +27,8 @@ from covidcxr.evaluate.metrics import (
 log = logging.getLogger(__name__)
 
 SPLIT_CHOICES = ("test", "val", "train", "all")
+#: below this many val images, fitting a temperature or threshold gets a warning
+SMALL_VAL = 30
 
 
 def sha256_file(path: str | Path) -> str:
@@ -227,6 +229,9 @@ def evaluate_checkpoint(
         vframe = select_split(df, "val", manifest)
         vp = predict_frame(predictor, vframe, batch_size=batch_size, num_workers=num_workers)
         val = (vp.frame, vp.probs) if calibrate else None
+        if len(vp.frame) < SMALL_VAL:
+            log.warning("%s: the val split has only %d readable images; the temperature/threshold fitted on it "
+                        "and written into %s will be noisy", manifest, len(vp.frame), model)
     thr = threshold if threshold is not None else predictor.threshold
     res = evaluate_predictions(pr.frame, pr.probs, classes, positive=pos, threshold=thr, n_boot=n_boot, seed=seed,
                                target_sensitivity=target_sensitivity, temperature=predictor.temperature, val=val)
