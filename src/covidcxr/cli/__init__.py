@@ -35,6 +35,27 @@ def int_at_least(low: int):
     return parse
 
 
+def float_between(low: float, high: float = float("inf"), *, low_open: bool = False):
+    """An argparse type: a number in [low, high] (or (low, high] with ``low_open``).
+
+    A threshold of 1.5 or an upload limit of 0 would otherwise be accepted and silently misbehave.
+    """
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if value > high or value < low or (low_open and value == low):
+            if high == float("inf"):
+                raise argparse.ArgumentTypeError(f"{text} must be above {low:g}" if low_open else f"{text} is below {low:g}")
+            raise argparse.ArgumentTypeError(f"{text} is outside [{low:g}, {high:g}]")
+        return value
+
+    parse.__name__ = "number"
+    return parse
+
+
 def _known_errors() -> tuple[type[BaseException], ...]:
     from covidcxr.io import CXRReadError
     from covidcxr.models.checkpoint import CheckpointError

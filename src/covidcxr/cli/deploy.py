@@ -10,20 +10,9 @@ import sys
 from pathlib import Path
 from typing import IO, Any
 
-from covidcxr.cli import int_at_least
+from covidcxr.cli import float_between, int_at_least
 
 EXIT_SOME_FAILED = 2
-
-
-def _positive_float(text: str) -> float:
-    """A number > 0: --max-upload-mb 0 started a server that refused every upload."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"{text} must be above 0")
-    return value
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -80,7 +69,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--backend", choices=["torch", "onnx"], default=None)
     s.add_argument("--host", default="127.0.0.1", help="bind address (default: 127.0.0.1, loopback only)")
     s.add_argument("--port", type=int, default=8000)
-    s.add_argument("--max-upload-mb", type=_positive_float, default=20.0, help="larger uploads get 413 (default: 20)")
+    s.add_argument("--max-upload-mb", type=float_between(0, low_open=True), default=20.0, help="larger uploads get 413 (default: 20)")
     s.add_argument("--max-concurrency", type=int_at_least(1), default=2, help="inferences running at once (default: 2)")
     s.add_argument("--queue", type=int_at_least(0), default=8, help="requests allowed to wait; more get 503 (default: 8)")
     s.add_argument("--queue-timeout", type=float, default=30.0, help="seconds a request may wait before 503")

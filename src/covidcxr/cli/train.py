@@ -6,18 +6,10 @@ import argparse
 import logging
 from pathlib import Path
 
+from covidcxr.cli import float_between
+
 log = logging.getLogger("covidcxr")
-
-
-def _probability(text: str) -> float:
-    """A number in [0, 1]: a threshold of 1.5 would silently call every image negative."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"{text} is outside [0, 1]")
-    return value
+_probability = float_between(0.0, 1.0)  # thresholds and target sensitivities
 
 
 def register(sub: argparse._SubParsersAction) -> None:
