@@ -51,3 +51,15 @@ def dev_manifest(dev_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
     out = tmp_path_factory.mktemp("devset")
     build_manifest(sources=[("csv", str(dev_dir / "metadata.csv"))], out=out, seed=62)
     return out / "manifest.csv"
+
+
+WEIGHTS = Path(os.environ.get("COVIDCXR_WEIGHTS_DIR", SHARED.parent / "weights"))
+
+
+@pytest.fixture(scope="session")
+def weights_dir() -> Path:
+    """../shared/weights, exported as COVIDCXR_WEIGHTS_DIR for the code under test."""
+    if not (WEIGHTS / "README.md").is_file():
+        pytest.skip(f"pretrained weights not found at {WEIGHTS} (set COVIDCXR_WEIGHTS_DIR)")
+    os.environ["COVIDCXR_WEIGHTS_DIR"] = str(WEIGHTS)
+    return WEIGHTS

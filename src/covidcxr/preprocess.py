@@ -256,6 +256,30 @@ PRESETS: dict[str, Preset] = {
             description="COVID-CXNet with lung crop: segment, dilate, crop to lungs, CLAHE, resize 320",
         ),
         Preset(
+            "imagenet",
+            size=224,
+            channels=3,
+            mean=IMAGENET_MEAN,
+            std=IMAGENET_STD,
+            description="ImageNet transfer (torchvision weights): resize 224, ImageNet mean/std",
+        ),
+        Preset(
+            "effnet-lite",
+            size=224,
+            channels=3,
+            # the TF Lite checkpoints read (x - 127) / 128 on 0..255 pixels
+            mean=(127.0 / 255.0,) * 3,
+            std=(128.0 / 255.0,) * 3,
+            description="EfficientNet-Lite ImageNet weights: resize 224, (x - 127) / 128 on 0..255",
+        ),
+        Preset(
+            "lung-unet",
+            size=512,
+            channels=1,
+            value_range=(-0.5, 0.5),
+            description="pretrained lung U-Net (Montgomery/Shenzhen): 1 channel, resize 512, [0,1] - 0.5",
+        ),
+        Preset(
             "xrv",
             size=224,
             channels=1,

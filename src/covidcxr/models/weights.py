@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from covidcxr.models.backbones import CHEXNET_LABELS
+from covidcxr.models.catalog import WeightsError
 from covidcxr.models.registry import ModelError, ModelSpec, get_head, get_spec
 
 log = logging.getLogger(__name__)
@@ -82,10 +83,6 @@ _TV_HEAD = {"resnet": "fc", "densenet": "classifier", "squeezenet": "classifier"
 _LEGACY_DENSENET = re.compile(
     r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var|num_batches_tracked))$"
 )
-
-
-class WeightsError(ModelError):
-    """Weights cannot be obtained or do not fit the architecture."""
 
 
 @dataclass
