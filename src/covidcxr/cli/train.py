@@ -26,6 +26,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--max-epochs", type=int, help="override trainer.max_epochs")
     t.add_argument("--weights", help="initial weights: none | imagenet | xrv-nih | xrv-all | PATH (overrides the recipe)")
     t.add_argument("--resume", action="store_true", help="continue from RUN/last.ckpt (same config)")
+    t.add_argument("--overwrite", action="store_true",
+                   help="replace the trained run already in --out (its best.ckpt and tuned threshold); "
+                        "without it such a folder is refused")
     t.add_argument("--seed", type=int, help="override seed")
     t.add_argument("--batch-size", type=int, help="override data.batch_size")
     t.add_argument("--size", type=int, help="override the preset's input size (e.g. 224 for covidnet)")
@@ -98,17 +101,34 @@ def cmd_train(args: argparse.Namespace) -> int:
             over.append(f"{key}={val}")
     try:
         cfg = load_config(resolve_config_path(args.config), over)
-        run = fit(cfg, data=args.data, out=args.out, resume=args.resume)
+        run = fit(cfg, data=args.data, out=args.out, resume=args.resume, overwrite=args.overwrite)
     except ConfigError as err:
         raise _user_error(err) from None
     from lightning.pytorch.utilities import rank_zero_only
 
     if rank_zero_only.rank != 0:  # DDP: one process reports
         return 0
-    print(f"best checkpoint: {run / 'best.ckpt'}")
+    summary = _read_summary(run)
+    best_epoch = (summary.get("best_epoch") if summary else None)
+    print(f"best checkpoint: {run / 'best.ckpt'}"
+          + (f" (epoch {best_epoch}, {summary.get('monitor')} {summary.get('best_score'):.4f})"
+             if summary and best_epoch is not None and summary.get("best_score") is not None else ""))
+    if summary and summary.get("threshold") is not None:
+        op = summary.get("operating_point") or {}
+        print(f"COVID-19 threshold {summary['threshold']:.4f} (sensitivity >= {op.get('target_sensitivity')} "
+              "on val) stored in best.ckpt")
     print(f"last checkpoint: {run / 'last.ckpt'}")
     print(f"logs:            {run / 'logs'}")
     return 0
+
+
+def _read_summary(run: Path) -> dict | None:
+    import json
+
+    try:
+        return json.loads((run / "summary.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:

@@ -23,7 +23,8 @@ DEFAULTS: dict[str, Any] = {
     "model": {
         "arch": "resnet18",
         "weights": "none",  # none | imagenet | xrv-nih | xrv-all | chexnet | PATH
-        "freeze_backbone": False,  # train the classification head only
+        "freeze_backbone": False,  # linear probe: only the head block trains, the body stays frozen (BN included)
+        "warmup_epochs": 0,  # head warm-up: the body stays frozen for the first N epochs, then fine-tunes
         "kwargs": {},
     },
     "data": {
@@ -49,6 +50,7 @@ DEFAULTS: dict[str, Any] = {
         "momentum": 0.9,
         "weight_decay": 0.0,
         "nesterov": False,
+        "body_lr_mult": 1.0,  # the body's learning rate = lr x body_lr_mult (the fresh head keeps lr)
     },
     "scheduler": {
         "name": "none",  # none | step | plateau | cosine
@@ -69,6 +71,12 @@ DEFAULTS: dict[str, Any] = {
         "monitor": "val_loss",
         "mode": "min",
         "every_n_train_steps": None,  # also refresh last.ckpt every N optimiser steps (mid-epoch resume)
+    },
+    "operating_point": {
+        # after training, the COVID-19 threshold reaching this sensitivity on the val split is stored in
+        # best.ckpt (predict/serve/evaluate use it); null: keep argmax
+        "target_sensitivity": 0.95,
+        "positive": "COVID-19",
     },
     "trainer": {
         "max_epochs": 20,
@@ -172,7 +180,8 @@ def validate(cfg: dict) -> dict:
     """Check types and choices; returns the config with numbers coerced (YAML reads 1e-4 as a string)."""
     for sec, key in (("optimizer", "lr"), ("optimizer", "momentum"), ("optimizer", "weight_decay"),
                      ("scheduler", "gamma"), ("scheduler", "factor"), ("scheduler", "min_lr"),
-                     ("loss", "label_smoothing"), ("data", "minority_fraction"), ("early_stopping", "min_delta")):
+                     ("loss", "label_smoothing"), ("data", "minority_fraction"), ("early_stopping", "min_delta"),
+                     ("optimizer", "body_lr_mult"), ("operating_point", "target_sensitivity")):
         _coerce_float(cfg, sec, key)
     for (sec, key), allowed in _ENUMS.items():
         v = cfg[sec][key]
@@ -186,6 +195,14 @@ def validate(cfg: dict) -> dict:
             raise ConfigError(f"{sec}.monitor = {mon!r}; choose one of {list(VAL_METRICS)} or null")
     if cfg["optimizer"]["lr"] <= 0:
         raise ConfigError(f"optimizer.lr must be > 0, got {cfg['optimizer']['lr']}")
+    if cfg["optimizer"]["body_lr_mult"] <= 0:
+        raise ConfigError(f"optimizer.body_lr_mult must be > 0, got {cfg['optimizer']['body_lr_mult']}")
+    wu = cfg["model"]["warmup_epochs"]
+    if not isinstance(wu, int) or isinstance(wu, bool) or wu < 0:
+        raise ConfigError(f"model.warmup_epochs must be an integer >= 0, got {wu!r}")
+    ts = cfg["operating_point"]["target_sensitivity"]
+    if ts is not None and not 0 < ts <= 1:
+        raise ConfigError(f"operating_point.target_sensitivity must be in (0, 1] or null, got {ts}")
     if not 0 <= cfg["loss"]["label_smoothing"] < 1:
         raise ConfigError("loss.label_smoothing must be in [0, 1)")
     bs = cfg["data"]["batch_size"]

@@ -74,8 +74,8 @@ class CXRClassifier(L.LightningModule):
         # builder arguments set by a weight source (in_chans=1 for xrv) are recorded on the model itself
         self.arch_kwargs.update(getattr(model, "covidcxr_arch_kwargs", None) or {})
         self.model = model
-        if config["model"].get("freeze_backbone"):
-            self._freeze_backbone()
+        self._body_frozen = False
+        self.set_body_frozen(self.body_frozen_at(0))
         if config["trainer"].get("channels_last"):
             self.model = self.model.to(memory_format=torch.channels_last)
         self._compiled: nn.Module | None = None
@@ -91,16 +91,48 @@ class CXRClassifier(L.LightningModule):
         self._record_to: Path | None = None
 
     # ------------------------------------------------------------------ model
-    def _freeze_backbone(self) -> None:
-        head = _module_at(self.model, self.spec.head)
+    def _head_module(self) -> nn.Module:
+        """The block re-initialised for new outputs (COVID-CXNet: its whole MLP head; else the final Linear)."""
+        head = _module_at(self.model, self.spec.reinit_block)
         if head is None:
             raise ValueError(f"model {self.arch!r} names no head layer; cannot freeze its backbone")
-        for p in self.model.parameters():
-            p.requires_grad_(False)
-        for p in head.parameters():
+        return head
+
+    def param_groups(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+        """(head parameters, body parameters): the body is everything outside the head block."""
+        head_ids = {id(p) for p in self._head_module().parameters()}
+        head = [p for p in self.model.parameters() if id(p) in head_ids]
+        body = [p for p in self.model.parameters() if id(p) not in head_ids]
+        return head, body
+
+    def body_frozen_at(self, epoch: int) -> bool:
+        """Linear probe (``model.freeze_backbone``): always; head warm-up: the first ``model.warmup_epochs``."""
+        m = self.config["model"]
+        return bool(m.get("freeze_backbone")) or epoch < int(m.get("warmup_epochs") or 0)
+
+    def set_body_frozen(self, frozen: bool) -> None:
+        """Freeze or thaw the body. A frozen body also keeps its BatchNorm statistics (eval mode), so the
+        head learns on the features the pretrained network computes, not on drifting batch statistics."""
+        head, body = self.param_groups()
+        for p in body:
+            p.requires_grad_(not frozen)
+        for p in head:
             p.requires_grad_(True)
-        n = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
-        log.info("frozen backbone: training %d parameters of %s.%s", n, self.arch, self.spec.head)
+        if frozen != self._body_frozen:
+            n = sum(p.numel() for p in (head if frozen else head + body))
+            log.info("%s body of %s: training %d parameters", "frozen" if frozen else "trainable", self.arch, n)
+        self._body_frozen = frozen
+        self.train(self.training)
+
+    def train(self, mode: bool = True) -> "CXRClassifier":
+        super().train(mode)
+        if mode and getattr(self, "_body_frozen", False):
+            self.model.eval()
+            self._head_module().train()
+        return self
+
+    def on_train_epoch_start(self) -> None:
+        self.set_body_frozen(self.body_frozen_at(int(self.current_epoch)))
 
     def configure_model(self) -> None:
         if self.config["trainer"].get("compile") and self._compiled is None:
@@ -165,7 +197,14 @@ class CXRClassifier(L.LightningModule):
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self) -> Any:
         o, s = self.config["optimizer"], self.config["scheduler"]
-        params = [p for p in self.model.parameters() if p.requires_grad]
+        head, body = self.param_groups()
+        # Two groups: the pretrained body learns at lr x body_lr_mult (gentler than the fresh head). The body
+        # group is left out only for a linear probe; during a head warm-up its parameters get no gradient
+        # (requires_grad off), which every optimiser here skips, so a resume at any epoch rebuilds the same
+        # optimiser.
+        params: list[dict[str, Any]] = [{"params": head, "lr": o["lr"], "name": "head"}]
+        if body and not self.config["model"].get("freeze_backbone"):
+            params.append({"params": body, "lr": o["lr"] * float(o.get("body_lr_mult", 1.0)), "name": "body"})
         if o["name"] == "sgd":
             opt = torch.optim.SGD(params, lr=o["lr"], momentum=o["momentum"], weight_decay=o["weight_decay"],
                                   nesterov=bool(o.get("nesterov")))

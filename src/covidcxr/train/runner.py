@@ -105,7 +105,9 @@ def _callbacks(cfg: dict, out: Path) -> list[Any]:
     cbs: list[Any] = [
         # best by the chosen validation figure (Lightning >= 2.5 refreshes save_last only when top-k saved,
         # so last.ckpt has callbacks of its own)
-        ModelCheckpoint(filename="best", monitor=ck["monitor"], mode=ck["mode"], save_top_k=1, **common),
+        # best.ckpt: weights only (no optimiser state); fit() slims it to the covidcxr bundle at the end
+        ModelCheckpoint(filename="best", monitor=ck["monitor"], mode=ck["mode"], save_top_k=1,
+                        save_weights_only=True, **common),
         ModelCheckpoint(filename="last", monitor=None, save_top_k=1, every_n_epochs=1, **common),
     ]
     if ck.get("every_n_train_steps"):
@@ -229,16 +231,61 @@ def resume_changes(previous: dict[str, Any], cfg: dict[str, Any]) -> list[str]:
             if k not in _RESUME_FREE and a.get(k) != b.get(k)]
 
 
-def fit(cfg: dict[str, Any], data: str | os.PathLike, out: str | os.PathLike, resume: bool = False) -> Path:
+def finalize_best(best: Path, module: Any, dm: Any, cfg: dict[str, Any]) -> dict[str, Any]:
+    """Rewrite ``best.ckpt`` as the self-contained inference bundle (no optimiser, no Lightning state) and
+    store the COVID-19 operating threshold chosen on the val split with the best weights.
+
+    Returns what was stored (``{"threshold": ..., "operating_point": {...}}``; threshold None when the
+    recipe keeps argmax or the classes have no positive output).
+    """
+    from covidcxr.evaluate.core import val_operating_point
+    from covidcxr.models.checkpoint import load
+
+    raw = torch.load(best, map_location="cpu", weights_only=False)
+    bundle = raw["covidcxr"] if isinstance(raw, dict) and "covidcxr" in raw else raw
+    op_cfg = cfg["operating_point"]
+    positive, target = op_cfg["positive"], op_cfg["target_sensitivity"]
+    stored: dict[str, Any] = {"threshold": None, "best_epoch": (bundle.get("training") or {}).get("epoch")}
+    if target is not None and positive in bundle["classes"]:
+        lm = load(best)
+        ds = dm.dataset("val")
+        probs = []
+        with torch.no_grad():
+            for batch in dm.val_dataloader():
+                probs.append(torch.softmax(lm.model(batch["image"]).float(), dim=1))
+        p = torch.cat(probs).numpy()
+        classes = list(bundle["classes"])
+        frame = ds.frame.assign(label=[classes[i] for i in ds.labels])
+        op = val_operating_point(frame, p, classes, positive, float(target))
+        if op.get("threshold") is not None:
+            op["chosen_at"] = "end of training (covidcxr train), best epoch's weights"
+            bundle["threshold"] = float(op["threshold"])
+            bundle.setdefault("metrics", {})["operating_point"] = json.loads(json.dumps(op, default=float))
+            stored.update(threshold=bundle["threshold"], operating_point=bundle["metrics"]["operating_point"])
+            log.info("COVID-19 threshold %.4f (sensitivity >= %s on val) stored in %s", op["threshold"], target, best)
+        else:
+            log.warning("%s: no %s image in the val split; best.ckpt keeps argmax", best, positive)
+    atomic_torch_save(bundle, best)
+    return stored
+
+
+def fit(cfg: dict[str, Any], data: str | os.PathLike, out: str | os.PathLike, resume: bool = False,
+        overwrite: bool = False) -> Path:
     """Train per ``cfg`` on manifest ``data`` into folder ``out``; returns ``out``.
 
     ``resume`` continues from ``out/last.ckpt`` (optimiser, schedule, epoch and step included).
-    Without it, checkpoints and logs of an earlier run in ``out`` are replaced.
+    A folder that already holds a trained run (``best.ckpt``) is refused unless ``overwrite``: its
+    checkpoints and logs are then replaced. At the end ``best.ckpt`` (best epoch by ``checkpoint.monitor``)
+    is rewritten as the inference bundle with the val-chosen threshold; ``last.ckpt`` keeps the full
+    training state for ``resume``.
     """
     from covidcxr.train.module import CXRClassifier
 
     out = Path(out)
     last = out / "last.ckpt"
+    if not resume and not overwrite and "LOCAL_RANK" not in os.environ and (out / "best.ckpt").exists():
+        raise ConfigError(f"{out}: already holds a trained run (best.ckpt, with its tuned threshold); "
+                          "pass --overwrite to replace it, --resume to continue it, or choose another --out")
     if resume and not last.is_file():
         raise ConfigError(f"{last}: nothing to resume (no last.ckpt); start without --resume")
     if resume and not zipfile.is_zipfile(last):
@@ -260,7 +307,7 @@ def fit(cfg: dict[str, Any], data: str | os.PathLike, out: str | os.PathLike, re
     if not resume and "LOCAL_RANK" not in os.environ:
         stale = [p for p in (out / "best.ckpt", last, out / "logs", out / "tensorboard", out / "samples") if p.exists()]
         if stale:
-            log.warning("%s holds an earlier run; replacing its checkpoints and logs (use --resume to continue it)", out)
+            log.warning("%s holds an earlier run; replacing its checkpoints and logs (--overwrite)", out)
             for p in stale:
                 shutil.rmtree(p) if p.is_dir() else p.unlink()
     out.mkdir(parents=True, exist_ok=True)
@@ -285,6 +332,7 @@ def fit(cfg: dict[str, Any], data: str | os.PathLike, out: str | os.PathLike, re
     if trainer.is_global_zero:
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
         score = trainer.checkpoint_callback.best_model_score if trainer.checkpoint_callback else None
+        stored = finalize_best(Path(best), model, dm, cfg) if best and Path(best).is_file() else {"threshold": None}
         result = {
             "run": str(out),
             "best_checkpoint": best,
@@ -296,6 +344,9 @@ def fit(cfg: dict[str, Any], data: str | os.PathLike, out: str | os.PathLike, re
             "stopped_early": any(getattr(cb, "stopped_epoch", 0) > 0 for cb in trainer.callbacks
                                  if isinstance(cb, EarlyStopping)),
             "final_metrics": {k: float(v) for k, v in trainer.callback_metrics.items() if torch.as_tensor(v).numel() == 1},
+            "best_epoch": stored.get("best_epoch"),
+            "threshold": stored["threshold"],
+            "operating_point": stored.get("operating_point"),
             "training": {k: v for k, v in model.summary.items() if k != "config"},
         }
         (out / "summary.json").write_text(json.dumps(result, indent=2, default=str), encoding="utf-8")
