@@ -37,7 +37,7 @@ $CX data audit "$OUT/data/manifest.csv" || echo "(audit reported leakage: see $O
 # ---------------------------------------------------------------- 2. train + evaluate
 # A few-minute ResNet-18 from scratch at 128 px (configs/dev-resnet18.yaml): it shows the pipeline,
 # not a useful model. docs/results.md has the paper recipes and what they reach here.
-$CX train --config configs/dev-resnet18.yaml --data "$OUT/data/manifest.csv" --out "$OUT/run" \
+$CX train --config configs/dev-resnet18.yaml --data "$OUT/data/manifest.csv" --out "$OUT/run" --overwrite \
   --weights none --max-epochs "$EPOCHS" --set data.cache_dir="$OUT/cache"
 # --set-threshold: the COVID-19 operating point (sensitivity 0.95) is chosen on val and stored in the checkpoint
 $CX evaluate --model "$OUT/run/best.ckpt" --data "$OUT/data/manifest.csv" --split test --out "$OUT/report" --set-threshold

@@ -28,7 +28,7 @@ $CX data build --source "csv=$DATA/metadata.csv" --out "$RUNS/holdout-$HOLDOUT" 
 
 train() {  # SPLIT ARCH
   local split=$1 arch=$2
-  $NICE $CX train --config configs/scratch-cpu.yaml --data "$RUNS/$split/manifest.csv" --out "$RUNS/$split/$arch" \
+  $NICE $CX train --config configs/scratch-cpu.yaml --data "$RUNS/$split/manifest.csv" --out "$RUNS/$split/$arch" --overwrite \
     --set "model.arch=$arch" --size 224 --max-epochs "$EPOCHS" --set "data.cache_dir=$RUNS/cache" \
     --set trainer.progress_bar=false > "$RUNS/$split/$arch.train.log" 2>&1
   echo "trained $split/$arch ($(( ($(date +%s) - START) / 60 )) min so far)"
