@@ -63,6 +63,7 @@ def test_better_model_has_ci_above_zero_and_point_values_match_sklearn():
     assert auc["a"] == pytest.approx(roc_auc_score(y, weak))
     assert auc["b"] == pytest.approx(1.0)
     assert auc["ci_low"] > 0
+    assert auc["a_ci"][0] < auc["a"] < auc["a_ci"][1] and auc["b_ci"] == [1.0, 1.0]
     assert auc["p_two_sided"] < 0.05
     # shuffled order of B's rows must not matter: rows are matched by path
     b = frame(labels, strong, pats, seed=3).sample(frac=1.0, random_state=0)

@@ -107,7 +107,8 @@ def _metric(name: str, frame: pd.DataFrame, w: np.ndarray, positive: str, negati
 def paired_bootstrap(a: pd.DataFrame, b: pd.DataFrame, *, positive: str = "COVID-19",
                      negatives: Sequence[str] | None = None, metrics: Sequence[str] = METRICS,
                      n_boot: int = 1000, seed: int = 0, ci: float = 0.95) -> dict[str, Any]:
-    """Each metric for A and B and the difference B - A with its paired, stratified patient-bootstrap CI.
+    """Each metric for A and B (``a``, ``b`` with ``a_ci``, ``b_ci``) and the difference B - A
+    (``diff``, ``ci_low``, ``ci_high``) with its paired, stratified patient-bootstrap CI.
 
     ``negatives`` restricts the AUC to ``positive`` vs these labels (e.g. COVID-19 vs normal);
     default: positive vs every other image. ``p_two_sided`` is the bootstrap share of replicates on
@@ -130,10 +131,13 @@ def paired_bootstrap(a: pd.DataFrame, b: pd.DataFrame, *, positive: str = "COVID
     }
     for m in metrics:
         va, vb = _metric(m, a, one, positive, negatives, classes)[0], _metric(m, b, one, positive, negatives, classes)[0]
-        d = _metric(m, b, w, positive, negatives, classes) - _metric(m, a, w, positive, negatives, classes)
-        d = d[np.isfinite(d)]
+        ra, rb = _metric(m, a, w, positive, negatives, classes), _metric(m, b, w, positive, negatives, classes)
+        d = (rb - ra)[np.isfinite(rb - ra)]
         row: dict[str, Any] = {"a": _num(va), "b": _num(vb), "diff": _num(vb - va), "ci_low": None, "ci_high": None,
                                "n_replicates": int(len(d)), "p_two_sided": None}
+        for name, r in (("a", ra), ("b", rb)):  # each model's own CI from the same replicates
+            r = r[np.isfinite(r)]
+            row[f"{name}_ci"] = [float(np.quantile(r, lo_q)), float(np.quantile(r, hi_q))] if len(r) else None
         if len(d):
             row["ci_low"], row["ci_high"] = float(np.quantile(d, lo_q)), float(np.quantile(d, hi_q))
             row["p_two_sided"] = float(min(1.0, 2 * min((d <= 0).mean(), (d >= 0).mean())))
