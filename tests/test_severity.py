@@ -387,3 +387,36 @@ def test_cli_severity_train_rejects_degenerate_sizes(tmp_path, capsys):
                   "--out", str(tmp_path / "o"), opt, val])
         assert exc.value.code == 2
         assert f"argument {opt}: {val} is below the minimum" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("arch, preset", [("mobilenet_v2", "imagenet"), ("efficientnet_lite0", "effnet-lite")])
+def test_scores_from_a_transfer_detector(tiny: dict[str, Path], arch: str, preset: str) -> None:
+    """--init from a MobileNetV2 / EfficientNet-Lite0 classifier (the transfer recipes' checkpoints): body and
+    preset kept, a new 2-output head; the severity checkpoint reloads, predicts, and feeds the CV's ridge."""
+    from covidcxr import models
+    from covidcxr.preprocess import get_preset
+
+    torch.manual_seed(0)
+    det = models.build(arch, num_classes=3)
+    ckpt = tiny["root"] / f"det_{arch}.ckpt"
+    models.save(ckpt, det, arch=arch, classes=["normal", "pneumonia", "COVID-19"], preset=get_preset(preset, size=64),
+                task="classification", threshold=0.5)
+    run = tiny["root"] / f"run_{arch}"
+    assert _cli("severity", "train", "--task", "scores", "--data", str(tiny["manifest"]), "--out", str(run),
+                "--init", str(ckpt), "--max-epochs", "1", "--freeze-epochs", "1", "--batch-size", "8") == 0
+    sev = models.load(run / "best.ckpt")
+    assert sev.arch == arch and sev.task == "severity-scores" and sev.preset.size == 64
+    assert sev.training["init_arch"] == arch
+    head = models.get_head(sev.model, arch)
+    assert head.out_features == 2
+    state, det_state = sev.model.state_dict(), det.state_dict()
+    head_keys = {k for k in det_state if k.startswith(models.get_spec(arch).head + ".")}
+    for k, v in det_state.items():  # frozen for the only epoch: the body is the detector's, BN statistics too
+        if k not in head_keys:
+            assert torch.equal(state[k], v), k
+    (res,) = SeverityModel.from_path(run / "best.ckpt").predict_arrays([np.full((70, 90), 0.5, np.float32)])
+    assert 0 <= res["geographic_extent"] <= 8 and 0 <= res["opacity"] <= 6
+    out = tiny["root"] / f"cv_{arch}"
+    assert _cli("severity", "cv", "--data", str(tiny["manifest"]), "--out", str(out), "--init", str(ckpt),
+                "--splits", "2", "--methods", "mean,ridge", "--size", "64") == 0
+    assert json.loads((out / "cv.json").read_text())["arch"] == arch
