@@ -17,12 +17,15 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import cv2
 import numpy as np
-import torch
+
+if TYPE_CHECKING:  # torch is imported where a tensor is made: the ONNX paths run without it
+    import torch
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -58,13 +61,38 @@ class Preset:
     std: tuple[float, ...] = (1.0,)
     description: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    #: resize interpolation: "auto" (area when shrinking, bilinear when enlarging) or "cubic"
+    #: (COVID-CXNet resizes with cv2.INTER_CUBIC)
+    interpolation: str = "auto"
+    #: histogram matching (COVID-CXNet): the 8-bit prepared image is matched to this template, given as
+    #: its gray values at evenly spaced quantiles 0..1 (see :func:`histogram_template`); empty: off
+    hist_template: tuple[float, ...] = ()
+    #: per-channel enhancements made at finalize, in channel order: "beasf", "clahe" (clahe_clip /
+    #: clahe_tiles) or "raw". Empty: the prepared image in every channel (CLAHE, if on, at prepare).
+    channel_stack: tuple[str, ...] = ()
+    #: gamma of the BEASF channel
+    beasf_gamma: float = 1.5
+
+    def __post_init__(self) -> None:
+        unknown = [c for c in self.channel_stack if c not in CHANNEL_ENHANCERS]
+        if unknown:
+            raise PresetError(f"preset {self.name}: unknown channel enhancement(s) {unknown}; "
+                              f"known: {sorted(CHANNEL_ENHANCERS)}")
+        if self.channel_stack and len(self.channel_stack) != self.channels:
+            raise PresetError(f"preset {self.name}: channel_stack {list(self.channel_stack)} "
+                              f"gives {len(self.channel_stack)} channels, not {self.channels}")
+        if self.interpolation not in _INTERP:
+            raise PresetError(f"preset {self.name}: interpolation {self.interpolation!r}; "
+                              f"choose one of {sorted(_INTERP)}")
+        t = self.hist_template
+        if t and (len(t) < 2 or any(b < a for a, b in zip(t, t[1:])) or t[0] < 0 or t[-1] > 255):
+            raise PresetError(f"preset {self.name}: hist_template must be >= 2 non-decreasing gray values in 0..255")
 
     # ------------------------------------------------------------------ serialisation
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
-        d["value_range"] = list(self.value_range)
-        d["mean"] = list(self.mean)
-        d["std"] = list(self.std)
+        for k in _TUPLE_FIELDS:
+            d[k] = list(getattr(self, k))
         return d
 
     @classmethod
@@ -81,7 +109,7 @@ class Preset:
         if unknown:
             raise PresetError(f"preset {d['name']!r} has unknown fields {sorted(unknown)}")
         kw = dict(d)
-        for k in ("value_range", "mean", "std"):
+        for k in _TUPLE_FIELDS:
             if k in kw:
                 kw[k] = tuple(kw[k])
         return cls(**kw)
@@ -112,22 +140,37 @@ class Preset:
             s = min(h, w)
             y0, x0 = (h - s) // 2, (w - s) // 2
             img = img[y0 : y0 + s, x0 : x0 + s]
-        if self.clahe_clip > 0:
+        if self.clahe_clip > 0 and "clahe" not in self.channel_stack:
             u8 = np.clip(img * 255.0 + 0.5, 0, 255).astype(np.uint8)
             clahe = cv2.createCLAHE(clipLimit=self.clahe_clip, tileGridSize=(self.clahe_tiles, self.clahe_tiles))
             img = clahe.apply(u8).astype(np.float32) / 255.0
         h, w = img.shape
-        interp = cv2.INTER_AREA if (h > self.size or w > self.size) else cv2.INTER_LINEAR
+        if self.interpolation == "cubic":
+            interp = cv2.INTER_CUBIC
+        else:
+            interp = cv2.INTER_AREA if (h > self.size or w > self.size) else cv2.INTER_LINEAR
         img = cv2.resize(np.ascontiguousarray(img), (self.size, self.size), interpolation=interp)
-        return np.clip(img, 0.0, 1.0).astype(np.float32, copy=False)
+        img = np.clip(img, 0.0, 1.0).astype(np.float32, copy=False)
+        if self.hist_template or self.channel_stack:
+            # COVID-CXNet works on 8-bit images: quantise, then match to the template
+            u8 = np.clip(img * 255.0 + 0.5, 0, 255).astype(np.uint8)
+            if self.hist_template:
+                u8 = match_histogram(u8, self.hist_template)
+            img = u8.astype(np.float32) / 255.0
+        return img
 
     def finalize(self, image: np.ndarray | torch.Tensor) -> torch.Tensor:
         """Channels and intensity scaling: C x H x W float32 tensor."""
+        import torch
+
         t = torch.as_tensor(image, dtype=torch.float32)
         if t.ndim == 3 and t.shape[0] == 1:
             t = t[0]
         if t.ndim != 2:
             raise PresetError(f"finalize expects H x W or 1 x H x W, got {tuple(t.shape)}")
+        if self.channel_stack:  # per-channel enhancements work on 8-bit images, in NumPy
+            out = torch.from_numpy(self.finalize_array(t.detach().cpu().numpy()))
+            return out.to(t.device) if t.device.type != "cpu" else out
         # one per-channel affine map: ((t * (hi - lo) + lo) - mean) / std = t * a + b
         a, b = self._affine()
         if t.requires_grad or t.device.type != "cpu":
@@ -144,29 +187,79 @@ class Preset:
     def __call__(self, image: np.ndarray, mask: np.ndarray | None = None) -> torch.Tensor:
         return self.finalize(self.prepare(image, mask))
 
+    def finalize_array(self, image: np.ndarray) -> np.ndarray:
+        """:meth:`finalize` in NumPy (no torch import): C x H x W float32 array, the same values."""
+        src = np.asarray(image, dtype=np.float32)
+        if src.ndim == 3 and src.shape[0] == 1:
+            src = src[0]
+        if src.ndim != 2:
+            raise PresetError(f"finalize expects H x W or 1 x H x W, got {tuple(src.shape)}")
+        fa, fb = self._affine_floats()
+        planes = self.enhance(src) if self.channel_stack else [src] * self.channels
+        out = np.empty((self.channels, *src.shape), dtype=np.float32)
+        for c in range(self.channels):
+            np.multiply(planes[c], np.float32(fa[c]), out=out[c])
+            out[c] += np.float32(fb[c])
+        return out
+
+    def enhance(self, image: np.ndarray) -> list[np.ndarray]:
+        """The ``channel_stack`` planes of a prepared H x W [0,1] image, each H x W float32 in [0, 1].
+
+        The image is read as 8-bit (``round(x * 255)``), each enhancement maps 0..255 to 0..255, and the
+        result is divided by 255, as COVID-CXNet does (``np.concatenate((beasf, clahe, raw)) / 255``).
+        """
+        u8 = np.clip(np.asarray(image, dtype=np.float32) * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return [CHANNEL_ENHANCERS[name](self, u8).astype(np.float32) / np.float32(255.0) for name in self.channel_stack]
+
+    def array(self, image: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
+        """``preset(image)`` as a NumPy C x H x W float32 array (what the ONNX paths feed onnxruntime)."""
+        return self.finalize_array(self.prepare(image, mask))
+
     def denormalize(self, tensor: torch.Tensor) -> np.ndarray:
         """Inverse of :meth:`finalize`: C x H x W (or H x W) tensor back to H x W in [0, 1] for display."""
-        t = tensor.detach().float().cpu()
-        if t.ndim == 3:
-            mean = torch.tensor(self._per_channel(self.mean)).view(-1, 1, 1)
-            std = torch.tensor(self._per_channel(self.std)).view(-1, 1, 1)
+        t = tensor.detach().float().cpu().numpy() if hasattr(tensor, "detach") else np.asarray(tensor, np.float32)
+        if t.ndim == 3 and "raw" in self.channel_stack:
+            # an enhancement stack: show the unenhanced channel, not the mean of three different contrasts
+            c = self.channel_stack.index("raw")
+            mean, std = self._per_channel(self.mean)[c], self._per_channel(self.std)[c]
+            t = t[c] * std + mean
+        if t.ndim == 3:  # NumPy, so that a torch-free (ONNX) caller can pass an array
+            mean = np.asarray(self._per_channel(self.mean), dtype=np.float32).reshape(-1, 1, 1)
+            std = np.asarray(self._per_channel(self.std), dtype=np.float32).reshape(-1, 1, 1)
             t = (t * std + mean).mean(0)
         lo, hi = self.value_range
-        return np.clip(((t - lo) / (hi - lo)).numpy(), 0.0, 1.0)
+        return np.clip((t - lo) / (hi - lo), 0.0, 1.0)
 
     # ------------------------------------------------------------------ helpers
     def _affine(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-channel scale and offset of :meth:`finalize`, as C x 1 x 1 tensors (cached)."""
         cached = self.__dict__.get("_affine_cache")
         if cached is None:
+            import torch
+
+            fa, fb = self._affine_floats()
+            a = torch.tensor(fa, dtype=torch.float32).view(-1, 1, 1)
+            b = torch.tensor(fb, dtype=torch.float32).view(-1, 1, 1)
+            cached = (a, b, fa, fb)
+            object.__setattr__(self, "_affine_cache", cached)
+        return cached[0], cached[1]
+
+    def __getstate__(self) -> dict[str, Any]:
+        # drop the caches (torch tensors): a pickled preset must not import torch where it lands
+        return {k: v for k, v in self.__dict__.items() if not k.endswith("_cache")}
+
+    def _affine_floats(self) -> tuple[list[float], list[float]]:
+        """Per-channel scale and offset as float32-rounded Python floats (shared by both finalizers)."""
+        cached = self.__dict__.get("_affine_floats_cache")
+        if cached is None:
             lo, hi = self.value_range
             mean = np.asarray(self._per_channel(self.mean), dtype=np.float64)
             std = np.asarray(self._per_channel(self.std), dtype=np.float64)
-            a = torch.tensor((hi - lo) / std, dtype=torch.float32).view(-1, 1, 1)
-            b = torch.tensor((lo - mean) / std, dtype=torch.float32).view(-1, 1, 1)
-            cached = (a, b, [float(x) for x in a.flatten()], [float(x) for x in b.flatten()])
-            object.__setattr__(self, "_affine_cache", cached)
-        return cached[0], cached[1]
+            a = ((hi - lo) / std).astype(np.float32)
+            b = ((lo - mean) / std).astype(np.float32)
+            cached = ([float(x) for x in a], [float(x) for x in b])
+            object.__setattr__(self, "_affine_floats_cache", cached)
+        return cached
 
     def _per_channel(self, v: tuple[float, ...]) -> tuple[float, ...]:
         if len(v) == self.channels:
@@ -207,6 +300,117 @@ def crop_to_mask(img: np.ndarray, mask: np.ndarray, margin: float = 0.05) -> np.
     return img[y0:y1, x0:x1]
 
 
+# --------------------------------------------------------------------------- COVID-CXNet enhancements
+
+_TUPLE_FIELDS = ("value_range", "mean", "std", "hist_template", "channel_stack")
+_INTERP = {"auto", "cubic"}
+
+
+def beasf(image: np.ndarray, gamma: float = 1.5) -> np.ndarray:
+    """Bi-histogram Equalization with Adaptive Sigmoid Functions (Arriaga-Garcia et al. 2014) on a uint8 image.
+
+    The histogram is split at the mean gray level ``m``; each half is remapped by a sigmoid of slope
+    ``gamma`` centred on that half's median (the tone where its CDF passes 0.5), spanning 5 units over
+    the half's range, then stretched back onto ``[0, m]`` and ``[m, 255]``. The mapping reproduces the
+    one COVID-CXNet trained with (armiro/COVID-CXNet, ``BEASF.py``), including its integer truncations,
+    its upper median taken one tone early and its upper sigmoid read one tone late, so that a network
+    trained there sees the same channel. A constant image is returned unchanged.
+    """
+    img = np.asarray(image)
+    if img.dtype != np.uint8 or img.ndim != 2:
+        raise PresetError(f"BEASF needs a 2-D uint8 image, got {img.dtype} {img.shape}")
+    lo, hi = int(img.min()), int(img.max())
+    if lo == hi:
+        return img.copy()
+    m = int(img.mean())
+    hist = np.bincount(img.ravel(), minlength=256).astype(np.float64)
+    tones = np.arange(256, dtype=np.float64)
+    lut = tones.copy()
+
+    low = hist[: m + 1] / hist[: m + 1].sum()
+    if m > 0:
+        half_low = int(np.argmax(np.cumsum(low) > 0.5))  # first tone whose lower CDF passes 0.5
+        s_low = 1.0 / (1.0 + np.exp(-gamma * 5.0 * (tones[: m + 1] - half_low) / m))
+        v = np.trunc(m * s_low)
+        if v[m] > v[0]:
+            lut[: m + 1] = np.trunc(m / (v[m] - v[0]) * (v - v[0]))
+
+    if m < 254:  # the upper half needs two tones above m to be stretched
+        up = np.zeros(256)
+        up[m:] = hist[m:] / hist[m:].sum()
+        cdf_up = np.cumsum(up)
+        half_up = m + int(np.argmax(cdf_up[m + 1 :] > 0.5))  # as the authors: the tone before the crossing
+        s_up = 1.0 / (1.0 + np.exp(-gamma * 5.0 * (tones[m:] - half_up) / (255 - m)))
+        v = np.trunc(m + (255 - m) * s_up[: 255 - m])  # tone t reads the sigmoid at t - 1
+        if v[-1] > v[0]:
+            lut[m + 1 :] = (255 - m) * (v - v[0]) / (v[-1] - v[0]) + m
+    return np.clip(lut, 0, 255).astype(np.uint8)[img]
+
+
+def match_histogram(image: np.ndarray, template: tuple[float, ...] | np.ndarray) -> np.ndarray:
+    """Map a uint8 image so that its gray-level distribution follows ``template`` (quantile table).
+
+    ``template[k]`` is the template's gray value at quantile ``k / (len - 1)``. Each gray level of the
+    image goes to the template value at the same quantile (the image's CDF at that level), linearly
+    interpolated and truncated to uint8, as COVID-CXNet's ``match_histogram`` does with a template image.
+    """
+    img = np.asarray(image)
+    if img.dtype != np.uint8:
+        raise PresetError(f"histogram matching needs a uint8 image, got {img.dtype}")
+    t = np.asarray(template, dtype=np.float64)
+    cdf = np.cumsum(np.bincount(img.ravel(), minlength=256)) / img.size
+    lut = np.interp(cdf, np.linspace(0.0, 1.0, len(t)), t)
+    return np.clip(lut, 0, 255).astype(np.uint8)[img]
+
+
+def histogram_template(images: Any, n: int = 101) -> tuple[float, ...]:
+    """A ``hist_template`` for :func:`match_histogram`: the pooled gray values of ``images`` (uint8 arrays,
+    already at the preset's size) at ``n`` evenly spaced quantiles, rounded to 0.01.
+
+    COVID-CXNet matched every image to one training image; pooling many training images gives a
+    template that does not hinge on which image came first.
+    """
+    counts = np.zeros(256)
+    for im in images:
+        a = np.asarray(im)
+        if a.dtype != np.uint8:
+            raise PresetError(f"histogram_template needs uint8 images, got {a.dtype}")
+        counts += np.bincount(a.ravel(), minlength=256)
+    if counts.sum() == 0:
+        raise PresetError("histogram_template: no pixels given")
+    present = np.nonzero(counts)[0]
+    cdf = np.cumsum(counts)[present] / counts.sum()
+    q = np.interp(np.linspace(0.0, 1.0, n), cdf, present.astype(np.float64))
+    q[0] = present[0]
+    return tuple(round(float(x), 2) for x in q)
+
+
+def _clahe_channel(p: "Preset", u8: np.ndarray) -> np.ndarray:
+    return cv2.createCLAHE(clipLimit=p.clahe_clip, tileGridSize=(p.clahe_tiles, p.clahe_tiles)).apply(u8)
+
+
+#: channel name -> (preset, uint8 H x W) -> uint8 H x W
+CHANNEL_ENHANCERS: dict[str, Callable[["Preset", np.ndarray], np.ndarray]] = {
+    "beasf": lambda p, u8: beasf(u8, p.beasf_gamma),
+    "clahe": _clahe_channel,
+    "raw": lambda p, u8: u8,
+}
+
+
+#: COVID-CXNet's histogram-matching template (gray values at quantiles 0, 0.01, ..., 1). COVID-CXNet
+#: matched every image to its first training image; this fixed table pools the 666 images of the shared
+#: NIH ChestX-ray14 subset (no COVID test image), each resized to 320 px (cubic) as the preset does:
+#: ``histogram_template(uint8(Preset(..., channel_stack=...).prepare(img) * 255) for img in nih)``.
+NIH_CXR14_TEMPLATE: tuple[float, ...] = (
+    0.0, 0.0, 0.76, 2.99, 6.57, 11.39, 16.31, 22.3, 29.19, 36.3, 43.12, 49.87, 56.15, 62.0, 67.38, 72.26, 76.63,
+    80.59, 84.22, 87.6, 90.76, 93.76, 96.58, 99.27, 101.86, 104.36, 106.78, 109.11, 111.37, 113.6, 115.8, 117.96,
+    120.08, 122.14, 124.17, 126.16, 128.11, 130.02, 131.9, 133.73, 135.51, 137.26, 138.99, 140.68, 142.33, 143.95,
+    145.54, 147.12, 148.7, 150.25, 151.79, 153.32, 154.83, 156.33, 157.8, 159.26, 160.72, 162.18, 163.63, 165.08,
+    166.54, 167.99, 169.44, 170.89, 172.33, 173.77, 175.2, 176.62, 178.06, 179.51, 180.95, 182.38, 183.81, 185.25,
+    186.69, 188.13, 189.58, 191.02, 192.48, 193.96, 195.48, 197.01, 198.57, 200.16, 201.77, 203.4, 205.04, 206.7,
+    208.4, 210.17, 212.03, 214.0, 216.07, 218.24, 220.53, 222.94, 225.6, 228.65, 232.5, 237.93, 255.0,
+)
+
 PRESETS: dict[str, Preset] = {
     p.name: p
     for p in [
@@ -222,9 +426,11 @@ PRESETS: dict[str, Preset] = {
             "deepcovid",
             size=224,
             channels=3,
+            center_square=True,
             mean=IMAGENET_MEAN,
             std=IMAGENET_STD,
-            description="Deep-COVID: resize 224, ImageNet mean/std",
+            description="Deep-COVID: Resize(224) keeping aspect + CenterCrop(224) (= central square, resize 224), "
+                        "ImageNet mean/std",
         ),
         Preset(
             "chexnet",
@@ -240,9 +446,12 @@ PRESETS: dict[str, Preset] = {
             channels=3,
             clahe_clip=2.0,
             clahe_tiles=8,
-            mean=IMAGENET_MEAN,
-            std=IMAGENET_STD,
-            description="COVID-CXNet: CLAHE (clip 2.0, 8x8), resize 320, ImageNet mean/std",
+            interpolation="cubic",
+            hist_template=NIH_CXR14_TEMPLATE,
+            channel_stack=("beasf", "clahe", "raw"),
+            beasf_gamma=1.5,
+            description="COVID-CXNet: resize 320 (cubic), histogram-match to a fixed template, channels "
+                        "BEASF (gamma 1.5) / CLAHE (clip 2.0, 8x8) / raw, divided by 255",
         ),
         Preset(
             "cxnet-lungcrop",
@@ -251,9 +460,12 @@ PRESETS: dict[str, Preset] = {
             clahe_clip=2.0,
             clahe_tiles=8,
             lung_crop=True,
-            mean=IMAGENET_MEAN,
-            std=IMAGENET_STD,
-            description="COVID-CXNet with lung crop: segment, dilate, crop to lungs, CLAHE, resize 320",
+            interpolation="cubic",
+            hist_template=NIH_CXR14_TEMPLATE,
+            channel_stack=("beasf", "clahe", "raw"),
+            beasf_gamma=1.5,
+            description="COVID-CXNet with lung crop: crop to the lungs, then as cxnet (resize 320, histogram "
+                        "match, BEASF / CLAHE / raw, /255)",
         ),
         Preset(
             "imagenet",
@@ -312,9 +524,19 @@ def get_preset(name: str | dict | Preset, size: int | None = None) -> Preset:
 
 @dataclass(frozen=True)
 class Augment:
-    """Seeded training-time augmentation on a prepared 1 x H x W image (COVID-Net recipe by default).
+    """Seeded training-time augmentation on a prepared 1 x H x W image.
 
-    Each call with the same ``(seed, epoch, index)`` gives the same result, whatever the worker.
+    Each call with the same ``(seed, epoch, index)`` gives the same result, whatever the worker. The
+    geometry (ratio resize, random resized crop, rotation, shift, zoom) is composed into one affine map
+    and applied by one OpenCV ``warpAffine`` with a black border, so the image is interpolated once.
+
+    - ``zoom``: with ``zoom_xy`` False one factor ``s`` enlarges the image ``s`` times (isotropic). With
+      ``zoom_xy`` True it is Keras' ``zoom_range``: separate factors ``zx, zy`` are drawn and, as in
+      Keras, a factor above 1 zooms out (the content shrinks to ``1/z``).
+    - ``ratio_resize = (p, delta)``: COVID-Net's ``random_ratio_resize``: with probability ``p`` the
+      aspect ratio is jittered by up to ``±delta`` (the image is narrowed or flattened, black padding).
+    - ``crop_scale`` (with ``crop_ratio``): torchvision's ``RandomResizedCrop``: a box of that area
+      fraction and aspect ratio is cut out and resized to the full image (Deep-COVID).
     """
 
     rotation: float = 10.0
@@ -323,16 +545,21 @@ class Augment:
     hflip: bool = True
     brightness: tuple[float, float] = (0.9, 1.1)
     seed: int = 0
+    zoom_xy: bool = False
+    ratio_resize: tuple[float, float] = (0.0, 0.0)
+    vflip: bool = False
+    crop_scale: tuple[float, ...] = ()
+    crop_ratio: tuple[float, float] = (3.0 / 4.0, 4.0 / 3.0)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     def params(self, index: int = 0, epoch: int = 0, shape: tuple[int, int] = (224, 224)) -> dict[str, Any]:
-        """The random draw for ``(seed, epoch, index)``: same ranges as torchvision's RandomAffine,
-        RandomHorizontalFlip and ColorJitter(brightness)."""
+        """The random draw for ``(seed, epoch, index)``. Every call draws the same number of values, so
+        the draw of one parameter never depends on which others are switched on."""
         rng = np.random.default_rng([int(self.seed) & 0xFFFFFFFF, int(epoch) & 0xFFFFFFFF, int(index) & 0xFFFFFFFF])
         h, w = shape
-        return {
+        p: dict[str, Any] = {
             "angle": float(rng.uniform(-self.rotation, self.rotation)),
             "tx": float(round(rng.uniform(-self.translate * w, self.translate * w))),
             "ty": float(round(rng.uniform(-self.translate * h, self.translate * h))),
@@ -340,6 +567,71 @@ class Augment:
             "flip": bool(self.hflip and rng.random() < 0.5),
             "brightness": float(rng.uniform(*self.brightness)),
         }
+        zy = float(rng.uniform(*self.zoom))
+        vflip = bool(rng.random() < 0.5)
+        ratio_u, ratio_v = float(rng.random()), float(rng.random())
+        crop_u = rng.random((4, 10))
+        if self.zoom_xy:  # Keras: a factor z maps output to input coordinates, so the content scales by 1/z
+            p["scale_x"], p["scale_y"] = 1.0 / p["scale"], 1.0 / zy
+        else:
+            p["scale_x"] = p["scale_y"] = p["scale"]
+        p["vflip"] = bool(self.vflip and vflip)
+        p["ratio"] = None
+        prob, delta = self.ratio_resize
+        if prob > 0 and ratio_u < prob:
+            # COVID-Net: ratio = h / w jittered; the image is narrowed (ratio <= 1 on a square) or flattened
+            r0 = h / w
+            lo = max(r0 - delta, 0.01)
+            p["ratio"] = float(lo + ratio_v * (r0 + delta - lo))
+        p["crop"] = self._crop_box(h, w, crop_u) if self.crop_scale else None
+        return p
+
+    def _crop_box(self, h: int, w: int, u: np.ndarray) -> tuple[int, int, int, int]:
+        """torchvision RandomResizedCrop.get_params from pre-drawn uniforms: (x0, y0, width, height)."""
+        area = h * w
+        s0, s1 = self.crop_scale
+        lr0, lr1 = math.log(self.crop_ratio[0]), math.log(self.crop_ratio[1])
+        for k in range(10):
+            target = area * (s0 + u[0, k] * (s1 - s0))
+            aspect = math.exp(lr0 + u[1, k] * (lr1 - lr0))
+            cw = int(round(math.sqrt(target * aspect)))
+            ch = int(round(math.sqrt(target / aspect)))
+            if 0 < cw <= w and 0 < ch <= h:
+                y0 = int(u[2, k] * (h - ch + 1))
+                x0 = int(u[3, k] * (w - cw + 1))
+                return x0, y0, cw, ch
+        # fallback, as torchvision: the central crop closest to the allowed ratios
+        in_ratio = w / h
+        if in_ratio < min(self.crop_ratio):
+            cw, ch = w, int(round(w / min(self.crop_ratio)))
+        elif in_ratio > max(self.crop_ratio):
+            ch, cw = h, int(round(h * max(self.crop_ratio)))
+        else:
+            cw, ch = w, h
+        return (w - cw) // 2, (h - ch) // 2, cw, ch
+
+    def matrix(self, p: dict[str, Any], shape: tuple[int, int]) -> np.ndarray:
+        """The 2 x 3 forward affine map (input pixel -> output pixel) of a draw ``p``."""
+        h, w = shape
+        cx, cy = (w - 1) / 2.0, (h - 1) / 2.0
+        m = np.eye(3)
+        if p.get("crop") is not None:  # the crop box fills the output (pixel centres at +0.5)
+            x0, y0, cw, ch = p["crop"]
+            sx, sy = w / cw, h / ch
+            m = np.array([[sx, 0, (0.5 - x0) * sx - 0.5], [0, sy, (0.5 - y0) * sy - 0.5], [0, 0, 1]]) @ m
+        if p.get("ratio") is not None:  # COVID-Net random_ratio_resize: shrink one axis about the centre
+            r = p["ratio"]
+            sx, sy = (int(w * r) / w, 1.0) if r * w <= w else (1.0, int(h / r) / h)
+            m = np.array([[sx, 0, cx * (1 - sx)], [0, sy, cy * (1 - sy)], [0, 0, 1]]) @ m
+        a = math.radians(p["angle"])  # counter-clockwise, as torchvision and cv2.getRotationMatrix2D
+        rot = np.array([[math.cos(a), math.sin(a)], [-math.sin(a), math.cos(a)]])
+        # Keras rotates, then zooms along the output axes (the same as rotate-and-scale when isotropic)
+        lin = np.diag([p.get("scale_x", p["scale"]), p.get("scale_y", p["scale"])]) @ rot
+        c = np.array([cx, cy])
+        aff = np.eye(3)
+        aff[:2, :2] = lin
+        aff[:2, 2] = c - lin @ c + np.array([p["tx"], p["ty"]])
+        return (aff @ m)[:2]
 
     def __call__(self, image: np.ndarray | torch.Tensor, index: int = 0, epoch: int = 0) -> torch.Tensor:
         """Augment a prepared H x W (or 1 x H x W) image in [0, 1]; returns a 1 x H x W tensor in [0, 1].
@@ -347,24 +639,35 @@ class Augment:
         OpenCV's warpAffine (bilinear, black border) does the geometry: on one core it is ~6x faster
         than the same recipe in torchvision v2 (benchmarks/data_pipeline.py measures both).
         """
+        import torch
+
         arr = image.detach().cpu().numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
         arr = np.ascontiguousarray(arr.reshape(arr.shape[-2:]), dtype=np.float32)
         h, w = arr.shape
         p = self.params(index, epoch, (h, w))
-        # rotation (counter-clockwise, as torchvision) and zoom about the centre, then translation
-        m = cv2.getRotationMatrix2D(((w - 1) / 2.0, (h - 1) / 2.0), p["angle"], p["scale"])
-        m[0, 2] += p["tx"]
-        m[1, 2] += p["ty"]
-        out = cv2.warpAffine(arr, m, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0.0)
+        out = cv2.warpAffine(arr, self.matrix(p, (h, w)), (w, h), flags=cv2.INTER_LINEAR,
+                             borderMode=cv2.BORDER_CONSTANT, borderValue=0.0)
         if p["flip"]:
             out = out[:, ::-1]
+        if p["vflip"]:
+            out = out[::-1, :]
         if p["brightness"] != 1.0:
             out = out * np.float32(p["brightness"])
         return torch.from_numpy(np.ascontiguousarray(np.clip(out, 0.0, 1.0), dtype=np.float32)).unsqueeze(0)
 
 
 AUGMENT_RECIPES: dict[str, Augment | None] = {
-    "covidnet": Augment(),
+    # COVID-Net data.py: random_ratio_resize(p=0.3, delta=0.1), then Keras ImageDataGenerator(rotation 10,
+    # width/height shift 0.1, horizontal flip, brightness (0.9, 1.1), zoom_range (0.85, 1.15), black fill)
+    "covidnet": Augment(rotation=10.0, translate=0.1, zoom=(0.85, 1.15), hflip=True, brightness=(0.9, 1.1),
+                        zoom_xy=True, ratio_resize=(0.3, 0.1)),
+    # Deep-COVID ResNet18_train.py: Resize(224), RandomResizedCrop(224) (scale 0.08-1, ratio 3/4-4/3), no flip
+    "deepcovid": Augment(rotation=0.0, translate=0.0, zoom=(1.0, 1.0), hflip=False, brightness=(1.0, 1.0),
+                         crop_scale=(0.08, 1.0), crop_ratio=(3.0 / 4.0, 4.0 / 3.0)),
+    # COVID-CXNet multiclass_covid_cxnet.py: Keras ImageDataGenerator(rotation 170, horizontal and vertical
+    # flip, zoom_range [0.8, 1.5], brightness [0.5, 1.3], width/height shift 0.2, black fill)
+    "cxnet": Augment(rotation=170.0, translate=0.2, zoom=(0.8, 1.5), hflip=True, vflip=True,
+                     brightness=(0.5, 1.3), zoom_xy=True),
     "none": None,
     "light": Augment(rotation=5.0, translate=0.05, zoom=(0.95, 1.05), hflip=False, brightness=(0.95, 1.05)),
 }

@@ -8,6 +8,34 @@ import re
 #: The 3-class task, always in this order (index = class id).
 CLASSES: list[str] = ["normal", "pneumonia", "COVID-19"]
 
+#: The binary task (Deep-COVID): COVID-19 against everything else, in this order.
+BINARY_CLASSES: list[str] = ["non-COVID", "COVID-19"]
+
+
+def task_classes(task: str, classes: list[str] | None = None) -> tuple[list[str], dict[str, int]]:
+    """(model class names, manifest label -> class index) for a training task.
+
+    ``"3class"``: ``classes`` (default :data:`CLASSES`), one index each. ``"binary"``: :data:`BINARY_CLASSES`,
+    with normal and pneumonia both mapped to non-COVID.
+    """
+    if task == "binary":
+        if classes and list(classes) != BINARY_CLASSES:
+            raise ValueError(f"data.task binary has the classes {BINARY_CLASSES}; drop data.classes={list(classes)}")
+        return list(BINARY_CLASSES), label_index_map(BINARY_CLASSES)
+    if task != "3class":
+        raise ValueError(f"unknown task {task!r}; use 3class or binary")
+    names = list(classes or CLASSES)
+    return names, {c: i for i, c in enumerate(names)}
+
+
+def label_index_map(classes: list[str]) -> dict[str, int]:
+    """Manifest label -> index into a model's ``classes``. A binary COVID model
+    (:data:`BINARY_CLASSES`) also takes the 3-class labels: normal and pneumonia count as non-COVID."""
+    out = {str(c): i for i, c in enumerate(classes)}
+    if list(classes) == BINARY_CLASSES:
+        out.update({"normal": 0, "pneumonia": 0})
+    return out
+
 #: Finding -> label, as the COVIDx notebook (create_COVIDx.ipynb) maps it. Keys are lower case.
 #: Later Cohen metadata writes findings as paths ("Pneumonia/Viral/COVID-19"); see :func:`map_finding`.
 FINDING_TO_LABEL: dict[str, str] = {

@@ -89,8 +89,12 @@ class ShuffleSampler(_EpochSampler):
 
 
 class RebalancingSampler(_EpochSampler):
-    """COVID-Net batch re-balancing: each batch of ``batch_size`` holds ``round(minority_fraction *
-    batch_size)`` samples of the minority class, the rest drawn from the other classes.
+    """COVID-Net batch re-balancing: each batch of ``batch_size`` holds ``max(1, int(minority_fraction *
+    batch_size))`` samples of the minority class, the rest drawn from the other classes.
+
+    ``minority_class`` names the class that fills the fraction. COVID-Net's ``BalanceCovidDataset``
+    always fills it with COVID-19, also where COVID-19 is the commonest class (the shared dev set);
+    without it the rarest training class is taken.
 
     Both pools are walked through in shuffled order and re-shuffled when used up, so every image is
     seen. One epoch has as many samples as the non-minority pool needs to be seen once (at least
@@ -118,7 +122,8 @@ class RebalancingSampler(_EpochSampler):
         if len(self.minority) == 0 or len(self.majority) == 0:
             raise ValueError("re-balancing needs samples of the minority class and of the other classes")
         self.batch_size = int(batch_size)
-        self.k_min = min(self.batch_size - 1, max(1, round(minority_fraction * self.batch_size))) if self.batch_size > 1 else 1
+        # as COVID-Net's BalanceCovidDataset: covid_size = max(int(batch * covid_percent), 1)
+        self.k_min = min(self.batch_size - 1, max(1, int(minority_fraction * self.batch_size))) if self.batch_size > 1 else 1
         k_maj = self.batch_size - self.k_min
         batches = max(math.ceil(len(arr) / self.batch_size), math.ceil(len(self.majority) / max(k_maj, 1)))
         self.batches_per_rank = math.ceil(batches / self.num_replicas)

@@ -54,14 +54,16 @@ def select_split(df: pd.DataFrame, split: str, manifest: str | Path = "") -> pd.
 
 
 def label_indices(frame: pd.DataFrame, classes: Sequence[str], manifest: str | Path = "") -> np.ndarray:
-    classes = list(classes)
-    unknown = sorted(set(frame["label"].astype(str)) - set(classes))
+    from covidcxr.data.labels import label_index_map
+
+    index = label_index_map(list(classes))  # a binary model also reads normal/pneumonia as non-COVID
+    unknown = sorted(set(frame["label"].astype(str)) - set(index))
     if unknown:
         raise MetricsError(
             f"{manifest}: label(s) {unknown} are not classes of this model ({classes}); "
             "filter the manifest or evaluate a model trained on these labels"
         )
-    return np.array([classes.index(str(v)) for v in frame["label"]], dtype=np.int64)
+    return np.array([index[str(v)] for v in frame["label"]], dtype=np.int64)
 
 
 def _col(frame: pd.DataFrame, name: str) -> list[Any]:

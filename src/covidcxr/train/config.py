@@ -35,6 +35,10 @@ DEFAULTS: dict[str, Any] = {
         "augment": "light",  # a covidcxr.preprocess.AUGMENT_RECIPES name, or none
         "sampler": None,  # null | rebalance | weighted
         "minority_fraction": 0.5,
+        # the class the rebalance sampler fills minority_fraction of each batch with (COVID-Net: COVID-19,
+        # whatever its frequency); null: the rarest training class
+        "minority_label": None,
+        "task": "3class",  # 3class (normal, pneumonia, COVID-19) | binary (non-COVID, COVID-19: Deep-COVID)
         "cache_dir": None,  # keep preset.prepare outputs on disk here (null: no cache)
         "label_filter": None,  # list of labels to keep
         "classes": None,  # default: normal, pneumonia, COVID-19
@@ -42,7 +46,7 @@ DEFAULTS: dict[str, Any] = {
     },
     "loss": {
         "label_smoothing": 0.0,
-        "class_weights": None,  # null | balanced
+        "class_weights": None,  # null | balanced | a list, one weight per class (COVID-Net: [1, 1, 4])
     },
     "optimizer": {
         "name": "adam",  # adam | adamw | sgd
@@ -107,7 +111,7 @@ _ENUMS = {
     ("optimizer", "name"): {"adam", "adamw", "sgd"},
     ("scheduler", "name"): {"none", "step", "plateau", "cosine"},
     ("data", "sampler"): {None, "rebalance", "weighted"},
-    ("loss", "class_weights"): {None, "balanced"},
+    ("data", "task"): {"3class", "binary"},
     ("early_stopping", "mode"): {"min", "max"},
     ("checkpoint", "mode"): {"min", "max"},
 }
@@ -189,6 +193,18 @@ def validate(cfg: dict) -> dict:
             v = cfg[sec][key] = None
         if v not in allowed:
             raise ConfigError(f"{sec}.{key} = {v!r}; choose one of {sorted(str(a) for a in allowed)}")
+    cw = cfg["loss"]["class_weights"]
+    if isinstance(cw, str) and cw.lower() in ("none", "null"):
+        cw = cfg["loss"]["class_weights"] = None
+    if isinstance(cw, (list, tuple)):
+        try:
+            cfg["loss"]["class_weights"] = [float(x) for x in cw]
+        except (TypeError, ValueError):
+            raise ConfigError(f"loss.class_weights list must hold numbers, got {cw!r}") from None
+        if any(x < 0 for x in cfg["loss"]["class_weights"]):
+            raise ConfigError(f"loss.class_weights must be >= 0, got {cw!r}")
+    elif cw not in (None, "balanced"):
+        raise ConfigError(f"loss.class_weights = {cw!r}; choose null, balanced or a list of per-class weights")
     for sec in ("early_stopping", "checkpoint"):
         mon = cfg[sec]["monitor"]
         if mon is not None and mon not in VAL_METRICS:

@@ -171,22 +171,32 @@ def resolve_config_path(name: str | os.PathLike) -> Path:
 
 def prepare(cfg: dict, data: str | os.PathLike) -> tuple[Any, Any, list[str], dict[str, Any]]:
     """The DataModule, preset, class names and training summary for a config and a manifest."""
-    from covidcxr.data import CLASSES, CXRDataModule, read_manifest
+    from covidcxr.data import CXRDataModule, read_manifest
+    from covidcxr.data.labels import task_classes
     from covidcxr.models import get_spec
     from covidcxr.preprocess import get_preset
 
     get_spec(cfg["model"]["arch"])  # unknown architecture: fail before reading data
     preset = get_preset(cfg["data"]["preset"] or _default_preset(cfg), size=cfg["data"]["size"])
-    classes = list(cfg["data"]["classes"] or CLASSES)
+    d = cfg["data"]
+    try:  # binary (Deep-COVID): normal and pneumonia both train the non-COVID output
+        classes, label_map = task_classes(d.get("task", "3class"), d["classes"])
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    if d.get("minority_label") is not None and d["minority_label"] not in label_map:
+        raise ConfigError(f"data.minority_label {d['minority_label']!r} is not a training label ({sorted(label_map)})")
+    cw = cfg["loss"]["class_weights"]
+    if isinstance(cw, list) and len(cw) != len(classes):
+        raise ConfigError(f"loss.class_weights has {len(cw)} values for {len(classes)} classes {classes}")
     df = read_manifest(data, require_split=True)
     if cfg["data"]["label_filter"]:
         df = df[df["label"].isin(list(cfg["data"]["label_filter"]))]
-    df = df[df["label"].isin(classes) | df["split"].isna()]
+    df = df[df["label"].isin(list(label_map)) | df["split"].isna()]
     _check_splits(df, data)
-    d = cfg["data"]
     dm = CXRDataModule(df, preset, batch_size=d["batch_size"], num_workers=d["num_workers"], augment=_augment(cfg),
                        cache_dir=d["cache_dir"], sampler=d["sampler"], minority_fraction=d["minority_fraction"],
-                       seed=cfg["seed"], classes=classes, pin_memory=bool(d["pin_memory"]))
+                       seed=cfg["seed"], classes=label_map, pin_memory=bool(d["pin_memory"]),
+                       minority_label=d.get("minority_label"))
     summary = {
         "run_name": cfg["name"],
         "recipe": cfg["name"],
@@ -319,7 +329,9 @@ def fit(cfg: dict[str, Any], data: str | os.PathLike, out: str | os.PathLike, re
         log.warning("model.freeze_backbone with weights 'none' trains only the head on random features")
     dm, preset, classes, summary = prepare(cfg, data)
     dm.setup("fit")
-    weights = dm.class_weights() if cfg["loss"]["class_weights"] == "balanced" else None
+    cw = cfg["loss"]["class_weights"]
+    weights = (dm.class_weights() if cw == "balanced"
+               else torch.tensor(cw, dtype=torch.float32) if isinstance(cw, list) else None)
     model = CXRClassifier(cfg, classes=classes, preset=preset, class_weights=weights, summary=summary)
     trainer = build_trainer(cfg, out)
     model.summary["run"] = {"world_size": int(trainer.world_size), "num_nodes": int(trainer.num_nodes),
