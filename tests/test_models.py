@@ -34,7 +34,7 @@ def test_registry_has_every_seed_model():
     assert EXPECTED <= set(ALL)
     for name in ALL:
         spec = models.get_spec(name)
-        assert spec.preset in {"deepcovid", "chexnet", "cxnet", "covidnet", "xrv"}, name
+        assert spec.preset in {"deepcovid", "chexnet", "cxnet", "covidnet", "xrv", "imagenet", "effnet-lite"}, name
         assert spec.cam_layer and spec.head and spec.first_conv, name
     assert models.get_spec("chexnet").preset == "chexnet"
     assert models.get_spec("cxnet").preset == "cxnet" and models.get_spec("cxnet").input_size == 320

@@ -27,7 +27,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Print one registry entry. With --weights, the preprocessing preset those weights need "
         "(xrv for torchxrayvision weights, a checkpoint's own preset for a covidcxr checkpoint).",
     )
-    show.add_argument("name", help="registry name, e.g. covidnet-cxr-2 (see `covidcxr models list`)")
+    show.add_argument("name", help="registry name, e.g. covidnet-cxr-2 (see `covidcxr models list`), or a "
+                      "checkpoint (RUN/best.ckpt): its architecture, classes, preset, threshold and initial weights "
+                      "(source, sha256, provenance)")
     show.add_argument("--weights", default="none", help="none, imagenet, xrv-nih, xrv-all or a local file")
     show.add_argument("--json", action="store_true", help="print a JSON object")
     show.set_defaults(func=cmd_show)
@@ -69,9 +71,54 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def checkpoint_card(path: str) -> dict:
+    """What a checkpoint says about itself: no weights."""
+    from covidcxr.models.checkpoint import read_bundle
+
+    b = read_bundle(path)
+    t = b.get("training") or {}
+    init = dict(b.get("init") or {})
+    return {
+        "checkpoint": str(path),
+        "arch": b.get("arch"),
+        "task": b.get("task"),
+        "classes": b.get("classes"),
+        "preset": (b.get("preset") or {}).get("name"),
+        "threshold": b.get("threshold"),
+        "operating_point": (b.get("metrics") or {}).get("operating_point", {}).get("note"),
+        "temperature": b.get("temperature"),
+        "weights_init": init.get("weights", "unknown"),
+        "weights_source": init.get("source"),
+        "weights_sha256": init.get("sha256"),
+        "weights_provenance": init.get("catalog"),
+        "kept_neurons": init.get("kept_neurons") or None,
+        "recipe": t.get("recipe"),
+        "epoch": t.get("epoch"),
+        "manifest_sha256": t.get("manifest_sha256"),
+        "val_metrics": (b.get("metrics") or {}).get("val"),
+        "covidcxr_version": b.get("covidcxr_version"),
+    }
+
+
 def cmd_show(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from covidcxr.models import preset_for
     from covidcxr.models.summary import model_table
+
+    if Path(args.name).is_file():
+        card = checkpoint_card(args.name)
+        if args.json:
+            print(json.dumps(card, indent=2, default=str))
+            return 0
+        width = max(map(len, card))
+        for k, v in card.items():
+            if isinstance(v, dict):
+                v = ", ".join(f"{a}={b:.4g}" if isinstance(b, float) else f"{a}={b}" for a, b in v.items())
+            elif isinstance(v, list):
+                v = ", ".join(map(str, v))
+            print(f"{k.ljust(width)}  {v}")
+        return 0
 
     row = next((r for r in model_table() if r["name"] == args.name), None)
     if row is None:

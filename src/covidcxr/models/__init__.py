@@ -13,6 +13,7 @@ from torch import nn
 
 from covidcxr.models import backbones as _backbones  # noqa: F401  (registers torchvision models)
 from covidcxr.models import covidnet as _covidnet  # noqa: F401  (registers COVID-Net)
+from covidcxr.models import mobile as _mobile  # noqa: F401  (registers MobileNetV2, EfficientNet-Lite0)
 from covidcxr.models.checkpoint import CheckpointError, LoadedModel, load, read_bundle, save
 from covidcxr.models.registry import (
     REGISTRY,
@@ -63,8 +64,10 @@ def create(
 ) -> nn.Module:
     """Build a registry model and initialise it from ``weights``.
 
-    ``weights``: ``"none"``, ``"imagenet"``, ``"xrv-nih"``, ``"xrv-all"`` or a local file
-    (state_dict, Lightning checkpoint, covidcxr checkpoint or safetensors).
+    ``weights``: ``"none"``, ``"imagenet"``, a catalogue name (``"mobilenet_v2-imagenet"``, see
+    ``covidcxr weights list``), ``"xrv-nih"``, ``"xrv-all"`` or a local file (state_dict, Lightning
+    checkpoint, covidcxr checkpoint or safetensors). ``model.covidcxr_init`` records the source, its
+    file and sha256 (and the catalogue provenance), which checkpoints keep under ``init``.
 
     ``classes`` names the outputs (default: normal / pneumonia / COVID-19 for 3 outputs); when
     the source head has a same-named neuron (e.g. ChestX-ray14 "Pneumonia") and

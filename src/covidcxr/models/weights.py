@@ -1,10 +1,17 @@
-"""Weight sources for :func:`covidcxr.models.create`: ``none``, ``imagenet``, ``xrv-nih``, ``xrv-all``, a file.
+"""Weight sources for :func:`covidcxr.models.create`: ``none``, ``imagenet``, a catalogue name, ``xrv-nih``, ``xrv-all``, a file.
 
-* ``imagenet``: torchvision's ``Weights`` API (``IMAGENET1K_V1``, the weights the papers used),
-  downloaded once into the torch hub cache. Offline, one line says where to put the file.
+* a catalogue name (``mobilenet_v2-imagenet``, ``efficientnet_lite0-imagenet``; see
+  :mod:`covidcxr.models.catalog` and ``covidcxr weights list``): a named file found offline in
+  ``COVIDCXR_WEIGHTS_DIR`` and checked against its sha256 before use.
+* ``imagenet``: for ``mobilenet_v2`` / ``efficientnet_lite0`` the catalogue file when it is found;
+  otherwise (and for the other architectures) torchvision's ``Weights`` API (``IMAGENET1K_V1``, the
+  weights the papers used) or timm's pretrained file, downloaded once into the torch / Hugging Face
+  cache. Offline, one line says where to put the file.
 * ``xrv-nih`` / ``xrv-all``: torchxrayvision's DenseNet-121 trained on ChestX-ray14 (NIH) or on
-  all its datasets: the CheXNet stage of twice transfer learning. These models take one channel
-  in [-1024, 1024], so the model is built with ``in_chans=1`` and :func:`resolve_preset` says ``xrv``.
+  all its datasets, **from random initialisation** (no ImageNet stage): ChestX-ray14 -> COVID transfer.
+  These models take one channel in [-1024, 1024], so the model is built with ``in_chans=1`` and
+  :func:`resolve_preset` says ``xrv``. The real ImageNet -> ChestX-ray14 -> COVID chain is trained
+  by ``covidcxr train`` with a ``stages:`` recipe (configs/twice-transfer-mobilenet_v2.yaml).
 * a local file: a state_dict (``.pt``/``.pth``), a Lightning checkpoint (``state_dict`` with a
   ``model.`` or other prefix), a covidcxr checkpoint or a ``.safetensors`` file.
 
@@ -31,6 +38,7 @@ from urllib.parse import urlparse
 import torch
 from torch import nn
 
+from covidcxr.models import catalog
 from covidcxr.models.backbones import CHEXNET_LABELS
 from covidcxr.models.catalog import WeightsError
 from covidcxr.models.registry import ModelError, ModelSpec, get_head, get_spec
@@ -76,8 +84,16 @@ TORCHVISION_ARCH = {
     "densenet201": "densenet201",
     "chexnet": "densenet121",
     "cxnet": "densenet121",
+    "mobilenet_v2": "mobilenet_v2",
 }
-_TV_HEAD = {"resnet": "fc", "densenet": "classifier", "squeezenet": "classifier", "vgg": "classifier"}
+_TV_HEAD = {"resnet": "fc", "densenet": "classifier", "squeezenet": "classifier", "vgg": "classifier",
+            "mobilenet": "classifier"}
+#: timm architecture behind each registry name, for ``imagenet`` without the catalogue file
+TIMM_ARCH = {"efficientnet_lite0": "tf_efficientnet_lite0"}
+
+#: output names that mean the same class as a source label (normalised as by :func:`_norm`):
+#: Bassi & Attux keep ChestX-ray14's "No Finding" neuron (when modelled) as the new "normal" output
+LABEL_ALIASES = {"normal": ("nofinding",), "covid19": ("covid",)}
 
 # torchvision's fix for DenseNet files saved before PyTorch 0.4 ("norm.1" -> "norm1"), also CheXNet's
 _LEGACY_DENSENET = re.compile(
@@ -139,6 +155,7 @@ def apply_weights(
         "weights": "none" if src is None else str(weights),
         "source": "none" if src is None else src.description,
         "preset": _preset(spec, src, int(in_chans)),
+        **(src.meta if src is not None else {}),
         **report,
     }
     return model
@@ -155,6 +172,8 @@ def resolve_preset(name: str, weights: str | os.PathLike | None = "none") -> str
         return spec.preset
     if str(weights) in XRV_WEIGHTS:
         return "xrv"
+    if catalog.is_catalogued(str(weights)):
+        return catalog.get_entry(str(weights)).preset.split("@")[0]
     src = get_source(name, weights)
     return _preset(spec, src, (src.in_chans if src else None) or 3)
 
@@ -178,8 +197,16 @@ def get_source(name: str, weights: str | os.PathLike | None, progress: bool = Tr
     w = "none" if weights is None else str(weights)
     if w in ("", "none"):
         return None
+    if catalog.is_catalogued(w):
+        _check_offered(spec, w)
+        return catalog_source(name, w)
     if w == "imagenet":
         _check_offered(spec, w)
+        entry = imagenet_entry(name)
+        if entry is not None and catalog.find(entry.name) is not None:
+            return catalog_source(name, entry.name)  # verified offline copy; a bad checksum is an error
+        if name in TIMM_ARCH:
+            return timm_imagenet_source(name)
         return imagenet_source(name, progress=progress)
     if w in XRV_WEIGHTS:
         _check_offered(spec, w)
@@ -199,6 +226,67 @@ def _check_offered(spec: ModelSpec, source: str) -> None:
 
 
 # --------------------------------------------------------------------------- sources
+
+
+def imagenet_entry(name: str) -> catalog.WeightsEntry | None:
+    """The catalogue's ImageNet file for architecture ``name``, when it has one."""
+    for e in catalog.CATALOG.values():
+        if e.arch == name and e.kind == "classifier" and e.name.endswith("-imagenet"):
+            return e
+    return None
+
+
+def _catalog_hint(name: str) -> str:
+    e = imagenet_entry(name)
+    return (f", or set {catalog.ENV_DIR} to a folder holding {e.filename} (catalogue {e.name}; "
+            "see `covidcxr weights list`)") if e else ""
+
+
+def catalog_source(name: str, weights: str) -> Source:
+    """A catalogue file: found offline, sha256-checked, mapped onto the architecture's key names."""
+    from covidcxr.models.mobile import is_lukemelas, lukemelas_to_timm
+
+    entry = catalog.get_entry(weights)
+    if entry.arch != name:
+        raise WeightsError(f"{weights}: weights for {entry.arch}, not {name}")
+    path = catalog.resolve(weights)
+    sd = _read_file(path)
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise WeightsError(f"{path}: {weights} should hold a state_dict")
+    if is_lukemelas(sd):
+        try:
+            sd = lukemelas_to_timm(sd)
+        except KeyError as err:
+            raise WeightsError(f"{path}: cannot map lukemelas key names onto timm's ({err.args[0]})") from None
+    spec = get_spec(name)
+    return Source(
+        sd,
+        f"{entry.name} ({path.resolve()}, sha256 {entry.sha256[:12]}...)",
+        head=spec.head,
+        head_block=spec.reinit_block,
+        in_chans=3,
+        preset=entry.preset.split("@")[0],
+        meta={"catalog": catalog.provenance(weights), "sha256": entry.sha256, "file": str(path.resolve())},
+    )
+
+
+def timm_imagenet_source(name: str) -> Source:
+    """timm's own pretrained file (Hugging Face hub cache); offline, one line."""
+    import timm
+
+    arch = TIMM_ARCH[name]
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):  # hub progress and retry chatter
+            m = timm.create_model(arch, pretrained=True)
+    except Exception as err:
+        reason = " ".join(f"{type(err).__name__}: {err}".split())[:160]
+        raise WeightsError(
+            f"imagenet weights for {name}: timm could not get {arch} ({reason}); offline?{_catalog_hint(name)}"
+        ) from None
+    cfg = getattr(m, "pretrained_cfg", {}) or {}
+    return Source(m.state_dict(), f"timm {arch} {cfg.get('tag', 'pretrained')}", head="classifier",
+                  head_block="classifier", in_chans=3,
+                  meta={"file": f"hf-hub:{cfg.get('hf_hub_id', arch)}"})
 
 
 def imagenet_cache_path(name: str) -> Path:
@@ -231,7 +319,7 @@ def imagenet_source(name: str, progress: bool = True) -> Source:
             reason = " ".join(f"{type(err).__name__}: {err}".split())[:200]
             raise WeightsError(
                 f"imagenet weights for {name}: download of {w.url} failed ({reason}); offline? place the file "
-                f"{target.name} in {target.parent}/ or pass weights=PATH to a local file"
+                f"{target.name} in {target.parent}/ or pass weights=PATH to a local file{_catalog_hint(name)}"
             ) from None
     try:
         sd = w.get_state_dict(progress=False, check_hash=False)  # reads the cached file
@@ -243,7 +331,8 @@ def imagenet_source(name: str, progress: bool = True) -> Source:
         ) from None
     spec = get_spec(name)
     return Source(
-        sd, f"torchvision {TORCHVISION_ARCH[name]} IMAGENET1K_V1", head_block=_TV_HEAD[spec.family], in_chans=3
+        sd, f"torchvision {TORCHVISION_ARCH[name]} IMAGENET1K_V1", head_block=_TV_HEAD[spec.family], in_chans=3,
+        meta={"file": str(target), "sha256": catalog.sha256_of(target)},
     )
 
 
@@ -321,6 +410,7 @@ def file_source(path: str | os.PathLike, name: str) -> Source:
 
     p = Path(path)
     obj = _read_file(p)
+    meta = {"file": str(p.resolve()), "sha256": catalog.sha256_of(p)}
     if isinstance(obj, nn.Module):  # e.g. a torchxrayvision .pt file, which pickles the whole model
         labels = getattr(obj, "targets", None) or getattr(obj, "pathologies", None)
         sd, labels = obj.state_dict(), (list(labels) if labels else None)
@@ -357,6 +447,7 @@ def file_source(path: str | os.PathLike, name: str) -> Source:
         src = Source(dict(sd), str(p))
     else:
         raise WeightsError(f"{p}: not a weights file (holds a {type(obj).__name__})")
+    src.meta = {**meta, **src.meta}
     # Align key names with the architecture so that in_chans can be read before building.
     from covidcxr.models import build
 
@@ -500,6 +591,8 @@ def keep_output_neurons(
     with torch.no_grad():
         for i, c in enumerate(classes):
             j = index.get(_norm(c))
+            for alias in LABEL_ALIASES.get(_norm(c), ()) if j is None else ():
+                j = index.get(alias) if j is None else j
             if j is None:
                 continue
             head.weight[i].copy_(w[j])
@@ -509,3 +602,67 @@ def keep_output_neurons(
     if kept:
         log.info("output neuron keeping: %s", kept)
     return kept
+
+
+# --------------------------------------------------------------------------- listing (covidcxr weights list)
+
+#: what each download source is, for ``covidcxr weights list``
+_DOWNLOADS = {
+    "imagenet": ("torchvision IMAGENET1K_V1 / timm pretrained (the catalogue file first where one exists)",
+                 "ImageNet-1k classification", "BSD-3-Clause (torchvision) / Apache-2.0 (timm weights)"),
+    "xrv-nih": ("torchxrayvision densenet121-res224-nih", "ChestX-ray14 (NIH), from random initialisation, 1 channel",
+                "Apache-2.0 (torchxrayvision)"),
+    "xrv-all": ("torchxrayvision densenet121-res224-all", "all torchxrayvision datasets, from random initialisation",
+                "Apache-2.0 (torchxrayvision)"),
+}
+
+
+def download_sources() -> list[str]:
+    return list(_DOWNLOADS)
+
+
+def _offered(source: str) -> list[str]:
+    from covidcxr.models.registry import REGISTRY
+
+    return sorted(n for n, s in REGISTRY.items() if source in s.weight_sources)
+
+
+def _download_status(source: str, archs: list[str]) -> tuple[str, str | None]:
+    """('cached' | 'download on first use' | ..., where) without touching the network."""
+    if source == "imagenet":
+        cached, where = [], None
+        for a in archs:
+            e = imagenet_entry(a)
+            if e is not None and catalog.find(e.name) is not None:
+                cached.append(f"{a} (catalogue)")
+            elif a in TORCHVISION_ARCH and imagenet_cache_path(a).exists():
+                cached.append(a)
+                where = str(imagenet_cache_path(a).parent)
+        if not cached:
+            return "download on first use", None
+        return f"available offline for {', '.join(cached)}; others download on first use", where
+    try:
+        import torchxrayvision as xrv
+    except ImportError:
+        return "unavailable: torchxrayvision not installed", None
+    url = xrv.models.model_urls[XRV_WEIGHTS[source]]["weights_url"]
+    local = Path(os.path.expanduser(xrv.utils.get_cache_dir())) / os.path.basename(url)
+    return ("cached", str(local)) if local.is_file() else ("download on first use", None)
+
+
+def source_status(verify_files: bool = True) -> list[dict[str, Any]]:
+    """Every weight source: catalogue files (found? verified?) and download sources (cached?)."""
+    rows: list[dict[str, Any]] = []
+    for r in catalog.status(verify_files=verify_files):
+        rows.append({"name": r["name"], "kind": f"catalogue {r['kind']}", "architectures": [r["arch"]],
+                     "preset": r["preset"], "trained_on": r["trained_on"], "license": r["license"],
+                     "file": r["filename"], "sha256": r["sha256"], "status": r["status"], "path": r["path"],
+                     "source_url": r["source_url"], "notes": r["notes"]})
+    for name, (what, trained_on, lic) in _DOWNLOADS.items():
+        archs = _offered(name)
+        status, where = _download_status(name, archs)
+        rows.append({"name": name, "kind": "download", "architectures": archs,
+                     "preset": "xrv" if name.startswith("xrv") else "the architecture's", "trained_on": trained_on,
+                     "license": lic, "file": None, "sha256": None, "status": status, "path": where,
+                     "source_url": what, "notes": ""})
+    return rows

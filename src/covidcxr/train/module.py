@@ -73,6 +73,12 @@ class CXRClassifier(L.LightningModule):
             model = init_model(self.arch, config["model"]["weights"], self.classes, kwargs)
         # builder arguments set by a weight source (in_chans=1 for xrv) are recorded on the model itself
         self.arch_kwargs.update(getattr(model, "covidcxr_arch_kwargs", None) or {})
+        # provenance of the initial weights (source, file, sha256, catalogue entry) travels in the training
+        # summary too, so every model card that shows the summary shows where the weights came from
+        init = getattr(model, "covidcxr_init", None) or {}
+        self.summary.setdefault("weights", {k: init[k] for k in ("weights", "source", "file", "sha256", "catalog",
+                                                                  "head", "kept_neurons") if k in init}
+                                if init else {"weights": "none"})
         self.model = model
         self._body_frozen = False
         self.set_body_frozen(self.body_frozen_at(0))
