@@ -12,7 +12,7 @@ import logging
 import sys
 
 # Modules that define register(subparsers). Order sets the order in --help.
-_AREAS = ["data", "models", "train", "explain", "severity", "deploy"]
+_AREAS = ["data", "models", "weights", "train", "explain", "severity", "deploy", "dicom"]
 
 
 class UserError(Exception):
