@@ -187,3 +187,46 @@ def test_group_breakdown_shows_per_source() -> None:
 def test_bad_inputs(args: tuple, msg: str) -> None:
     with pytest.raises(MetricsError, match=msg):
         compute_metrics(*args, CLASSES, n_boot=10)
+
+
+def _rare_covid(missed: int = 0) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """60 patients, one image each; patients 0-2 have COVID-19, ``missed`` of them called normal."""
+    y = np.array([2, 2, 2] + [0, 1] * 28 + [0])
+    p = np.tile([0.6, 0.3, 0.1], (60, 1))
+    p[y == 1] = [0.2, 0.7, 0.1]
+    p[:3] = [0.1, 0.1, 0.8]
+    p[:missed] = [0.7, 0.2, 0.1]
+    return y, p, [f"p{i:02d}" for i in range(60)]
+
+
+def test_rare_class_ci_is_not_a_point_when_every_covid_patient_is_found() -> None:
+    """3 COVID-19 patients out of 60, all found: the bootstrap alone gives [1.0, 1.0]; the CI must not."""
+    y, p, pat = _rare_covid()
+    r = compute_metrics(y, p, pat, CLASSES, n_boot=500, seed=0)
+    se = r["per_class"]["COVID-19"]["sensitivity"]
+    assert se["value"] == 1.0 and se["n_patients"] == 3
+    assert (se["ci_low"], se["ci_high"]) != (1.0, 1.0)
+    assert se["ci_low"] == pytest.approx(0.025 ** (1 / 3), abs=1e-9)  # Clopper-Pearson, 3 of 3
+    assert se["ci_high"] == 1.0 and "clopper-pearson over 3 patients" in se["ci_method"]
+    assert se["n_replicates"] == 500
+
+
+def test_stratified_bootstrap_keeps_every_class_in_every_replicate() -> None:
+    """One of the 3 COVID-19 patients missed: no replicate lacks COVID-19, and the figure says how many
+    replicates its CI rests on (an unstratified draw loses ~5% of them to NaN)."""
+    y, p, pat = _rare_covid(missed=1)
+    r = compute_metrics(y, p, pat, CLASSES, n_boot=400, seed=2)
+    assert "class" in r["bootstrap"]["stratified_by"] and r["bootstrap"]["n_strata"] == 3
+    se = r["per_class"]["COVID-19"]["sensitivity"]
+    assert se["value"] == pytest.approx(2 / 3)
+    assert se["n_replicates"] == 400 and se["ci_method"].startswith("percentile bootstrap")
+    assert se["ci_low"] < 2 / 3 and se["ci_high"] == 1.0
+    # each stratum keeps its size: the weights of the 3 COVID-19 images sum to 3 in every replicate
+    from covidcxr.evaluate.metrics import _bootstrap_weights, patient_strata
+
+    idx = np.arange(60)
+    w = _bootstrap_weights(idx, 60, 200, 0, patient_strata(y, idx, 60))
+    assert np.all(w[:, :3].sum(1) == 3) and np.all(w.sum(1) == 60)
+    # a PPV can still be undefined in a replicate; then n_replicates says so instead of hiding it
+    ppv = r["per_class"]["COVID-19"]["ppv"]
+    assert 0 < ppv["n_replicates"] <= 400

@@ -2,11 +2,15 @@
 
 Images of one patient are correlated, so resampling images would give intervals that are too
 narrow. Every bootstrap replicate draws patients with replacement and weights each image by how
-often its patient was drawn. Count-based figures (accuracy, sensitivity, ...) are computed for all
+often its patient was drawn. The draw is stratified by class (patients are resampled among those with
+the same true class), so every replicate holds every class: with 3 COVID-19 patients in 60, an
+unstratified replicate lacks COVID-19 about 5% of the time and the CI silently rests on the rest. Each
+figure reports ``n_replicates``, the replicates its CI rests on, and ``ci_method``. Count-based figures (accuracy, sensitivity, ...) are computed for all
 replicates at once from per-patient confusion matrices; AUC and AP use scikit-learn with
 ``sample_weight``.
 
-Every figure is a dict ``{"value", "ci_low", "ci_high", "n_images", "n_patients"}`` where the
+Every figure is a dict ``{"value", "ci_low", "ci_high", "n_images", "n_patients", "n_replicates",
+"ci_method"}`` where the
 counts are the images/patients in the figure's denominator (e.g. the COVID-19 images for
 COVID-19 sensitivity).
 """
@@ -57,12 +61,33 @@ def predict_labels(probs: np.ndarray, threshold: float | None = None, positive: 
     return np.where(probs[:, positive] >= threshold, positive, rest.argmax(1))
 
 
-def _bootstrap_weights(pat_index: np.ndarray, n_pat: int, n_boot: int, seed: int) -> np.ndarray:
-    """B x N image weights: how many times each image's patient was drawn in replicate b."""
+def patient_strata(y: np.ndarray, pat_index: np.ndarray, n_pat: int) -> np.ndarray:
+    """One stratum id per patient: the set of true classes among the patient's images.
+
+    Resampling patients within these strata keeps every class's patient count in every replicate, so
+    no replicate lacks a class (a rare class's figures are no longer computed on a subset of replicates).
+    """
+    k = int(y.max()) + 1 if len(y) else 1
+    has = np.zeros((n_pat, k), dtype=bool)
+    has[pat_index, y] = True
+    _, strata = np.unique(has, axis=0, return_inverse=True)
+    return np.asarray(strata).ravel()
+
+
+def _bootstrap_weights(pat_index: np.ndarray, n_pat: int, n_boot: int, seed: int,
+                       strata: np.ndarray | None = None) -> np.ndarray:
+    """B x N image weights: how many times each image's patient was drawn in replicate b.
+
+    With ``strata`` (one id per patient) each stratum's patients are drawn with replacement among
+    themselves, as many as it holds (a stratified patient bootstrap); without, from all patients.
+    """
     rng = np.random.default_rng(seed)
-    draws = rng.integers(0, n_pat, size=(n_boot, n_pat))
     counts = np.zeros((n_boot, n_pat), dtype=np.float64)
-    np.add.at(counts, (np.repeat(np.arange(n_boot), n_pat), draws.ravel()), 1.0)
+    groups = [np.arange(n_pat)] if strata is None else [np.nonzero(strata == s)[0] for s in np.unique(strata)]
+    rows = np.arange(n_boot)
+    for members in groups:
+        draws = members[rng.integers(0, len(members), size=(n_boot, len(members)))]
+        np.add.at(counts, (np.repeat(rows, len(members)), draws.ravel()), 1.0)
     return counts[:, pat_index]
 
 
@@ -75,20 +100,48 @@ def _ci(samples: np.ndarray, level: float) -> tuple[float, float]:
     return float(np.quantile(s, a)), float(np.quantile(s, 1.0 - a))
 
 
+def clopper_pearson(k: int, n: int, level: float = 0.95) -> tuple[float, float]:
+    """Exact binomial interval for k successes in n trials."""
+    from scipy.stats import beta
+
+    a = (1.0 - level) / 2.0
+    lo = 0.0 if k <= 0 else float(beta.ppf(a, k, n - k + 1))
+    hi = 1.0 if k >= n else float(beta.ppf(1.0 - a, k + 1, n - k))
+    return lo, hi
+
+
 def _ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(den > 0, num / np.where(den > 0, den, 1.0), np.nan)
 
 
-def _fig(value: float, boots: np.ndarray, level: float, n_images: int, n_patients: int, **extra: Any) -> dict:
-    lo, hi = _ci(boots, level)
+def _fig(value: float, boots: np.ndarray, level: float, n_images: int, n_patients: int,
+         proportion: bool = False, **extra: Any) -> dict:
+    """One figure with its percentile-bootstrap CI and ``n_replicates``: the replicates it rests on
+    (those where the figure is defined, e.g. PPV needs a positive prediction).
+
+    A proportion (``proportion=True``) whose replicates all equal its value at 0 or 1 -- every COVID-19
+    patient found, say -- has no spread to read a CI from; the interval is then Clopper-Pearson over
+    its ``n_patients`` (patients, not images: conservative for correlated images) and ``ci_method`` says so.
+    """
+    b = np.asarray(boots, dtype=np.float64)
+    finite = b[np.isfinite(b)]
+    lo, hi = _ci(finite, level)
     v = float(value)
+    method = "percentile bootstrap over patients, stratified by class"
+    if (proportion and len(finite) and not math.isnan(v) and v in (0.0, 1.0) and n_patients > 0
+            and np.all(finite == v)):
+        lo, hi = clopper_pearson(int(round(v * n_patients)), int(n_patients), level)
+        method = (f"clopper-pearson over {int(n_patients)} patients (every bootstrap replicate gave {v:g}, "
+                  "so the bootstrap has no spread)")
     return {
         "value": None if math.isnan(v) else v,
         "ci_low": None if math.isnan(lo) else lo,
         "ci_high": None if math.isnan(hi) else hi,
         "n_images": int(n_images),
         "n_patients": int(n_patients),
+        "n_replicates": int(len(finite)),
+        "ci_method": method if len(finite) else "none",
         **extra,
     }
 
@@ -199,7 +252,8 @@ def compute_metrics(
     k = len(classes)
     pos_idx = classes.index(positive) if positive in classes else None
     uniq, pat_index = np.unique(pat, return_inverse=True)
-    w = _bootstrap_weights(pat_index, len(uniq), n_boot, seed) if n_boot > 0 else np.zeros((0, len(y)))
+    strata = patient_strata(y, pat_index, len(uniq))
+    w = _bootstrap_weights(pat_index, len(uniq), n_boot, seed, strata) if n_boot > 0 else np.zeros((0, len(y)))
     pred = predict_labels(p, threshold, pos_idx)
 
     cm = confusion_matrix(y, pred, k)
@@ -213,8 +267,10 @@ def compute_metrics(
         "n_patients": p_all,
         "class_counts": {c: int((y == i).sum()) for i, c in enumerate(classes)},
         "decision": "argmax" if threshold is None or pos_idx is None else f"{positive} if p >= {threshold}",
-        "bootstrap": {"unit": "patient", "n_boot": int(n_boot), "ci": ci, "seed": seed},
-        "accuracy": _fig(point["accuracy"], boot["accuracy"], ci, n_all, p_all),
+        "bootstrap": {"unit": "patient", "n_boot": int(n_boot), "ci": ci, "seed": seed,
+                      "stratified_by": "class: patients are resampled within groups of the same true class(es)",
+                      "n_strata": int(len(np.unique(strata)))},
+        "accuracy": _fig(point["accuracy"], boot["accuracy"], ci, n_all, p_all, proportion=True),
         "confusion_matrix": cm.astype(int).tolist(),
         "per_class": {},
     }
@@ -231,7 +287,8 @@ def compute_metrics(
             "f1": is_c | pred_c,
         }
         row = {
-            m: _fig(point[m][i], boot[m][:, i] if n_boot > 0 else np.zeros(0), ci, mask.sum(), _n_pat(mask, pat))
+            m: _fig(point[m][i], boot[m][:, i] if n_boot > 0 else np.zeros(0), ci, mask.sum(), _n_pat(mask, pat),
+                    proportion=m != "f1")
             for m, mask in masks.items()
         }
         if ranking:
@@ -285,8 +342,8 @@ def threshold_table(
         rows.append(
             {
                 "threshold": float(t),
-                "sensitivity": _fig(se, se_b, ci, is_pos.sum(), n_pos_p),
-                "specificity": _fig(sp, sp_b, ci, (~is_pos).sum(), n_neg_p),
+                "sensitivity": _fig(se, se_b, ci, is_pos.sum(), n_pos_p, proportion=True),
+                "specificity": _fig(sp, sp_b, ci, (~is_pos).sum(), n_neg_p, proportion=True),
             }
         )
     return rows
@@ -321,8 +378,8 @@ def operating_point(
     return {
         "target_sensitivity": target,
         "threshold": chosen,
-        "sensitivity": _fig(se, se_b, ci, is_pos.sum(), _n_pat(is_pos, pat)),
-        "specificity": _fig(sp, sp_b, ci, (~is_pos).sum(), _n_pat(~is_pos, pat)),
+        "sensitivity": _fig(se, se_b, ci, is_pos.sum(), _n_pat(is_pos, pat), proportion=True),
+        "specificity": _fig(sp, sp_b, ci, (~is_pos).sum(), _n_pat(~is_pos, pat), proportion=True),
         "note": "threshold chosen on the evaluated data itself; its specificity is optimistic",
     }
 
