@@ -1,27 +1,46 @@
 #!/usr/bin/env bash
-# End-to-end demo on real chest X-rays: build + audit a dataset, train briefly, evaluate,
-# explain, predict and export. Called by `make demo DATA=... DEMO_OUT=...`.
+# End-to-end demo on real chest X-rays: build + audit the merged benchmark, train a pretrained
+# MobileNetV2 for a few minutes, evaluate (test COVID-19 AUC with its CI), severity, heatmaps,
+# predict (torch and ONNX) and export. Called by `make demo [DATA=...] [DEMO_OUT=...]`.
 #
-# DATA: a folder with metadata.csv in the shared dev-set layout, or a folder with one
-# sub-folder per class. When it does not exist, the public Cohen, Figure1 and Actualmed
-# repositories are fetched with git (network needed) and used in their own layouts.
+# Data: with the shared folder present, the merged COVIDx-style benchmark (covid-cxr-dev + the NIH
+# ChestX-ray14 subset + Hannover) is built; DATA=<another folder with metadata.csv, or one sub-folder per
+# class>, or DEMO_MERGE=0, uses that dataset alone. Without either, the public Cohen, Figure1 and Actualmed repositories
+# are fetched with git (network needed) and used in their own layouts.
+# Weights: the ImageNet MobileNetV2 from $COVIDCXR_WEIGHTS_DIR (default <shared>/weights), checked by
+# its sha256; without it the demo says so in one line and trains a ResNet-18 from scratch.
+# DEMO_EPOCHS (default 3) and DEMO_SIZE (default 160 px) keep the training to a few CPU minutes.
 set -euo pipefail
-DATA=${1:-../shared/data/covid-cxr-dev}
+SHARED=${COVIDCXR_SHARED:-../shared}  # shared folder (E)
+DATA=${1:-}
 OUT=${2:-demo-out}
 CX=".venv/bin/covidcxr"
+PY=".venv/bin/python"
 EPOCHS=${DEMO_EPOCHS:-3}
+SIZE=${DEMO_SIZE:-160}
+export COVIDCXR_WEIGHTS_DIR=${COVIDCXR_WEIGHTS_DIR:-$SHARED/weights}
 mkdir -p "$OUT"
+START=$(date +%s)
 echo "covidcxr demo: research use only, not for clinical use."
 
 # ---------------------------------------------------------------- 1. dataset
-if [ -f "$DATA/metadata.csv" ]; then
+DEV="$SHARED/data/covid-cxr-dev"
+same_as_dev() { [ -z "$DATA" ] || { [ -d "$DATA" ] && [ -d "$DEV" ] && [ "$(realpath "$DATA")" = "$(realpath "$DEV")" ]; }; }
+# `make demo` passes the dev set as DATA: with DEMO_MERGE=1 (default) it is merged with NIH and Hannover
+if [ "${DEMO_MERGE:-1}" = 1 ] && same_as_dev && [ -f "$DEV/metadata.csv" ]; then
+  SOURCES=(--source "csv=$DEV/metadata.csv")
+  for kind in nih=nih-cxr14-subset hannover=hannover-covid; do
+    [ -d "$SHARED/data/${kind#*=}" ] && SOURCES+=(--source "${kind%%=*}=$SHARED/data/${kind#*=}")
+  done
+  echo "== merged benchmark from $SHARED/data: ${SOURCES[*]}"
+elif [ -n "$DATA" ] && [ -f "$DATA/metadata.csv" ]; then
   echo "== using dataset $DATA (metadata.csv)"
   SOURCES=(--source "csv=$DATA/metadata.csv")
-elif [ -d "$DATA" ]; then
+elif [ -n "$DATA" ] && [ -d "$DATA" ]; then
   echo "== using dataset folder $DATA (one sub-folder per class)"
   SOURCES=(--source "folder=$DATA")
 else
-  echo "== $DATA not found: fetching the public Cohen, Figure1 and Actualmed repositories with git into $OUT/sources"
+  echo "== ${DATA:-$DEV} not found: fetching the public Cohen, Figure1 and Actualmed repositories with git into $OUT/sources"
   mkdir -p "$OUT/sources"
   for repo in ieee8023/covid-chestxray-dataset agchung/Figure1-COVID-chestxray-dataset agchung/Actualmed-COVID-chestxray-dataset; do
     dir="$OUT/sources/$(basename "$repo")"
@@ -35,16 +54,27 @@ $CX data build "${SOURCES[@]}" --out "$OUT/data" --seed 62
 $CX data audit "$OUT/data/manifest.csv" || echo "(audit reported leakage: see $OUT/data)"
 
 # ---------------------------------------------------------------- 2. train + evaluate
-# A few-minute ResNet-18 from scratch at 128 px (configs/dev-resnet18.yaml): it shows the pipeline,
-# not a useful model. docs/results.md has the paper recipes and what they reach here.
-$CX train --config configs/dev-resnet18.yaml --data "$OUT/data/manifest.csv" --out "$OUT/run" --overwrite \
-  --weights none --max-epochs "$EPOCHS" --set data.cache_dir="$OUT/cache"
-# --set-threshold: the COVID-19 operating point (sensitivity 0.95) is chosen on val and stored in the checkpoint
-$CX evaluate --model "$OUT/run/best.ckpt" --data "$OUT/data/manifest.csv" --split test --out "$OUT/report" --set-threshold
+# The transfer recipe as written (configs/transfer-mobilenet_v2.yaml) with CPU-sized overrides on the
+# command line: DEMO_SIZE px, DEMO_EPOCHS epochs, one thread. The COVID-19 threshold is chosen on val
+# at the end of training and stored in best.ckpt.
+CPU=(--set "data.size=$SIZE" --set "trainer.max_epochs=$EPOCHS" --set trainer.num_threads=1
+     --set trainer.accelerator=cpu --set "data.cache_dir=$OUT/cache")
+if $PY -c "from covidcxr.models import catalog; catalog.resolve('mobilenet_v2-imagenet')" 2>/dev/null \
+   && [ -f configs/transfer-mobilenet_v2.yaml ]; then
+  echo "== training MobileNetV2 from ImageNet weights ($COVIDCXR_WEIGHTS_DIR), $EPOCHS epochs at $SIZE px"
+  $CX train --config configs/transfer-mobilenet_v2.yaml --data "$OUT/data/manifest.csv" --out "$OUT/run" --overwrite "${CPU[@]}"
+  MODEL="MobileNetV2, ImageNet-pretrained"
+else
+  echo "no pretrained MobileNetV2 weights in $COVIDCXR_WEIGHTS_DIR (see docs/models.md): training a ResNet-18 from scratch, which stays near chance"
+  $CX train --config configs/dev-resnet18.yaml --data "$OUT/data/manifest.csv" --out "$OUT/run" --overwrite \
+    --weights none "${CPU[@]}"
+  MODEL="ResNet-18 from scratch"
+fi
+$CX evaluate --model "$OUT/run/best.ckpt" --data "$OUT/data/manifest.csv" --split test --out "$OUT/report"
 
 # ---------------------------------------------------------------- 3. severity (COVID-19-positive images with scores)
 if $CX severity train --task scores --data "$OUT/data/manifest.csv" --out "$OUT/severity" \
-     --init "$OUT/run/best.ckpt" --max-epochs "$EPOCHS" --size 128; then
+     --init "$OUT/run/best.ckpt" --max-epochs "$EPOCHS" --size "$SIZE"; then
   $CX severity evaluate --model "$OUT/severity/best.ckpt" --data "$OUT/data/manifest.csv" --split test --out "$OUT/severity-report"
   SEVERITY=(--severity "$OUT/severity/best.ckpt")   # shown when p(COVID-19) passes the threshold
 else
@@ -53,7 +83,7 @@ else
 fi
 
 # ---------------------------------------------------------------- 4. explain, predict, export
-mapfile -t EXAMPLES < <(.venv/bin/python - "$OUT/data/manifest.csv" <<'PY'
+mapfile -t EXAMPLES < <($PY - "$OUT/data/manifest.csv" <<'PY'
 import sys, pandas as pd
 from pathlib import Path
 m = pd.read_csv(sys.argv[1]); t = m[m.split == "test"]
@@ -67,9 +97,16 @@ $CX export --model "$OUT/run/best.ckpt" --onnx "$OUT/model.onnx"
 $CX predict "${EXAMPLES[@]}" --model "$OUT/model.onnx" --backend onnx --out "$OUT/predictions-onnx.jsonl"
 
 echo
-echo "== demo finished"
+echo "== demo finished in $(( ($(date +%s) - START) / 60 )) min"
+$PY - "$OUT/report/metrics.json" "$MODEL" <<'PY'
+import json, sys
+r = json.load(open(sys.argv[1])); m = r["metrics"]; a = m["per_class"]["COVID-19"]["auc"]
+ci = f" [{a['ci_low']:.3f}, {a['ci_high']:.3f}]" if a.get("ci_low") is not None else ""
+print(f"{sys.argv[2]}: test COVID-19 AUC {a['value']:.3f}{ci} (95% CI, patient bootstrap; "
+      f"{m['n_images']} test images from {m['n_patients']} patients of {r['data']['manifest']})")
+PY
+echo "evaluation report: $OUT/report/report.html (metrics.json, predictions.csv)"
 echo "dataset + audit:   $OUT/data"
-echo "evaluation report: $OUT/report"
 echo "severity report:   $OUT/severity-report"
 echo "heatmaps:          $OUT/explain"
 echo "predictions:       $OUT/predictions.jsonl (torch), $OUT/predictions-onnx.jsonl (onnx)"

@@ -1,0 +1,331 @@
+"""Tables for docs/results.md from the outputs of scripts/results_classification.sh.
+
+    python scripts/results_tables.py RUNS [--doc docs/results.md]
+
+Reads RUNS/{split,holdout}/<model>-report/metrics.json (covidcxr evaluate), <model>-paired.json
+(covidcxr.evaluate.paired), <model>-audit/audit.json (covidcxr audit-model), RUNS/severity/*,
+RUNS/models.tsv and RUNS/timings.tsv, and writes RUNS/results_tables.md. With --doc, the text
+between the markers ``<!-- results:begin -->`` and ``<!-- results:end -->`` of that file is
+replaced by the tables (the prose around the markers is written by hand from the figures).
+Missing pieces are shown as "not run" or "failed" with the reason, never left out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
+CLASSES = ["normal", "pneumonia", "COVID-19"]
+SETTINGS = {"split": "Patient-level split (seed 62)", "holdout": "Source hold-out: trained without actualmed, tested on actualmed"}
+
+
+def fig(d: dict | None, digits: int = 3) -> str:
+    """``0.912 [0.850, 0.960]`` from {"value", "ci_low", "ci_high"} (or ci95 / ci lists)."""
+    if not d or d.get("value") is None or (isinstance(d["value"], float) and math.isnan(d["value"])):
+        return "n/a"
+    lo, hi = d.get("ci_low"), d.get("ci_high")
+    if lo is None and d.get("ci95"):
+        lo, hi = d["ci95"]
+    ci = f" [{lo:.{digits}f}, {hi:.{digits}f}]" if lo is not None and hi is not None and not math.isnan(lo) else ""
+    return f"{d['value']:.{digits}f}{ci}"
+
+
+def diff(row: dict | None, digits: int = 3) -> str:
+    if not row or row.get("diff") is None:
+        return "n/a"
+    ci = f" [{row['ci_low']:+.{digits}f}, {row['ci_high']:+.{digits}f}]" if row.get("ci_low") is not None else ""
+    star = " *" if row.get("ci_low") is not None and (row["ci_low"] > 0 or row["ci_high"] < 0) else ""
+    return f"{row['diff']:+.{digits}f}{ci}{star}"
+
+
+def load(p: Path) -> Any:
+    try:
+        return json.loads(p.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def read_tsv(p: Path, cols: list[str]) -> pd.DataFrame:
+    if not p.is_file():
+        return pd.DataFrame(columns=cols)
+    return pd.read_csv(p, sep="\t", names=cols, dtype=str, keep_default_na=False)
+
+
+def model_rows(runs: Path) -> list[dict[str, str]]:
+    return read_tsv(runs / "models.tsv", ["id", "label", "config", "sets", "status"]).to_dict("records")
+
+
+def status(runs: Path, setting: str, mid: str) -> str:
+    """"ok", or why there is no result (not run: reason / failed: last log line)."""
+    st = read_tsv(runs / "status.tsv", ["setting", "id", "status"])
+    hit = st[(st["setting"] == setting) & (st["id"] == mid)]
+    return hit["status"].iloc[-1] if len(hit) else "not run"
+
+
+def data_table(runs: Path) -> list[str]:
+    out = []
+    for setting, title in SETTINGS.items():
+        m = runs / setting / "manifest.csv"
+        if not m.is_file():
+            out += [f"*{title}: manifest missing ({m}).*", ""]
+            continue
+        df = pd.read_csv(m, dtype=str, keep_default_na=False)
+        df = df[df["split"].isin(["train", "val", "test"])]
+        out += [f"**{title}** (`{m}`): {len(df)} images, {df['patient_id'].nunique()} patients.", ""]
+        t = df.groupby(["source", "label", "split"]).size().unstack("split", fill_value=0)
+        t = t.reindex(columns=["train", "val", "test"], fill_value=0)
+        pats = df.groupby("split")["patient_id"].nunique()
+        out += ["| source | class | train | val | test |", "|---|---|---|---|---|"]
+        for (src, lab), r in t.iterrows():
+            out.append(f"| {src} | {lab} | {r['train']} | {r['val']} | {r['test']} |")
+        tot = t.sum()
+        out.append(f"| **all** | | {tot['train']} ({pats.get('train', 0)} pat.) | {tot['val']} ({pats.get('val', 0)} pat.) "
+                   f"| {tot['test']} ({pats.get('test', 0)} pat.) |")
+        out.append("")
+    return out
+
+
+def _metrics(runs: Path, setting: str, mid: str) -> dict | None:
+    m = load(runs / setting / f"{mid}-report" / "metrics.json")
+    return m
+
+
+def class_table(runs: Path, setting: str, models: list[dict]) -> list[str]:
+    head = ["model", "accuracy", "macro sens.", *[f"sens. {c}" for c in CLASSES], *[f"PPV {c}" for c in CLASSES],
+            "AUC COVID-19 vs rest"]
+    if setting == "holdout":
+        head += ["AUC COVID-19 vs normal"]
+    head += ["decision (threshold from val)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    n_line = ""
+    for mod in models:
+        st = status(runs, setting, mod["id"])
+        m = _metrics(runs, setting, mod["id"])
+        if st != "ok" or m is None:
+            lines.append(f"| {mod['label']} | " + " | ".join([st if st != "ok" else "no report"] + [""] * (len(head) - 2)) + " |")
+            continue
+        mm = m["metrics"]
+        pc = mm["per_class"]
+        cells = [mod["label"], fig(mm["accuracy"]), fig(mm.get("balanced_accuracy"))]
+        cells += [fig(pc.get(c, {}).get("sensitivity")) for c in CLASSES]
+        cells += [fig(pc.get(c, {}).get("ppv")) for c in CLASSES]
+        cells.append(fig(pc.get("COVID-19", {}).get("auc")))
+        if setting == "holdout":  # from the paired file (AUC restricted to COVID-19 vs normal), B = this model
+            p = load(runs / setting / f"{mod['id']}-paired.json")
+            a = p["metrics"]["auc"] if p else None
+            cells.append(fig({"value": a["b"], "ci95": a.get("b_ci")}) if a else "n/a")
+        thr = m.get("model", {}).get("threshold")
+        cells.append(f"COVID-19 if p ≥ {thr:.3f}" if isinstance(thr, (int, float)) else "argmax")
+        lines.append("| " + " | ".join(cells) + " |")
+        if not n_line:
+            cc = mm.get("class_counts", {})
+            n_line = (f"Test images (patients): {mm['n_images']} ({mm['n_patients']}); per class "
+                      + ", ".join(f"{c} {cc.get(c, 0)}" for c in CLASSES) + f". Manifest `{m['data']['manifest']}` "
+                      f"(sha256 {m['data']['sha256'][:12]}). CIs: 95 %, {mm['bootstrap']['n_boot']} bootstrap "
+                      "replicates over patients (covidcxr evaluate).")
+    return lines + ["", n_line, ""]
+
+
+def paired_table(runs: Path, setting: str, models: list[dict]) -> list[str]:
+    what = "COVID-19 vs normal AUC" if setting == "holdout" else "COVID-19 vs rest AUC"
+    lines = [f"| model | Δ {what} vs scratch | Δ accuracy | Δ macro sensitivity | replicates |", "|---|---|---|---|---|"]
+    n_boot = "?"
+    for mod in models[1:]:  # the first model is the scratch baseline
+        p = load(runs / setting / f"{mod['id']}-paired.json")
+        if status(runs, setting, mod["id"]) != "ok" or p is None:
+            lines.append(f"| {mod['label']} | {status(runs, setting, mod['id']) if p is None else 'n/a'} | | | |")
+            continue
+        pm = p["metrics"]
+        n_boot = p["bootstrap"]["n_boot"]
+        lines.append(f"| {mod['label']} | {diff(pm['auc'])} | {diff(pm['accuracy'])} | {diff(pm['macro_sensitivity'])} "
+                     f"| {pm['auc']['n_replicates']} |")
+    return lines + ["", "Δ = model − scratch ResNet-18 on the same test images; 95 % CI from a paired patient "
+                    "bootstrap (both models scored on each resample; patients resampled within their class; "
+                    f"{n_boot} replicates; `python -m covidcxr.evaluate.paired`). * = CI excludes 0.", ""]
+
+
+def audit_table(runs: Path, setting: str, models: list[dict]) -> list[str]:
+    head = ["model", "lung area (share of input)", "Grad-CAM relevance in lungs", "ratio", "images below lung area",
+            "COVID-19 AUC unmasked", "COVID-19 AUC lungs only", "Δ AUC (lungs only − unmasked)",
+            "predictions changed by lungs-only", "border band blanked: predictions changed"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    note = ""
+    for mod in models:
+        a = load(runs / setting / f"{mod['id']}-audit" / "audit.json")
+        if a is None:
+            st = status(runs, setting, mod["id"])
+            lines.append(f"| {mod['label']} | " + ("not run" if st == "ok" else st) + " |" + " |" * (len(head) - 2))
+            continue
+        o = a["overall"]
+        la, gl = o.get("lung_area"), o.get("gradcam_in_lungs")
+        ratio = f"{gl / la:.2f}" if la and gl and la > 0 else "n/a"
+        lm = a.get("metrics", {}).get("images_with_lung_mask", {})
+        au0 = lm.get("original", {}).get("auc_covid", {})
+        au1 = lm.get("lung_only", {}).get("auc_covid", {})
+        dd = {"diff": au1.get("diff_vs_original"), "ci_low": (au1.get("diff_ci95") or [None])[0],
+              "ci_high": (au1.get("diff_ci95") or [None, None])[1]}
+        per = pd.DataFrame(a.get("per_image", []))
+        changed = "n/a"
+        if len(per) and "pred_lung_only" in per:
+            w = per[per["pred_lung_only"] >= 0]
+            changed = f"{(w['pred_lung_only'] != w['pred_original']).mean():.0%}" if len(w) else "n/a"
+        pct = lambda v: "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.0%}"  # noqa: E731
+        lines.append("| " + " | ".join([
+            mod["label"], pct(la), pct(gl), ratio, pct(o.get("gradcam_share_of_images_below_lung_area")),
+            fig(au0), fig(au1), diff(dd), changed, pct(o.get("changed_by_border"))]) + " |")
+        if not note:
+            ms = a.get("mask_sources", {})
+            note = (f"{o['n']} test images; lung masks: " + ", ".join(f"{k} {v}" for k, v in ms.items())
+                    + f". AUC CIs: 95 %, {a['settings']['bootstrap']} patient-bootstrap replicates (covidcxr audit-model).")
+    return lines + ["", note, ""]
+
+
+def targets(runs: Path, models: list[dict]) -> list[str]:
+    """The issue's targets against the best measured figure of each."""
+    rows = []
+    best_auc, best_id = None, None
+    for mod in models:
+        m = _metrics(runs, "split", mod["id"]) if status(runs, "split", mod["id"]) == "ok" else None
+        if m:
+            auc = m["metrics"]["per_class"]["COVID-19"]["auc"]
+            if auc["value"] is not None and (best_auc is None or auc["value"] > best_auc["value"]):
+                best_auc, best_id = auc, mod
+    if best_id:
+        m = _metrics(runs, "split", best_id["id"])["metrics"]
+        rows.append(("patient split: COVID-19 AUC ≥ 0.97", f"{fig(best_auc)} ({best_id['label']})",
+                     best_auc["value"] >= 0.97))
+        ms = m.get("balanced_accuracy")
+        rows.append(("patient split: 3-class macro sensitivity ≥ 0.85", f"{fig(ms)} ({best_id['label']})",
+                     ms is not None and ms["value"] is not None and ms["value"] >= 0.85))
+        a = load(runs / "split" / f"{best_id['id']}-audit" / "audit.json")
+        if a:
+            o = a["overall"]
+            r = o["gradcam_in_lungs"] / o["lung_area"] if o.get("lung_area") else float("nan")
+            rows.append(("best model: in-lung relevance ≥ 1.3 × lung-area share",
+                         f"{r:.2f} × (Grad-CAM {o['gradcam_in_lungs']:.0%} vs lungs {o['lung_area']:.0%})", r >= 1.3))
+            lm = a["metrics"].get("images_with_lung_mask", {})
+            d = lm.get("lung_only", {}).get("auc_covid", {}).get("diff_vs_original")
+            rows.append(("best model: masked-lung AUC within 0.05 of unmasked",
+                         "n/a" if d is None else f"{d:+.3f} (CI {lm['lung_only']['auc_covid'].get('diff_ci95')})",
+                         d is not None and abs(d) <= 0.05))
+    best_h = None
+    for mod in models:
+        p = load(runs / "holdout" / f"{mod['id']}-paired.json")
+        if p and status(runs, "holdout", mod["id"]) == "ok":
+            a = p["metrics"]["auc"]
+            if a["b"] is not None and (best_h is None or a["b"] > best_h[0]["b"]):
+                best_h = (a, mod)
+    if best_h:
+        a, mod = best_h
+        rows.append(("actualmed hold-out: COVID-19 vs normal AUC ≥ 0.85",
+                     f"{fig({'value': a['b'], 'ci95': a.get('b_ci')})} ({mod['label']})", a["b"] >= 0.85))
+    wins = []
+    for mod in models[1:]:
+        p = load(runs / "split" / f"{mod['id']}-paired.json")
+        if p and status(runs, "split", mod["id"]) == "ok" and p["metrics"]["auc"].get("ci_low") is not None:
+            wins.append((mod["label"], p["metrics"]["auc"]))
+    if wins:
+        ok = [w for w in wins if w[1]["ci_low"] > 0]
+        rows.append(("transfer beats scratch (paired CI of Δ AUC excludes 0, patient split)",
+                     "; ".join(f"{lab}: {diff(r)}" for lab, r in wins), bool(ok)))
+    lines = ["| target | measured (best model) | met |", "|---|---|---|"]
+    lines += [f"| {t} | {v} | {'yes' if ok else '**no**'} |" for t, v, ok in rows]
+    return lines + [""]
+
+
+def severity_tables(runs: Path) -> list[str]:
+    out = []
+    ev = load(runs / "severity" / "eval_test" / "metrics.json")
+    cv = load(runs / "severity" / "cv" / "cv.json")
+    if ev is None and cv is None:
+        return ["*Severity: not run.*", ""]
+    if ev:
+        sm = ev["scores"]["metrics"]
+        base = ev.get("baseline_train_mean", {}).get("metrics", {})
+        out += [f"Test patients of the merged patient-level split: {ev['scores']['n_images']} scored images, "
+                f"{ev['scores']['n_patients']} patients (95 % patient-bootstrap CIs).", "",
+                "| model | R² extent | R² opacity | MAE extent | MAE opacity | Pearson r extent |", "|---|---|---|---|---|---|",
+                f"| scores, fine-tuned from the transfer classifier | {fig(sm['geographic_extent_r2'], 2)} | "
+                f"{fig(sm['opacity_r2'], 2)} | {fig(sm['geographic_extent_mae'], 2)} | {fig(sm['opacity_mae'], 2)} | "
+                f"{fig(sm['geographic_extent_pearson_r'], 2)} |"]
+        if base:
+            out.append(f"| baseline: training mean | {fig(base['geographic_extent_r2'], 2)} | {fig(base['opacity_r2'], 2)} | "
+                       f"{fig(base['geographic_extent_mae'], 2)} | {fig(base['opacity_mae'], 2)} | n/a |")
+        out.append("")
+    if cv:
+        s = cv["summary"]
+
+        def c(meth: str, k: str) -> str:
+            d = s.get(meth, {}).get(k)
+            if not d or d.get("mean") is None or not math.isfinite(d["mean"]):
+                return "n/a"
+            lo, hi = d["ci95_corrected"]
+            sd = f" ± {d['sd']:.2f}" if d.get("sd") is not None else ""
+            return f"{d['mean']:.2f}{sd} [{lo:.2f}, {hi:.2f}]"
+        out += [f"Monte-Carlo CV over patients: {cv['splits']} splits, {cv['n_images']} scored images, "
+                f"{cv['n_patients']} patients, {cv['preset']}; mean ± SD over splits [Nadeau–Bengio corrected 95 % CI].", "",
+                "| method | R² extent | R² opacity | MAE extent | MAE opacity |", "|---|---|---|---|---|"]
+        for meth in cv["methods"]:
+            out.append(f"| {meth} | {c(meth, 'geographic_extent_r2')} | {c(meth, 'opacity_r2')} | "
+                       f"{c(meth, 'geographic_extent_mae')} | {c(meth, 'opacity_mae')} |")
+        out.append("")
+    return out
+
+
+def timings(runs: Path) -> list[str]:
+    t = read_tsv(runs / "timings.tsv", ["step", "seconds"])
+    if t.empty:
+        return []
+    t["seconds"] = pd.to_numeric(t["seconds"], errors="coerce")
+    lines = ["| step | wall time |", "|---|---|"]
+    lines += [f"| {r.step} | {r.seconds / 60:.1f} min |" for r in t.itertuples()]
+    return lines + [""]
+
+
+def build(runs: Path) -> str:
+    models = model_rows(runs)
+    meta = load(runs / "run.json") or {}
+    parts = [f"Generated by `scripts/results_tables.py {runs}` from the run of `bash scripts/results_classification.sh` "
+             f"({meta.get('started', '?')} – {meta.get('finished', '?')} UTC, {meta.get('minutes', '?')} min wall time; "
+             f"settings: {meta.get('settings', '?')}).", ""]
+    parts += ["#### Recipes run", "", "| model | recipe | CPU-sized overrides (--set) |", "|---|---|---|"]
+    parts += [f"| {m['label']} | `{m['config']}` | `{m['sets']}` |" for m in models] + [""]
+    parts += ["#### Data", ""] + data_table(runs)
+    for setting, title in SETTINGS.items():
+        parts += [f"#### {title}", ""] + class_table(runs, setting, models)
+        parts += [f"Paired difference to the scratch baseline ({title.lower()}):", ""] + paired_table(runs, setting, models)
+    parts += ["#### Shortcut audit (patient-level split, test)", ""] + audit_table(runs, "split", models)
+    parts += ["#### Targets", ""] + targets(runs, models)
+    parts += ["#### Severity from the transfer classifier's body", ""] + severity_tables(runs)
+    parts += ["#### Wall time", ""] + timings(runs)
+    return "\n".join(parts)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("runs", type=Path)
+    ap.add_argument("--doc", type=Path, help="markdown file whose results:begin/end block is replaced")
+    a = ap.parse_args(argv)
+    text = build(a.runs)
+    (a.runs / "results_tables.md").write_text(text + "\n", encoding="utf-8")
+    if a.doc:
+        doc = a.doc.read_text(encoding="utf-8")
+        if BEGIN not in doc or END not in doc:
+            print(f"error: {a.doc}: no {BEGIN} ... {END} block to replace", file=sys.stderr)
+            return 2
+        head, rest = doc.split(BEGIN, 1)
+        _, tail = rest.split(END, 1)
+        a.doc.write_text(head + BEGIN + "\n" + text + "\n" + END + tail, encoding="utf-8")
+    print(f"tables: {a.runs / 'results_tables.md'}" + (f"; updated {a.doc}" if a.doc else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
