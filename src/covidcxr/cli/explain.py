@@ -74,28 +74,48 @@ def register(sub: argparse._SubParsersAction) -> None:
     a.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     a.set_defaults(func=cmd_audit)
 
-    s = sub.add_parser("segment", help="lung segmentation: train a small U-Net, predict masks")
+    s = sub.add_parser("segment", help="lung segmentation: predict masks (pretrained U-Net), train or fine-tune")
     ssub = s.add_subparsers(dest="segment_command", metavar="ACTION")
-    t = ssub.add_parser("train", help="train the lung U-Net on a manifest's mask_path images (patient-level split)")
+    t = ssub.add_parser(
+        "train", help="train the lung U-Net on a manifest's mask_path images (patient-level split), or fine-tune "
+        "the pretrained one (--init lung-unet-vgg11)",
+        description="Trains on the manifest rows with a mask_path; with a split column, Dice on test is Dice on "
+        "held-out patients. Without --init: a compact U-Net from scratch (per-image standardised input). With "
+        "--init lung-unet-vgg11 (or a segmenter file): fine-tunes it at --size with the lung-unet preset, encoder "
+        "and BatchNorm frozen unless --train-encoder. Writes RUN/segmenter.pt and RUN/metrics.json.")
     t.add_argument("--data", required=True, metavar="MANIFEST")
     t.add_argument("--out", required=True, metavar="RUN")
+    t.add_argument("--init", default=None, metavar="SEGMENTER",
+                   help="start from this segmenter (catalogue name, e.g. lung-unet-vgg11, or a file) and fine-tune")
     t.add_argument("--size", type=_unet_size, default=256, help="training resolution, a multiple of 16 (default 256)")
     t.add_argument("--epochs", type=int_at_least(1), default=40)
     t.add_argument("--batch-size", type=int_at_least(1), default=8)
-    t.add_argument("--lr", type=float, default=2e-3)
-    t.add_argument("--base", type=int, default=16, help="U-Net width (channels of the first level)")
+    t.add_argument("--lr", type=float, default=None, help="peak learning rate (default 2e-3 from scratch, 3e-4 with --init)")
+    t.add_argument("--base", type=int, default=16, help="U-Net width (channels of the first level; from scratch)")
+    t.add_argument("--train-encoder", action="store_true", help="with --init: also train the encoder and BatchNorm")
     t.add_argument("--val-fraction", type=float, default=0.2, help="share of patients held out (default 0.2)")
     t.add_argument("--max-steps", type=int_at_least(1), default=None, help="stop after this many optimiser steps (smoke tests)")
+    t.add_argument("--max-minutes", type=float, default=None, help="stop after the epoch that passes this many minutes")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     t.set_defaults(func=cmd_segment_train)
-    pr = ssub.add_parser("predict", help="write lung masks (PNG 0/255 at the image size)")
+    pr = ssub.add_parser("predict", help="write lung masks (PNG 0/255 at the image size) and overlays",
+                         description="Per image: <stem>_mask.png (0/255, the image's size; two largest components, "
+                         "holes filled) and <stem>_overlay.png (mask tinted and outlined on the image), plus "
+                         "masks.csv with each mask's measurements and plausibility verdict. Unreadable files are "
+                         "reported and skipped.")
     pr.add_argument("images", nargs="+", metavar="IMAGE")
-    pr.add_argument("--model", required=True, metavar="CKPT")
+    pr.add_argument("--model", default=None, metavar="SEGMENTER",
+                    help="catalogue name (lung-unet-vgg11) or a segment-train checkpoint "
+                    "(default: $COVIDCXR_LUNG_MODEL, else lung-unet-vgg11)")
     pr.add_argument("--out", required=True, metavar="DIR")
-    pr.add_argument("--batch-size", type=int, default=8)
-    pr.add_argument("--overlay", action="store_true", help="also write an outline overlay PNG per image")
-    pr.set_defaults(func=cmd_segment_predict)
+    pr.add_argument("--batch-size", type=int_at_least(1), default=4)
+    pr.add_argument("--no-overlay", dest="overlay", action="store_false", help="write masks only")
+    pr.add_argument("--overlay", dest="overlay", action="store_true", help=argparse.SUPPRESS)  # the old flag
+    pr.add_argument("--backend", choices=["torch", "onnx", "auto"], default="torch",
+                    help="inference engine (onnx: onnxruntime on an export cached under ~/.cache/covidcxr)")
+    pr.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    pr.set_defaults(func=cmd_segment_predict, overlay=True)
     s.set_defaults(func=lambda args: (s.print_help(), 2)[1])
 
 
@@ -180,6 +200,8 @@ def cmd_explain(args: argparse.Namespace) -> int:
                                       on_error=lambda f, r: _err("explain", f, r))
     n_img = len({r.file for r in records})
     print(f"explained {n_img} image(s) with {', '.join(methods)} -> {out} ({len(failures)} failed)")
+    if records:
+        print(f"decision rule: {records[0].decision_rule}")
     return 1 if failures else 0
 
 
@@ -200,18 +222,22 @@ def cmd_segment_train(args: argparse.Namespace) -> int:
     from covidcxr.segment import train_segmenter
 
     _threads(args)
-    res = train_segmenter(args.data, args.out, size=args.size, epochs=args.epochs, batch_size=args.batch_size,
-                          lr=args.lr, base=args.base, val_fraction=args.val_fraction, max_steps=args.max_steps,
-                          seed=args.seed)
+    res = train_segmenter(args.data, args.out, init=args.init, size=args.size, epochs=args.epochs,
+                          batch_size=args.batch_size, lr=args.lr, base=args.base,
+                          freeze_encoder=not args.train_encoder, val_fraction=args.val_fraction,
+                          max_steps=args.max_steps, max_minutes=args.max_minutes, seed=args.seed, log_fn=print)
     print(json.dumps(res, indent=2))
     return 0
 
 
 def cmd_segment_predict(args: argparse.Namespace) -> int:
     from covidcxr.explain.run import iter_images
-    from covidcxr.segment import predict_files
+    from covidcxr.segment import load_segmenter, predict_files
 
-    written, failures = predict_files(iter_images(args.images), args.model, args.out, batch_size=args.batch_size,
-                                      overlay=args.overlay, on_error=lambda f, r: _err("segment predict", f, r))
-    print(f"wrote {len(written)} mask(s) to {args.out} ({len(failures)} failed)")
+    _threads(args)
+    seg = load_segmenter(args.model, backend=args.backend)
+    written, failures = predict_files(iter_images(args.images), seg, args.out, batch_size=args.batch_size,
+                                      overlay_images=args.overlay, on_error=lambda f, r: _err("segment predict", f, r))
+    print(f"wrote {len(written)} mask(s){' and overlays' if args.overlay else ''} with {seg.id} to {args.out} "
+          f"({len(failures)} failed; measurements and plausibility in masks.csv)")
     return 1 if failures else 0

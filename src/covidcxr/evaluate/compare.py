@@ -71,6 +71,7 @@ def compare(
 ) -> list[dict[str, Any]]:
     """Evaluate each checkpoint on ``split`` and write the comparison table; returns its rows."""
     from covidcxr.data import read_manifest
+    from covidcxr.decision import DecisionRule
     from covidcxr.evaluate.core import label_indices, select_split, sha256_file
     from covidcxr.evaluate.inference import predict_frame
     from covidcxr.evaluate.metrics import compute_metrics
@@ -90,8 +91,10 @@ def compare(
         pr = predict_frame(predictor, frame, batch_size=batch_size)
         y = label_indices(pr.frame, classes)
         pos = positive if positive in classes else None
+        rule = DecisionRule.from_predictor(predictor)  # the same rule evaluate, predict and serve use
         m = compute_metrics(y, pr.probs, pr.frame["patient_id"].astype(str), classes, positive=pos,
-                            threshold=predictor.threshold, n_boot=n_boot, seed=seed, thresholds=())
+                            threshold=rule.threshold if rule.uses_threshold(classes) else None,
+                            n_boot=n_boot, seed=seed, thresholds=())
         p = predictor.preset
         net = predictor.torch_model
         name = names[i] if names and i < len(names) else Path(ck).parent.name + "/" + Path(ck).name
@@ -113,6 +116,8 @@ def compare(
             "auc": m["per_class"][pos]["auc"] if pos else None,
             "positive": pos,
             "classes": classes,
+            "decision_rule": rule.to_dict(classes, split),
+            "confusion_matrix": m["confusion_matrix"],
         })
     meta = {"manifest": str(manifest), "sha256": sha256_file(manifest), "split": split, "n_boot": n_boot,
             "bootstrap_unit": "patient"}
@@ -130,7 +135,7 @@ def _write(rows: list[dict[str, Any]], meta: dict[str, Any], out: Path) -> None:
         classes += [c for c in r["classes"] if c not in classes]
     flat, md = [], []
     head = ["model", "arch", "input", "params (M)", "MACs (G)", "CPU ms/img", "accuracy"]
-    head += [f"sens. {c}" for c in classes] + [f"PPV {c}" for c in classes] + ["AUC COVID-19"]
+    head += [f"sens. {c}" for c in classes] + [f"PPV {c}" for c in classes] + ["AUC COVID-19", "decision rule"]
     for r in rows:
         d = {"model": r["name"], "arch": r["arch"], "input_size": r["input_size"], "params": r["params"],
              "macs": r["macs"], "cpu_latency_ms": round(r["latency"]["median_ms"], 2),
@@ -149,6 +154,11 @@ def _write(rows: list[dict[str, Any]], meta: dict[str, Any], out: Path) -> None:
         cells.append(_fmt(r["auc"]))
         for part in ("value", "ci_low", "ci_high"):
             d[f"auc_covid_{part}"] = r["auc"][part] if r["auc"] else None
+        rule = r["decision_rule"]
+        d["decision_rule"], d["threshold"], d["threshold_chosen_on"] = rule["rule"], rule["threshold"], rule["chosen_on"]
+        cells.append("argmax" if rule["rule"] == "argmax" else
+                     f"p({rule['positive']}) >= {rule['threshold']:.4f} ({rule['chosen_on'] or 'origin unrecorded'}"
+                     + ("; the evaluated split: optimistic" if rule["chosen_on"] == meta["split"] else "") + ")")
         flat.append(d)
         md.append(cells)
     pd.DataFrame(flat).to_csv(out / "compare.csv", index=False)
@@ -161,7 +171,10 @@ def _write(rows: list[dict[str, Any]], meta: dict[str, Any], out: Path) -> None:
         f"Data: `{meta['manifest']}` (sha256 {meta['sha256'][:12]}), split **{meta['split']}**: "
         f"{n['n_images']} images, {n['n_patients']} patients. Values are point estimates with 95% CIs from "
         f"{meta['n_boot']} bootstrap replicates over patients. MACs: one forward pass at the model's input size. "
-        f"CPU ms/img: median batch-1 latency with {rows[0]['latency']['threads'] if rows else 1} thread(s).",
+        f"CPU ms/img: median batch-1 latency with {rows[0]['latency']['threads'] if rows else 1} thread(s). "
+        "Decision rule: each checkpoint's stored operating point (COVID-19 if its probability reaches the "
+        "threshold, else the most probable other class; the split it was chosen on in brackets), or argmax "
+        "when none is stored -- the rule evaluate, explain, predict and serve use.",
         "",
         "| " + " | ".join(head) + " |",
         "|" + "---|" * len(head),

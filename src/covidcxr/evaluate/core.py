@@ -12,6 +12,7 @@ from typing import Any, Sequence
 import numpy as np
 import pandas as pd
 
+from covidcxr.decision import POSITIVE_CLASS, DecisionRule
 from covidcxr.evaluate.metrics import (
     MetricsError,
     apply_temperature,
@@ -21,7 +22,6 @@ from covidcxr.evaluate.metrics import (
     group_breakdown,
     nll,
     operating_point,
-    predict_labels,
 )
 
 log = logging.getLogger(__name__)
@@ -82,17 +82,33 @@ def evaluate_predictions(
     target_sensitivity: float = 0.95,
     temperature: float = 1.0,
     val: tuple[pd.DataFrame, np.ndarray] | None = None,
+    rule: DecisionRule | None = None,
+    split: str | None = None,
+    same_data: bool = False,
+    label_after_calibration: bool = False,
 ) -> dict[str, Any]:
     """Every figure of the report from a frame (label, patient_id, source, view) and its probabilities.
 
-    With ``val`` (frame, probs), a temperature is fitted on it and the calibration after scaling is
-    reported; the headline metrics stay those of the probabilities as given.
+    Labels follow ``rule`` (a :class:`covidcxr.decision.DecisionRule`; default: ``threshold`` given by
+    hand, else argmax). With ``val`` (frame, probs), a temperature is fitted on it and the calibration
+    after scaling is reported; the headline metrics stay those of the probabilities as given. When
+    ``same_data`` (the evaluated split *is* ``val``), the "after" ECE is cross-fitted: each half of the
+    patients is scaled with a temperature fitted on the other half, never on itself. With
+    ``label_after_calibration`` the headline figures use the probabilities after the fitted temperature
+    (what the checkpoint will give once that temperature is stored in it).
     """
     classes = list(classes)
+    if rule is None:
+        rule = DecisionRule(threshold, positive or POSITIVE_CLASS, "user" if threshold is not None else None)
+    threshold = rule.threshold if rule.uses_threshold(classes) else None
     y = label_indices(frame, classes)
     pats = [str(p) for p in frame["patient_id"]]
     kw = dict(positive=positive, threshold=threshold, seed=seed)
-    metrics = compute_metrics(y, probs, pats, classes, n_boot=n_boot, target_sensitivity=target_sensitivity, **kw)
+    t_fit = None
+    if val is not None:
+        t_fit = fit_temperature(label_indices(val[0], classes), val[1])
+    head = apply_temperature(probs, t_fit) if (label_after_calibration and t_fit is not None) else probs
+    metrics = compute_metrics(y, head, pats, classes, n_boot=n_boot, target_sensitivity=target_sensitivity, **kw)
     calib: dict[str, Any] = {
         "before": expected_calibration_error(y, probs),
         "nll_before": nll(y, probs),
@@ -101,30 +117,64 @@ def evaluate_predictions(
     if val is not None:
         vf, vp = val
         vy = label_indices(vf, classes)
-        t_fit = fit_temperature(vy, vp)
-        after = apply_temperature(probs, t_fit)
+        assert t_fit is not None
+        if same_data:
+            after = _cross_fitted(y, probs, pats, seed)
+            how = ("temperature fitted on the validation split, which is the split evaluated here: the 'after' "
+                   "ECE is cross-fitted (two patient-disjoint halves, each scaled with the temperature fitted "
+                   "on the other half), so it is never measured on the data it was fitted on")
+        else:
+            after = apply_temperature(probs, t_fit)
+            how = f"temperature fitted on the validation split ({len(vy)} images), applied to this split"
         calib.update(
             temperature_fitted=float(temperature * t_fit),
             temperature_relative=float(t_fit),
             after=expected_calibration_error(y, after),
             nll_after=nll(y, after),
+            after_measured="cross-fitted on the evaluated split" if same_data else "on the evaluated split",
             fitted_on={"split": "val", "n_images": int(len(vy)), "n_patients": int(vf["patient_id"].nunique())},
-            note=f"temperature fitted on the validation split ({len(vy)} images), applied to this split",
+            note=how + ("; the headline figures above use the new temperature" if label_after_calibration else ""),
         )
     nb = max(200, n_boot // 2) if n_boot else 0
+    metrics["decision"] = rule.describe(classes, split)
+    op = metrics.get("operating_point")
+    if op and op.get("threshold") is not None:
+        # the target-sensitivity threshold compute_metrics fits on the evaluated data: say so plainly
+        op["fitted_on"] = split or "the evaluated data"
+        op["note"] = (f"fitted on this {split or 'evaluated'} split itself, for reference: optimistic, "
+                      "and not the decision rule")
     return {
+        "decision_rule": rule.to_dict(classes, split),
         "metrics": metrics,
         "calibration": calib,
-        "by_source": group_breakdown(y, probs, pats, classes, _col(frame, "source"), n_boot=nb, **kw),
-        "by_view": group_breakdown(y, probs, pats, classes, _col(frame, "view"), n_boot=nb, **kw),
+        "by_source": group_breakdown(y, head, pats, classes, _col(frame, "source"), n_boot=nb, **kw),
+        "by_view": group_breakdown(y, head, pats, classes, _col(frame, "view"), n_boot=nb, **kw),
     }
 
 
-def _predictions_frame(frame: pd.DataFrame, probs: np.ndarray, classes: list[str], pred: np.ndarray) -> pd.DataFrame:
+def _cross_fitted(y: np.ndarray, probs: np.ndarray, patients: Sequence[str], seed: int) -> np.ndarray:
+    """Probabilities where each patient-disjoint half is scaled by a temperature fitted on the other half."""
+    uniq = np.array(sorted(set(patients)))
+    rng = np.random.default_rng(seed)
+    half = set(rng.permutation(uniq)[: len(uniq) // 2].tolist())
+    in_a = np.array([p in half for p in patients])
+    out = np.array(probs, dtype=np.float64, copy=True)
+    if in_a.all() or not in_a.any():  # one patient: nothing to cross-fit on
+        return out
+    for fit_mask, apply_mask in ((~in_a, in_a), (in_a, ~in_a)):
+        out[apply_mask] = apply_temperature(probs[apply_mask], fit_temperature(y[fit_mask], probs[fit_mask]))
+    return out
+
+
+def _predictions_frame(frame: pd.DataFrame, probs: np.ndarray, classes: list[str], pred: np.ndarray,
+                       rule: DecisionRule | None = None) -> pd.DataFrame:
     keep = [c for c in ("patient_id", "path", "source", "view", "split", "label") if c in frame.columns]
     out = frame[keep].copy()
     out.insert(0, "index", frame["index"] if "index" in frame.columns else range(len(frame)))
     out["pred"] = [classes[i] for i in pred]
+    if rule is not None:  # every row states the rule that made its label
+        out["rule"] = "threshold" if rule.uses_threshold(classes) else "argmax"
+        out["threshold"] = rule.threshold if rule.uses_threshold(classes) else None
     for i, c in enumerate(classes):
         out[f"prob_{c}"] = probs[:, i]
     out["correct"] = out["pred"] == out["label"].astype(str)
@@ -180,6 +230,8 @@ def val_operating_point(
     pat = frame["patient_id"].astype(str).to_numpy()
     op = operating_point(is_pos, probs[:, list(classes).index(positive)], np.zeros(0), np.zeros(0), target, 0.95, pat)
     op["note"] = f"threshold chosen on the validation split ({len(y)} images, {int(is_pos.sum())} {positive})"
+    op["chosen_on"] = "val"
+    op["positive"] = positive
     return op
 
 
@@ -223,42 +275,64 @@ def evaluate_checkpoint(
     pr = predict_frame(predictor, frame, batch_size=batch_size, num_workers=num_workers)
     if len(pr.frame) == 0:
         raise MetricsError(f"{manifest}: no readable image in split {split!r} ({len(pr.failures)} failed)")
-    val = None
     pos = positive if positive in classes else None
     if set_threshold and pos is None:
         raise MetricsError(f"{model}: --set-threshold needs a {positive!r} output; classes are {classes}")
+    if set_threshold and threshold is not None:
+        raise MetricsError("--threshold and --set-threshold exclude each other: one chooses the threshold on val, "
+                           "the other sets it by hand")
+    vp = None
     if calibrate or set_threshold:
         vframe = select_split(df, "val", manifest)
         vp = predict_frame(predictor, vframe, batch_size=batch_size, num_workers=num_workers)
-        val = (vp.frame, vp.probs) if calibrate else None
         if len(vp.frame) < SMALL_VAL:
             log.warning("%s: the val split has only %d readable images; the temperature/threshold fitted on it "
                         "and written into %s will be noisy", manifest, len(vp.frame), model)
-    thr = threshold if threshold is not None else predictor.threshold
-    res = evaluate_predictions(pr.frame, pr.probs, classes, positive=pos, threshold=thr, n_boot=n_boot, seed=seed,
-                               target_sensitivity=target_sensitivity, temperature=predictor.temperature, val=val)
+
+    # The decision rule is settled before any figure is computed: the report describes the checkpoint as
+    # predict and serve will use it after this command (new threshold included).
+    rule = DecisionRule.from_predictor(predictor)
+    op = None
+    if set_threshold:
+        vprobs = vp.probs
+        if calibrate:
+            vprobs = apply_temperature(vp.probs, fit_temperature(label_indices(vp.frame, classes), vp.probs))
+        op = val_operating_point(vp.frame, vprobs, classes, pos, target_sensitivity)
+        if op.get("threshold") is None:
+            raise MetricsError(f"{manifest}: the val split has no {pos} image; cannot choose a threshold")
+        op["manifest_sha256"] = sha256_file(manifest)
+        rule = DecisionRule.from_checkpoint(op["threshold"], {"operating_point": op})
+    elif threshold is not None:
+        rule = rule.override(threshold)
+    elif calibrate and rule.uses_threshold(classes):
+        log.warning("%s: --calibrate changes the temperature, but the stored threshold %.4f was chosen at the old "
+                    "one; add --set-threshold to choose it again on val", model, rule.threshold)
+    thr = rule.threshold if rule.uses_threshold(classes) else None
+    val = (vp.frame, vp.probs) if calibrate else None
+    res = evaluate_predictions(pr.frame, pr.probs, classes, positive=pos, n_boot=n_boot, seed=seed,
+                               target_sensitivity=target_sensitivity, temperature=predictor.temperature, val=val,
+                               rule=rule, split=split, same_data=split == "val", label_after_calibration=True)
+    # the probabilities the checkpoint gives after this command (its new temperature, when calibrating)
+    head = apply_temperature(pr.probs, res["calibration"]["temperature_relative"]) if calibrate else pr.probs
     training = {k: v for k, v in predictor.training.items() if k != "config"}
+    temp = res["calibration"].get("temperature_fitted", predictor.temperature)
     res["model"] = {"path": str(model), "arch": predictor.arch, "preset": predictor.preset.name,
-                    "temperature": predictor.temperature, "threshold": thr, "training": training}
+                    "temperature": temp, "threshold": thr, "training": training}
     res["data"] = {"manifest": str(manifest), "sha256": sha256_file(manifest), "split": split,
                    "n_rows": int(len(frame)), "n_evaluated": int(len(pr.frame))}
     res["failures"] = pr.failures
     res = _jsonable(res)
 
     y = label_indices(pr.frame, classes)
-    pred = predict_labels(pr.probs, thr, classes.index(pos) if pos else None)
-    _predictions_frame(pr.frame, pr.probs, classes, pred).to_csv(out / "predictions.csv", index=False)
+    pred = rule.label_indices(head, classes)
+    _predictions_frame(pr.frame, head, classes, pred, rule).to_csv(out / "predictions.csv", index=False)
     (out / "metrics.json").write_text(json.dumps(res, indent=2), encoding="utf-8")
-    write_report(res, y, pr.probs, out)
+    write_report(res, y, head, out)
     if calibrate:
         cal = res["calibration"]
         save_temperature(model, cal["temperature_fitted"], {k: v for k, v in cal.items() if k not in ("before", "after")})
         log.info("stored temperature %.3f in %s", cal["temperature_fitted"], model)
     if set_threshold:
-        vprobs = apply_temperature(vp.probs, cal["temperature_relative"]) if calibrate else vp.probs
-        op = val_operating_point(vp.frame, vprobs, classes, pos, target_sensitivity)
-        if op.get("threshold") is None:
-            raise MetricsError(f"{manifest}: the val split has no {pos} image; cannot choose a threshold")
         save_threshold(model, op["threshold"], _jsonable(op))
         res["stored_threshold"] = _jsonable(op)
         log.info("stored threshold %.4f in %s", op["threshold"], model)

@@ -163,8 +163,15 @@ def _tables(r: dict) -> list[tuple[str, list[str], list[list[str]], str]]:
                 for t in m["threshold_table"]]
         op = m["operating_point"]
         note = ""
+        rule = r.get("decision_rule") or {}
+        if rule.get("rule") == "threshold" and pos in m["per_class"]:
+            # the operating point every tool labels with: its figures are the headline ones
+            rows.append([f"{rule['threshold']:.4f}: the decision rule (threshold {_provenance(rule, r)})",
+                         _fmt_ci(m["per_class"][pos]["sensitivity"]), _fmt_ci(m["per_class"][pos]["specificity"])])
         if op.get("threshold") is not None:
-            rows.append([f"{op['threshold']:.4f} (target sensitivity {op['target_sensitivity']:.2f})",
+            split = r.get("data", {}).get("split", "evaluated")
+            rows.append([f"{op['threshold']:.4f}: fitted on this {split} split for sensitivity >= "
+                         f"{op['target_sensitivity']:.2f} (optimistic; not used for labels)",
                          _fmt_ci(op["sensitivity"]), _fmt_ci(op["specificity"])])
             note = op.get("note", "")
         t0 = m["threshold_table"][0]
@@ -194,6 +201,11 @@ def _tables(r: dict) -> list[tuple[str, list[str], list[list[str]], str]]:
     return out
 
 
+def _provenance(rule: dict, r: dict) -> str:
+    text = rule.get("text", "")
+    return text[text.index("(threshold ") + 11 : -1] if "(threshold " in text else "stored in the checkpoint"
+
+
 def _md_table(header: list[str], rows: list[list[str]]) -> str:
     esc = lambda s: str(s).replace("|", "\\|")  # noqa: E731
     lines = ["| " + " | ".join(esc(h) for h in header) + " |", "|" + "---|" * len(header)]
@@ -209,6 +221,7 @@ def _header_lines(r: dict) -> list[str]:
         f"{m['n_images']} images from {m['n_patients']} patients; classes: "
         + ", ".join(f"{c} {n}" for c, n in m["class_counts"].items()),
         f"unreadable images skipped: {len(r.get('failures', []))}",
+        "decision rule: " + (r.get("decision_rule") or {}).get("text", m.get("decision", "argmax")),
     ]
 
 

@@ -13,6 +13,7 @@ from typing import Iterable, Sequence
 import numpy as np
 import torch
 
+from covidcxr.decision import DecisionRule
 from covidcxr.explain.methods import SIGNED, Context, explain, get_method
 from covidcxr.explain.render import save_overlay, to_original
 
@@ -42,6 +43,9 @@ class ExplainRecord:
     heatmap_original: str
     seconds: float
     probabilities: dict[str, float] = field(default_factory=dict)
+    #: the rule that made ``predicted``: the checkpoint's operating point, as predict and serve use it
+    decision_rule: str = ""
+    threshold: float | None = None
 
 
 def prepare_image(path: str | os.PathLike, preset, mask: np.ndarray | None = None) -> Prepared:
@@ -110,6 +114,9 @@ def explain_files(
     records: list[ExplainRecord] = []
     failures: list[tuple[str, str]] = []
     used: set[str] = set()
+    rule = DecisionRule.from_predictor(loaded)
+    rule_text = rule.describe(classes)
+    thr = rule.threshold if rule.uses_threshold(classes) else None
 
     def fail(path: str, reason: str) -> None:
         failures.append((path, reason))
@@ -129,7 +136,7 @@ def explain_files(
             continue
         x = torch.stack([it.tensor for it in items])
         probs = probabilities(model, x, loaded.temperature)
-        pred = probs.argmax(1)
+        pred = torch.as_tensor(rule.label_indices(probs.numpy(), classes), dtype=torch.long)
         tgt = torch.full_like(pred, classes.index(target)) if target is not None else pred
         stems = [_unique_stem(it.path, used) for it in items]
         for method in methods:
@@ -142,8 +149,9 @@ def explain_files(
                 np.save(out / f"{stem}.npy", h)
                 np.save(out / f"{stem}_original.npy", to_original(h, preset, it.shape, it.mask))
                 p_pred, p_tgt = float(probs[i, pred[i]]), float(probs[i, tgt[i]])
+                rule_short = "argmax" if thr is None else f"{rule.positive} if p >= {thr:.3f}"
                 title = (f"{_short(Path(it.path).name)}\n{method}: evidence for {classes[int(tgt[i])]} "
-                         f"| predicted {classes[int(pred[i])]} (p={p_pred:.2f})")
+                         f"| predicted {classes[int(pred[i])]} (p={p_pred:.2f}; rule: {rule_short})")
                 save_overlay(out / f"{stem}.png", preset.denormalize(it.tensor), h, title=title,
                              signed=method in SIGNED)
                 records.append(ExplainRecord(
@@ -151,9 +159,11 @@ def explain_files(
                     target=classes[int(tgt[i])], target_probability=p_tgt, overlay=str(out / f"{stem}.png"),
                     heatmap=str(out / f"{stem}.npy"), heatmap_original=str(out / f"{stem}_original.npy"),
                     seconds=per_image, probabilities={c: float(probs[i, k]) for k, c in enumerate(classes)},
+                    decision_rule=rule_text, threshold=thr,
                 ))
     summary = {
         "model": getattr(loaded, "path", None), "arch": loaded.arch, "preset": preset.name, "methods": list(methods),
+        "decision_rule": rule.to_dict(classes),
         "records": [asdict(r) for r in records], "failures": [{"file": f, "reason": r} for f, r in failures],
         "note": "Research use only; heatmaps show what the model used, not where disease is.",
     }
