@@ -261,7 +261,8 @@ def test_cli_level_train_evaluate_with_frozen_backbone(tiny: dict[str, Path]) ->
                 "--batch-size", "8") == 0
     det = torch.load(tiny["detector"], weights_only=False)["state_dict"]
     sev = models.load(run / "best.ckpt")
-    assert sev.task == "severity-level" and sev.classes == ["level1", "level2"]
+    # trained on the extent proxy: named so, never CXR-S's level1/level2
+    assert sev.task == "severity-level" and sev.classes == ["proxy-level1", "proxy-level2"]
     assert sev.training["level_source"].startswith("proxy:geographic_extent>=4")
     state = sev.model.state_dict()
     for k, v in det.items():
@@ -275,13 +276,14 @@ def test_cli_level_train_evaluate_with_frozen_backbone(tiny: dict[str, Path]) ->
     assert "PROXY" in out["note"]
     cm = np.array(out["level"]["confusion_matrix"]["counts"])
     assert cm.sum() == out["n_images"] == 23
-    assert "sensitivity_level2" in out["level"]["metrics"] and "ppv_level1" in out["level"]["metrics"]
+    assert "sensitivity_proxy-level2" in out["level"]["metrics"] and "ppv_proxy-level1" in out["level"]["metrics"]
+    assert "never compare with CXR-S" in out["note"]
     assert {k: v["n_images"] for k, v in out["by_source"].items()} == {"other": 7, "synth": 16}
 
     sm = SeverityModel.from_path(run / "best.ckpt")
     img = np.random.default_rng(0).uniform(0, 1, (90, 70)).astype(np.float32)
     (res,) = sm.predict_arrays([img])
-    assert res["level"] in ("level1", "level2") and sum(res["probabilities"].values()) == pytest.approx(1.0)
+    assert res["level"] in ("proxy-level1", "proxy-level2") and sum(res["probabilities"].values()) == pytest.approx(1.0)
 
 
 def test_cli_trains_from_covidxsev_and_score_csv(tiny: dict[str, Path], capsys: pytest.CaptureFixture) -> None:
@@ -420,3 +422,29 @@ def test_scores_from_a_transfer_detector(tiny: dict[str, Path], arch: str, prese
     assert _cli("severity", "cv", "--data", str(tiny["manifest"]), "--out", str(out), "--init", str(ckpt),
                 "--splits", "2", "--methods", "mean,ridge", "--size", "64") == 0
     assert json.loads((out / "cv.json").read_text())["arch"] == arch
+
+
+def test_scores_from_imagenet_weights_without_a_detector(tiny: dict[str, Path], weights_dir: Path,
+                                                         capsys: pytest.CaptureFixture) -> None:
+    """--arch mobilenet_v2 --weights mobilenet_v2-imagenet: the catalogue body (sha256 recorded), its preset;
+    --init with --weights, or a missing catalogue file, is a one-line error."""
+    from covidcxr import models
+
+    run = tiny["root"] / "run_imagenet"
+    assert _cli("severity", "train", "--task", "scores", "--data", str(tiny["manifest"]), "--out", str(run),
+                "--arch", "mobilenet_v2", "--weights", "mobilenet_v2-imagenet", "--size", "64", "--max-epochs", "1",
+                "--freeze-epochs", "1", "--batch-size", "8") == 0
+    sev = models.load(run / "best.ckpt")
+    assert sev.arch == "mobilenet_v2" and sev.preset.name.startswith("imagenet")
+    assert sev.training["init_weights"] == "mobilenet_v2-imagenet" and len(sev.training["init_sha256"]) == 64
+    ref = torch.load(weights_dir / "mobilenet_v2-imagenet-features.pth", weights_only=True)
+    assert torch.equal(sev.model.state_dict()["features.0.0.weight"], ref["features.0.0.weight"])  # frozen epoch
+    capsys.readouterr()
+    assert _cli("severity", "train", "--task", "scores", "--data", str(tiny["manifest"]), "--out", str(run) + "x",
+                "--init", str(tiny["detector"]), "--weights", "imagenet") == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not both" in err[0]
+    assert _cli("severity", "cv", "--data", str(tiny["manifest"]), "--out", str(run) + "y", "--arch", "mobilenet_v2",
+                "--weights", str(tiny["root"] / "missing.pth"), "--methods", "mean") == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "missing.pth" in err[0]

@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 
 from covidcxr.severity import labels as L_
-from covidcxr.severity.labels import LEVELS, SCORES, SeverityError
+from covidcxr.severity.labels import SCORES, SeverityError
 from covidcxr.severity.metrics import level_metrics, score_metrics
 from covidcxr.severity.model import SeverityModel
 
@@ -89,17 +89,22 @@ def evaluate_severity(
         "disclaimer": DISCLAIMER,
     }
     if task == "level":
+        names = L_.level_classes(target_desc)  # proxy-level1/2 for proxy targets, never CXR-S's names
         if target_desc.startswith("proxy"):
-            report["note"] = (f"PROXY levels: level2 = geographic_extent >= {thr:g} (see docs/severity.md); "
-                              "not COVID-Net CXR-S airspace grades")
-        report["level"] = level_metrics(y, pred, pats, n_boot, seed)
+            report["note"] = (f"PROXY levels: proxy-level2 = geographic_extent >= {thr:g} (see docs/severity.md). "
+                              + L_.PROXY_NOTE)
+        if L_.level_classes(target_desc) != L_.level_classes(str(training.get("targets", target_desc))):
+            report["target_mismatch"] = (f"the model was trained on {training.get('targets')!r} targets and is "
+                                         f"evaluated on {target_desc!r}")
+        report["level"] = level_metrics(y, pred, pats, n_boot, seed, classes=names)
         counts = training.get("train_counts")
-        if counts:  # trivial baseline: always the training set's majority level
-            major = int(np.argmax([counts.get(c, 0) for c in LEVELS]))
-            report["baseline_majority"] = {"level": LEVELS[major],
-                                           **level_metrics(y, np.full(len(y), major), pats, n_boot, seed)}
-        out_cols = {f"prob_{c}": pred[:, i] for i, c in enumerate(LEVELS)}
-        out_cols.update({"true_level": [LEVELS[i] for i in y], "pred_level": [LEVELS[i] for i in pred.argmax(1)]})
+        if counts:  # trivial baseline: always the training set's majority level (counts in logit order)
+            major = int(np.argmax(list(counts.values())))
+            report["baseline_majority"] = {"level": names[major],
+                                           **level_metrics(y, np.full(len(y), major), pats, n_boot, seed,
+                                                           classes=names)}
+        out_cols = {f"prob_{c}": pred[:, i] for i, c in enumerate(names)}
+        out_cols.update({"true_level": [names[i] for i in y], "pred_level": [names[i] for i in pred.argmax(1)]})
     else:
         report["scores"] = score_metrics(y, pred, pats, n_boot, seed)
         mean = training.get("train_mean")
@@ -109,7 +114,8 @@ def evaluate_severity(
         # PROXY level from the predicted extent, so score models can be compared with level models
         yl, pl = L_.level_proxy(y[:, 0], thr), L_.level_proxy(pred[:, 0], thr)
         report["level_proxy_from_scores"] = {
-            "definition": f"level2 = geographic_extent >= {thr:g} (PROXY; see docs/severity.md)",
+            "definition": f"proxy-level2 = geographic_extent >= {thr:g} (PROXY; see docs/severity.md)",
+            "note": L_.PROXY_NOTE,
             **level_metrics(yl, pl, pats, n_boot, seed),
         }
         out_cols = {}

@@ -27,6 +27,12 @@ log = logging.getLogger(__name__)
 
 #: COVID-Net CXR-S airspace severity levels, in logit order.
 LEVELS: list[str] = ["level1", "level2"]
+#: The class names of a level model trained on the extent PROXY (:func:`level_proxy`): never CXR-S levels,
+#: so never written as "level1"/"level2" in a checkpoint, a prediction or a report.
+PROXY_LEVELS: list[str] = ["proxy-level1", "proxy-level2"]
+#: What every proxy result carries with it.
+PROXY_NOTE = ("PROXY severity level (geographic extent threshold), not a COVID-Net CXR-S airspace grade: "
+              "the extent score cannot say how many lung zones are involved; never compare with CXR-S figures")
 #: COVID-Net S scores, in output order, with their valid ranges (Cohen et al. / Wong et al. scales).
 SCORES: list[str] = ["geographic_extent", "opacity"]
 SCORE_MAX: dict[str, float] = {"geographic_extent": 8.0, "opacity": 6.0}
@@ -242,13 +248,39 @@ def load_table(path: str | os.PathLike, images_dir: str | os.PathLike | None = N
     return read_severity_csv(path, images_dir)
 
 
-def level_proxy(geographic_extent: np.ndarray | pd.Series, threshold: float = PROXY_THRESHOLD) -> np.ndarray:
-    """PROXY severity level from the geographic-extent score: 1 (level2) where ``extent >= threshold``.
+#: Fewest lung zones (of 3 per lung) that a per-lung extent score forces: involvement of 0 / <25 /
+#: 25-50 / 50-75 / >75 % of a lung needs at least 0 / 1 / 1 / 2 / 3 of its thirds.
+_MIN_ZONES_PER_LUNG = (0, 1, 1, 2, 3)
 
-    Why 4: the 0-8 extent score sums, for each lung, 0-4 for involvement of 0 / <25 / 25-50 / 50-75 /
-    >75 % of it. CXR-S level2 means opacities in 3 or more of the 6 lung zones, i.e. at least half
-    the lung fields; half of both lungs scores 2 + 2 = 4. It is an approximation (zones are not
-    percentages, and rater means are continuous), so results on it are a PROXY, never a CXR-S level.
+
+def min_zones_from_extent(extent: int) -> int:
+    """The fewest involved lung zones an integer geographic-extent total (0-8) allows.
+
+    The score sheet grades each lung 0-4 by the fraction involved, not by zones, so a total only bounds
+    the zone count from below (over every split into two per-lung scores); it never bounds it from
+    above, since a small opacity can straddle zones. E.g. 4 = 2 + 2 allows 2 zones (CXR-S level1) and
+    3 = 0 + 3 already needs 2. Only a total of 5 or more forces CXR-S level2 (>= 3 zones).
+    """
+    e = int(extent)
+    if not 0 <= e <= 8:
+        raise SeverityError(f"geographic extent total must be 0-8, got {extent!r}")
+    return min(_MIN_ZONES_PER_LUNG[a] + _MIN_ZONES_PER_LUNG[e - a] for a in range(max(0, e - 4), min(4, e) + 1))
+
+
+def level_classes(target_desc: str) -> list[str]:
+    """Class names for level targets of origin ``target_desc`` (see :func:`level_targets`)."""
+    return list(PROXY_LEVELS) if str(target_desc).startswith("proxy") else list(LEVELS)
+
+
+def level_proxy(geographic_extent: np.ndarray | pd.Series, threshold: float = PROXY_THRESHOLD) -> np.ndarray:
+    """PROXY severity level from the geographic-extent score: 1 (proxy-level2) where ``extent >= threshold``.
+
+    It is not CXR-S's level. The 0-8 extent score sums, for each lung, 0-4 for involvement of
+    0 / <25 / 25-50 / 50-75 / >75 % of it; CXR-S level2 means opacities in 3 or more of the 6 lung
+    zones. The sheet cannot count zones: one opacity in each lung can score 4 while CXR-S calls it
+    level1, and two zones of one lung can score 3 (:func:`min_zones_from_extent`: only a total of 5
+    or more forces 3 zones, and no total forces fewer). 4 splits the dev set's scored images evenly.
+    Results on it are a PROXY (class names :data:`PROXY_LEVELS`), never compared with CXR-S figures.
     NaN extents give -1.
     """
     g = np.asarray(geographic_extent, dtype=float)

@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from covidcxr.preprocess import AUGMENT_RECIPES, Augment, Preset
 from covidcxr.severity import labels as L_
-from covidcxr.severity.labels import LEVELS, SCORE_MAX, SCORES, SeverityError
+from covidcxr.severity.labels import SCORE_MAX, SCORES, SeverityError
 from covidcxr.severity.metrics import level_point, score_point
 from covidcxr.severity.model import CLASSES, TASKS, Initial, clamp_scores, head_path, initial_model
 
@@ -226,6 +226,8 @@ class SeverityConfig:
     out: str
     init: str | None = None
     arch: str = "resnet18"
+    #: initial weights of ``arch`` when no ``init`` detector is given: none | imagenet | catalogue name | PATH
+    weights: str | None = None
     preset: str | None = None
     size: int | None = None
     images: str | None = None
@@ -332,7 +334,7 @@ def train_severity(cfg: SeverityConfig) -> Path:
                             + (" (geographic_extent/opacity)" if cfg.task == "scores" else ""))
     df = df.assign(_y=list(y_all))
     tr_df, va_df, split_desc = train_val_frames(df, cfg.val_fraction, cfg.seed)
-    ini = initial_model(cfg.task, cfg.init, cfg.arch, cfg.size, cfg.preset)
+    ini = initial_model(cfg.task, cfg.init, cfg.arch, cfg.size, cfg.preset, cfg.weights)
     log.info("severity %s: %d train / %d val images; targets %s; init %s; preset %s",
              cfg.task, len(tr_df), len(va_df), target_desc, ini.init["init"], ini.preset.name)
     tr_arrays, tr_ok, bad_tr = prepare_images(tr_df, ini.preset)
@@ -364,9 +366,12 @@ def train_severity(cfg: SeverityConfig) -> Path:
     if cfg.task == "scores":
         training["train_mean"] = dict(zip(SCORES, map(float, np.mean(y_tr, axis=0))))
     else:
-        training["train_counts"] = dict(zip(LEVELS, map(int, np.bincount(y_tr.astype(int), minlength=2))))
+        training["train_counts"] = dict(zip(L_.level_classes(target_desc),
+                                            map(int, np.bincount(y_tr.astype(int), minlength=2))))
     best_row = {k: v for k, v in module.best.get("row", {}).items() if k.startswith("val_")}
-    common = dict(arch=ini.arch, arch_kwargs={"num_classes": 2}, task=TASKS[cfg.task], classes=CLASSES[cfg.task],
+    # a level model trained on the extent proxy is named so: proxy-level1/2, never CXR-S's level1/2
+    classes = L_.level_classes(target_desc) if cfg.task == "level" else CLASSES[cfg.task]
+    common = dict(arch=ini.arch, arch_kwargs={"num_classes": 2}, task=TASKS[cfg.task], classes=classes,
                   preset=ini.preset, training=training)
     models.save(out / "last.ckpt", module.model, metrics={k: v for k, v in (module.history[-1] if module.history else {}).items()
                                                           if k.startswith("val_")}, **common)
