@@ -2,30 +2,45 @@
 PYTHON ?= python3.11
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
-SHARED ?= ../shared/data
-DATA   ?= $(SHARED)/covid-cxr-dev
+# The shared folder (holds data/ and weights/): $COVIDCXR_SHARED, else ../shared beside the checkout.
+# A path to its data/ folder is accepted too (the older meaning). `make demo DATA=...` picks another data set.
+SHARED ?= $(shell s="$${COVIDCXR_SHARED:-../shared}"; \
+            if [ ! -d "$$s/data" ] && { [ "$$(basename "$$s")" = data ] || [ -d "$$s/covid-cxr-dev" ]; }; \
+            then dirname "$$s"; else echo "$$s"; fi)
+DATA   ?= $(SHARED)/data/covid-cxr-dev
 DEMO_OUT ?= demo-out
 # pytest workers: 2 on this 2-core machine; override with `make test PYTEST_WORKERS=0`
 PYTEST_WORKERS ?= 2
 
-.PHONY: install test demo bench clean
+.PHONY: install test demo bench clean _pip_install
 
-# The stamp is rebuilt whenever pyproject.toml changes, so `make test` keeps the venv up to date.
-$(VENV)/.installed: pyproject.toml
+# The install stamp is named after a hash of what the install depends on (pyproject.toml and the pinned
+# torch line below), not its file time: a fresh clone beside a current venv does not re-run pip, and
+# any change to the dependencies does. `.installed` is kept as a plain marker for other tools.
+TORCH_PINS := torch==2.14.1 torchvision==0.29.1
+INSTALL_HASH := $(shell { cat pyproject.toml; echo '$(TORCH_PINS)'; } | sha256sum | cut -c1-16)
+STAMP := $(VENV)/.installed-$(INSTALL_HASH)
+
+$(STAMP):
+	@# a venv installed by the older, time-based stamp after the last pyproject.toml edit is adopted as is
+	@if [ -x $(PY) ] && [ -f $(VENV)/.installed ] && [ $(VENV)/.installed -nt pyproject.toml ] \
+	    && ! ls $(VENV)/.installed-* >/dev/null 2>&1; then touch $@; echo "venv is current ($@)"; exit 0; fi; \
+	$(MAKE) --no-print-directory _pip_install && rm -f $(VENV)/.installed-* && touch $@ $(VENV)/.installed
+
+_pip_install:
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	# torch first: the pinned wheels lie on this machine's disk
-	$(PY) -m pip install --quiet torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip install --quiet $(TORCH_PINS)
 	$(PY) -m pip install --quiet -e '.[all]'
-	touch $@
 
-install: $(VENV)/.installed
+install: $(STAMP)
 
 test: install
 	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --timeout 900 tests
 
 demo: install
-	bash scripts/demo.sh "$(DATA)" "$(DEMO_OUT)"
+	COVIDCXR_SHARED="$(SHARED)" bash scripts/demo.sh "$(DATA)" "$(DEMO_OUT)"
 
 # Speed figures for docs/benchmarks.md; each script prints a table and writes benchmarks/results/*.json.
 bench: install

@@ -8,7 +8,10 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("COVIDCXR_SHARED", REPO.parent / "shared" / "data"))
+# COVIDCXR_SHARED names the shared folder (holding data/ and weights/); a path to its data/ works too.
+SHARED = Path(os.environ.get("COVIDCXR_SHARED", REPO.parent / "shared"))
+SHARED = SHARED / "data" if (SHARED / "data").is_dir() or not (
+    SHARED.name == "data" or (SHARED / "covid-cxr-dev").is_dir()) else SHARED
 DEV = SHARED / "covid-cxr-dev"
 
 # Keep every test single-threaded per worker: pytest-xdist runs two workers on two cores.
@@ -24,7 +27,8 @@ except ImportError:  # pragma: no cover
 @pytest.fixture(scope="session")
 def shared_dir() -> Path:
     if not SHARED.is_dir():
-        pytest.skip(f"shared data not found at {SHARED} (set COVIDCXR_SHARED or place ../shared beside the repo)")
+        pytest.skip(f"shared data not found at {SHARED} (set COVIDCXR_SHARED to the shared folder holding data/ "
+                    "and weights/, or place it as ../shared beside the repo)")
     return SHARED
 
 
