@@ -25,7 +25,15 @@ from typing import Callable
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_DATA = Path(os.environ.get("COVIDCXR_SHARED", REPO.parent / "shared" / "data")) / "covid-cxr-dev"
+
+
+def _shared_data() -> Path:
+    """<shared>/data: COVIDCXR_SHARED names the shared folder (its data/ is accepted too), else ../shared."""
+    from covidcxr.shared import data_dir
+
+    return data_dir()
+
+DEFAULT_DATA = _shared_data() / "covid-cxr-dev"
 
 
 def main(argv: list[str] | None = None) -> int:

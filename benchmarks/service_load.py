@@ -31,7 +31,15 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-DEV = Path(os.environ.get("COVIDCXR_SHARED", REPO.parent / "shared" / "data")) / "covid-cxr-dev" / "images"
+
+
+def _shared_data() -> Path:
+    """<shared>/data: COVIDCXR_SHARED names the shared folder (its data/ is accepted too), else ../shared."""
+    from covidcxr.shared import data_dir
+
+    return data_dir()
+
+DEV = _shared_data() / "covid-cxr-dev" / "images"
 
 
 def _free_port() -> int:
