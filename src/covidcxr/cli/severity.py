@@ -11,6 +11,8 @@ from covidcxr.cli import int_at_least
 
 DATA_HELP = ("labels: a covidcxr manifest (geographic_extent/opacity/severity_level columns), a COVIDxSev "
              ".txt file or a COVID-Net S score CSV like severity_annotations.csv")
+WEIGHTS_HELP = ("initial weights of --arch when no --init is given: none (random), imagenet, a catalogue name "
+                "(covidcxr weights list; found offline via COVIDCXR_WEIGHTS_DIR) or a file")
 IMAGES_HELP = "image folder for a COVIDxSev file or score CSV (default: the label file's folder)"
 
 
@@ -24,9 +26,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--data", required=True, help=DATA_HELP)
     t.add_argument("--out", required=True, help="run folder: best.ckpt, last.ckpt, train_summary.json")
     t.add_argument("--init", help="trained COVID detector checkpoint: backbone and preset kept, new 2-output head "
-                                  "(default: a randomly initialised --arch)")
+                                  "(default: --arch with --weights, random unless given)")
     t.add_argument("--max-epochs", type=int_at_least(1), default=10)
     t.add_argument("--arch", default="resnet18", help="architecture when no --init is given")
+    t.add_argument("--weights", default="none", help=WEIGHTS_HELP)
     t.add_argument("--preset", help="preprocessing preset (default: the detector's, else the architecture's)")
     t.add_argument("--size", type=int_at_least(32), help="input size (e.g. 128 for a quick CPU run); keeps the preset otherwise")
     t.add_argument("--images", help=IMAGES_HELP)
@@ -62,7 +65,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--data", required=True, help=DATA_HELP)
     c.add_argument("--out", required=True, help="folder: cv.json, cv_splits.csv, cv_table.md")
     c.add_argument("--init", help="trained COVID detector checkpoint (frozen features and fine-tuning start)")
-    c.add_argument("--arch", default="resnet18")
+    c.add_argument("--arch", default="resnet18", help="architecture when no --init is given")
+    c.add_argument("--weights", default="none", help=WEIGHTS_HELP)
     c.add_argument("--preset")
     c.add_argument("--size", type=int, default=128, help="input size (default 128, for CPU)")
     c.add_argument("--images", help=IMAGES_HELP)
@@ -105,7 +109,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from covidcxr.severity.train import SeverityConfig, train_severity
 
     cfg = SeverityConfig(
-        task=args.task, data=args.data, out=args.out, init=args.init, arch=args.arch, preset=args.preset,
+        task=args.task, data=args.data, out=args.out, init=args.init, arch=args.arch, weights=args.weights,
+        preset=args.preset,
         size=args.size, images=args.images, max_epochs=args.max_epochs, batch_size=args.batch_size, lr=args.lr,
         backbone_lr_mult=args.backbone_lr_mult, freeze_epochs=args.freeze_epochs, augment=args.augment,
         level_source=args.level_source, level_threshold=args.level_threshold, val_fraction=args.val_fraction,
@@ -156,7 +161,8 @@ def cmd_cv(args: argparse.Namespace) -> int:
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     rep = cross_validate(
-        args.data, args.out, init=args.init, arch=args.arch, preset=args.preset, size=args.size, images=args.images,
+        args.data, args.out, init=args.init, arch=args.arch, weights=args.weights, preset=args.preset, size=args.size,
+        images=args.images,
         splits=args.splits, test_fraction=args.test_fraction, methods=methods, max_epochs=args.max_epochs,
         batch_size=args.batch_size, lr=args.lr, freeze_epochs=args.freeze_epochs, augment=args.augment,
         seed=args.seed, level_threshold=args.level_threshold,

@@ -90,6 +90,7 @@ def cross_validate(
     arch: str = "resnet18",
     preset: str | None = None,
     size: int | None = 128,
+    weights: str | None = None,
     images: str | os.PathLike | None = None,
     splits: int = 5,
     test_fraction: float = 0.2,
@@ -116,7 +117,7 @@ def cross_validate(
     df, y, _ = L_.select(table, "scores", "all")
     if len(df) < 4:
         raise SeverityError(f"{data}: cross-validation needs scored images; found {len(df)}")
-    ini0 = initial_model("scores", init, arch, size, preset)
+    ini0 = initial_model("scores", init, arch, size, preset, weights)
     arrays, ok, bad = prepare_images(df, ini0.preset)
     df, y = df[ok].reset_index(drop=True), y[ok].astype(np.float64)
     feats = None

@@ -75,13 +75,16 @@ class Initial:
 
 
 def initial_model(task: str, init: str | os.PathLike | None = None, arch: str = "resnet18",
-                  size: int | None = None, preset: str | None = None) -> Initial:
-    """The detector from ``init`` (backbone and preset kept, new 2-output head), or a fresh
-    randomly initialised ``arch`` with its registry preset when no detector is given."""
+                  size: int | None = None, preset: str | None = None, weights: str | None = None) -> Initial:
+    """The detector from ``init`` (backbone and preset kept, new 2-output head), or, without a
+    detector, ``arch`` from ``weights`` (none: random; imagenet, a catalogue name or a file) with the
+    preset those weights need."""
     from covidcxr import models
 
     if task not in TASKS:
         raise SeverityError(f"unknown severity task {task!r}; use level or scores")
+    if init and weights and str(weights) != "none":
+        raise SeverityError("give a detector (--init) or initial weights (--weights), not both")
     if init:
         lm = models.load(init)
         if lm.task != "classification":
@@ -91,6 +94,15 @@ def initial_model(task: str, init: str | os.PathLike | None = None, arch: str = 
         p = get_preset(preset) if preset else lm.preset
         info = {"init": str(init), "init_arch": lm.arch, "init_classes": lm.classes, "init_task": lm.task,
                 "init_metrics": lm.metrics, "init_preset": lm.preset.name}
+    elif weights and str(weights) != "none":
+        try:
+            model = models.create(arch, num_classes=2, weights=str(weights))
+        except (models.WeightsError, models.ModelError) as err:  # missing/wrong file: one line
+            raise SeverityError(f"--weights {weights}: {err}") from None
+        p = get_preset(preset or models.preset_for(arch, str(weights)))
+        src = getattr(model, "covidcxr_init", {}) or {}
+        info = {"init": f"{weights} weights, no detector (new 2-output head)", "init_arch": arch,
+                "init_weights": str(weights), "init_source": src.get("source"), "init_sha256": src.get("sha256")}
     else:
         model = models.build(arch, num_classes=2)
         p = get_preset(preset or models.get_spec(arch).preset)
