@@ -11,7 +11,8 @@
 # its sha256; without it the demo says so in one line and trains a ResNet-18 from scratch.
 # DEMO_EPOCHS (default 3) and DEMO_SIZE (default 160 px) keep the training to a few CPU minutes.
 set -euo pipefail
-SHARED=${COVIDCXR_SHARED:-../shared}  # shared folder (E)
+# shared folder (E): $COVIDCXR_SHARED (the folder holding data/ and weights/; a path to its data/ works too), else ../shared
+SHARED=${COVIDCXR_SHARED:-../shared}; if [ ! -d "$SHARED/data" ] && { [ "$(basename "$SHARED")" = data ] || [ -d "$SHARED/covid-cxr-dev" ]; }; then SHARED=$(dirname "$SHARED"); fi
 DATA=${1:-}
 OUT=${2:-demo-out}
 CX=".venv/bin/covidcxr"
@@ -40,11 +41,19 @@ elif [ -n "$DATA" ] && [ -d "$DATA" ]; then
   echo "== using dataset folder $DATA (one sub-folder per class)"
   SOURCES=(--source "folder=$DATA")
 else
+  # offline (E): one line saying what is missing and how to point at it, never git's own network error
+  missing="covidcxr demo: no data: ${DATA:-$DEV} not found; set COVIDCXR_SHARED to the shared folder that holds data/ and weights/ (now: $SHARED), or run make demo DATA=<a folder with metadata.csv or one sub-folder per class>"
+  repos=(ieee8023/covid-chestxray-dataset agchung/Figure1-COVID-chestxray-dataset agchung/Actualmed-COVID-chestxray-dataset)
+  if ! timeout 30 git ls-remote --quiet "https://github.com/${repos[0]}" HEAD >/dev/null 2>&1; then
+    echo "$missing; github.com is unreachable, so the public repositories cannot be fetched instead" >&2
+    exit 2
+  fi
   echo "== ${DATA:-$DEV} not found: fetching the public Cohen, Figure1 and Actualmed repositories with git into $OUT/sources"
   mkdir -p "$OUT/sources"
-  for repo in ieee8023/covid-chestxray-dataset agchung/Figure1-COVID-chestxray-dataset agchung/Actualmed-COVID-chestxray-dataset; do
+  for repo in "${repos[@]}"; do
     dir="$OUT/sources/$(basename "$repo")"
-    [ -d "$dir" ] || git clone --depth 1 "https://github.com/$repo" "$dir"
+    [ -d "$dir" ] || git clone --quiet --depth 1 "https://github.com/$repo" "$dir" 2>/dev/null \
+      || { echo "$missing; fetching $repo with git failed" >&2; exit 2; }
   done
   SOURCES=(--source "cohen=$OUT/sources/covid-chestxray-dataset"
            --source "figure1=$OUT/sources/Figure1-COVID-chestxray-dataset"
