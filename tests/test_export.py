@@ -127,3 +127,27 @@ def test_whole_dev_set_identical_labels_torch_vs_onnx(exported: dict, dev_dir: P
     assert [r["label"] for r in t] == [r["label"] for r in o]
     diff = max(abs(a["probabilities"][c] - b["probabilities"][c]) for a, b in zip(t, o) for c in CLASSES)
     assert diff <= 1e-4
+
+
+def test_onnx_predict_and_service_never_import_torch(exported: dict, samples_dir: Path) -> None:
+    """Issue 11 §7: the ONNX paths (CLI predict with workers, the service app) run without torch."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, json\n"
+        "from covidcxr.cli import main\n"
+        f"rc = main(['predict', {str(samples_dir)!r}, '--model', {str(exported['onnx'])!r}, '-q', '--workers', '2',"
+        " '--threads', '1'])\n"
+        "from covidcxr.serve import create_app\n"
+        f"app = create_app({str(exported['onnx'])!r}, api_key='')\n"
+        "from fastapi.testclient import TestClient\n"
+        f"r = TestClient(app).post('/v1/predict', files={{'file': open({str(samples_dir / 'nih-00000001_000.png')!r}, 'rb')}})\n"
+        "assert r.status_code == 200, r.text\n"
+        "print('TORCH', 'torch' in sys.modules, 'RC', rc, file=sys.stderr)\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=240,
+                         env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "TORCH False RC 0" in res.stderr, res.stderr[-2000:]
+    assert len(res.stdout.strip().splitlines()) == 4

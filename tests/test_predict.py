@@ -71,7 +71,7 @@ def test_temperature_scaling_is_applied(ckpt: Path) -> None:
     p = Predictor.from_path(ckpt)
     assert p.temperature == 2.0 and p.threshold == 0.4 and p.backend_name == "torch"
     img = np.random.default_rng(0).random((80, 90), dtype=np.float32)
-    x = p.preprocess(img).unsqueeze(0)
+    x = torch.from_numpy(p.preprocess(img))[None]
     with torch.no_grad():
         logits = p.torch_model(x).numpy()
     expected = softmax_with_temperature(logits, 2.0)[0]
@@ -206,7 +206,7 @@ def test_heatmapper_matches_explain_and_uses_a_private_model(ckpt: Path) -> None
     assert hm.model is not p.torch_model  # hooks never touch the model that serves predictions
     x = p.preprocess(np.random.default_rng(1).random((70, 70), dtype=np.float32))
     got = hm.compute(x, 2)
-    ref = explain(p.torch_model, x.unsqueeze(0), "gradcam", target=[2], ctx=Context(arch="resnet18"))[0].numpy()
+    ref = explain(p.torch_model, torch.from_numpy(x)[None], "gradcam", target=[2], ctx=Context(arch="resnet18"))[0].numpy()
     ref = (ref - ref.min()) / (ref.max() - ref.min())
     assert got.shape == (64, 64) and 0 <= got.min() and got.max() <= 1
     np.testing.assert_allclose(got, ref, atol=1e-5)

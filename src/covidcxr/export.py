@@ -233,7 +233,7 @@ def check_parity(
         rng = np.random.default_rng(0)
         arrays = [rng.random((256, 256), dtype=np.float32) for _ in range(max(2, parity_count))]
         origin = "SYNTHETIC noise (no real images found)"
-    batch = torch.stack([src.preprocess(a) for a in arrays])
+    batch = np.stack([src.preprocess(a) for a in arrays])
     p_torch = src.probabilities(batch)
     diffs = []
     # batch 1 (the service) and the full batch (batch prediction) exercise the dynamic axis
@@ -244,7 +244,7 @@ def check_parity(
         diffs.append(float(np.abs(p_onnx - p_torch).max()))
         p_onnx_full = p_onnx
     # the graph's own probabilities output must agree too (users outside covidcxr read it)
-    raw = dst.backend.session.run(["probabilities"], {dst.backend.input_name: batch.numpy()})[0]
+    raw = dst.backend.session.run(["probabilities"], {dst.backend.input_name: batch})[0]
     diffs.append(float(np.abs(raw - p_torch).max()))
     labels_t = [src.record(r)["label"] for r in p_torch]
     labels_o = [dst.record(r)["label"] for r in p_onnx_full]

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import csv
-import json
 import os
 import sys
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from covidcxr.cli import float_between, int_at_least
 
@@ -85,61 +83,30 @@ def register(sub: argparse._SubParsersAction) -> None:
 # --------------------------------------------------------------------------- predict
 
 
-class _Writer:
-    """Streams records as JSON lines or CSV (by the output file's suffix)."""
-
-    def __init__(self, out: str | None, classes: list[str]):
-        self.classes = classes
-        self.path = out
-        self.fmt = "csv" if out and out.lower().endswith(".csv") else "jsonl"
-        if out:
-            Path(out).parent.mkdir(parents=True, exist_ok=True)
-        self.fh: IO[str] = open(out, "w", newline="", encoding="utf-8") if out else sys.stdout
-        self.csv = None
-        if self.fmt == "csv":
-            cols = ["path", "label", *[f"p_{c}" for c in classes], "threshold", "severity", "heatmap", "error"]
-            self.csv = csv.DictWriter(self.fh, fieldnames=cols, extrasaction="ignore")
-            self.csv.writeheader()
-
-    def write(self, rec: dict[str, Any]) -> None:
-        if self.csv is None:
-            self.fh.write(json.dumps(rec, default=str) + "\n")
-        else:
-            row = {k: rec.get(k) for k in ("path", "label", "threshold", "heatmap", "error")}
-            for c in self.classes:
-                row[f"p_{c}"] = (rec.get("probabilities") or {}).get(c)
-            sev = rec.get("severity")
-            row["severity"] = json.dumps(sev, default=str) if sev is not None else None
-            self.csv.writerow(row)
-        self.fh.flush()
-
-    def close(self) -> None:
-        if self.fh is not sys.stdout:
-            self.fh.close()
-
-
 def cmd_predict(args: argparse.Namespace) -> int:
-    from covidcxr.predict import Predictor, PredictorError, Summary, collect_inputs
     from covidcxr.cli import UserError
+    from covidcxr.predict import Predictor, PredictorError, RecordWriter, Summary, collect_inputs, strip_transient
 
     try:
         predictor = Predictor.from_path(args.model, backend=args.backend, device=args.device, threads=args.threads)
         predictor.require_classifier("--severity")
     except PredictorError as err:
         raise UserError(str(err)) from None
-    if args.threads:
-        import torch
+    if args.threads and predictor.backend_name == "torch":  # ONNX sessions take threads at load; no torch import
+        from covidcxr.predict.backend_torch import set_threads
 
-        torch.set_num_threads(args.threads)
-    if not collect_inputs(args.paths):
+        set_threads(args.threads)
+    files = collect_inputs(args.paths)
+    if not files:
         raise UserError(f"no images found in {' '.join(args.paths)} (looked for PNG, JPEG, TIFF, BMP and DICOM files)")
 
     extras = _Extras.build(args, predictor)
-    writer = _Writer(args.out, predictor.classes)
+    writer = RecordWriter(args.out, predictor.classes)
     summary = Summary()
     try:
         for rec in predictor.predict_paths(
             args.paths,
+            files=files,
             batch_size=args.batch_size,
             num_workers=args.workers,
             progress=not args.quiet,
@@ -147,9 +114,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
             extra_presets=extras.presets,
         ):
             extras.apply(rec)
-            rec.pop("tensor", None)
-            rec.pop("tensors", None)
-            writer.write(rec)
+            writer.write(strip_transient(rec))
             summary.add(rec)
     finally:
         writer.close()

@@ -123,7 +123,7 @@ class Service:
             tensor = p.preprocess(image)
         except PresetError as err:
             raise _Http(422, f"the image could not be preprocessed: {err}") from None
-        probs = p.probabilities(tensor.unsqueeze(0))[0]
+        probs = p.probabilities(tensor[None])[0]
         rec = p.record(probs)
 
         out: dict[str, Any] = {
@@ -304,10 +304,10 @@ def create_app(
         if model_path is None:
             raise ValueError("create_app needs model_path or predictor")
         predictor = Predictor.from_path(model_path, backend=backend, threads=threads)
-    if threads:
-        import torch
+    if threads and predictor.backend_name == "torch":  # the ONNX backend must not import torch
+        from covidcxr.predict.backend_torch import set_threads
 
-        torch.set_num_threads(int(threads))
+        set_threads(threads)
     severity = SeverityScorer.from_path(severity_path) if severity_path else None
     service = Service(predictor, severity, always_severity)
     # Keep uploads up to the limit in memory: Starlette otherwise spools parts above 1 MB to a temp file,

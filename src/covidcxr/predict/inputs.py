@@ -1,0 +1,148 @@
+"""Input collection (files, folders, manifests) and decoding + preprocessing, in worker processes.
+
+Everything here is NumPy/OpenCV only, so the ONNX paths and Ray's decode tasks run without torch.
+A file that cannot be read becomes an item with an ``error`` string; a batch never stops for one file.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Sequence
+
+import numpy as np
+
+from covidcxr.io import SUPPORTED_SUFFIXES, CXRReadError, read_image
+from covidcxr.preprocess import Preset, PresetError
+
+
+def _looks_like_dicom(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            head = f.read(132)
+    except OSError:
+        return False
+    return len(head) == 132 and head[128:132] == b"DICM"
+
+
+def manifest_paths(path: Path) -> list[str]:
+    """Image paths listed in a manifest CSV (column ``path``, else ``filename``), resolved to its folder."""
+    import pandas as pd
+
+    try:
+        df = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except Exception as err:
+        raise CXRReadError(path, f"cannot read manifest CSV ({type(err).__name__}: {err})") from None
+    col = "path" if "path" in df.columns else "filename" if "filename" in df.columns else None
+    if col is None:
+        raise CXRReadError(path, f"manifest has no 'path' (or 'filename') column; columns: {list(df.columns)}")
+    base = path.parent
+    out = []
+    for value in df[col]:
+        p = Path(value)
+        if not p.is_absolute():
+            p = base / p
+            # metadata.csv files of the shared data sets list bare names that live in images/
+            if col == "filename" and not p.exists() and (base / "images" / value).exists():
+                p = base / "images" / value
+        out.append(str(p))
+    return out
+
+
+def collect_inputs(paths: Iterable[str | os.PathLike]) -> list[str]:
+    """Expand files, folders (recursive: supported suffixes and suffix-less DICOM) and manifest CSVs.
+
+    A path that does not exist is kept, so it becomes an error record rather than vanishing.
+    """
+    out: list[str] = []
+    for raw in paths:
+        p = Path(raw)
+        if p.is_dir():
+            for f in sorted(p.rglob("*")):
+                if not f.is_file() or f.name.startswith("."):
+                    continue
+                suffix = f.suffix.lower()
+                if suffix in SUPPORTED_SUFFIXES or (suffix == "" and _looks_like_dicom(f)):
+                    out.append(str(f))
+        elif p.suffix.lower() == ".csv" and p.is_file():
+            out.extend(manifest_paths(p))
+        else:
+            out.append(str(p))
+    return out
+
+
+@dataclass
+class Item:
+    """One decoded, preprocessed input: ``array`` is C x H x W float32, or None with ``error`` set."""
+
+    path: str
+    array: np.ndarray | None = None
+    extra: dict[str, np.ndarray] = field(default_factory=dict)
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class Loader:
+    """Picklable ``path -> Item``: read, then the model's preset (plus optional extra presets)."""
+
+    preset: Preset
+    extra: tuple[tuple[str, Preset], ...] = ()
+
+    def __call__(self, path: str) -> Item:
+        try:
+            image = read_image(path)
+            arr = self.preset.array(image)
+            extra = {name: p.array(image) for name, p in self.extra}
+            return Item(path, arr, extra)
+        except CXRReadError as err:
+            return Item(path, error=err.reason)
+        except PresetError as err:
+            return Item(path, error=f"preprocessing failed: {err}")
+        except Exception as err:  # one bad file must not stop a batch of thousands
+            return Item(path, error=f"{type(err).__name__}: {err}")
+
+
+def _worker_init() -> None:
+    try:  # the workers are the parallelism; OpenCV's own threads would only oversubscribe the cores
+        import cv2
+
+        cv2.setNumThreads(1)
+    except Exception:  # pragma: no cover
+        pass
+
+
+def iter_batches(files: Sequence[str], loader: Loader, batch_size: int = 16,
+                 num_workers: int = 0) -> Iterator[list[Item]]:
+    """Items in input order, ``batch_size`` at a time; ``num_workers`` > 0 decodes in that many processes."""
+    bs = max(1, int(batch_size))
+    if num_workers <= 0 or len(files) <= 1:
+        for i in range(0, len(files), bs):
+            yield [loader(f) for f in files[i : i + bs]]
+        return
+    # fork: the workers inherit the preset (and a configured lung segmenter) without pickling it
+    ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else mp.get_context()
+    pool = ctx.Pool(processes=int(num_workers), initializer=_worker_init)
+    try:
+        batch: list[Item] = []
+        for item in pool.imap(loader, files, chunksize=max(1, min(bs, len(files) // (4 * num_workers) or 1))):
+            batch.append(item)
+            if len(batch) == bs:
+                yield batch
+                batch = []
+        if batch:
+            yield batch
+        pool.close()
+    finally:
+        pool.terminate()
+        pool.join()
+
+
+def stack(items: Sequence[Item]) -> np.ndarray:
+    """The good items' arrays as one N x C x H x W float32 batch."""
+    return np.stack([it.array for it in items if it.array is not None]).astype(np.float32, copy=False)
+
+
+def as_extra_presets(extra: dict[str, Preset] | None) -> tuple[tuple[str, Any], ...]:
+    return tuple(sorted((extra or {}).items()))
