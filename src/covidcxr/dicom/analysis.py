@@ -1,0 +1,143 @@
+"""One image in, one :class:`Analysis` out: prediction, severity, plausibility and the heatmap overlay.
+
+The prediction is :meth:`covidcxr.predict.Predictor.predict_arrays` on the array that
+:func:`covidcxr.io.decode` returns, the same path ``covidcxr predict`` takes, so the SR carries the
+same label and probabilities as the CLI for the same file.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from covidcxr.predict import POSITIVE_CLASS, HeatmapUnavailable, Heatmapper, Predictor, SeverityScorer, file_sha256
+
+log = logging.getLogger(__name__)
+
+#: Header values that say an image is not a frontal chest X-ray (the node then flags instead of labelling).
+_CHEST_PARTS = {"", "CHEST", "THORAX", "LUNG", "CHEST_TO_PELVIS", "CHESTABDOMEN", "PORTABLE CHEST"}
+_LATERAL_VIEWS = {"LL", "RL", "LATERAL", "LLD", "RLD"}
+#: Side of the secondary capture (pixels): the model's crop shown at a readable size.
+DISPLAY_SIDE = 512
+
+
+@dataclass
+class Analysis:
+    """The result for one image. ``flag`` set means: not labelled, and the SR says why."""
+
+    label: str | None = None
+    probabilities: dict[str, float] | None = None
+    threshold: float | None = None
+    severity: dict[str, Any] | None = None
+    plausibility: dict[str, Any] | None = None
+    flag: str | None = None
+    flag_reason: str | None = None
+    overlay: np.ndarray | None = None  # H x W x 3 uint8: the model's crop with the heatmap blended on
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def flagged(self) -> bool:
+        return self.flag is not None
+
+
+def header_flag(header: Any) -> tuple[str, str] | None:
+    """A (flag, reason) when the DICOM header itself says this is no frontal chest X-ray."""
+    part = str(header.get("BodyPartExamined", "") or "").strip().upper()
+    if part not in _CHEST_PARTS:
+        return "not_a_chest_xray", f"Body Part Examined is {part!r}, not chest"
+    view = str(header.get("ViewPosition", "") or "").strip().upper()
+    if view in _LATERAL_VIEWS:
+        return "not_a_frontal_cxr", f"View Position is {view!r} (lateral); the model reads frontal views"
+    return None
+
+
+def plausibility_flag(rec: dict[str, Any]) -> tuple[str, str] | None:
+    """The plausibility verdict a prediction record carries (covidcxr.segment.plausibility), if it failed.
+
+    Accepted shapes: ``rec["plausibility"] = {"plausible": bool, "flag": str, "reason": str}`` and a
+    top-level ``rec["flag"]``; a record without them passes.
+    """
+    p = rec.get("plausibility")
+    if isinstance(p, dict):
+        ok = p.get("plausible", p.get("ok", True))
+        if ok is False or p.get("flag"):
+            return str(p.get("flag") or "not_a_frontal_cxr"), str(p.get("reason") or "implausible lungs")
+    if rec.get("flag"):
+        return str(rec["flag"]), str(rec.get("flag_reason") or rec.get("reason") or rec["flag"])
+    return None
+
+
+class Engine:
+    """The models the node and ``predict --dicom-out`` use, loaded once."""
+
+    def __init__(self, predictor: Predictor, severity: SeverityScorer | None = None, always_severity: bool = False,
+                 heatmaps: bool = True) -> None:
+        self.predictor = predictor
+        self.severity = severity
+        self.always_severity = always_severity
+        self.sha256 = file_sha256(predictor.path) if predictor.path else "unknown"
+        self.heatmapper: Heatmapper | None = None
+        self.heatmap_note: str | None = None
+        if heatmaps:
+            try:
+                self.heatmapper = Heatmapper.for_predictor(predictor)
+            except HeatmapUnavailable as err:
+                self.heatmap_note = str(err)
+        if self.heatmapper is None and self.heatmap_note is None:
+            self.heatmap_note = "heatmaps switched off"
+
+    @classmethod
+    def from_paths(cls, model: str, severity: str | None = None, backend: str | None = None,
+                   always_severity: bool = False, threads: int | None = None) -> "Engine":
+        pred = Predictor.from_path(model, backend=backend, threads=threads)
+        pred.require_classifier("--severity")
+        sev = SeverityScorer.from_path(severity) if severity else None
+        return cls(pred, sev, always_severity=always_severity)
+
+    @property
+    def model_name(self) -> str:
+        return str(self.predictor.name)
+
+    # ------------------------------------------------------------------ analysis
+    def analyze(self, image: np.ndarray, header: Any | None = None, rec: dict[str, Any] | None = None) -> Analysis:
+        """Predict one H x W [0, 1] image (or take ``rec``, a record already predicted for it)."""
+        p = self.predictor
+        hflag = header_flag(header) if header is not None else None
+        if hflag is not None:
+            return Analysis(threshold=p.threshold, flag=hflag[0], flag_reason=hflag[1],
+                            overlay=self._overlay(image, None))
+        rec = rec if rec is not None else p.predict_arrays([image])[0]
+        pflag = plausibility_flag(rec)
+        if pflag is not None or rec.get("label") is None:
+            flag, reason = pflag or ("not_a_frontal_cxr", str(rec.get("error") or "no label"))
+            return Analysis(threshold=p.threshold, plausibility=rec.get("plausibility"), flag=flag,
+                            flag_reason=reason, overlay=self._overlay(image, None))
+        a = Analysis(label=rec["label"], probabilities=dict(rec["probabilities"]), threshold=rec.get("threshold"),
+                     plausibility=rec.get("plausibility"))
+        if self.severity is not None and self.severity.should_score(rec, p.threshold, always=self.always_severity):
+            a.severity = self.severity.score_array(image)
+        heat = None
+        if self.heatmapper is not None:
+            heat = self.heatmapper.compute(p.preprocess(image), p.classes.index(a.label))
+        else:
+            a.notes.append(f"no heatmap: {self.heatmap_note}")
+        a.overlay = self._overlay(image, heat)
+        return a
+
+    def _overlay(self, image: np.ndarray, heat: np.ndarray | None) -> np.ndarray:
+        """The model's crop at display size, as RGB, with the map blended on when there is one."""
+        from covidcxr.predict import overlay_rgb
+
+        preset = self.predictor.preset.with_size(max(self.predictor.preset.size, DISPLAY_SIDE))
+        arr = preset.array(image) if hasattr(preset, "array") else preset(image)
+        base = preset.denormalize(arr)
+        if heat is None:
+            g = (np.clip(base, 0, 1) * 255).astype(np.uint8)
+            return np.repeat(g[..., None], 3, axis=2)
+        return overlay_rgb(base, heat)
+
+    def is_positive(self, a: Analysis) -> bool:
+        return a.label == POSITIVE_CLASS

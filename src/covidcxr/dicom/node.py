@@ -1,0 +1,304 @@
+"""``covidcxr dicom listen``: a DICOM node (pynetdicom) a PACS sends chest X-rays to.
+
+For each accepted C-STORE the node
+
+1. checks the instance in the association thread (header, pixel data decoded by :func:`covidcxr.io.decode`,
+   size checked before decoding) and answers a failure status with a reason when it cannot be read,
+2. answers success for an instance it has already taken in (same SOP Instance UID, same model) without
+   doing it again,
+3. writes the instance to ``STORE/incoming/`` and answers success (or "out of resources" when
+   ``max_pending`` results already wait, so the PACS keeps it and retries),
+4. in a worker thread: predicts (operating point, severity, plausibility), builds the SR and the
+   secondary capture, and moves them into ``STORE/outbox/``,
+5. the :class:`~covidcxr.dicom.sender.Sender` C-STOREs them to the destination, retrying while it is down.
+
+:meth:`DicomNode.stop` drains: no new associations, running ones finish, queued images are analysed,
+and the sender makes one last attempt; undelivered results stay on disk for the next start.
+Log lines name instances by key (a hash of the SOP Instance UID), never by UID or patient attribute.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pydicom.dataset import Dataset
+from pynetdicom import AE, evt
+from pynetdicom.sop_class import Verification
+
+from covidcxr.dicom.analysis import Engine
+from covidcxr.dicom.common import (
+    ACCEPTED_SOP_CLASSES,
+    MANUFACTURER,
+    AllowRule,
+    DicomNodeError,
+    Peer,
+    decodable_transfer_syntaxes,
+    instance_key,
+    quiet_dicom_libraries,
+    safe_reason,
+)
+from covidcxr.dicom.results import build_results, read_header, to_bytes
+from covidcxr.dicom.sender import Sender
+from covidcxr.dicom.store import ResultStore
+
+log = logging.getLogger("covidcxr.dicom")
+
+# C-STORE statuses (PS3.4 B.2.3)
+SUCCESS = 0x0000
+OUT_OF_RESOURCES = 0xA700
+DOES_NOT_MATCH = 0xA900
+CANNOT_UNDERSTAND = 0xC000
+NOT_AUTHORIZED = 0x0124
+
+
+@dataclass
+class NodeConfig:
+    model: str
+    destination: Peer
+    ae_title: str = "COVIDCXR"
+    host: str = "0.0.0.0"
+    port: int = 11112
+    store: str = "covidcxr-dicom-store"
+    severity: str | None = None
+    always_severity: bool = False
+    backend: str | None = None
+    threads: int | None = None
+    #: who may send; empty means: only the destination's AE title from the destination's host
+    allow: list[AllowRule] = field(default_factory=list)
+    allow_any: bool = False
+    workers: int = 1
+    max_pending: int = 500
+    retry_max_s: float = 60.0
+    keep_sent: bool = False
+    max_associations: int = 8
+
+
+@dataclass
+class Stats:
+    received: int = 0
+    duplicates: int = 0
+    refused: int = 0
+    failed: int = 0  # answered with a failure status
+    analysed: int = 0
+    flagged: int = 0
+    errors: int = 0  # analysis crashed (an error SR is still sent)
+
+
+class DicomNode:
+    """The listener. ``start()`` returns once the port is open; ``stop()`` drains."""
+
+    def __init__(self, config: NodeConfig, engine: Engine | None = None) -> None:
+        quiet_dicom_libraries()
+        self.config = c = config
+        self.engine = engine or Engine.from_paths(c.model, severity=c.severity, backend=c.backend,
+                                                  always_severity=c.always_severity, threads=c.threads)
+        self.store = ResultStore(c.store, keep_sent=c.keep_sent)
+        self.sender = Sender(self.store, c.destination, c.ae_title, retry_max_s=c.retry_max_s)
+        self.rules = list(c.allow) or [AllowRule(c.destination.ae_title, _resolve(c.destination.host))]
+        self.stats = Stats()
+        self._queue: queue.Queue[tuple[str, np.ndarray | None] | None] = queue.Queue()
+        self._workers: list[threading.Thread] = []
+        self._busy = 0
+        self._busy_lock = threading.Lock()
+        self._server: Any = None
+        self._stopped = False
+        self._port = c.port
+        self.ae = AE(ae_title=c.ae_title)
+        self.ae.maximum_associations = c.max_associations
+        self.ae.require_called_aet = True
+        self.transfer_syntaxes = decodable_transfer_syntaxes()
+        self.ae.add_supported_context(Verification)
+        for sop in ACCEPTED_SOP_CLASSES:
+            self.ae.add_supported_context(sop, self.transfer_syntaxes)
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> None:
+        c = self.config
+        handlers = [(evt.EVT_REQUESTED, self._on_requested), (evt.EVT_C_ECHO, self._on_echo),
+                    (evt.EVT_C_STORE, self._on_store)]
+        try:
+            self._server = self.ae.start_server((c.host, c.port), block=False, evt_handlers=handlers)
+        except OSError as err:
+            raise DicomNodeError(f"cannot listen on {c.host}:{c.port} ({err.strerror or err})") from None
+        self._port = int(self._server.server_address[1])
+        for i in range(max(1, c.workers)):
+            t = threading.Thread(target=self._work, name=f"covidcxr-dicom-worker-{i}", daemon=True)
+            t.start()
+            self._workers.append(t)
+        self.sender.start()
+        # work acknowledged before a crash or a stop: analyse it now, send what was built
+        for key in self.store.pending_incoming():
+            self._queue.put((key, None))
+        if self.store.outbox():
+            self.sender.notify()
+        log.info("listening as %s on %s:%d; results go to %s; store %s; allowed peers: %s", c.ae_title, c.host,
+                 self.port, c.destination, self.store.root,
+                 "any" if c.allow_any else ", ".join(str(r) for r in self.rules))
+
+    @property
+    def port(self) -> int:
+        return self._port
+
+    def stop(self, timeout_s: float = 60.0) -> int:
+        """Drain and stop; returns the number of results left on disk for the next start."""
+        if self._stopped:
+            return len(self.store.outbox())
+        self._stopped = True
+        deadline = time.monotonic() + timeout_s
+        if self._server is not None:
+            self._server.shutdown()  # no new associations; running ones go on
+            self._server = None
+        while self.ae.active_associations and time.monotonic() < deadline:
+            time.sleep(0.05)
+        for assoc in self.ae.active_associations:
+            assoc.abort()
+        for _ in self._workers:
+            self._queue.put(None)
+        for t in self._workers:
+            t.join(timeout=max(1.0, deadline - time.monotonic()))
+        left = self.sender.stop(flush_timeout_s=max(1.0, min(10.0, deadline - time.monotonic())))
+        log.info("stopped: %d received, %d analysed (%d flagged), %d duplicates, %d failed, %d refused; "
+                 "%d results sent, %d left in %s", self.stats.received, self.stats.analysed, self.stats.flagged,
+                 self.stats.duplicates, self.stats.failed, self.stats.refused, self.sender.sent, left,
+                 self.store.root / "outbox")
+        return left
+
+    def idle(self) -> bool:
+        """Nothing queued, analysed or waiting to be sent (tests and benchmarks wait for this)."""
+        return self._queue.unfinished_tasks == 0 and not self.store.outbox()
+
+    # ------------------------------------------------------------------ handlers
+    def _on_requested(self, event: Any) -> None:
+        if self.config.allow_any:
+            return
+        rq = event.assoc.requestor
+        calling = str(rq.primitive.calling_ae_title).strip()
+        address = str(rq.address)
+        if not any(rule.matches(calling, address) for rule in self.rules):
+            log.warning("association refused: calling AE %r from %s is not an allowed peer", calling, address)
+            event.assoc.acse.send_reject(0x01, 0x01, 0x03)  # rejected-permanent, calling AE not recognised
+            event.assoc.kill()
+
+    def _on_echo(self, event: Any) -> int:
+        return SUCCESS
+
+    def _on_store(self, event: Any) -> Dataset | int:
+        self.stats.received += 1
+        try:
+            return self._store(event)
+        except Exception as err:  # the listener never dies on one instance
+            self.stats.failed += 1
+            log.error("C-STORE handler failed: %s", safe_reason(err))
+            return _status(CANNOT_UNDERSTAND, "internal error; see the node's log")
+
+    def _store(self, event: Any) -> Dataset | int:
+        from covidcxr.io import CXRReadError, decode
+
+        data = event.encoded_dataset(include_meta=True)
+        try:
+            header = read_header(data)
+            uid = str(header.SOPInstanceUID)
+        except Exception as err:
+            self.stats.failed += 1
+            log.warning("instance refused: unreadable DICOM header (%s)", type(err).__name__)
+            return _status(CANNOT_UNDERSTAND, "unreadable DICOM header")
+        key = instance_key(uid, self.engine.sha256)
+        if str(header.get("Manufacturer", "")) == MANUFACTURER and "BurnedInAnnotation" in header:
+            log.info("instance %s: a covidcxr result sent back to the node; ignored", key)
+            return SUCCESS
+        if self.store.seen(key):
+            self.stats.duplicates += 1
+            log.info("instance %s: already taken in; duplicate not processed again", key)
+            return SUCCESS
+        if self.store.pending() >= self.config.max_pending:
+            self.stats.refused += 1
+            log.warning("instance %s refused: %d results wait (max_pending); the sender retries %s",
+                        key, self.store.pending(), self.config.destination)
+            return _status(OUT_OF_RESOURCES, "result queue full; send again later")
+        if not self.store.claim(key):
+            self.stats.duplicates += 1
+            log.info("instance %s: already taken in; duplicate not processed again", key)
+            return SUCCESS
+        try:
+            image, _ = decode(data, f"instance {key}")
+        except CXRReadError as err:
+            self.store.release(key)
+            self.stats.failed += 1
+            log.warning("instance %s refused: %s", key, err.reason)
+            return _status(DOES_NOT_MATCH if "pixel data" in err.reason else CANNOT_UNDERSTAND, err.reason)
+        except Exception as err:
+            self.store.release(key)
+            raise err
+        self.store.put_incoming(key, data)
+        self._queue.put((key, image))
+        log.info("instance %s accepted (%s)", key, header.get("Modality", "?"))
+        return SUCCESS
+
+    # ------------------------------------------------------------------ workers
+    def _work(self) -> None:
+        while True:
+            job = self._queue.get()
+            try:
+                if job is None:
+                    return
+                self._process(*job)
+            finally:
+                self._queue.task_done()
+
+    def _process(self, key: str, image: np.ndarray | None) -> None:
+        from covidcxr.io import decode
+
+        t0 = time.perf_counter()
+        path = self.store.incoming_path(key)
+        try:
+            data = path.read_bytes()
+            header = read_header(data)
+            if image is None:
+                image, _ = decode(data, f"instance {key}")
+            try:
+                analysis = self.engine.analyze(image, header)
+            except Exception as err:  # a model failure becomes a flagged SR, not a silent loss
+                from covidcxr.dicom.analysis import Analysis
+
+                self.stats.errors += 1
+                log.error("instance %s: analysis failed (%s); sending a 'not assessed' SR", key, safe_reason(err))
+                analysis = Analysis(threshold=self.engine.predictor.threshold, flag="analysis_failed",
+                                    flag_reason=f"analysis failed ({type(err).__name__})",
+                                    overlay=self.engine._overlay(image, None))
+            results = build_results(header, analysis, self.engine)
+            self.store.put_results(key, {k: to_bytes(ds) for k, ds in results.items()})
+        except Exception as err:
+            self.stats.errors += 1
+            log.error("instance %s: no result built (%s); the instance stays in %s", key, safe_reason(err),
+                      path.parent)
+            return
+        self.store.drop_incoming(key)
+        self.stats.analysed += 1
+        if analysis.flagged:
+            self.stats.flagged += 1
+            log.info("instance %s: flagged %s (%.0f ms)", key, analysis.flag, (time.perf_counter() - t0) * 1e3)
+        else:
+            p = (analysis.probabilities or {}).get("COVID-19")
+            log.info("instance %s: %s%s (%.0f ms)", key, analysis.label,
+                     f", P(COVID-19) {p:.3f}" if p is not None else "", (time.perf_counter() - t0) * 1e3)
+        self.sender.notify()
+
+
+def _status(code: int, comment: str) -> Dataset:
+    ds = Dataset()
+    ds.Status = code
+    ds.ErrorComment = comment[:64]  # LO
+    return ds
+
+
+def _resolve(host: str) -> str:
+    from covidcxr.dicom.common import resolve_host
+
+    return resolve_host(host)

@@ -1,0 +1,306 @@
+"""The DICOM node against a real Orthanc: end to end, bad input, duplicates, a destination that is down.
+
+Orthanc (Debian package ``orthanc``) is started on free loopback ports with a generated configuration
+and stopped afterwards; every test here skips with the reason when it is not installed.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pydicom
+import pytest
+
+from covidcxr.cli import main
+from covidcxr.dicom.common import AllowRule, Peer
+from covidcxr.dicom.orthanc import Orthanc, OrthancUnavailable, free_port, orthanc_binary
+from covidcxr.dicom.sr import read_result
+
+from test_dicom_node_support import CLASSES, Scu, make_classifier, renamed, to_bytes, wrap_file, wrap_image
+
+NOTICE = "RESEARCH USE ONLY — NOT FOR DIAGNOSIS"
+
+
+def _need_orthanc() -> None:
+    try:
+        orthanc_binary()
+    except OrthancUnavailable as err:
+        pytest.skip(str(err))
+
+
+def wait_for(cond: Callable[[], object], timeout: float = 60.0, what: str = "condition") -> object:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        got = cond()
+        if got:
+            return got
+        time.sleep(0.1)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_classifier(tmp_path_factory.mktemp("dicom-ckpt") / "tiny.ckpt")
+
+
+@pytest.fixture(scope="module")
+def pacs(tmp_path_factory: pytest.TempPathFactory):
+    _need_orthanc()
+    with Orthanc(tmp_path_factory.mktemp("orthanc")) as o:
+        yield o
+
+
+def start_node(ckpt: Path, store: Path, destination: Peer, **kw):
+    from covidcxr.dicom.node import DicomNode, NodeConfig
+
+    cfg = NodeConfig(model=str(ckpt), destination=destination, host="127.0.0.1", port=0, store=str(store),
+                     allow=[AllowRule("ORTHANC", "127.0.0.1"), AllowRule("TESTSCU", "127.0.0.1")], **kw)
+    node = DicomNode(cfg)
+    node.start()
+    return node
+
+
+@pytest.fixture(scope="module")
+def node(ckpt: Path, pacs: Orthanc, tmp_path_factory: pytest.TempPathFactory):
+    n = start_node(ckpt, tmp_path_factory.mktemp("store"), Peer("ORTHANC", "127.0.0.1", pacs.dicom_port))
+    pacs.add_modality("covidcxr", "COVIDCXR", "127.0.0.1", n.port)
+    yield n
+    n.stop(timeout_s=20)
+
+
+def results_for(pacs: Orthanc, sop_uid: str) -> dict[str, pydicom.Dataset]:
+    """The SR and SC in Orthanc that reference ``sop_uid`` (read back through the REST API)."""
+    out: dict[str, pydicom.Dataset] = {}
+    for modality, key in (("SR", "sr"), ("OT", "sc")):
+        for iid in pacs.instances_by_modality(modality):
+            ds = pydicom.dcmread(io.BytesIO(pacs.file(iid)))
+            refs = ([str(r.ReferencedSOPInstanceUID) for r in ds.get("SourceImageSequence", [])] if key == "sc"
+                    else [str(r.ReferencedSOPInstanceUID) for s in ds.get("CurrentRequestedProcedureEvidenceSequence", [])
+                          for se in s.ReferencedSeriesSequence for r in se.ReferencedSOPSequence])
+            if sop_uid in refs:
+                out[key] = ds
+    return out
+
+
+def wait_results(pacs: Orthanc, sop_uid: str, timeout: float = 60.0) -> dict[str, pydicom.Dataset]:
+    """Wait until both the SR and the SC for ``sop_uid`` are in Orthanc; return them."""
+    def both() -> dict[str, pydicom.Dataset] | None:
+        r = results_for(pacs, sop_uid)
+        return r if len(r) == 2 else None
+
+    return wait_for(both, timeout, "SR + SC in Orthanc")  # type: ignore[return-value]
+
+
+# --------------------------------------------------------------------------- association and peers
+
+
+def test_echo_and_only_allowed_peers(node) -> None:
+    assert Scu(node.port).echo() == 0
+    assert Scu(node.port, calling="STRANGER").echo() is None  # association rejected: not an allowed peer
+    assert Scu(node.port, called="WRONGAE").echo() is None  # called AE title is checked
+    assert main(["dicom", "echo", f"COVIDCXR@127.0.0.1:{node.port}", "--ae-title", "TESTSCU"]) == 0
+
+
+# --------------------------------------------------------------------------- end to end
+
+
+def test_orthanc_forwards_images_and_gets_sr_and_sc_back(node, pacs: Orthanc, ckpt: Path, samples_dir: Path,
+                                                        dev_dir: Path, tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture) -> None:
+    rsna = (samples_dir / "rsna-pneumonia-sample.dcm").read_bytes()
+    wrapped = [wrap_file(samples_dir / "nih-00000001_000.png"),
+               wrap_file(sorted((dev_dir / "images").glob("*.jpg"))[0])]
+    files = {"rsna.dcm": rsna, **{f"wrapped{i}.dcm": to_bytes(ds) for i, ds in enumerate(wrapped)}}
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    ids = [pacs.upload(data) for data in files.values()]
+    sources = {name: pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True) for name, data in files.items()}
+
+    pacs.store_to_modality("covidcxr", ids)  # Orthanc C-STOREs them to the node, as a routing rule would
+
+    # what `covidcxr predict` says for the same files
+    out = tmp_path / "preds.jsonl"
+    assert main(["predict", *[str(tmp_path / n) for n in files], "--model", str(ckpt), "--out", str(out),
+                 "--workers", "0", "-q"]) == 0
+    cli = {Path(r["path"]).name: r for r in map(json.loads, out.read_text().splitlines())}
+
+    for name, src in sources.items():
+        uid = str(src.SOPInstanceUID)
+        got = wait_results(pacs, uid, 90)
+        sr, sc = got["sr"], got["sc"]
+        # same study, new series, the right instance referenced
+        assert sr.StudyInstanceUID == sc.StudyInstanceUID == src.StudyInstanceUID
+        assert sr.SeriesInstanceUID != src.SeriesInstanceUID and sc.SeriesInstanceUID != src.SeriesInstanceUID
+        res = read_result(sr)  # opens in highdicom
+        assert res["referenced_sop_instance_uids"] == [uid]
+        # the same label and probabilities as `covidcxr predict`
+        assert res["label"] == cli[name]["label"], name
+        assert res["probabilities"].keys() == set(CLASSES)
+        for c in CLASSES:
+            assert res["probabilities"][c] == pytest.approx(cli[name]["probabilities"][c], abs=1e-6)  # float32 batching
+        assert res["threshold"] == pytest.approx(0.4)
+        assert NOTICE in res["notice"]
+        assert res["algorithm"]["name"] == "tiny-dicom-test"
+        from covidcxr.predict import file_sha256
+
+        assert res["algorithm"]["version"] == file_sha256(ckpt)
+        # patient attributes: those DICOM requires, nothing more
+        assert sr.PatientID == src.PatientID and "PatientAge" not in sr and "PatientAge" not in sc
+        # the secondary capture: RGB, the notice burned in (flagged as such), the red banner on top
+        assert sc.BurnedInAnnotation == "YES" and sc.PhotometricInterpretation == "RGB"
+        assert NOTICE in sc.ImageComments
+        px = sc.pixel_array
+        assert px.ndim == 3 and px.shape[2] == 3 and px.shape[1] == 512
+        banner = px[2:8, :, :].reshape(-1, 3).mean(0)
+        assert banner[0] > 120 and banner[1] < 80, banner  # mostly red: the notice banner
+    err = capsys.readouterr().err
+    assert "Test^Wrapped" not in err and "TEST-0001" not in err
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def test_bad_input_gets_failure_status_and_the_node_keeps_serving(node, pacs: Orthanc, samples_dir: Path,
+                                                                  tmp_path: Path) -> None:
+    rsna = (samples_dir / "rsna-pneumonia-sample.dcm").read_bytes()
+    truncated = tmp_path / "truncated.dcm"
+    truncated.write_bytes(to_bytes(renamed(rsna))[: len(rsna) * 2 // 3])
+    no_pixels = renamed(rsna)
+    del no_pixels.PixelData
+    failed_before = node.stats.failed
+
+    (st1, why1), (st2, why2) = Scu(node.port).store(truncated, no_pixels)
+    assert st1 in (0xA900, 0xC000) and "truncated" in why1.lower(), (hex(st1 or 0), why1)
+    assert st2 == 0xA900 and "no pixel data" in why2, (hex(st2 or 0), why2)
+    assert node.stats.failed == failed_before + 2
+
+    # still serving: echo, and a good image after the bad ones is analysed and its SR reaches Orthanc
+    assert Scu(node.port).echo() == 0
+    good = renamed(rsna)
+    assert Scu(node.port).store(good) == [(0, "")]
+    wait_results(pacs, str(good.SOPInstanceUID))
+
+
+def test_non_chest_and_lateral_images_get_a_flagged_sr(node, pacs: Orthanc, samples_dir: Path) -> None:
+    rsna = (samples_dir / "rsna-pneumonia-sample.dcm").read_bytes()
+    lateral = renamed(rsna, ViewPosition="LL")
+    hand = renamed(rsna, BodyPartExamined="HAND")
+    assert Scu(node.port).store(lateral, hand) == [(0, ""), (0, "")]
+    for ds, flag in ((lateral, "not_a_frontal_cxr"), (hand, "not_a_chest_xray")):
+        got = wait_results(pacs, str(ds.SOPInstanceUID))
+        res = read_result(got["sr"])
+        assert res["flag"] == flag and res["label"] is None and res["probabilities"] == {}
+        assert res["finding_code"][1] == "99COVIDCXR" and NOTICE in res["notice"]
+        assert "NOT ASSESSED" in got["sc"].ImageComments
+
+
+# --------------------------------------------------------------------------- duplicates
+
+
+def test_same_instance_twice_is_processed_once(node, pacs: Orthanc, samples_dir: Path) -> None:
+    ds = renamed((samples_dir / "rsna-pneumonia-sample.dcm").read_bytes())
+    analysed, dups = node.stats.analysed, node.stats.duplicates
+    assert Scu(node.port).store(ds) == [(0, "")]
+    wait_results(pacs, str(ds.SOPInstanceUID))
+    wait_for(node.idle, 30, "node idle")
+    assert Scu(node.port).store(ds, ds) == [(0, ""), (0, "")]  # answered success ...
+    wait_for(node.idle, 30, "node idle")
+    assert node.stats.analysed == analysed + 1  # ... but processed once
+    assert node.stats.duplicates == dups + 2
+    # and the PACS holds one SR for it
+    srs = [i for i in pacs.instances_by_modality("SR")
+           if str(ds.SOPInstanceUID) in pacs.get_bytes(f"/instances/{i}/file").decode("latin-1")]
+    assert len(srs) == 1
+
+
+# --------------------------------------------------------------------------- destination down
+
+
+def test_destination_down_results_wait_on_disk_bounded_and_are_delivered(ckpt: Path, samples_dir: Path,
+                                                                         tmp_path: Path) -> None:
+    _need_orthanc()
+    rsna = (samples_dir / "rsna-pneumonia-sample.dcm").read_bytes()
+    port = free_port()
+    store = tmp_path / "store"
+    node = start_node(ckpt, store, Peer("ORTHANC", "127.0.0.1", port), max_pending=2, retry_max_s=0.5)
+    try:
+        a, b, c = (renamed(rsna) for _ in range(3))
+        assert Scu(node.port).store(a, b) == [(0, ""), (0, "")]
+        wait_for(lambda: len(list((store / "outbox").iterdir())) == 2, 60, "two results in the outbox")
+        assert node.sender.failures >= 1  # it tried, the destination is down
+        (status, why), = Scu(node.port).store(c)
+        assert status == 0xA700 and "queue full" in why  # bounded: the PACS keeps it and retries later
+        left = node.stop(timeout_s=10)
+        assert left == 2  # nothing lost on the way out
+    finally:
+        node.stop(timeout_s=5) if node._server else None
+
+    # the destination comes up; a restarted node (same store) delivers what waited
+    with Orthanc(tmp_path / "orthanc2", dicom_port=port) as pacs2:
+        node2 = start_node(ckpt, store, Peer("ORTHANC", "127.0.0.1", port), retry_max_s=0.5)
+        try:
+            wait_for(lambda: not list((store / "outbox").iterdir()), 60, "the outbox to empty")
+            for ds in (a, b):
+                assert len(results_for(pacs2, str(ds.SOPInstanceUID))) == 2
+            # a duplicate of an instance handled before the restart is still recognised
+            assert Scu(node2.port).store(a) == [(0, "")]
+            assert node2.stats.duplicates == 1
+        finally:
+            node2.stop(timeout_s=10)
+
+
+def test_destination_coming_back_is_retried_while_running(ckpt: Path, samples_dir: Path, tmp_path: Path) -> None:
+    _need_orthanc()
+    port = free_port()
+    store = tmp_path / "store"
+    node = start_node(ckpt, store, Peer("ORTHANC", "127.0.0.1", port), retry_max_s=0.5)
+    try:
+        ds = renamed((samples_dir / "rsna-pneumonia-sample.dcm").read_bytes())
+        assert Scu(node.port).store(ds) == [(0, "")]
+        wait_for(lambda: node.sender.failures >= 2, 30, "failed delivery attempts")
+        with Orthanc(tmp_path / "orthanc3", dicom_port=port) as pacs3:
+            wait_results(pacs3, str(ds.SOPInstanceUID))
+            assert not list((store / "outbox").iterdir())
+    finally:
+        node.stop(timeout_s=10)
+
+
+# --------------------------------------------------------------------------- the command: SIGTERM drains, no PHI in logs
+
+
+def test_listen_command_drains_on_sigterm_and_logs_no_patient_data(ckpt: Path, pacs: Orthanc, samples_dir: Path,
+                                                                   tmp_path: Path) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from test_dicom_node_support import PHI
+
+    port = free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from covidcxr.cli import main; sys.exit(main())", "-v", "dicom", "listen", "--model", str(ckpt), "--host", "127.0.0.1",
+         "--port", str(port), "--forward", f"ORTHANC@127.0.0.1:{pacs.dicom_port}", "--store", str(tmp_path / "s"),
+         "--allow", "TESTSCU@127.0.0.1"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True)
+    try:
+        wait_for(lambda: proc.poll() is not None or Scu(port).echo() == 0, 90, "the listener to answer C-ECHO")
+        assert proc.poll() is None, proc.stdout.read()
+        ds = renamed((samples_dir / "rsna-pneumonia-sample.dcm").read_bytes(), **PHI, PatientAge="061Y")
+        assert Scu(port).store(ds) == [(0, "")]
+        proc.send_signal(signal.SIGTERM)  # at once: the image is still in flight
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, out
+    assert "draining" in out and "1 images analysed, 1 results sent" in out, out
+    assert len(results_for(pacs, str(ds.SOPInstanceUID))) == 2  # drained: delivered before exit
+    for secret in [*PHI.values(), "Doe", str(ds.SOPInstanceUID), str(ds.StudyInstanceUID)]:
+        assert secret not in out, f"{secret!r} reached the log"
