@@ -1,4 +1,5 @@
-"""Lung segmentation: U-Net shapes, a few training steps, mask prediction, the lung-crop hook."""
+"""Lung segmentation (from-scratch U-Net): shapes, a few training steps, mask prediction, the lung-crop hook,
+the mask cache, and the preprocess -> segment import cycle being gone."""
 
 from __future__ import annotations
 
@@ -68,13 +69,14 @@ def test_predict_writes_masks_and_reports_bad_files(trained, tmp_path):
     bad = tmp_path / "broken.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\nnot really")
     files = [str(root / "images" / "img00.png"), str(bad), str(root / "images" / "img01.png")]
-    written, failures = predict_files(files, res["checkpoint"], tmp_path / "out", overlay=True)
+    written, failures = predict_files(files, res["checkpoint"], tmp_path / "out")
     assert len(written) == 2 and [f for f, _ in failures] == [str(bad)]
     import cv2
 
     m = cv2.imread(written[0], cv2.IMREAD_UNCHANGED)
     assert m.shape == (96, 80) and set(np.unique(m)) <= {0, 255}
-    assert (tmp_path / "out" / "img00_outline.png").is_file()
+    ov = cv2.imread(str(tmp_path / "out" / "img00_overlay.png"))
+    assert ov.shape == (96, 80, 3)
     img = synthetic_cxr(0)[0].astype(np.float32) / 255
     (mask,) = predict_masks([img], res["checkpoint"])
     assert mask.shape == img.shape and mask.dtype == bool
@@ -157,3 +159,67 @@ def test_cli_segment_train_rejects_zero_epochs_or_batch(tmp_path, capsys):
             main(["segment", "train", "--data", str(tmp_path / "m.csv"), "--out", str(tmp_path / "o"), opt, "0"])
         assert exc.value.code == 2
         assert f"argument {opt}: 0 is below the minimum 1" in capsys.readouterr().err
+
+
+def test_preprocess_does_not_import_the_segmenter():
+    """The cycle preprocess -> segment -> data -> preprocess is gone: preprocessing gets masks from outside."""
+    import subprocess
+    import sys
+
+    code = ("import sys, covidcxr.preprocess, covidcxr.data; "
+            "bad = [m for m in sys.modules if m.startswith('covidcxr.segment')]; assert not bad, bad; "
+            "import covidcxr.segment.plausibility, covidcxr.segment.masks; "
+            "assert 'torch' not in sys.modules or 'covidcxr.data' in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True)
+    torch_free = ("import sys, covidcxr.segment.plausibility, covidcxr.segment.masks, covidcxr.segment.inference; "
+                  "assert 'torch' not in sys.modules, 'torch imported'")
+    subprocess.run([sys.executable, "-c", torch_free], check=True)
+
+
+def test_lungcrop_takes_a_provider_and_refuses_without_one():
+    img, mask = synthetic_cxr(2)
+    img = img.astype(np.float32) / 255
+    p = preprocess.get_preset("cxnet-lungcrop", size=32)
+    calls = []
+
+    def provider(image):
+        calls.append(image.shape)
+        return mask > 0
+
+    assert p.prepare(img, provider).shape == (32, 32) and calls == [img.shape]
+    old, preprocess.LUNG_SEGMENTER = preprocess.LUNG_SEGMENTER, None
+    try:
+        with pytest.raises(preprocess.PresetError, match="no mask provider"):
+            p.prepare(img)
+    finally:
+        preprocess.LUNG_SEGMENTER = old
+
+
+def test_mask_cache_segments_each_image_once(trained, tmp_path):
+    from covidcxr.segment import CachedSegmenter, MaskCache, load_segmenter
+
+    _, _, res = trained
+    seg = load_segmenter(res["checkpoint"])
+    cached = CachedSegmenter(seg, MaskCache(tmp_path / "masks"))
+    a = synthetic_cxr(0)[0].astype(np.float32) / 255
+    b = synthetic_cxr(1)[0].astype(np.float32) / 255
+    first = cached.segment_many([a, b, a.copy()])
+    assert cached.calls == 2  # the copy of `a` has the same pixels: segmented once
+    again = cached.segment_many([b, a])
+    assert cached.calls == 2 and np.array_equal(again[1], first[0])
+    # a fresh process-level cache on the same folder reads the PNGs back
+    other = CachedSegmenter(seg, MaskCache(tmp_path / "masks"))
+    other(a)
+    assert other.calls == 0 and other.cache.hits == 1
+
+
+def test_segment_predict_cli_rejects_unknown_model(tmp_path, capsys):
+    from covidcxr.cli import main
+
+    img = tmp_path / "a.png"
+    import cv2
+
+    cv2.imwrite(str(img), synthetic_cxr(0)[0])
+    rc = main(["segment", "predict", str(img), "--model", str(tmp_path / "nope.pt"), "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert rc != 0 and "nope.pt" in err and "Traceback" not in err

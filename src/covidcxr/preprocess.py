@@ -30,9 +30,10 @@ if TYPE_CHECKING:  # torch is imported where a tensor is made: the ONNX paths ru
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-#: Hook for COVID-CXNet's lung crop. ``covidcxr.segment`` installs a function
-#: ``(image HxW [0,1]) -> bool mask HxW``; a preset with ``lung_crop=True`` uses it
-#: when no mask is given to :meth:`Preset.prepare`.
+#: Lung-mask provider for COVID-CXNet's lung crop: a function ``(image HxW [0,1]) -> bool mask HxW``
+#: that a caller installs from outside (``covidcxr.segment.install_lung_crop``); a preset with
+#: ``lung_crop=True`` uses it when :meth:`Preset.prepare` gets no mask. Preprocessing never imports
+#: a segmenter itself: data flows one way (preprocess -> data -> models -> segment).
 LUNG_SEGMENTER: Callable[[np.ndarray], np.ndarray] | None = None
 
 
@@ -268,20 +269,16 @@ class Preset:
             return v * self.channels
         raise PresetError(f"preset {self.name}: {len(v)} mean/std values for {self.channels} channels")
 
-    def _lung_crop(self, img: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
-        if mask is None:
-            if LUNG_SEGMENTER is None:
-                # Importing the segmentation module installs the default segmenter, if a model is configured.
-                try:
-                    import covidcxr.segment  # noqa: F401
-                except ImportError:
-                    pass
-            if LUNG_SEGMENTER is None:
-                raise PresetError(
-                    f"preset {self.name} crops to the lungs but no lung mask and no segmentation model is available; "
-                    "pass a mask or set one with covidcxr.segment.use_model(CKPT)"
-                )
-            mask = LUNG_SEGMENTER(img)
+    def _lung_crop(self, img: np.ndarray, mask: np.ndarray | Callable[[np.ndarray], np.ndarray] | None) -> np.ndarray:
+        """``mask``: a lung mask, a mask provider ``(image) -> mask``, or None (the installed provider)."""
+        provider = mask if callable(mask) else (LUNG_SEGMENTER if mask is None else None)
+        if mask is None and provider is None:
+            raise PresetError(
+                f"preset {self.name} crops to the lungs but got no lung mask and no mask provider is installed; "
+                "pass a mask or install one (covidcxr.segment.install_lung_crop('lung-unet-vgg11'))"
+            )
+        if provider is not None:
+            mask = provider(img)
         return crop_to_mask(img, mask, self.lung_margin)
 
 

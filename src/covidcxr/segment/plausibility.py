@@ -1,0 +1,170 @@
+"""Is this a frontal chest X-ray? A check on the lungs that a segmenter finds in it.
+
+A frontal (PA/AP) chest film shows two lungs, side by side, of similar size, near the middle of the
+image, covering a plausible share of it, wider at the bases than at the apices; the film itself has
+a chest-like aspect and is not uniform. A blank picture, noise, a gradient, a photograph, a lateral
+view, a strip or a film turned on its side breaks at least one of these.
+
+    >>> from covidcxr.segment.plausibility import check_plausibility
+    >>> v = check_plausibility(image)          # image: H x W float in [0, 1]
+    >>> v.plausible, v.verdict, v.reason       # (False, 'not_a_frontal_cxr', 'lungs cover 0.4% ...')
+    >>> v.to_dict()                            # JSON-ready, with measurements and the segmenter id
+
+The rules run on the mask alone (:func:`assess`), so a caller that already has a mask pays
+nothing more; :func:`check_plausibility` segments first (pretrained ``lung-unet-vgg11`` at
+:data:`SIZE` px, masks cached by image hash). The thresholds (:data:`LIMITS`) and the measured
+false-flag and catch rates are in ``docs/explain.md``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+
+from covidcxr.segment.masks import measure
+
+FRONTAL = "frontal_cxr"
+NOT_FRONTAL = "not_a_frontal_cxr"
+
+#: input size of the segmenter used by the check: 256 px costs a fifth of 512 and keeps the geometry
+SIZE = 256
+
+#: rule thresholds (shares of the image unless said otherwise)
+LIMITS: dict[str, Any] = {
+    "aspect": (1 / 2.5, 2.5),  # height / width of the image
+    "min_std": 0.02,  # intensity standard deviation of a non-uniform picture ([0, 1] scale)
+    "fraction": (0.04, 0.70),  # share of the image covered by lung
+    "balance": 0.15,  # smaller lung area / larger lung area
+    "cx": (0.25, 0.75),  # centroid of the lung pixels, x
+    "cy": (0.15, 0.80),  # centroid of the lung pixels, y
+    "apex_base_ratio": 1.2,  # lung width near the top / near the bottom of the lung box
+}
+
+
+@dataclass
+class Plausibility:
+    """Verdict of the check. ``rule`` names the first failed rule (None when plausible)."""
+
+    plausible: bool
+    verdict: str
+    reason: str
+    rule: str | None
+    measurements: dict = field(default_factory=dict)
+    segmenter: str | None = None
+
+    @property
+    def flag(self) -> str | None:
+        """``not_a_frontal_cxr`` when implausible, else None (the field prediction records carry)."""
+        return None if self.plausible else NOT_FRONTAL
+
+    def to_dict(self) -> dict:
+        """``{"plausible", "verdict", "flag", "reason", "rule", "measurements", "segmenter"}``."""
+        return {**asdict(self), "flag": self.flag}
+
+
+def _fail(rule: str, reason: str, m: dict, seg: str | None) -> Plausibility:
+    return Plausibility(False, NOT_FRONTAL, reason, rule, m, seg)
+
+
+def image_stats(image: np.ndarray) -> dict:
+    a = np.asarray(image, np.float32)
+    h, w = a.shape[:2]
+    return {"height": int(h), "width": int(w), "aspect": float(h / w) if w else float("inf"),
+            "intensity_std": float(a.std()) if a.size else 0.0}
+
+
+def precheck(image: np.ndarray) -> Plausibility | None:
+    """The rules that need no mask (aspect, uniform image); ``None`` when they pass."""
+    s = image_stats(image)
+    lo, hi = LIMITS["aspect"]
+    if not lo <= s["aspect"] <= hi:
+        return _fail("aspect", f"image is {s['width']}x{s['height']} px (height/width {s['aspect']:.2f}); a chest "
+                     f"film's lies between {lo:.2f} and {hi:.2f}", s, None)
+    if s["intensity_std"] < LIMITS["min_std"]:
+        return _fail("uniform", f"image is nearly uniform (intensity std {s['intensity_std']:.3f} < "
+                     f"{LIMITS['min_std']})", s, None)
+    return None
+
+
+def assess(mask: np.ndarray, image: np.ndarray | None = None, segmenter: str | None = None) -> Plausibility:
+    """Apply the rules to a lung mask (and the image's aspect/intensity when given)."""
+    stats = image_stats(image) if image is not None else {}
+    if image is not None:
+        pre = precheck(image)
+        if pre is not None:
+            pre.segmenter = segmenter
+            return pre
+    m = {**stats, **measure(mask)}
+    f_lo, f_hi = LIMITS["fraction"]
+    if m["fraction"] < f_lo:
+        return _fail("lung_fraction", f"lungs cover {100 * m['fraction']:.1f}% of the image (expected "
+                     f"{100 * f_lo:.0f}-{100 * f_hi:.0f}%)", m, segmenter)
+    if m["fraction"] > f_hi:
+        return _fail("lung_fraction", f"lung-like region covers {100 * m['fraction']:.0f}% of the image (expected "
+                     f"{100 * f_lo:.0f}-{100 * f_hi:.0f}%)", m, segmenter)
+    if m["components"] < 2:
+        return _fail("two_lungs", "one lung-like region found, a frontal film shows two", m, segmenter)
+    if m["balance"] < LIMITS["balance"]:
+        return _fail("balance", f"the smaller lung is {100 * m['balance']:.0f}% of the larger (expected at least "
+                     f"{100 * LIMITS['balance']:.0f}%)", m, segmenter)
+    if not m["side_by_side"]:
+        return _fail("side_by_side", "the two lung regions lie above each other, not side by side "
+                     "(film turned on its side?)", m, segmenter)
+    (x_lo, x_hi), (y_lo, y_hi) = LIMITS["cx"], LIMITS["cy"]
+    if not (x_lo <= m["cx"] <= x_hi and y_lo <= m["cy"] <= y_hi):
+        return _fail("position", f"lungs centred at ({m['cx']:.2f}, {m['cy']:.2f}) of the width/height, expected "
+                     f"x {x_lo}-{x_hi}, y {y_lo}-{y_hi}", m, segmenter)
+    if m["apex_base_ratio"] > LIMITS["apex_base_ratio"]:
+        return _fail("orientation", f"lungs are {m['apex_base_ratio']:.1f}x as wide near the top as near the bottom "
+                     "(film upside down?)", m, segmenter)
+    return Plausibility(True, FRONTAL, "two lungs of plausible size and place", None, m, segmenter)
+
+
+def _segmenter(segmenter: Any = None, backend: str = "torch"):
+    from covidcxr.segment.inference import CachedSegmenter, load_segmenter
+
+    if isinstance(segmenter, CachedSegmenter):
+        return segmenter
+    if segmenter is None or isinstance(segmenter, (str, os.PathLike)):
+        from covidcxr.segment.inference import PRETRAINED
+
+        seg = load_segmenter(segmenter or PRETRAINED, size=SIZE if segmenter in (None, PRETRAINED) else None,
+                             backend=backend)
+    else:
+        seg = segmenter
+    key = id(seg)
+    if key not in _CACHED:
+        _CACHED[key] = CachedSegmenter(seg)
+    return _CACHED[key]
+
+
+_CACHED: dict[int, Any] = {}
+
+
+def check_plausibility(image: np.ndarray, segmenter: Any = None, mask: np.ndarray | None = None,
+                       backend: str = "torch") -> Plausibility:
+    """Verdict for one H x W [0,1] image. ``segmenter``: a name/path, a LungSegmenter, a
+    CachedSegmenter, or ``None`` (pretrained ``lung-unet-vgg11`` at :data:`SIZE` px).
+    ``mask``: skip segmenting and judge this mask."""
+    return check_many([image], segmenter, [mask] if mask is not None else None, backend=backend)[0]
+
+
+def check_many(images: Sequence[np.ndarray], segmenter: Any = None, masks: Sequence[np.ndarray] | None = None,
+               batch_size: int = 4, backend: str = "torch") -> list[Plausibility]:
+    """:func:`check_plausibility` for several images; images failing the mask-free rules are not segmented."""
+    out: list[Plausibility | None] = [precheck(np.asarray(im)) for im in images]
+    if masks is not None:
+        return [o or assess(mk, im) for o, im, mk in zip(out, images, masks)]
+    todo = [i for i, o in enumerate(out) if o is None]
+    if todo:
+        seg = _segmenter(segmenter, backend)
+        found = seg.segment_many([images[i] for i in todo], batch_size=batch_size)
+        for i, mk in zip(todo, found):
+            out[i] = assess(mk, images[i], seg.id)
+    for o in out:
+        if o is not None and o.segmenter is None and o.rule in ("aspect", "uniform"):
+            o.segmenter = "not run (rejected before segmentation)"
+    return out  # type: ignore[return-value]
