@@ -267,3 +267,63 @@ def test_cli_sanity(checkpoint_and_images, tmp_path):
     (res,) = data["results"]
     assert res["method"] == "gradcam" and len(res["rank_correlation"]) == len(res["layers"])
     assert "Sanity check" in (tmp_path / "sanity.md").read_text()
+
+
+# --------------------------------------------------------------------------- issue 11 §10: readable overlays
+
+
+def test_overlay_is_at_image_resolution_beside_the_plain_image(tmp_path):
+    from PIL import Image
+
+    from covidcxr.explain.render import MIN_LONG_SIDE, save_overlay
+
+    heat = np.zeros((SIZE, SIZE), np.float32)
+    heat[20:40, 20:40] = 0.08
+    for shape in ((300, 250), (1500, 1200)):
+        img = np.random.default_rng(0).random(shape).astype(np.float32)
+        p = tmp_path / f"o{shape[0]}.png"
+        info = save_overlay(p, img, heat, title="t", signed=False)
+        w, h = Image.open(p).size
+        long_side = max(shape[0], MIN_LONG_SIDE)
+        # two panels side by side, each drawn at >= 1024 px (or the original's own resolution)
+        assert h >= long_side and w >= 2 * long_side * shape[1] / shape[0]
+        assert info["raw_max"] == pytest.approx(0.08) and info["scale"] == pytest.approx(0.08)
+
+
+def test_normalised_scale_per_image_or_shared():
+    from covidcxr.explain.render import heat_scale, normalise
+
+    a = np.linspace(0, 0.08, 100, dtype=np.float32).reshape(10, 10)
+    b = a * 4  # the same pattern, four times stronger (0..0.31 raw)
+    na, ia = normalise(a, signed=False)
+    nb, ib = normalise(b, signed=False)
+    assert np.allclose(na, nb) and na.max() == pytest.approx(1.0)  # per image: each on its own 0..1
+    assert (ia["raw_max"], ib["raw_max"]) == pytest.approx((0.08, 0.32))
+    s = heat_scale([a, b], signed=False)
+    na, ia = normalise(a, signed=False, scale=s)
+    nb, _ = normalise(b, signed=False, scale=s)
+    assert na.max() == pytest.approx(0.25) and nb.max() == pytest.approx(1.0) and ia["scope"] == "shared"
+    ns, _ = normalise(np.array([[-2.0, 1.0]], np.float32), signed=True)
+    assert ns.min() == -1.0 and ns.max() == 0.5
+
+
+def test_cli_explain_heat_scale_batch_shares_one_scale(checkpoint_and_images, tmp_path, capsys):
+    from PIL import Image
+
+    from covidcxr.cli import main
+
+    ckpt, paths, _ = checkpoint_and_images
+    for mode in ("image", "batch"):
+        out = tmp_path / mode
+        assert main(["explain", paths[0], paths[1], "--model", str(ckpt), "--method", "gradcam",
+                     "--out", str(out), "--heat-scale", mode]) == 0
+        summary = json.loads((out / "explain.json").read_text())
+        scales = [r["heat_scale"]["scale"] for r in summary["records"]]
+        raw = [r["heat_scale"]["raw_max"] for r in summary["records"]]
+        assert summary["heat_scale"]["mode"] == mode and "raw range" in summary["heat_scale"]["note"]
+        if mode == "batch":
+            assert scales[0] == scales[1] == pytest.approx(max(raw))
+        else:
+            assert scales == pytest.approx(raw)
+        assert min(Image.open(out / "cxr0_gradcam.png").size) >= 1024  # 96x80 input, drawn at >= 1024 px
+    assert "decision rule:" in capsys.readouterr().out

@@ -27,8 +27,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "explain",
         help="heatmaps (Grad-CAM, LRP, occlusion, integrated gradients) and the randomisation sanity check",
-        description="Per image: an overlay PNG (heatmap on the preprocessed image, colour bar, predicted class and "
-        "probability) and the raw heatmap as .npy at model size and at the original image size. With --sanity: "
+        description="Per image: an overlay PNG (the plain image beside the heatmap over it, at the image's "
+        "resolution or at least 1024 px on the long side, one colour bar with the raw range, the predicted class, "
+        "probability and decision rule) and the raw heatmap as .npy at model size and at the original image size. "
+        "Colours show heatmap / scale (0..1, or -1..1 for signed methods); the scale is each image's maximum, or "
+        "with --heat-scale batch one value per method for all images, so they can be compared. With --sanity: "
         "cascading weight randomisation (Adebayo et al. 2018) with Spearman rank correlations; methods whose maps "
         "do not change are flagged. Research use only.",
     )
@@ -40,6 +43,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, metavar="DIR")
     p.add_argument("--target", default=None, help="class to explain (default: each image's predicted class)")
     p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--heat-scale", type=_heat_scale, default="image", metavar="image|batch|NUMBER",
+                   help="overlay colour scale: image (each heatmap / its own max, default), batch (one scale per "
+                   "method across all images given), or a number in the method's raw units")
     p.add_argument("--lrp-composite", default="epsilon-plus-flat",
                    choices=["epsilon-plus-flat", "epsilon-gamma-box", "epsilon-alpha2-beta1-flat", "epsilon"])
     p.add_argument("--ig-steps", type=int, default=32, help="integration steps for ig (default 32)")
@@ -138,6 +144,18 @@ def _threads(args: argparse.Namespace) -> None:
         torch.set_num_threads(max(1, args.threads))
 
 
+def _heat_scale(text: str) -> str | float:
+    if text in ("image", "batch"):
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected image, batch or a positive number") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text}: the scale must be positive")
+    return value
+
+
 def _err(command: str, path: str, reason: str) -> None:
     print(f"covidcxr {command}: {path}: {reason}", file=sys.stderr)
 
@@ -196,7 +214,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
         return 1 if failed else 0
     methods = args.method or ["gradcam"]
     records, failures = explain_files(files, loaded, methods, out, batch_size=args.batch_size,
-                                      target=args.target, ctx=ctx,
+                                      target=args.target, ctx=ctx, heat_scale=args.heat_scale,
                                       on_error=lambda f, r: _err("explain", f, r))
     n_img = len({r.file for r in records})
     print(f"explained {n_img} image(s) with {', '.join(methods)} -> {out} ({len(failures)} failed)")

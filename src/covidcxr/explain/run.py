@@ -15,7 +15,7 @@ import torch
 
 from covidcxr.decision import DecisionRule
 from covidcxr.explain.methods import SIGNED, Context, explain, get_method
-from covidcxr.explain.render import save_overlay, to_original
+from covidcxr.explain.render import heat_scale as shared_scale, save_overlay, to_original
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +28,7 @@ class Prepared:
     tensor: torch.Tensor
     shape: tuple[int, int]
     mask: np.ndarray | None = None  # lung mask used by a lung-crop preset
+    image: np.ndarray | None = None  # the original [0, 1] image, for overlays at its resolution
 
 
 @dataclass
@@ -46,6 +47,8 @@ class ExplainRecord:
     #: the rule that made ``predicted``: the checkpoint's operating point, as predict and serve use it
     decision_rule: str = ""
     threshold: float | None = None
+    #: the overlay's colour scale: raw heatmap range, the value drawn as 1, and "image" or "shared"
+    heat_scale: dict = field(default_factory=dict)
 
 
 def prepare_image(path: str | os.PathLike, preset, mask: np.ndarray | None = None) -> Prepared:
@@ -62,7 +65,7 @@ def prepare_image(path: str | os.PathLike, preset, mask: np.ndarray | None = Non
             raise PresetError(f"{path}: preset {preset.name} crops to the lungs; pass --seg-model or set "
                               "COVIDCXR_LUNG_MODEL")
         mask = np.asarray(preprocess.LUNG_SEGMENTER(img)).astype(bool)
-    return Prepared(str(path), preset(img, mask), img.shape, mask)
+    return Prepared(str(path), preset(img, mask), img.shape, mask, img)
 
 
 def probabilities(model: torch.nn.Module, x: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
@@ -94,11 +97,15 @@ def explain_files(
     target: str | None = None,
     ctx: Context | None = None,
     on_error=None,
+    heat_scale: str | float = "image",
 ) -> tuple[list[ExplainRecord], list[tuple[str, str]]]:
     """Explain every readable file; return the records and ``(file, reason)`` for those that failed.
 
     ``loaded`` is a :class:`covidcxr.models.LoadedModel`. ``target`` names a class to explain
-    (default: each image's predicted class).
+    (default: each image's predicted class). Overlays show the original image beside the heatmap at
+    the image's resolution. ``heat_scale``: "image" normalises each heatmap by its own maximum;
+    "batch" uses one scale per method across all the images of this call (so they can be compared);
+    a number fixes that scale (raw units of the method).
     """
     from covidcxr.io import CXRReadError
     from covidcxr.preprocess import PresetError
@@ -117,6 +124,9 @@ def explain_files(
     rule = DecisionRule.from_predictor(loaded)
     rule_text = rule.describe(classes)
     thr = rule.threshold if rule.uses_threshold(classes) else None
+    if not (heat_scale in ("image", "batch") or isinstance(heat_scale, (int, float))):
+        raise ValueError(f"heat_scale must be 'image', 'batch' or a number, not {heat_scale!r}")
+    pending: list[tuple[ExplainRecord, str]] = []  # batch scale: overlays drawn once every heatmap is known
 
     def fail(path: str, reason: str) -> None:
         failures.append((path, reason))
@@ -152,23 +162,58 @@ def explain_files(
                 rule_short = "argmax" if thr is None else f"{rule.positive} if p >= {thr:.3f}"
                 title = (f"{_short(Path(it.path).name)}\n{method}: evidence for {classes[int(tgt[i])]} "
                          f"| predicted {classes[int(pred[i])]} (p={p_pred:.2f}; rule: {rule_short})")
-                save_overlay(out / f"{stem}.png", preset.denormalize(it.tensor), h, title=title,
-                             signed=method in SIGNED)
-                records.append(ExplainRecord(
+                rec = ExplainRecord(
                     file=it.path, method=method, predicted=classes[int(pred[i])], probability=p_pred,
                     target=classes[int(tgt[i])], target_probability=p_tgt, overlay=str(out / f"{stem}.png"),
                     heatmap=str(out / f"{stem}.npy"), heatmap_original=str(out / f"{stem}_original.npy"),
                     seconds=per_image, probabilities={c: float(probs[i, k]) for k, c in enumerate(classes)},
                     decision_rule=rule_text, threshold=thr,
-                ))
+                )
+                records.append(rec)
+                if heat_scale == "batch":
+                    pending.append((rec, title))
+                else:
+                    fixed = float(heat_scale) if heat_scale != "image" else None
+                    rec.heat_scale = save_overlay(rec.overlay, it.image, np.load(rec.heatmap_original), title=title,
+                                                  signed=method in SIGNED, scale=fixed)
+    if pending:
+        _render_shared(pending)
     summary = {
         "model": getattr(loaded, "path", None), "arch": loaded.arch, "preset": preset.name, "methods": list(methods),
         "decision_rule": rule.to_dict(classes),
+        "heat_scale": {"mode": heat_scale, "note": HEAT_SCALE_NOTE},
         "records": [asdict(r) for r in records], "failures": [{"file": f, "reason": r} for f, r in failures],
         "note": "Research use only; heatmaps show what the model used, not where disease is.",
     }
     (out / "explain.json").write_text(json.dumps(summary, indent=2))
     return records, failures
+
+
+HEAT_SCALE_NOTE = (
+    "overlays: the plain image (left) and the heatmap over it (right) at the image's resolution; colours show "
+    "heatmap / scale, clipped to 0..1 (-1..1 for signed methods: red for, blue against), where the scale is the "
+    "image's own maximum (|max| if signed) or, with --heat-scale batch or a number, one value shared by every "
+    "image of a method; each overlay states its raw range"
+)
+
+
+def _render_shared(pending: list[tuple[ExplainRecord, str]]) -> None:
+    """Draw overlays with one scale per method: the largest heatmap value of that method in the batch."""
+    from covidcxr.io import read_image
+
+    by_method: dict[str, list[tuple[ExplainRecord, str]]] = {}
+    for rec, title in pending:
+        by_method.setdefault(rec.method, []).append((rec, title))
+    scales = {m: shared_scale([np.load(r.heatmap_original) for r, _ in group], m in SIGNED)
+              for m, group in by_method.items()}
+    images: dict[str, np.ndarray] = {}
+    for rec, title in pending:  # records come image by image, so one image is read once
+        if rec.file not in images:
+            images.clear()
+            images[rec.file] = read_image(rec.file)
+        rec.heat_scale = save_overlay(rec.overlay, images[rec.file], np.load(rec.heatmap_original), title=title,
+                                      signed=rec.method in SIGNED, scale=scales[rec.method] or None)
+        rec.heat_scale["scope"] = "batch"
 
 
 def iter_images(items: Iterable[str]) -> list[str]:
