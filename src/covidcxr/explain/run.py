@@ -60,10 +60,9 @@ def prepare_image(path: str | os.PathLike, preset, mask: np.ndarray | None = Non
     img = read_image(path)
     if preset.lung_crop and mask is None:
         if preprocess.LUNG_SEGMENTER is None:
-            import covidcxr.segment  # noqa: F401  (installs a configured segmenter)
-        if preprocess.LUNG_SEGMENTER is None:
-            raise PresetError(f"{path}: preset {preset.name} crops to the lungs; pass --seg-model or set "
-                              "COVIDCXR_LUNG_MODEL")
+            from covidcxr.segment import ensure_lung_crop
+
+            ensure_lung_crop(preset)  # the default segmenter ($COVIDCXR_LUNG_MODEL or lung-unet-vgg11)
         mask = np.asarray(preprocess.LUNG_SEGMENTER(img)).astype(bool)
     return Prepared(str(path), preset(img, mask), img.shape, mask, img)
 
