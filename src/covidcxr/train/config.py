@@ -102,6 +102,11 @@ DEFAULTS: dict[str, Any] = {
         "progress_bar": True,
         "num_threads": None,  # torch.set_num_threads per process (CPU runs)
     },
+    # Earlier training stages, run in order before this recipe's own training (twice transfer learning:
+    # ImageNet -> ChestX-ray14 findings -> COVID). Each item is {name: NAME, overrides: {dotted.key: value}}
+    # applied to this recipe; the first stage starts from model.weights, every later stage (and the final
+    # one, this recipe) from the previous stage's RUN/stages/NAME/best.ckpt, with output neuron keeping.
+    "stages": [],
     "debug": {
         "record_samples": False,  # write RUN/samples/rank{R}.txt with the dataset indices each rank trained on
     },
@@ -111,12 +116,15 @@ _ENUMS = {
     ("optimizer", "name"): {"adam", "adamw", "sgd"},
     ("scheduler", "name"): {"none", "step", "plateau", "cosine"},
     ("data", "sampler"): {None, "rebalance", "weighted"},
-    ("data", "task"): {"3class", "binary"},
+    # findings: multi-label over the NIH ChestX-ray14 'Finding Labels' (manifest column findings) of the rows
+    # that have them -- the ChestX-ray14 step of twice transfer learning (stages:)
+    ("data", "task"): {"3class", "binary", "findings"},
     ("early_stopping", "mode"): {"min", "max"},
     ("checkpoint", "mode"): {"min", "max"},
 }
 #: Metrics the module logs at validation: what monitor keys may name.
-VAL_METRICS = ("val_loss", "val_acc", "val_balanced_acc", "val_auc_covid", "val_f1_macro")
+VAL_METRICS = ("val_loss", "val_acc", "val_balanced_acc", "val_auc_covid", "val_f1_macro",
+               "val_auc_mean")  # val_auc_mean: mean per-finding AUC of the multi-label findings task
 
 
 class ConfigError(ValueError):
@@ -156,18 +164,30 @@ def apply_overrides(cfg: dict, overrides: Iterable[str]) -> dict:
     cfg = copy.deepcopy(cfg)
     for item in overrides:
         keys, value = parse_override(item)
-        node = cfg
-        for i, k in enumerate(keys[:-1]):
-            if not isinstance(node, dict) or k not in node:
-                raise ConfigError(f"override {item!r}: unknown key {'.'.join(keys[: i + 1])!r}")
-            node = node[k]
-        last = keys[-1]
-        if not isinstance(node, dict) or (last not in node and keys[-2:-1] != ["kwargs"]):
-            raise ConfigError(f"override {item!r}: unknown key {'.'.join(keys)!r}")
-        if isinstance(node.get(last), dict) and keys[-1] != "kwargs":
-            raise ConfigError(f"override {item!r}: {'.'.join(keys)!r} is a section; set one of {sorted(node[last])}")
-        node[last] = value
+        _set(cfg, keys, value, item)
     return cfg
+
+
+def apply_mapping(cfg: dict, mapping: dict[str, Any], where: str) -> dict:
+    """Apply ``{"dotted.key": value}`` (a stage's overrides) like ``--set`` does; ``where`` names the origin."""
+    cfg = copy.deepcopy(cfg)
+    for key, value in mapping.items():
+        _set(cfg, str(key).split("."), value, f"{where}: {key}")
+    return cfg
+
+
+def _set(cfg: dict, keys: list[str], value: Any, item: str) -> None:
+    node = cfg
+    for i, k in enumerate(keys[:-1]):
+        if not isinstance(node, dict) or k not in node:
+            raise ConfigError(f"override {item!r}: unknown key {'.'.join(keys[: i + 1])!r}")
+        node = node[k]
+    last = keys[-1]
+    if not isinstance(node, dict) or (last not in node and keys[-2:-1] != ["kwargs"]):
+        raise ConfigError(f"override {item!r}: unknown key {'.'.join(keys)!r}")
+    if isinstance(node.get(last), dict) and keys[-1] != "kwargs":
+        raise ConfigError(f"override {item!r}: {'.'.join(keys)!r} is a section; set one of {sorted(node[last])}")
+    node[last] = value
 
 
 def _coerce_float(cfg: dict, section: str, key: str) -> None:
@@ -233,7 +253,27 @@ def validate(cfg: dict) -> dict:
         raise ConfigError(f"seed must be an integer, got {cfg['seed']!r}")
     w = cfg["model"]["weights"]
     cfg["model"]["weights"] = "none" if w in (None, False) else str(w)
+    _validate_stages(cfg)
     return cfg
+
+
+def _validate_stages(cfg: dict) -> None:
+    stages = cfg.get("stages") or []
+    if not isinstance(stages, list):
+        raise ConfigError(f"stages must be a list of {{name, overrides}} mappings, got {type(stages).__name__}")
+    names = []
+    for i, st in enumerate(stages):
+        if not isinstance(st, dict) or set(st) - {"name", "overrides"} or not isinstance(st.get("name"), str):
+            raise ConfigError(f"stages[{i}] must be a mapping with 'name' (text) and 'overrides' (mapping), got {st!r}")
+        if not st["name"] or "/" in st["name"] or st["name"] in names:
+            raise ConfigError(f"stages[{i}]: name {st['name']!r} must be unique, non-empty and without '/'")
+        names.append(st["name"])
+        over = st.get("overrides") or {}
+        if not isinstance(over, dict):
+            raise ConfigError(f"stages[{i}] ({st['name']}): overrides must be a mapping of dotted keys")
+        if "stages" in over:
+            raise ConfigError(f"stages[{i}] ({st['name']}): a stage cannot have stages of its own")
+        validate(apply_mapping({**cfg, "stages": []}, over, f"stages[{i}] ({st['name']})"))
 
 
 def yaml_problem(err: Exception) -> str:

@@ -8,6 +8,7 @@ Every Lightning checkpoint it writes carries a self-contained covidcxr bundle un
 from __future__ import annotations
 
 import logging
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,8 @@ from torch import nn
 from covidcxr.preprocess import Preset
 
 log = logging.getLogger(__name__)
+# A frozen body is in eval mode on purpose (its BatchNorm statistics stay those of the pretrained network)
+warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
 
 
 def _module_at(model: nn.Module, dotted: str | None) -> nn.Module | None:
@@ -89,6 +92,12 @@ class CXRClassifier(L.LightningModule):
                              persistent=False)
         self.label_smoothing = float(config["loss"]["label_smoothing"])
         k = len(self.classes)
+        # multi-label over ChestX-ray14 findings (the twice-transfer NIH stage): sigmoid outputs, binary
+        # cross-entropy, per-finding AUC; targets come from set_targets() by dataset row
+        self.multilabel = config["data"].get("task") == "findings"
+        self._targets: dict[str, torch.Tensor] = {}
+        if self.multilabel:
+            self.val_ml_auroc = torchmetrics.classification.MultilabelAUROC(num_labels=k, average=None)
         self.val_acc = torchmetrics.classification.MulticlassAccuracy(num_classes=k, average="micro")
         self.val_bacc = torchmetrics.classification.MulticlassRecall(num_classes=k, average="macro")
         self.val_f1 = torchmetrics.classification.MulticlassF1Score(num_classes=k, average="macro")
@@ -152,7 +161,16 @@ class CXRClassifier(L.LightningModule):
         out = net(x)
         return out[0] if isinstance(out, (tuple, list)) else out
 
+    def set_targets(self, role: str, targets: torch.Tensor) -> None:
+        """Multi-hot targets (rows of the ``role`` dataset x classes) for the multi-label task."""
+        self._targets[role] = targets.float()
+
+    def _multi_hot(self, role: str, batch: dict[str, Any]) -> torch.Tensor:
+        return self._targets[role].to(batch["image"].device)[batch["index"].long().cpu()]
+
     def _loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if self.multilabel:
+            return nn.functional.binary_cross_entropy_with_logits(logits.float(), y)
         return nn.functional.cross_entropy(logits.float(), y, weight=self.class_weight,
                                            label_smoothing=self.label_smoothing)
 
@@ -165,6 +183,8 @@ class CXRClassifier(L.LightningModule):
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         x, y = batch["image"], batch["label"]
+        if self.multilabel:
+            y = self._multi_hot("train", batch)
         logits = self(x)
         loss = self._loss(logits, y)
         bs = len(y)
@@ -178,6 +198,12 @@ class CXRClassifier(L.LightningModule):
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         x, y = batch["image"], batch["label"]
         logits = self(x).float()
+        if self.multilabel:
+            t = self._multi_hot("val", batch)
+            self.val_ml_auroc.update(torch.sigmoid(logits), t.long())
+            self.log("val_loss", self._loss(logits, t), on_epoch=True, prog_bar=True, batch_size=len(y),
+                     sync_dist=True)
+            return
         loss = self._loss(logits, y)
         probs = torch.softmax(logits, dim=1)
         self.val_acc.update(probs, y)
@@ -190,6 +216,13 @@ class CXRClassifier(L.LightningModule):
         # torchmetrics already gathers over ranks; sync_dist only averages identical values (and silences
         # Lightning's DDP warning)
         kw = {"sync_dist": True}
+        if self.multilabel:
+            auc = self.val_ml_auroc.compute()
+            for i, c in enumerate(self.classes):
+                self.log(f"val_auc_{c.lower().replace(' ', '_')}", auc[i], **kw)
+            self.log("val_auc_mean", torch.nanmean(auc), prog_bar=True, **kw)
+            self.val_ml_auroc.reset()
+            return
         self.log("val_acc", self.val_acc.compute(), prog_bar=True, **kw)
         self.log("val_balanced_acc", self.val_bacc.compute(), **kw)
         self.log("val_f1_macro", self.val_f1.compute(), **kw)
@@ -246,6 +279,7 @@ class CXRClassifier(L.LightningModule):
             "global_step": int(self.global_step) if self._trainer else 0,
         }
         return make_bundle(self.model, arch=self.arch, classes=self.classes, preset=self.preset,
+                           task="findings-multilabel" if self.multilabel else "classification",
                            arch_kwargs=self.arch_kwargs, training=training, metrics={"val": metrics})
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import datetime as _dt
 import json
@@ -178,7 +179,16 @@ def prepare(cfg: dict, data: str | os.PathLike) -> tuple[Any, Any, list[str], di
 
     get_spec(cfg["model"]["arch"])  # unknown architecture: fail before reading data
     preset = get_preset(cfg["data"]["preset"] or _default_preset(cfg), size=cfg["data"]["size"])
+    if preset.lung_crop:  # COVID-CXNet-style lung crop: the pretrained lung U-Net unless one is installed
+        try:
+            from covidcxr.segment import ensure_lung_crop
+        except ImportError:  # an older segment module: the preset then says what is missing
+            ensure_lung_crop = None
+        if ensure_lung_crop is not None:
+            ensure_lung_crop(preset)
     d = cfg["data"]
+    if d.get("task") == "findings":
+        return _prepare_findings(cfg, data, preset)
     try:  # binary (Deep-COVID): normal and pneumonia both train the non-COVID output
         classes, label_map = task_classes(d.get("task", "3class"), d["classes"])
     except ValueError as err:
@@ -211,6 +221,62 @@ def prepare(cfg: dict, data: str | os.PathLike) -> tuple[Any, Any, list[str], di
         "started_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "torch": str(torch.__version__),
         "lightning": str(L.__version__),
+    }
+    return dm, preset, classes, summary
+
+
+# --------------------------------------------------------------------------- ChestX-ray14 findings (multi-label)
+
+
+def _split_findings(v: object) -> list[str]:
+    return [f.strip() for f in str(v).split("|") if f.strip()] if isinstance(v, str) else []
+
+
+def findings_targets(frame: pd.DataFrame, classes: list[str]) -> torch.Tensor:
+    """Multi-hot rows (frame rows x classes) from NIH's '|'-separated Finding Labels."""
+    index = {c: i for i, c in enumerate(classes)}
+    t = torch.zeros(len(frame), len(classes))
+    for r, v in enumerate(frame["findings"]):
+        for f in _split_findings(v):
+            if f in index:
+                t[r, index[f]] = 1.0
+    return t
+
+
+def _prepare_findings(cfg: dict, data: str | os.PathLike, preset: Any) -> tuple[Any, Any, list[str], dict[str, Any]]:
+    """data.task findings: the manifest rows with NIH findings (the ChestX-ray14 step of twice transfer).
+
+    The outputs are the findings seen in the training rows ("No Finding" included, as a label of its own:
+    its neuron becomes the COVID stage's "normal" row)."""
+    from covidcxr.data import CXRDataModule, read_manifest
+
+    d = cfg["data"]
+    if cfg["loss"]["class_weights"] is not None or d["sampler"] is not None:
+        raise ConfigError("data.task findings is multi-label: set loss.class_weights and data.sampler to null")
+    df = read_manifest(data, require_split=True)
+    if "findings" not in df.columns:
+        raise ConfigError(f"{data}: data.task findings needs a 'findings' column (NIH 'Finding Labels'); build the "
+                          "manifest with `covidcxr data build --source nih=DIR ...`")
+    has = df["findings"].map(lambda v: bool(_split_findings(v)))
+    df = df[has & df["split"].isin(["train", "val"])]
+    counts = pd.Series([f for v in df.loc[df["split"] == "train", "findings"] for f in _split_findings(v)])
+    classes = sorted(counts.unique().tolist())
+    if len(classes) < 2 or (df["split"] == "val").sum() == 0:
+        raise ConfigError(f"{data}: data.task findings needs NIH rows with at least two findings in 'train' and some "
+                          f"in 'val' (found {len(classes)} finding(s), {(df['split'] == 'val').sum()} val rows)")
+    _check_splits(df, data)
+    label_map = {lab: i for i, lab in enumerate(sorted(df["label"].astype(str).unique()))}  # unused by the loss
+    dm = CXRDataModule(df, preset, batch_size=d["batch_size"], num_workers=d["num_workers"], augment=_augment(cfg),
+                       cache_dir=d["cache_dir"], sampler=None, seed=cfg["seed"], classes=label_map,
+                       pin_memory=bool(d["pin_memory"]))
+    summary = {
+        "run_name": cfg["name"], "recipe": cfg["name"], "recipe_description": cfg["recipe"], "config": cfg,
+        "task": "findings-multilabel",
+        "manifest": str(Path(data).resolve()), "manifest_sha256": _sha256(data), "splits": split_counts(df),
+        "findings_train": {str(k): int(v) for k, v in counts.value_counts().items()},
+        "seed": cfg["seed"], "preset": preset.name, "weights_init": cfg["model"]["weights"],
+        "started_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "torch": str(torch.__version__), "lightning": str(L.__version__),
     }
     return dm, preset, classes, summary
 
@@ -283,6 +349,53 @@ def fit(cfg: dict[str, Any], data: str | os.PathLike, out: str | os.PathLike, re
         overwrite: bool = False) -> Path:
     """Train per ``cfg`` on manifest ``data`` into folder ``out``; returns ``out``.
 
+    With ``stages`` in the recipe (twice transfer learning), each stage trains first into
+    ``out/stages/NAME/`` (the recipe with the stage's overrides), each starting from the previous stage's
+    ``best.ckpt`` (the first from ``model.weights``); then the recipe itself trains into ``out`` from the
+    last stage's ``best.ckpt``, keeping the output neurons whose names match (``Pneumonia`` -> pneumonia,
+    ``No Finding`` -> normal). ``resume`` skips finished stages (those with a ``summary.json``).
+    See :func:`fit_one` for one stage.
+    """
+    stages = cfg.get("stages") or []
+    if not stages:
+        return fit_one(cfg, data, out, resume=resume, overwrite=overwrite)
+    from covidcxr.train.config import apply_mapping, validate
+
+    out = Path(out)
+    if not resume and not overwrite and (out / "best.ckpt").exists():  # refuse before any stage trains
+        raise ConfigError(f"{out}: already holds a trained run (best.ckpt, with its tuned threshold); "
+                          "pass --overwrite to replace it, --resume to continue it, or choose another --out")
+    base = {**copy.deepcopy(cfg), "stages": []}
+    chain: list[dict[str, Any]] = []
+    previous: Path | None = None
+    for st in stages:
+        over = dict(st.get("overrides") or {})
+        scfg = apply_mapping(base, over, f"stage {st['name']}")
+        scfg["name"] = f"{cfg['name']}.{st['name']}"
+        if previous is not None and "model.weights" not in over:
+            scfg["model"]["weights"] = str(previous)
+        scfg = validate(scfg)
+        sout = out / "stages" / st["name"]
+        if resume and (sout / "summary.json").is_file() and (sout / "best.ckpt").is_file():
+            log.info("stage %s already trained in %s; skipping it", st["name"], sout)
+        else:
+            log.info("stage %s: %s -> %s", st["name"], scfg["model"]["weights"], sout)
+            fit_one(scfg, data, sout, resume=resume and (sout / "last.ckpt").is_file(), overwrite=overwrite)
+        previous = sout / "best.ckpt"
+        chain.append({"name": st["name"], "run": str(sout), "init": scfg["model"]["weights"],
+                      "best_checkpoint": str(previous), "sha256": _sha256(previous),
+                      "task": scfg["data"].get("task")})
+    final = copy.deepcopy(base)
+    final["model"]["weights"] = str(previous)
+    log.info("final stage: %s -> %s", previous, out)
+    return fit_one(validate(final), data, out, resume=resume, overwrite=overwrite,
+                   extra_summary={"stages": chain, "recipe_weights": cfg["model"]["weights"]})
+
+
+def fit_one(cfg: dict[str, Any], data: str | os.PathLike, out: str | os.PathLike, resume: bool = False,
+            overwrite: bool = False, extra_summary: dict[str, Any] | None = None) -> Path:
+    """Train one stage per ``cfg`` on manifest ``data`` into folder ``out``; returns ``out``.
+
     ``resume`` continues from ``out/last.ckpt`` (optimiser, schedule, epoch and step included).
     A folder that already holds a trained run (``best.ckpt``) is refused unless ``overwrite``: its
     checkpoints and logs are then replaced. At the end ``best.ckpt`` (best epoch by ``checkpoint.monitor``)
@@ -328,11 +441,15 @@ def fit(cfg: dict[str, Any], data: str | os.PathLike, out: str | os.PathLike, re
     if cfg["model"]["freeze_backbone"] and cfg["model"]["weights"] in (None, "", "none"):
         log.warning("model.freeze_backbone with weights 'none' trains only the head on random features")
     dm, preset, classes, summary = prepare(cfg, data)
+    summary.update(extra_summary or {})
     dm.setup("fit")
     cw = cfg["loss"]["class_weights"]
     weights = (dm.class_weights() if cw == "balanced"
                else torch.tensor(cw, dtype=torch.float32) if isinstance(cw, list) else None)
     model = CXRClassifier(cfg, classes=classes, preset=preset, class_weights=weights, summary=summary)
+    if model.multilabel:
+        for role in ("train", "val"):
+            model.set_targets(role, findings_targets(dm.dataset(role).frame, classes))
     trainer = build_trainer(cfg, out)
     model.summary["run"] = {"world_size": int(trainer.world_size), "num_nodes": int(trainer.num_nodes),
                             "strategy": type(trainer.strategy).__name__, "precision": str(trainer.precision),
