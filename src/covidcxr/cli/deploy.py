@@ -25,7 +25,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", required=True, metavar="CKPT_OR_ONNX", help="covidcxr checkpoint or exported ONNX file")
     p.add_argument("--backend", choices=["torch", "onnx"], default=None,
                    help="inference engine (default: onnx for *.onnx files, torch otherwise)")
-    p.add_argument("--out", metavar="FILE", help="write records to FILE.jsonl or FILE.csv (default: JSON lines on stdout)")
+    p.add_argument("--out", metavar="FILE", help="write records to FILE.jsonl or FILE.csv (default: JSON lines on "
+                   "stdout). Written to a temporary file and renamed into place; an input (manifest, image) is "
+                   "refused as FILE")
+    p.add_argument("--resume", action="store_true",
+                   help="keep the successful records already in --out, skip those inputs and append the rest")
     p.add_argument("--batch-size", type=int_at_least(1), default=16)
     p.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
                    help="DataLoader worker processes that decode and preprocess (default: %(default)s)")
@@ -35,6 +39,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--severity", metavar="SEV_CKPT", help="severity checkpoint; scores images predicted COVID-19")
     p.add_argument("--always-severity", action="store_true",
                    help="score severity for every image, not only those above the COVID-19 threshold")
+    p.add_argument("--dicom-out", metavar="DIR", help="for each DICOM input, write a DICOM SR and a secondary capture "
+                   "with the heatmap into DIR, as `covidcxr dicom listen` sends them (covidcxr.dicom)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_predict)
 
@@ -99,10 +105,32 @@ def cmd_predict(args: argparse.Namespace) -> int:
     files = collect_inputs(args.paths)
     if not files:
         raise UserError(f"no images found in {' '.join(args.paths)} (looked for PNG, JPEG, TIFF, BMP and DICOM files)")
+    from covidcxr.predict.output import OutputError, SafeRecordWriter, check_output_path, read_done
+
+    carried: list = []
+    try:
+        if args.resume and not args.out:
+            raise OutputError("--resume needs --out (the file to continue)")
+        if args.out:
+            check_output_path(args.out, args.paths, files)
+        if args.resume:
+            carried, done = read_done(args.out, predictor.classes)
+            total_inputs = len(files)
+            files = [f for f in files if f not in done]
+            print(f"--resume: {len(carried)} of {total_inputs} inputs already have a record in {args.out}; "
+                  f"{len(files)} to go", file=sys.stderr)
+    except OutputError as err:
+        raise UserError(str(err)) from None
 
     extras = _Extras.build(args, predictor)
-    writer = RecordWriter(args.out, predictor.classes)
+    dicom_out = None
+    if args.dicom_out:  # SR + secondary capture per DICOM input (F: covidcxr.dicom)
+        from covidcxr.cli.dicom import dicom_writer
+
+        dicom_out = dicom_writer(args.dicom_out, predictor)
+    writer = SafeRecordWriter(args.out, predictor.classes, carried) if args.out else RecordWriter(None, predictor.classes)
     summary = Summary()
+    complete = False
     try:
         for rec in predictor.predict_paths(
             args.paths,
@@ -114,14 +142,25 @@ def cmd_predict(args: argparse.Namespace) -> int:
             extra_presets=extras.presets,
         ):
             extras.apply(rec)
+            if dicom_out is not None:
+                dicom_out.write(rec)
             writer.write(strip_transient(rec))
             summary.add(rec)
+        complete = True
+    except KeyboardInterrupt:
+        pass  # the records so far are kept: see below
     finally:
-        writer.close()
-    for line in summary.lines() + extras.notes:
+        where = writer.finish(complete) if args.out else writer.close()
+    if not complete:
+        print(f"interrupted after {summary.total} of {len(files)} inputs"
+              + (f": {where} holds {writer.records} complete records; run the same command with --resume to "
+                 "continue" if args.out else ""), file=sys.stderr)
+        return 130
+    for line in summary.lines() + extras.notes + ([dicom_out.summary()] if dicom_out is not None else []):
         print(line, file=sys.stderr)
     if args.out:
-        print(f"wrote {summary.total} records to {args.out}", file=sys.stderr)
+        print(f"wrote {summary.total} records to {args.out}"
+              + (f" (after the {len(carried)} kept by --resume)" if carried else ""), file=sys.stderr)
     return EXIT_SOME_FAILED if summary.failures else 0
 
 

@@ -67,6 +67,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     send.set_defaults(func=cmd_send)
 
 
+def dicom_writer(out_dir: str, predictor: object):
+    """The ``predict --dicom-out`` writer: SR + secondary capture per DICOM input (record's own label/severity)."""
+    from covidcxr.dicom.analysis import Engine
+    from covidcxr.dicom.results import DicomResultWriter
+
+    return DicomResultWriter(out_dir, Engine(predictor))  # type: ignore[arg-type]
+
+
 def _peer(text: str):
     from covidcxr.cli import UserError
     from covidcxr.dicom.common import DicomNodeError, parse_peer

@@ -117,7 +117,9 @@ class Engine:
                             flag_reason=reason, overlay=self._overlay(image, None))
         a = Analysis(label=rec["label"], probabilities=dict(rec["probabilities"]), threshold=rec.get("threshold"),
                      plausibility=rec.get("plausibility"))
-        if self.severity is not None and self.severity.should_score(rec, p.threshold, always=self.always_severity):
+        if "severity" in rec:  # predicted already (predict --severity): the SR says what the record says
+            a.severity = rec["severity"]
+        elif self.severity is not None and self.severity.should_score(rec, p.threshold, always=self.always_severity):
             a.severity = self.severity.score_array(image)
         heat = None
         if self.heatmapper is not None:

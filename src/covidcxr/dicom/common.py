@@ -9,7 +9,7 @@ import socket
 import warnings
 from dataclasses import dataclass
 
-from pydicom.uid import UID, generate_uid
+from pydicom.uid import UID
 
 #: Burned into every secondary capture and written into every SR.
 BURNED_NOTICE = "RESEARCH USE ONLY — NOT FOR DIAGNOSIS"
@@ -61,7 +61,9 @@ def instance_key(sop_instance_uid: str, salt: str = "") -> str:
 
 def derived_uid(*parts: str) -> str:
     """A UID derived from ``parts`` (2.25 form): a retried result gets the same UIDs, so the PACS keeps one copy."""
-    return str(generate_uid(prefix=None, entropy_srcs=[str(p) for p in parts]))
+    # 2.25.<128-bit integer> (PS3.5 B.2); pydicom's generate_uid ignores entropy_srcs without a prefix
+    digest = hashlib.sha256("|".join(str(p) for p in parts).encode()).hexdigest()[:32]
+    return f"2.25.{int(digest, 16)}"
 
 
 @dataclass(frozen=True)

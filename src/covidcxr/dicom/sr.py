@@ -113,7 +113,7 @@ def build_sr(source: Dataset, analysis: Analysis, engine: Engine) -> hd.sr.Compr
         if key in ("task", "ranges", "probabilities") or not isinstance(value, (int, float)):
             continue
         rng = (sev.get("ranges") or {}).get(key)
-        meaning = f"Severity {key.replace('_', ' ')}" + (f" ({rng[0]:g}-{rng[1]:g})" if rng else "")
+        meaning = f"Severity: {key}" + (f" (range {rng[0]:g}-{rng[1]:g})" if rng else "")
         measurements.append(hd.sr.Measurement(name=CodedConcept(f"sev-{key}"[:_MAX_CODE], SCHEME, meaning),
                                               value=float(value), unit=UNIT_SCORE))
     if isinstance(sev.get("level"), str):
@@ -179,8 +179,8 @@ def read_result(sr: Dataset) -> dict[str, Any]:
             out["probabilities"][m.name.meaning.removeprefix("Probability of ")] = float(m.value)
         elif code == OPERATING_POINT.value:
             out["threshold"] = float(m.value)
-        elif code.startswith("sev-"):
-            out["severity"][code.removeprefix("sev-")] = float(m.value)
+        elif code.startswith("sev-"):  # the code value is cut at 16 characters; the meaning has the name
+            out["severity"][m.name.meaning.removeprefix("Severity: ").split(" (")[0]] = float(m.value)
     finding = g.finding_type
     out["finding"] = finding.meaning if finding is not None else None
     by_code = {(c.value, c.scheme_designator): cls for cls, c in FINDING_CODES.items()}
