@@ -1,0 +1,137 @@
+"""``predict --out`` that never loses a file: a temporary file renamed into place, no output that is
+also an input, ``--resume``, and an interrupted run that leaves a valid file and says how far it got.
+
+* Records go to a temporary file beside ``--out``; only a finished run (or an interrupted one that
+  loses nothing, see :meth:`SafeRecordWriter.finish`) renames it onto ``--out``. The output file is
+  therefore never truncated before the run has produced its replacement.
+* An output path that is one of the inputs (a manifest CSV, an image) is refused before anything is read.
+* ``--resume`` keeps every successful record of an existing ``--out``, skips those inputs and appends the
+  rest (failed inputs are tried again).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+from covidcxr.predict.writers import RecordWriter, output_format
+
+
+class OutputError(ValueError):
+    """``--out`` cannot be used as given (it is an input, or a file --resume cannot continue)."""
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.exists() and b.exists() and os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def check_output_path(out: str | os.PathLike, inputs: Iterable[str | os.PathLike],
+                      files: Iterable[str | os.PathLike] = ()) -> None:
+    """Refuse an output path that is also an input: a manifest or image given, or an image found in a folder."""
+    o = Path(out)
+    real = Path(os.path.realpath(o))
+    for src in [*inputs, *files]:
+        s = Path(src)
+        if s.is_dir():
+            continue
+        if Path(os.path.realpath(s)) == real or _same_file(o, s):
+            raise OutputError(f"--out {out} is also an input ({src}); writing it would destroy the input. "
+                              "Choose another output file")
+
+
+def read_done(out: str | os.PathLike, classes: Sequence[str]) -> tuple[list[dict[str, Any]], set[str]]:
+    """The successful records of an earlier ``--out`` (for ``--resume``) and their input paths.
+
+    A JSON-lines file may end in a partial line (a run killed by an older version): it is ignored.
+    A CSV written for other classes cannot be continued and is an :class:`OutputError`.
+    """
+    p = Path(out)
+    if not p.is_file() or p.stat().st_size == 0:
+        return [], set()
+    keep: list[dict[str, Any]] = []
+    if output_format(str(p)) == "csv":
+        with open(p, newline="", encoding="utf-8") as fh:
+            reader = csv.DictReader(fh)
+            want = {f"p_{c}" for c in classes}
+            if reader.fieldnames is None or "path" not in reader.fieldnames or not want <= set(reader.fieldnames):
+                raise OutputError(f"--resume: {out} was not written by covidcxr predict for this model's classes "
+                                  f"({', '.join(classes)}); choose another --out")
+            rows = [r for r in reader if r.get("path") and not r.get("error")]
+        return rows, {r["path"] for r in rows}
+    with open(p, encoding="utf-8") as fh:
+        for n, line in enumerate(fh, 1):
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut short by a hard kill
+            if not isinstance(rec, dict) or "path" not in rec:
+                raise OutputError(f"--resume: {out} line {n} is not a covidcxr predict record; choose another --out")
+            if not rec.get("error"):
+                keep.append(rec)
+    return keep, {str(r["path"]) for r in keep}
+
+
+class SafeRecordWriter(RecordWriter):
+    """A :class:`RecordWriter` on a temporary file beside ``out``, renamed into place by :meth:`finish`."""
+
+    def __init__(self, out: str, classes: Sequence[str], carried: Sequence[dict[str, Any]] = ()):
+        self.final = Path(out)
+        self.final.parent.mkdir(parents=True, exist_ok=True)
+        self.existed = self.final.exists()
+        # the temporary name keeps the real suffix, which picks the format (CSV or JSON lines)
+        fd, tmp = tempfile.mkstemp(prefix=f".{self.final.stem}.", suffix=f".partial{self.final.suffix}",
+                                   dir=self.final.parent)
+        os.close(fd)
+        self.tmp = Path(tmp)
+        super().__init__(tmp, classes)
+        self.carried = len(carried)
+        self.written = 0
+        for rec in carried:
+            self._write_carried(rec)
+
+    def _write_carried(self, rec: dict[str, Any]) -> None:
+        if self.csv is not None:  # CSV rows come back as the strings they were written as
+            self.csv.writerow(rec)
+            self.fh.flush()
+        else:
+            super().write(rec)
+
+    def write(self, rec: dict[str, Any]) -> None:
+        super().write(rec)
+        self.written += 1
+
+    @property
+    def records(self) -> int:
+        return self.carried + self.written
+
+    def finish(self, complete: bool) -> Path:
+        """Close, then move the records into place; returns where they are.
+
+        A complete run replaces ``out``. An interrupted one replaces it only when nothing is lost
+        (``out`` did not exist, or ``--resume`` carried its records over); otherwise its records are
+        kept beside it as ``<out>.partial<suffix>`` and ``out`` is left untouched.
+        """
+        self.close()
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(self.tmp, 0o666 & ~mask)  # mkstemp made it 0600; the output gets ordinary permissions
+        if complete or not self.existed or self.carried:
+            os.replace(self.tmp, self.final)
+            return self.final
+        keep = self.final.with_name(f"{self.final.stem}.partial{self.final.suffix}")
+        os.replace(self.tmp, keep)
+        return keep
+
+    def discard(self) -> None:
+        self.close()
+        self.tmp.unlink(missing_ok=True)

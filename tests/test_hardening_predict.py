@@ -1,0 +1,125 @@
+"""Issue 11 §4: `predict --out` never destroys input or earlier results."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from covidcxr import models
+from covidcxr.cli import main
+from covidcxr.preprocess import get_preset
+
+CLASSES = ["normal", "pneumonia", "COVID-19"]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[Path], Path]:
+    import cv2
+
+    root = tmp_path_factory.mktemp("predict_out")
+    torch.manual_seed(0)
+    ckpt = root / "m.ckpt"
+    models.save(ckpt, models.build("resnet18", num_classes=3), arch="resnet18", classes=CLASSES,
+                preset=get_preset("deepcovid", size=64))
+    rng = np.random.default_rng(0)
+    imgs = []
+    for i in range(5):
+        p = root / f"img{i}.png"
+        cv2.imwrite(str(p), (rng.random((96, 80)) * 255).astype(np.uint8))
+        imgs.append(p)
+    manifest = root / "m.csv"
+    pd.DataFrame({"path": [str(p) for p in imgs], "label": ["normal"] * 5}).to_csv(manifest, index=False)
+    return ckpt, imgs, manifest
+
+
+def _args(ckpt: Path) -> list[str]:
+    return ["--model", str(ckpt), "--workers", "0", "-q", "--no-plausibility"]
+
+
+def _predict(*argv: str) -> int:
+    try:
+        return main(["predict", *argv])
+    except SystemExit as err:  # argparse
+        return int(err.code or 0)
+
+
+def _jsonl(path: Path) -> list[dict]:
+    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
+
+
+@pytest.fixture(autouse=True)
+def _plausibility_flag_optional(monkeypatch: pytest.MonkeyPatch) -> None:
+    """--no-plausibility may not exist in every build; drop it if argparse does not know it."""
+    from covidcxr.cli import build_parser
+
+    try:
+        build_parser().parse_args(["predict", "x", "--model", "m", "--no-plausibility"])
+    except SystemExit:
+        monkeypatch.setattr("test_hardening_predict._args",
+                            lambda ckpt: ["--model", str(ckpt), "--workers", "0", "-q"])
+
+
+def test_output_that_is_an_input_is_refused(setup, capsys) -> None:
+    ckpt, imgs, manifest = setup
+    before = manifest.read_bytes()
+    assert _predict(str(manifest), "--out", str(manifest), *_args(ckpt)) == 1
+    err = capsys.readouterr().err
+    assert "is also an input" in err and err.count("\n") == 1
+    assert manifest.read_bytes() == before  # the manifest survives
+    img_before = imgs[0].read_bytes()
+    assert _predict(str(imgs[0].parent), "--out", str(imgs[0]), *_args(ckpt)) == 1  # an image found in a folder
+    assert imgs[0].read_bytes() == img_before
+
+
+def test_resume_skips_done_inputs_and_appends(setup, tmp_path, capsys) -> None:
+    ckpt, imgs, manifest = setup
+    out = tmp_path / "preds.jsonl"
+    assert _predict(*map(str, imgs[:3]), "--out", str(out), *_args(ckpt)) == 0
+    first = _jsonl(out)
+    assert [r["path"] for r in first] == [str(p) for p in imgs[:3]]
+    capsys.readouterr()
+    assert _predict(*map(str, imgs), "--out", str(out), "--resume", *_args(ckpt)) == 0
+    assert "3 of 5 inputs already have a record" in capsys.readouterr().err
+    recs = _jsonl(out)
+    assert [r["path"] for r in recs] == [str(p) for p in imgs]  # no duplicates, old ones first and unchanged
+    assert recs[:3] == first
+    csv_out = tmp_path / "preds.csv"
+    assert _predict(*map(str, imgs[:2]), "--out", str(csv_out), *_args(ckpt)) == 0
+    assert _predict(*map(str, imgs), "--out", str(csv_out), "--resume", *_args(ckpt)) == 0
+    assert list(pd.read_csv(csv_out)["path"]) == [str(p) for p in imgs]
+
+
+def test_interrupted_run_leaves_a_valid_file_and_says_how_far(setup, tmp_path, capsys,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    from covidcxr.predict.output import SafeRecordWriter
+
+    ckpt, imgs, _ = setup
+    real_write = SafeRecordWriter.write
+
+    def write_then_ctrl_c(self, rec):  # Ctrl-C arrives while the third record is due
+        if self.written == 2:
+            raise KeyboardInterrupt
+        real_write(self, rec)
+
+    monkeypatch.setattr(SafeRecordWriter, "write", write_then_ctrl_c)
+    out = tmp_path / "run.jsonl"
+    assert _predict(*map(str, imgs), "--out", str(out), *_args(ckpt)) == 130
+    err = capsys.readouterr().err
+    assert "interrupted after 2 of 5 inputs" in err and "--resume" in err and str(out) in err
+    assert [r["path"] for r in _jsonl(out)] == [str(p) for p in imgs[:2]]  # valid JSON lines, whole records
+    assert not list(tmp_path.glob(".*partial*"))  # no temporary left behind
+
+    # Re-running without --resume and interrupting again must not wipe the earlier file
+    before = out.read_bytes()
+    assert _predict(*map(str, imgs), "--out", str(out), *_args(ckpt)) == 130
+    err = capsys.readouterr().err
+    assert out.read_bytes() == before and "run.partial.jsonl" in err
+    # ... and --resume continues from it
+    monkeypatch.setattr(SafeRecordWriter, "write", real_write)
+    assert _predict(*map(str, imgs), "--out", str(out), "--resume", *_args(ckpt)) == 0
+    assert [r["path"] for r in _jsonl(out)] == [str(p) for p in imgs]
