@@ -39,6 +39,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--severity", metavar="SEV_CKPT", help="severity checkpoint; scores images predicted COVID-19")
     p.add_argument("--always-severity", action="store_true",
                    help="score severity for every image, not only those above the COVID-19 threshold")
+    p.add_argument("--dicom-out", metavar="DIR", help="for each DICOM input, write a DICOM SR and a secondary capture "
+                   "with the heatmap into DIR, as `covidcxr dicom listen` sends them (covidcxr.dicom)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_predict)
 
@@ -121,6 +123,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
         raise UserError(str(err)) from None
 
     extras = _Extras.build(args, predictor)
+    dicom_out = None
+    if args.dicom_out:  # SR + secondary capture per DICOM input (F: covidcxr.dicom)
+        from covidcxr.cli.dicom import dicom_writer
+
+        dicom_out = dicom_writer(args.dicom_out, predictor)
     writer = SafeRecordWriter(args.out, predictor.classes, carried) if args.out else RecordWriter(None, predictor.classes)
     summary = Summary()
     complete = False
@@ -135,6 +142,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
             extra_presets=extras.presets,
         ):
             extras.apply(rec)
+            if dicom_out is not None:
+                dicom_out.write(rec)
             writer.write(strip_transient(rec))
             summary.add(rec)
         complete = True
@@ -147,7 +156,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
               + (f": {where} holds {writer.records} complete records; run the same command with --resume to "
                  "continue" if args.out else ""), file=sys.stderr)
         return 130
-    for line in summary.lines() + extras.notes:
+    for line in summary.lines() + extras.notes + ([dicom_out.summary()] if dicom_out is not None else []):
         print(line, file=sys.stderr)
     if args.out:
         print(f"wrote {summary.total} records to {args.out}"
