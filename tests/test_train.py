@@ -101,7 +101,13 @@ def test_recipes_state_the_paper_settings() -> None:
     x = load_config(REPO / "configs" / "cxnet.yaml")
     assert (x["optimizer"]["lr"], x["loss"]["label_smoothing"], x["data"]["batch_size"]) == (1e-3, 0.1, 16)
     assert x["loss"]["class_weights"] == "balanced" and x["data"]["preset"] == "cxnet"
-    assert load_config(REPO / "configs" / "bassi-twice-transfer.yaml")["model"]["weights"] == "xrv-nih"
+    # Bassi & Attux: the twice-transfer recipe is the real chain (ImageNet -> ChestX-ray14 findings -> COVID);
+    # torchxrayvision's NIH DenseNet (random init) is labelled ChestX-ray14 -> COVID, not twice transfer
+    b = load_config(REPO / "configs" / "bassi-twice-transfer.yaml")
+    assert b["model"]["weights"] == "imagenet" and b["stages"][0]["overrides"]["data.task"] == "findings"
+    xrv = load_config(REPO / "configs" / "bassi-chestxray14-xrv.yaml")
+    assert xrv["model"]["weights"] == "xrv-nih" and "ChestX-ray14 -> COVID" in xrv["recipe"]
+    assert "ImageNet" not in xrv["recipe"]
 
 
 def test_overrides_and_errors(tmp_path: Path) -> None:
