@@ -130,3 +130,41 @@ def test_augment_params_within_recipe_and_geometry():
         out = flip_only(img, index=i)[0].numpy()
         expect = img[:, ::-1] if flip_only.params(i, 0, img.shape)["flip"] else img
         np.testing.assert_allclose(out, expect, atol=1e-5)
+
+
+def test_augment_matrix_matches_opencv_for_isotropic_draws():
+    """The composed matrix is cv2.getRotationMatrix2D (+ shift) when zoom is isotropic and nothing else is on."""
+    import cv2
+
+    aug = AUGMENT_RECIPES["light"]
+    assert (aug.zoom_xy, aug.ratio_resize, aug.vflip, aug.crop_scale) == (False, (0.0, 0.0), False, ())
+    for i in range(5):
+        p = aug.params(i, 0, (120, 90))
+        m = cv2.getRotationMatrix2D(((90 - 1) / 2.0, (120 - 1) / 2.0), p["angle"], p["scale"])
+        m[0, 2] += p["tx"]
+        m[1, 2] += p["ty"]
+        np.testing.assert_allclose(aug.matrix(p, (120, 90)), m, atol=1e-9)
+
+
+def test_augment_vflip_and_keras_zoom():
+    img = _image(64, 64)
+    v = Augment(rotation=0, translate=0, zoom=(1, 1), hflip=False, brightness=(1, 1), vflip=True)
+    flips = [v.params(i, 0, (64, 64))["vflip"] for i in range(40)]
+    assert 5 < sum(flips) < 35
+    i = flips.index(True)
+    np.testing.assert_allclose(v(img, index=i)[0].numpy(), img[::-1], atol=1e-5)
+    # Keras zoom 2.0 on both axes shows the content at half size: the centre stays, corners go black
+    z = Augment(rotation=0, translate=0, zoom=(2.0, 2.0), hflip=False, brightness=(1, 1), zoom_xy=True)
+    out = z(np.ones((64, 64), np.float32))[0].numpy()
+    assert out[32, 32] == pytest.approx(1.0) and out[2, 2] == 0.0 and out[:, 32].sum() == pytest.approx(32, abs=1.5)
+
+
+def test_channel_stack_finalize_paths_agree():
+    p = get_preset("cxnet@64")
+    prepared = p.prepare(_image())
+    t = p.finalize(prepared)
+    np.testing.assert_allclose(t.numpy(), p.finalize_array(prepared), atol=0)
+    assert t.shape == (3, 64, 64) and float(t.min()) >= 0 and float(t.max()) <= 1
+    # a gradient-tracking input still gets the stack (computed on a detached copy)
+    g = torch.from_numpy(prepared).requires_grad_(True)
+    np.testing.assert_allclose(p.finalize(g).numpy(), t.numpy(), atol=0)
