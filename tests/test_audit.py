@@ -34,7 +34,7 @@ def test_text_detector_finds_burned_in_label_not_lungs():
 
     from covidcxr.explain.render import to_model
 
-    p = get_preset("deepcovid", size=64)
+    p = get_preset("chexnet", size=64)
     with_text, mask = synthetic_cxr(0, text=True)
     without, _ = synthetic_cxr(0, text=False)
     lung = to_model(mask.astype(np.float32), p, nearest=True) > 0.5
@@ -51,7 +51,7 @@ def setup(tmp_path_factory):
     ckpt = root / "r18.ckpt"
     torch.manual_seed(0)
     models.save(ckpt, models.build("resnet18", num_classes=3), arch="resnet18", classes=CLASSES,
-                preset=get_preset("deepcovid", size=64))
+                preset=get_preset("chexnet", size=64))
     return root, manifest, ckpt
 
 
@@ -66,7 +66,7 @@ def test_audit_report_end_to_end(setup, tmp_path, capsys):
     df.to_csv(manifest, index=False)
     out = tmp_path / "audit"
     rc = main(["audit-model", "--model", str(ckpt), "--data", str(manifest), "--split", "all", "--out", str(out),
-               "--bootstrap", "20", "--examples", "2"])
+               "--bootstrap", "20", "--examples", "2", "--seg-model", "none"])
     captured = capsys.readouterr()
     assert rc == 1 and "missing.png" in captured.err  # the missing file fails the run, the rest is audited
     rep = json.loads((out / "audit.json").read_text())

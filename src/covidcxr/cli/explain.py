@@ -64,13 +64,17 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="For each image and per class and source: the fraction of positive Grad-CAM and LRP relevance "
         "inside the lung mask, accuracy and AUC with everything outside the lungs blanked vs unmasked, and the change "
         "in predicted probability when the borders/corners (where burned-in text sits) are blanked. Uses the "
-        "manifest's mask_path where present and the segmentation model (--seg-model) otherwise.",
+        "manifest's mask_path where present and the lung segmenter otherwise (default: the pretrained "
+        "lung-unet-vgg11; each record names the mask's source; masks cached by image hash).",
     )
     a.add_argument("--model", required=True, metavar="CKPT")
     a.add_argument("--data", required=True, metavar="MANIFEST")
     a.add_argument("--split", default="test", help="test|val|train|all (default test)")
     a.add_argument("--out", required=True, metavar="DIR")
-    a.add_argument("--seg-model", metavar="CKPT", help="lung segmenter for images without mask_path")
+    a.add_argument("--seg-model", metavar="SEGMENTER",
+                   help="lung segmenter for images without mask_path: a catalogue name or segment-train checkpoint "
+                   "(default: $COVIDCXR_LUNG_MODEL, else the pretrained lung-unet-vgg11); 'none' for no segmenter")
+    a.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     a.add_argument("--methods", type=_methods, default=["gradcam", "lrp"], help="relevance methods (default gradcam,lrp)")
     a.add_argument("--batch-size", type=int, default=8)
     a.add_argument("--examples", type=int, default=6, help="example overlays in the report (default 6)")
@@ -228,6 +232,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
     _threads(args)
     report = audit_model(args.model, args.data, split=args.split, out=args.out, seg_model=args.seg_model,
+                         progress=args.progress,
                          methods=args.methods, batch_size=args.batch_size, examples=args.examples,
                          bootstrap=args.bootstrap, limit=args.limit, seed=args.seed,
                          on_error=lambda f, r: _err("audit-model", f, r))
@@ -243,7 +248,8 @@ def cmd_segment_train(args: argparse.Namespace) -> int:
     res = train_segmenter(args.data, args.out, init=args.init, size=args.size, epochs=args.epochs,
                           batch_size=args.batch_size, lr=args.lr, base=args.base,
                           freeze_encoder=not args.train_encoder, val_fraction=args.val_fraction,
-                          max_steps=args.max_steps, max_minutes=args.max_minutes, seed=args.seed, log_fn=print)
+                          max_steps=args.max_steps, max_minutes=args.max_minutes, seed=args.seed,
+                          log_fn=lambda line: print(line, flush=True))
     print(json.dumps(res, indent=2))
     return 0
 

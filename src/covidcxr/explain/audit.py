@@ -12,7 +12,10 @@ For every image of a manifest split (and summarised per class and per source):
   or one corner (25 % x 25 %) is blanked; burned-in labels, markers and figure text sit there; and
   when the blobs an OCR-free detector (:func:`detect_text`) marks as text are blanked.
 
-Masks come from the manifest's ``mask_path`` where present and from the lung segmenter otherwise.
+Masks come from the manifest's ``mask_path`` where present and from the lung segmenter otherwise:
+by default the pretrained ``lung-unet-vgg11`` (or ``$COVIDCXR_LUNG_MODEL``), ``seg_model="none"``
+for none. Every record names the mask's source (``manifest``, ``segmenter <id>`` or ``none``);
+segmented masks are cached by image hash, so an image is never segmented twice.
 """
 
 from __future__ import annotations
@@ -173,6 +176,7 @@ def audit_model(
     split: str = "test",
     out: str | os.PathLike,
     seg_model: str | os.PathLike | None = None,
+    progress: bool = True,
     methods: Sequence[str] = ("gradcam", "lrp"),
     batch_size: int = 8,
     examples: int = 6,
@@ -181,7 +185,11 @@ def audit_model(
     seed: int = 0,
     on_error: Callable[[str, str], None] | None = None,
 ) -> dict:
-    """Run the audit; write ``audit.md``, ``audit.json``, ``per_image.csv`` and ``examples/`` under ``out``."""
+    """Run the audit; write ``audit.md``, ``audit.json``, ``per_image.csv`` and ``examples/`` under ``out``.
+
+    ``seg_model``: segmenter for images without ``mask_path`` (name or checkpoint; ``None``: the
+    default segmenter; ``"none"``: no segmenter). ``progress``: a progress bar on stderr.
+    """
     from covidcxr.data import ManifestError, read_manifest
     from covidcxr.io import CXRReadError, read_image
     from covidcxr.models import load
@@ -200,11 +208,7 @@ def audit_model(
         raise ManifestError(f"{manifest}: no images in split {split!r}")
     if limit:
         df = df.sample(n=min(limit, len(df)), random_state=seed).sort_index()
-    seg = None
-    if seg_model:
-        from covidcxr.segment import LungSegmenter
-
-        seg = LungSegmenter.load(seg_model)
+    seg, seg_note = _segmenter(seg_model, needed=_needs_segmenter(df))
     outdir = Path(out)
     (outdir / "examples").mkdir(parents=True, exist_ok=True)
     ctx = Context(arch=loaded.arch, preset=preset)
@@ -213,7 +217,11 @@ def audit_model(
     failures: list[tuple[str, str]] = []
     no_mask = 0
     rows = df.to_dict("records")
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(rows), desc="audit-model", unit="img", disable=not progress, leave=False)
     for start in range(0, len(rows), batch_size):
+        bar.update(len(rows[start : start + batch_size]))
         items: list[_Item] = []
         for row in rows[start : start + batch_size]:
             path = str(row["path"])
@@ -226,10 +234,11 @@ def audit_model(
 
                     lung_full, source = read_mask(mp, img.shape), "manifest"
                 elif seg is not None:
-                    lung_full, source = seg(img), "segmenter"
+                    lung_full, source = seg(img), f"segmenter {seg.id}"
                 crop_mask = lung_full if preset.lung_crop else None
                 if preset.lung_crop and crop_mask is None:
-                    raise PresetError(f"{path}: preset {preset.name} needs a lung mask; pass --seg-model")
+                    raise PresetError(f"{path}: preset {preset.name} needs a lung mask and no segmenter is "
+                                      f"available ({seg_note}); pass --seg-model")
                 prepared = preset.prepare(img, crop_mask)
                 lung = None
                 if lung_full is not None:
@@ -284,15 +293,50 @@ def audit_model(
                 rec[f"{m}_in_border"] = _share(h, frame)
             kept[len(records)] = {"image": it.prepared, "lung": it.lung, "heats": {m: heats[m][i] for m in methods}}
             records.append(rec)
+    bar.close()
     if not records:
         raise ManifestError(f"{manifest}: none of the {len(rows)} images could be audited")
     per = pd.DataFrame(records)
     report = _summarise(per, classes, methods, loaded, model, manifest, split, bootstrap, seed, failures, no_mask)
+    report["segmenter"] = {**(seg.segmenter.describe() if seg is not None else {"segmenter": None}),
+                           "note": seg_note, "images_segmented": seg.calls if seg is not None else 0}
     report["examples"] = _examples(per, kept, methods, outdir / "examples", examples)
     per.to_csv(outdir / "per_image.csv", index=False)
     (outdir / "audit.json").write_text(json.dumps({**report, "per_image": records}, indent=2, default=_json))
     (outdir / "audit.md").write_text(_markdown(report, methods))
     return report
+
+
+def _needs_segmenter(df: pd.DataFrame) -> bool:
+    if "mask_path" not in df.columns:
+        return True
+    mp = df["mask_path"]
+    return bool((mp.isna() | (mp.astype(str).str.strip() == "")).any())
+
+
+def _segmenter(spec: str | os.PathLike | None, needed: bool):
+    """The cached segmenter for images without a manifest mask, and a note saying which (or why none).
+
+    A named segmenter that cannot be loaded is an error; the *default* one falling through
+    (weights not found offline) leaves those images without a mask and says so in the report."""
+    if str(spec).lower() == "none":
+        return None, "disabled (--seg-model none)"
+    if not needed:
+        return None, "not needed (every image has a manifest mask)"
+    from covidcxr.models.checkpoint import CheckpointError
+    from covidcxr.models.registry import ModelError
+    from covidcxr.segment import CachedSegmenter, MaskCache, load_segmenter
+    from covidcxr.segment.inference import cache_dir, default_segmenter
+
+    name = str(spec) if spec else default_segmenter()
+    try:
+        seg = load_segmenter(name)
+    except (ModelError, CheckpointError) as err:
+        if spec:
+            raise
+        log.warning("audit-model: no lung segmenter (%s); images without a manifest mask get none", err)
+        return None, f"default segmenter unavailable: {err}"
+    return CachedSegmenter(seg, MaskCache(cache_dir() / "masks")), f"{seg.id} ({'named' if spec else 'default'})"
 
 
 def _json(o: object) -> object:
@@ -425,7 +469,8 @@ def _examples(per: pd.DataFrame, kept: dict, methods: Sequence[str], folder: Pat
 def _markdown(r: dict, methods: Sequence[str]) -> str:
     L = [f"# Shortcut audit: {Path(r['model']).name} ({r['arch']}, preset {r['preset']})", "",
          f"Data: `{r['manifest']}`, split `{r['split']}`, {r['overall']['n']} images "
-         f"(lung masks: {r['mask_sources']}; without mask: {r['images_without_mask']}). "
+         f"(lung masks: {r['mask_sources']}; without mask: {r['images_without_mask']}; segmenter: "
+         f"{r.get('segmenter', {}).get('note', 'n/a')}). "
          "Research use only: these figures describe this model on this data, not clinical performance.", "",
          f"**Finding.** {r['headline']}", "",
          "## Relevance inside the lungs", "",

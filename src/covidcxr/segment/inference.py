@@ -139,8 +139,13 @@ class LungSegmenter:
 
         buf = io.BytesIO()
         x = torch.zeros(1, 1, self.size, self.size)
-        torch.onnx.export(_Logit(self.model).eval(), (x,), buf, input_names=["image"], output_names=["lung_logit"],
-                          dynamic_axes={"image": {0: "n"}, "lung_logit": {0: "n"}}, opset_version=17, dynamo=False)
+        import warnings
+
+        with warnings.catch_warnings():  # the legacy exporter's deprecation notice; it handles this plain CNN
+            warnings.simplefilter("ignore", DeprecationWarning)
+            torch.onnx.export(_Logit(self.model).eval(), (x,), buf, input_names=["image"],
+                              output_names=["lung_logit"], dynamic_axes={"image": {0: "n"}, "lung_logit": {0: "n"}},
+                              opset_version=17, dynamo=False)
         out = Path(path)
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
@@ -409,7 +414,8 @@ def predict_files(paths: Sequence[str], model: str | os.PathLike | LungSegmenter
                   batch_size: int = 4, overlay_images: bool = True,
                   on_error: Callable[[str, str], None] | None = None,
                   progress: Callable[[int], None] | None = None, **kw) -> tuple[list[str], list[tuple[str, str]]]:
-    """Write ``<stem>_mask.png`` (0/255, image size) and ``<stem>_overlay.png`` per readable image.
+    """Write ``<stem>_mask.png`` (0/255, image size) and ``<stem>_overlay.png`` per readable image,
+    and ``masks.csv``: per image the mask's measurements and plausibility verdict, and the segmenter.
 
     Returns written mask files and failures. Refuses to write over an input file.
     """
@@ -424,6 +430,9 @@ def predict_files(paths: Sequence[str], model: str | os.PathLike | LungSegmenter
     written: list[str] = []
     failures: list[tuple[str, str]] = []
     used: set[str] = set()
+    rows: list[dict] = []
+    from covidcxr.segment.plausibility import assess
+
     for s in range(0, len(paths), batch_size):
         imgs, names = [], []
         for p in paths[s : s + batch_size]:
@@ -454,6 +463,17 @@ def predict_files(paths: Sequence[str], model: str | os.PathLike | LungSegmenter
             written.append(str(dest))
             if overlay_images:
                 cv2.imwrite(str(targets[1]), overlay(img, m))
+            v = assess(m, img, seg.id)
+            keep = ("fraction", "components", "balance", "left_fraction", "right_fraction", "cx", "cy")
+            rows.append({"file": str(p), "mask": str(dest), "segmenter": seg.id, "plausible": v.plausible,
+                         "reason": v.reason, **{k: v.measurements.get(k) for k in keep}})
         if progress:
             progress(len(paths[s : s + batch_size]))
+    if rows:
+        import csv
+
+        with open(outdir / "masks.csv", "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerows(rows)
     return written, failures
