@@ -67,6 +67,12 @@ def start_node(ckpt: Path, store: Path, destination: Peer, **kw):
 
 @pytest.fixture(scope="module")
 def node(ckpt: Path, pacs: Orthanc, tmp_path_factory: pytest.TempPathFactory):
+    import os
+
+    from conftest import WEIGHTS
+
+    if (WEIGHTS / "README.md").is_file():  # the plausibility check's lung U-Net; without it records say 'unchecked'
+        os.environ.setdefault("COVIDCXR_WEIGHTS_DIR", str(WEIGHTS))
     n = start_node(ckpt, tmp_path_factory.mktemp("store"), Peer("ORTHANC", "127.0.0.1", pacs.dicom_port))
     pacs.add_modality("covidcxr", "COVIDCXR", "127.0.0.1", n.port)
     yield n
@@ -138,7 +144,13 @@ def test_orthanc_forwards_images_and_gets_sr_and_sc_back(node, pacs: Orthanc, ck
         assert sr.SeriesInstanceUID != src.SeriesInstanceUID and sc.SeriesInstanceUID != src.SeriesInstanceUID
         res = read_result(sr)  # opens in highdicom
         assert res["referenced_sop_instance_uids"] == [uid]
-        # the same label and probabilities as `covidcxr predict`
+        # the same label and probabilities as `covidcxr predict`, and the same plausibility verdict
+        verdict = cli[name].get("plausibility") or {}
+        if verdict:
+            assert res["texts"]["Input plausibility check"].startswith(verdict["verdict"]), (name, verdict)
+        if cli[name].get("flag"):
+            assert res["flag"] == cli[name]["flag"] and res["label"] is None, name
+            continue
         assert res["label"] == cli[name]["label"], name
         assert res["probabilities"].keys() == set(CLASSES)
         for c in CLASSES:
@@ -197,6 +209,14 @@ def test_non_chest_and_lateral_images_get_a_flagged_sr(node, pacs: Orthanc, samp
         assert res["flag"] == flag and res["label"] is None and res["probabilities"] == {}
         assert res["finding_code"][1] == "99COVIDCXR" and NOTICE in res["notice"]
         assert "NOT ASSESSED" in got["sc"].ImageComments
+
+
+def test_blank_image_fails_the_plausibility_check(node, pacs: Orthanc, weights_dir: Path) -> None:
+    blank = wrap_image(np.full((512, 512), 40, np.uint8))
+    assert Scu(node.port).store(blank) == [(0, "")]
+    res = read_result(wait_results(pacs, str(blank.SOPInstanceUID))["sr"])
+    assert res["flag"] == "not_a_frontal_cxr" and res["label"] is None, res
+    assert "uniform" in res["texts"]["Reason the input was not assessed"]
 
 
 # --------------------------------------------------------------------------- duplicates

@@ -150,16 +150,23 @@ def test_severity_scores_reach_the_sr(ckpt: Path, rsna: bytes, tmp_path: Path) -
 
 
 def test_implausible_or_lateral_input_gets_a_flagged_sr_without_a_label(engine: Engine, rsna: bytes) -> None:
-    # a plausibility verdict in the record (covidcxr.segment.plausibility via predict) ...
+    # the verdict of predict's plausibility gate in the record (covidcxr.predict.plausible) ...
     header = read_header(rsna)
     image, _ = decode(rsna)
-    rec = {"label": "COVID-19", "probabilities": {"normal": 0.1, "pneumonia": 0.1, "COVID-19": 0.8}, "threshold": 0.4,
-           "plausibility": {"plausible": False, "flag": "not_a_frontal_cxr", "reason": "no lungs of plausible size"}}
+    probs = {"normal": 0.1, "pneumonia": 0.1, "COVID-19": 0.8}
+    verdict = {"verdict": "implausible", "plausible": False, "reason": "no lungs of plausible size", "rule": "area"}
+    rec = {"label": "not_a_frontal_cxr", "flag": "not_a_frontal_cxr", "probabilities": probs, "threshold": 0.4,
+           "plausibility": verdict}
     a = engine.analyze(image, header, rec=rec)
     sr = roundtrip(build_results(header, a, engine).sr)
     res = read_result(sr)
     assert res["flag"] == "not_a_frontal_cxr" and res["label"] is None and res["probabilities"] == {}
     assert res["texts"]["Reason the input was not assessed"] == "no lungs of plausible size"
+    assert res["texts"]["Input plausibility check"] == "implausible: no lungs of plausible size"
+    # ... with --label-implausible the disease label stays, and the SR still carries the flag
+    kept = engine.analyze(image, header, rec={**rec, "label": "COVID-19"})
+    res = read_result(roundtrip(build_results(header, kept, engine).sr))
+    assert res["label"] == "COVID-19" and res["flag"] == "not_a_frontal_cxr" and res["probabilities"] == probs
     # ... and a header that says lateral
     _, _, a2, sr2, sc2 = results(engine, to_bytes(renamed(rsna, ViewPosition="LL")))
     assert a2.flag == "not_a_frontal_cxr" and read_result(sr2)["label"] is None

@@ -42,6 +42,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     lis.add_argument("--allow-any", action="store_true", help="accept associations from any peer")
     lis.add_argument("--severity", metavar="SEV_CKPT", help="severity checkpoint (scores images above the threshold)")
     lis.add_argument("--always-severity", action="store_true", help="score severity for every image")
+    lis.add_argument("--no-plausibility", action="store_true",
+                     help="skip the input plausibility check (lung U-Net): every image gets a disease label")
+    lis.add_argument("--label-implausible", action="store_true",
+                     help="an image that fails the plausibility check keeps its disease label (still flagged in the SR)")
     lis.add_argument("--store", default="covidcxr-dicom-store", metavar="DIR",
                      help="where received images and unsent results wait (default: ./%(default)s)")
     lis.add_argument("--keep-sent", action="store_true", help="keep delivered results in STORE/sent/")
@@ -72,7 +76,8 @@ def dicom_writer(out_dir: str, predictor: object):
     from covidcxr.dicom.analysis import Engine
     from covidcxr.dicom.results import DicomResultWriter
 
-    return DicomResultWriter(out_dir, Engine(predictor))  # type: ignore[arg-type]
+    # the records carry predict's own plausibility verdict and severity: the engine does not redo them
+    return DicomResultWriter(out_dir, Engine(predictor, plausibility=False))  # type: ignore[arg-type]
 
 
 def _peer(text: str):
@@ -99,6 +104,7 @@ def cmd_listen(args: argparse.Namespace) -> int:
             model=args.model, destination=_peer(args.forward), ae_title=check_ae_title(args.ae_title),
             host=args.host, port=args.port, store=args.store, severity=args.severity,
             always_severity=args.always_severity, backend=args.backend, threads=args.threads,
+            plausibility=not args.no_plausibility, label_implausible=args.label_implausible,
             allow=[AllowRule.parse(a) for a in args.allow], allow_any=args.allow_any, workers=args.workers,
             max_pending=args.max_pending, retry_max_s=args.retry_max_s, keep_sent=args.keep_sent,
             max_associations=args.max_associations,

@@ -74,10 +74,23 @@ class Engine:
     """The models the node and ``predict --dicom-out`` use, loaded once."""
 
     def __init__(self, predictor: Predictor, severity: SeverityScorer | None = None, always_severity: bool = False,
-                 heatmaps: bool = True) -> None:
+                 heatmaps: bool = True, plausibility: bool = True, label_implausible: bool = False) -> None:
+        import threading
+
         self.predictor = predictor
         self.severity = severity
         self.always_severity = always_severity
+        # the input plausibility gate of `covidcxr predict` (lung U-Net); records it checked carry its verdict
+        self.gate: Any = None
+        self.plausibility_note: str | None = None if plausibility else "plausibility check turned off"
+        self._gate_lock = threading.Lock()
+        if plausibility:
+            try:
+                from covidcxr.predict.plausible import PlausibilityGate
+
+                self.gate = PlausibilityGate(enabled=True, label_implausible=label_implausible)
+            except ImportError as err:
+                self.plausibility_note = f"plausibility check not available in this installation ({err})"
         self.sha256 = file_sha256(predictor.path) if predictor.path else "unknown"
         self.heatmapper: Heatmapper | None = None
         self.heatmap_note: str | None = None
@@ -91,11 +104,13 @@ class Engine:
 
     @classmethod
     def from_paths(cls, model: str, severity: str | None = None, backend: str | None = None,
-                   always_severity: bool = False, threads: int | None = None) -> "Engine":
+                   always_severity: bool = False, threads: int | None = None, plausibility: bool = True,
+                   label_implausible: bool = False) -> "Engine":
         pred = Predictor.from_path(model, backend=backend, threads=threads)
         pred.require_classifier("--severity")
         sev = SeverityScorer.from_path(severity) if severity else None
-        return cls(pred, sev, always_severity=always_severity)
+        return cls(pred, sev, always_severity=always_severity, plausibility=plausibility,
+                   label_implausible=label_implausible)
 
     @property
     def model_name(self) -> str:
@@ -109,14 +124,20 @@ class Engine:
         if hflag is not None:
             return Analysis(threshold=p.threshold, flag=hflag[0], flag_reason=hflag[1],
                             overlay=self._overlay(image, None))
-        rec = rec if rec is not None else p.predict_arrays([image])[0]
+        if rec is None:
+            rec = p.predict_arrays([image])[0]
+            if self.gate is not None:
+                with self._gate_lock:  # one segmenter, used by one worker at a time
+                    self.gate.apply(rec, image)
         pflag = plausibility_flag(rec)
-        if pflag is not None or rec.get("label") is None:
+        labelled = rec.get("label") in p.classes  # a disease label (kept for a flagged input: --label-implausible)
+        if not labelled:
             flag, reason = pflag or ("not_a_frontal_cxr", str(rec.get("error") or "no label"))
             return Analysis(threshold=p.threshold, plausibility=rec.get("plausibility"), flag=flag,
                             flag_reason=reason, overlay=self._overlay(image, None))
         a = Analysis(label=rec["label"], probabilities=dict(rec["probabilities"]), threshold=rec.get("threshold"),
-                     plausibility=rec.get("plausibility"))
+                     plausibility=rec.get("plausibility"), flag=pflag[0] if pflag else None,
+                     flag_reason=pflag[1] if pflag else None)
         if "severity" in rec:  # predicted already (predict --severity): the SR says what the record says
             a.severity = rec["severity"]
         elif self.severity is not None and self.severity.should_score(rec, p.threshold, always=self.always_severity):

@@ -68,6 +68,8 @@ class NodeConfig:
     store: str = "covidcxr-dicom-store"
     severity: str | None = None
     always_severity: bool = False
+    plausibility: bool = True
+    label_implausible: bool = False
     backend: str | None = None
     threads: int | None = None
     #: who may send; empty means: only the destination's AE title from the destination's host
@@ -98,7 +100,8 @@ class DicomNode:
         quiet_dicom_libraries()
         self.config = c = config
         self.engine = engine or Engine.from_paths(c.model, severity=c.severity, backend=c.backend,
-                                                  always_severity=c.always_severity, threads=c.threads)
+                                                  always_severity=c.always_severity, threads=c.threads,
+                                                  plausibility=c.plausibility, label_implausible=c.label_implausible)
         self.store = ResultStore(c.store, keep_sent=c.keep_sent)
         self.sender = Sender(self.store, c.destination, c.ae_title, retry_max_s=c.retry_max_s)
         self.rules = list(c.allow) or [AllowRule(c.destination.ae_title, _resolve(c.destination.host))]

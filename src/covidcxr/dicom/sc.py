@@ -39,7 +39,7 @@ def _font(size: int) -> Any:
 
 def result_lines(analysis: Analysis, engine: Engine) -> list[str]:
     """The text burned under the image."""
-    if analysis.flagged:
+    if analysis.label is None:
         return [f"NOT ASSESSED: {analysis.flag_reason}"[:90], f"model {engine.model_name} ({engine.sha256[:12]})"]
     probs = analysis.probabilities or {}
     thr = f"   (COVID-19 threshold {analysis.threshold:.2f})" if analysis.threshold is not None else ""
@@ -51,6 +51,8 @@ def result_lines(analysis: Analysis, engine: Engine) -> list[str]:
         else:
             lines.append("severity " + ", ".join(f"{k.replace('_', ' ')} {v:.1f}" for k, v in s.items()
                                                  if isinstance(v, (int, float))))
+    if analysis.flagged:
+        lines.append(f"FLAGGED {analysis.flag}: {analysis.flag_reason}"[:90])
     lines.append(f"model {engine.model_name} ({engine.sha256[:12]}), Grad-CAM" if engine.heatmapper
                  else f"model {engine.model_name} ({engine.sha256[:12]}), no heatmap")
     return lines

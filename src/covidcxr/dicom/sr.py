@@ -53,6 +53,7 @@ NOT_ASSESSED = CodedConcept("not-assessed", SCHEME, "Not assessed: input not a f
 PLAUSIBILITY = CodedConcept("input-plausibility", SCHEME, "Input plausibility")
 OPERATING_POINT = CodedConcept("operating-point", SCHEME, "COVID-19 operating point (probability threshold)")
 NOTICE_CONCEPT = CodedConcept("ruo-notice", SCHEME, "Research use only statement")
+PLAUSIBILITY_TEXT = CodedConcept("plausibility-txt", SCHEME, "Input plausibility check")
 FLAG_REASON = CodedConcept("flag-reason", SCHEME, "Reason the input was not assessed")
 SEVERITY_LEVEL = CodedConcept("severity-level", SCHEME, "Severity level")
 UNIT_ONE = CodedConcept("1", "UCUM", "no units")
@@ -125,7 +126,7 @@ def build_sr(source: Dataset, analysis: Analysis, engine: Engine) -> hd.sr.Compr
     group = hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(uid=derived_uid(source.SOPInstanceUID, engine.sha256, "tracking"),
                                                      identifier="covidcxr chest X-ray classification"),
-        finding_type=NOT_ASSESSED if analysis.flagged else finding_code(analysis.label or ""),
+        finding_type=NOT_ASSESSED if analysis.label is None else finding_code(analysis.label),
         algorithm_id=algo,
         measurements=measurements or None,
         qualitative_evaluations=qualitative or None,
@@ -136,6 +137,10 @@ def build_sr(source: Dataset, analysis: Analysis, engine: Engine) -> hd.sr.Compr
     if analysis.flagged:
         items.append(hd.sr.TextContentItem(name=FLAG_REASON, value=str(analysis.flag_reason)[:1024],
                                            relationship_type="CONTAINS"))
+    verdict = analysis.plausibility or {}
+    if verdict.get("verdict"):
+        text = f"{verdict['verdict']}" + (f": {verdict['reason']}" if verdict.get("reason") else "")
+        items.append(hd.sr.TextContentItem(name=PLAUSIBILITY_TEXT, value=text[:1024], relationship_type="CONTAINS"))
     items.append(hd.sr.TextContentItem(name=NOTICE_CONCEPT, value=f"{BURNED_NOTICE}. {RESEARCH_NOTICE}",
                                        relationship_type="CONTAINS"))
     device = hd.sr.DeviceObserverIdentifyingAttributes(
