@@ -82,8 +82,14 @@ def test_duplicates_keep_patients_together(tmp_path):
     for seed in range(4):
         df = build_manifest([("csv", str(root / "metadata.csv"))], tmp_path / f"o{seed}", seed=seed)
         assert "copy.png" not in set(df["path"].map(lambda p: Path(p).name))  # exact duplicate dropped
-        split = dict(zip(df["patient_id"], df["split"]))
+        split = dict(zip(df["source_patient_id"], df["split"]))
         assert split["other-B"] == split["gen-1"]
+        # linked: one person id for both, so the patient bootstrap groups them too
+        person = dict(zip(df["source_patient_id"], df["patient_id"]))
+        assert person["other-B"] == person["gen-1"] == "gen-1"
+        # the kept copy names the dropped one it stands for (other-A had only that image)
+        kept = df.loc[df["path"].str.endswith("p0_0.png"), "duplicate_of"].iloc[0]
+        assert kept.endswith("copy.png")
         assert audit_manifest(tmp_path / f"o{seed}" / "manifest.csv")["leak"] is False
 
 

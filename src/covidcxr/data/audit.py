@@ -18,46 +18,17 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from covidcxr.data.hashing import NEAR_DUPLICATE_BITS, file_digest, near_pair_arrays, near_pairs, phash  # noqa: F401
 from covidcxr.data.labels import CLASSES
 from covidcxr.data.manifest import read_manifest
-from covidcxr.data.splits import file_digest
-from covidcxr.io import CXRReadError, read_image
+from covidcxr.io import CXRReadError
 
 log = logging.getLogger(__name__)
 
-#: Hamming distance (of 64 bits) at or below which two perceptual hashes count as the same image.
-NEAR_DUPLICATE_BITS = 6
 #: Source-only accuracy above the majority-class rate by this much triggers the confounding warning.
 CONFOUNDING_MARGIN = 0.10
 #: ... or the source ranks one class against the rest with at least this AUC.
 CONFOUNDING_AUC = 0.70
-
-
-def phash(path: str | os.PathLike) -> int:
-    """64-bit perceptual hash (imagehash.phash) of the decoded image, as an int."""
-    import imagehash
-    from PIL import Image
-
-    img = Image.fromarray(np.clip(read_image(path) * 255.0 + 0.5, 0, 255).astype(np.uint8), mode="L")
-    return int(str(imagehash.phash(img, hash_size=8)), 16)
-
-
-def _popcount(x: np.ndarray) -> np.ndarray:
-    return np.unpackbits(x.view(np.uint8).reshape(*x.shape, 8), axis=-1).sum(-1)
-
-
-def near_pairs(hashes: np.ndarray, max_bits: int, chunk: int = 2048) -> list[tuple[int, int, int]]:
-    """All pairs (i < j) whose 64-bit hashes differ in at most ``max_bits`` bits, with the distance."""
-    h = hashes.astype(np.uint64)
-    out: list[tuple[int, int, int]] = []
-    for s in range(0, len(h), chunk):
-        block = h[s : s + chunk]
-        dist = _popcount(block[:, None] ^ h[None, :])
-        ii, jj = np.nonzero(dist <= max_bits)
-        for i, j in zip(ii + s, jj):
-            if i < j:
-                out.append((int(i), int(j), int(dist[i - s, j])))
-    return out
 
 
 def _source_predictability(df: pd.DataFrame) -> dict[str, Any]:
@@ -109,15 +80,76 @@ def _source_predictability(df: pd.DataFrame) -> dict[str, Any]:
     return res
 
 
+def _blank(v: object) -> bool:
+    return v is None or (isinstance(v, float) and np.isnan(v)) or str(v).strip() == ""
+
+
+def _fingerprints(df: pd.DataFrame, perceptual: bool, unreadable: list[str]) -> tuple[list, np.ndarray, np.ndarray]:
+    """SHA-1 per row (None if unreadable) and, with ``perceptual``, the phash per row and a readable mask.
+    A phash stored by ``data build`` is reused when the file's SHA-1 still matches the stored one."""
+    stored_sha = df["sha1"].tolist() if "sha1" in df.columns else [None] * len(df)
+    stored_ph = df["phash"].tolist() if "phash" in df.columns else [None] * len(df)
+    digests: list[str | None] = []
+    hashes = np.zeros(len(df), dtype=np.uint64)
+    ok = np.zeros(len(df), dtype=bool)
+    for i, p in enumerate(df["path"]):
+        try:
+            digests.append(file_digest(p))
+        except OSError as err:
+            digests.append(None)
+            unreadable.append(f"{p}: {err.strerror or err}")
+            continue
+        if not perceptual:
+            continue
+        if stored_sha[i] == digests[-1] and not _blank(stored_ph[i]):
+            try:
+                hashes[i], ok[i] = int(str(stored_ph[i]), 16), True
+                continue
+            except ValueError:
+                pass
+        try:
+            hashes[i], ok[i] = phash(p), True
+        except CXRReadError as err:
+            unreadable.append(str(err))
+    return digests, hashes, ok
+
+
+def _linked_report(df: pd.DataFrame) -> dict[str, Any] | None:
+    """Persons that join several source patient ids (``data build`` links them through duplicate images)."""
+    if "source_patient_id" not in df.columns:
+        return None
+    pid, spid = df["patient_id"].astype(str), df["source_patient_id"].astype(str)
+    n_ids = spid.groupby(pid).nunique()
+    linked = n_ids[n_ids > 1]
+    dup = df["duplicate_of"] if "duplicate_of" in df.columns else pd.Series(np.nan, index=df.index)
+    persons = []
+    for person in sorted(linked.index):
+        rows = df[pid == person]
+        via = [{"path": str(r["path"]), "duplicate_of": str(dup[k]).split("|"), "source_patient_id": str(spid[k])}
+               for k, r in rows.iterrows() if not _blank(dup[k])]
+        persons.append({"person": person, "patients": sorted(set(spid[pid == person])),
+                        "splits": sorted(set(rows["split"].astype(str))), "images": int(len(rows)), "via": via})
+    return {"persons": len(persons), "source_patients": int(linked.sum()),
+            "linking_images": sum(len(p["via"]) for p in persons), "by_person": persons}
+
+
 def audit_manifest(manifest: str | os.PathLike | pd.DataFrame, out_dir: str | os.PathLike | None = None,
-                   near_bits: int = NEAR_DUPLICATE_BITS, perceptual: bool = True) -> dict[str, Any]:
-    """Audit ``manifest``; write ``audit.json`` and ``audit.md`` to ``out_dir`` (default: beside it)."""
+                   near_bits: int = NEAR_DUPLICATE_BITS, perceptual: bool = True,
+                   digests: list[str | None] | None = None, hashes: np.ndarray | None = None) -> dict[str, Any]:
+    """Audit ``manifest``; write ``audit.json`` and ``audit.md`` to ``out_dir`` (default: beside it).
+
+    ``digests`` (SHA-1 per row) and ``hashes`` (64-bit phash per row) skip reading the files, for a
+    caller that has them already (benchmarks, tests). Sections: counts; patients across splits;
+    exact and near duplicates across splits, and duplicates under two person ids within one split;
+    linked persons (from ``source_patient_id``); invented patient ids; source-label confounding.
+    """
     if isinstance(manifest, pd.DataFrame):
-        df, where = manifest.reset_index(drop=True), None
+        df, where = manifest.reset_index(drop=True).copy(), None
     else:
         df, where = read_manifest(manifest, require_split=True, check_leakage=False).reset_index(drop=True), Path(manifest)
     if "split" not in df.columns:
         df["split"] = "train"
+    df["patient_id"] = df["patient_id"].astype(str)
     report: dict[str, Any] = {"manifest": str(where) if where else None, "images": len(df),
                               "patients": int(df["patient_id"].nunique())}
     counts = df.groupby(["label", "source", "split"]).size()
@@ -125,69 +157,85 @@ def audit_manifest(manifest: str | os.PathLike | pd.DataFrame, out_dir: str | os
 
     # patients across splits
     splits = sorted(set(df["split"].dropna()), key=lambda s: ["train", "val", "test"].index(s) if s in ("train", "val", "test") else 9)
-    pats = {s: set(df.loc[df["split"] == s, "patient_id"].astype(str)) for s in splits}
+    pats = {s: set(df.loc[df["split"] == s, "patient_id"]) for s in splits}
     overlap = {f"{a}/{b}": sorted(pats[a] & pats[b]) for a, b in combinations(splits, 2)}
     report["patient_overlap"] = {k: {"count": len(v), "examples": v[:10]} for k, v in overlap.items()}
 
     # exact and near duplicates
     unreadable: list[str] = []
-    digests: list[str | None] = []
-    for p in df["path"]:
-        try:
-            digests.append(file_digest(p))
-        except OSError as err:
-            digests.append(None)
-            unreadable.append(f"{p}: {err.strerror or err}")
-    df["_digest"] = digests
-    exact_cross, exact_within = [], 0
+    if digests is None or (perceptual and hashes is None):
+        got_d, got_h, ok = _fingerprints(df, perceptual and hashes is None, unreadable)
+        digests = got_d if digests is None else list(digests)
+        if hashes is None:
+            hashes = got_h
+        else:
+            ok = np.ones(len(df), bool)
+    else:
+        ok = np.array([d is not None for d in digests])
+    df["_digest"] = list(digests)
+    split_arr = df["split"].astype(str).to_numpy()
+    pid_arr = df["patient_id"].to_numpy()
+    exact_cross, exact_within, unlinked = [], 0, []
     for _, grp in df.dropna(subset=["_digest"]).groupby("_digest"):
         if len(grp) < 2:
             continue
         if grp["split"].nunique() > 1:
             exact_cross.append({"paths": grp["path"].tolist(), "splits": grp["split"].tolist(),
-                                "patients": grp["patient_id"].astype(str).tolist()})
+                                "patients": grp["patient_id"].tolist()})
         else:
             exact_within += len(grp) - 1
+            if grp["patient_id"].nunique() > 1:
+                unlinked.append({"paths": grp["path"].tolist()[:2], "patients": grp["patient_id"].tolist()[:2],
+                                 "split": str(grp["split"].iloc[0]), "hamming_bits": 0})
     report["exact_duplicates"] = {"across_splits": len(exact_cross), "within_split": exact_within,
                                   "examples": exact_cross[:20]}
     if perceptual:
-        hashes = np.zeros(len(df), dtype=np.uint64)
-        ok = np.zeros(len(df), dtype=bool)
-        for i, p in enumerate(df["path"]):
-            if digests[i] is None:
-                continue
-            try:
-                hashes[i], ok[i] = phash(p), True
-            except CXRReadError as err:
-                unreadable.append(str(err))
-        idx = np.nonzero(ok)[0]
+        idx = np.flatnonzero(ok)
+        a, b, d = near_pair_arrays(np.asarray(hashes, dtype=np.uint64)[idx], near_bits)
         near_cross, near_within = [], 0
-        split_arr = df["split"].to_numpy()
-        for a, b, d in near_pairs(hashes[idx], near_bits):
-            i, j = idx[a], idx[b]
+        for i, j, bits in zip(idx[a].tolist(), idx[b].tolist(), d.tolist()):
             if digests[i] == digests[j]:
                 continue  # already an exact duplicate
+            pair = {"paths": [df.at[i, "path"], df.at[j, "path"]], "patients": [pid_arr[i], pid_arr[j]],
+                    "hamming_bits": int(bits)}
             if split_arr[i] != split_arr[j]:
-                near_cross.append({"paths": [df.at[i, "path"], df.at[j, "path"]], "splits": [split_arr[i], split_arr[j]],
-                                   "patients": [str(df.at[i, "patient_id"]), str(df.at[j, "patient_id"])],
-                                   "hamming_bits": d})
+                near_cross.append({**pair, "splits": [split_arr[i], split_arr[j]]})
             else:
                 near_within += 1
+                if pid_arr[i] != pid_arr[j]:
+                    unlinked.append({**pair, "split": split_arr[i]})
         report["near_duplicates"] = {"max_hamming_bits": near_bits, "across_splits": len(near_cross),
                                      "within_split_pairs": near_within,
                                      "examples": sorted(near_cross, key=lambda r: r["hamming_bits"])[:20]}
+    # Same picture under two person ids in one split: no split leak, but the patient bootstrap counts
+    # one person twice. Manifests from `data build` link these, so this flags hand-made manifests.
+    report["unlinked_duplicates"] = {"pairs": len(unlinked), "examples": unlinked[:20]}
+    report["linked"] = _linked_report(df)
+    invented = {}
+    if "patient_id_from" in df.columns:
+        how = df["patient_id_from"].astype(str)
+        invented = {str(k): int(v) for k, v in how[how.isin(["filename", "image"])].value_counts().items()}
+    report["patient_ids_invented"] = {"images": int(sum(invented.values())), "by_method": invented}
     report["unreadable"] = unreadable
     report["source_predicts_label"] = _source_predictability(df)
     n_patient = sum(v["count"] for v in report["patient_overlap"].values())
     n_near = report.get("near_duplicates", {}).get("across_splits", 0)
     report["leak"] = bool(n_patient or report["exact_duplicates"]["across_splits"] or n_near)
+    report["patient_leakage_checked"] = not invented
     warnings = []
+    if invented:
+        warnings.append(f"patient ids were INVENTED for {sum(invented.values())} of {len(df)} image(s) "
+                        f"({', '.join(f'{n} from the {k}' for k, n in invented.items())}): images of one patient may "
+                        "sit in two splits without any id showing it, so patient leakage was NOT checked for them")
     if n_patient:
         warnings.append(f"{n_patient} patient(s) appear in more than one split")
     if report["exact_duplicates"]["across_splits"]:
         warnings.append(f"{report['exact_duplicates']['across_splits']} byte-identical image(s) cross splits")
     if n_near:
         warnings.append(f"{n_near} near-duplicate image pair(s) (phash <= {near_bits} bits) cross splits")
+    if unlinked:
+        warnings.append(f"{len(unlinked)} duplicate image pair(s) within one split carry two different patient ids: "
+                        "the patient bootstrap counts one person twice (rebuild with `covidcxr data build` to link them)")
     if unreadable:
         warnings.append(f"{len(unreadable)} unreadable file(s)")
     sp = report["source_predicts_label"]
@@ -210,7 +258,15 @@ def audit_manifest(manifest: str | os.PathLike | pd.DataFrame, out_dir: str | os
 def audit_markdown(r: dict[str, Any]) -> str:
     """Human-readable audit report."""
     lines = ["# Dataset audit", "", f"Manifest: `{r['manifest']}`  ", f"{r['images']} images, {r['patients']} patients.", ""]
-    lines += ["**Result: LEAKAGE FOUND**" if r["leak"] else "**Result: no patient or image leaks across splits.**", ""]
+    if r["leak"]:
+        result = "**Result: LEAKAGE FOUND**"
+    elif not r.get("patient_leakage_checked", True):
+        n = r["patient_ids_invented"]["images"]
+        result = (f"**Result: no image leaks across splits; patient leaks NOT checked: the patient ids of {n} "
+                  "image(s) were invented.**")
+    else:
+        result = "**Result: no patient or image leaks across splits.**"
+    lines += [result, ""]
     if r["warnings"]:
         lines += ["## Warnings", ""] + [f"- {w}" for w in r["warnings"]] + [""]
     counts = pd.DataFrame(r["counts"])
@@ -236,6 +292,30 @@ def audit_markdown(r: dict[str, Any]) -> str:
             lines.append(f"  - {ex['hamming_bits']} bits: `{ex['paths'][0]}` ({ex['splits'][0]}) ~ `{ex['paths'][1]}` ({ex['splits'][1]})")
     for ex in e["examples"][:10]:
         lines.append(f"  - identical: " + ", ".join(f"`{p}` ({s})" for p, s in zip(ex["paths"], ex["splits"])))
+    if r.get("unlinked_duplicates", {}).get("pairs"):
+        lines.append(f"- duplicate pairs within one split under two patient ids: {r['unlinked_duplicates']['pairs']}")
+        for ex in r["unlinked_duplicates"]["examples"][:5]:
+            lines.append(f"  - {ex['patients'][0]} `{ex['paths'][0]}` ~ {ex['patients'][1]} `{ex['paths'][1]}` ({ex['split']})")
+    lk = r.get("linked")
+    lines += ["", "## Patients linked across sources", ""]
+    if lk is None:
+        lines.append("- no `source_patient_id` column: this manifest carries no linking information")
+    else:
+        lines.append(f"- {lk['source_patients']} source patient ids are linked into {lk['persons']} persons "
+                     f"through {lk['linking_images']} image(s) that are duplicates of another patient's image")
+        for p in lk["by_person"][:15]:
+            via = "; ".join(f"`{Path(v['path']).name}` = `{Path(v['duplicate_of'][0]).name}`" for v in p["via"][:2])
+            more = f" (+{len(p['via']) - 2} more)" if len(p["via"]) > 2 else ""
+            lines.append(f"  - {p['person']} ({', '.join(p['patients'])}; {p['images']} images in {'/'.join(p['splits'])}): "
+                         f"{via}{more}")
+        if lk["persons"] > 15:
+            lines.append(f"  - ... {lk['persons'] - 15} more in audit.json")
+    inv = r.get("patient_ids_invented", {"images": 0})
+    if inv["images"]:
+        lines += ["", "## Invented patient ids", "",
+                  f"- {inv['images']} image(s) have patient ids that the source did not give ("
+                  + ", ".join(f"{n} from the {k}" for k, n in inv["by_method"].items()) + "). "
+                  "A patient with several images may cross splits unseen: patient leakage is not checked for them."]
     sp = r["source_predicts_label"]
     lines += ["", "## Does the source predict the label?", "",
               f"- accuracy of guessing the label from the source alone: {sp['source_only_accuracy']:.3f} "

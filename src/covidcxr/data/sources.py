@@ -42,11 +42,16 @@ def _read_csv(path: Path, what: str) -> pd.DataFrame:
         raise ManifestError(f"{path}: cannot parse {what} ({err})") from None
 
 
-def _finish(rows: list[dict], dropped: Counter, source: str) -> AdapterResult:
+def _finish(rows: list[dict], dropped: Counter, source: str, notes: list[str] | None = None) -> AdapterResult:
+    """Rows -> frame. ``notes`` (things the adapter did that change the data, e.g. invented patient ids)
+    travel in ``df.attrs["notes"]``; the builder logs them and writes them into the summary."""
     df = pd.DataFrame(rows, columns=None if rows else COLUMNS)
     for c in COLUMNS:
         if c not in df.columns:
             df[c] = np.nan
+    df.attrs["notes"] = list(notes or [])
+    for n in df.attrs["notes"]:
+        log.warning("%s: %s", source, n)
     log.info("%s: kept %d image(s); dropped %s", source, len(df), dict(dropped) or "none")
     return df, dict(dropped)
 
@@ -200,6 +205,97 @@ def rsna(root: str | os.PathLike, read_views: bool = True, **_: object) -> Adapt
     return _finish(rows, dropped, "rsna")
 
 
+#: NIH ChestX-ray14 ``Finding Labels`` value for a normal image.
+NIH_NORMAL = "No Finding"
+#: Label given to NIH images with other findings when ``keep_other_findings`` is on (not one of CLASSES).
+NIH_OTHER_LABEL = "other"
+
+
+def nih_label(findings: object, keep_other_findings: bool = False) -> str | None:
+    """NIH ``Finding Labels`` ('|'-separated) -> class: ``No Finding`` -> normal, any list containing
+    ``Pneumonia`` -> pneumonia, anything else -> None (or ``"other"`` with ``keep_other_findings``)."""
+    parts = [f.strip() for f in str(findings or "").split("|") if f.strip()]
+    if parts == [NIH_NORMAL]:
+        return "normal"
+    if "Pneumonia" in parts:
+        return "pneumonia"
+    return NIH_OTHER_LABEL if keep_other_findings and parts else None
+
+
+def nih(root: str | os.PathLike, keep_other_findings: bool = False, **_: object) -> AdapterResult:
+    """NIH ChestX-ray14: ``Data_Entry_2017_v2020.csv`` (or ``Data_Entry_2017.csv``) + ``images/``.
+
+    Labels by :func:`nih_label`; findings other than No Finding / Pneumonia are dropped unless
+    ``keep_other_findings`` (they then get label ``"other"``, outside the 3 classes: training filters
+    them out, a multi-label step can use them). The raw ``Finding Labels`` stay in ``findings`` for
+    every row. Patient from ``Patient ID`` (follow-ups share it), view from ``View Position``.
+    """
+    root = _need_dir(root, "nih")
+    csv = next((root / n for n in ("Data_Entry_2017_v2020.csv", "Data_Entry_2017.csv") if (root / n).is_file()),
+               root / "Data_Entry_2017_v2020.csv")
+    meta = _read_csv(csv, "nih Data_Entry_2017_v2020.csv")
+    for col in ("Image Index", "Finding Labels", "Patient ID", "View Position"):
+        if col not in meta.columns:
+            raise ManifestError(f"{csv}: not the NIH ChestX-ray14 layout (no '{col}' column)")
+    # NIH ships images/ (or images_001/images ... from the zip parts); index every file once.
+    files = {f.name: f for d in [root / "images", *sorted(root.glob("images_*/images"))] if d.is_dir()
+             for f in d.iterdir()}
+    rows, dropped = [], Counter()
+    for r in meta.to_dict("records"):
+        findings = r["Finding Labels"].strip()
+        label = nih_label(findings, keep_other_findings)
+        if label is None:
+            dropped["other finding (not No Finding / Pneumonia)" if findings else "empty Finding Labels"] += 1
+            continue
+        view = r["View Position"].strip()
+        if not is_frontal(view):
+            dropped["not frontal"] += 1
+            continue
+        pid = r["Patient ID"].strip()
+        if not pid:
+            raise ManifestError(f"{csv}: empty 'Patient ID' for {r['Image Index']}")
+        img = files.get(r["Image Index"].strip())
+        if img is None:
+            dropped["image file missing"] += 1
+            continue
+        rows.append({"patient_id": f"nih-{pid}", "path": str(img), "label": label, "source": "nih",
+                     "view": view or np.nan, "findings": findings, "follow_up": r.get("Follow-up #", ""),
+                     "age": r.get("Patient Age", ""), "sex": r.get("Patient Gender", ""), "patient_id_from": "source"})
+    return _finish(rows, dropped, "nih")
+
+
+def hannover(root: str | os.PathLike, **_: object) -> AdapterResult:
+    """Hannover Medical School COVID-19 images (ml-workgroup/covid-19-image-repository): ``data.csv``
+    + ``png/<image_id>.png``. Every image is COVID-19 (PCR-confirmed); patient from ``patient_id``,
+    view from ``projection`` (ap/pa). Many of these pictures are also in the Cohen collection under
+    other patient ids: the builder links them through the duplicate images."""
+    root = _need_dir(root, "hannover")
+    meta = _read_csv(root / "data.csv", "hannover data.csv")
+    for col in ("patient_id", "image_id"):
+        if col not in meta.columns:
+            raise ManifestError(f"{root / 'data.csv'}: not the hannover layout (no '{col}' column)")
+    img_dir = root / "png" if (root / "png").is_dir() else root / "images"
+    rows, dropped = [], Counter()
+    for r in meta.to_dict("records"):
+        view = (r.get("projection") or "").strip().upper()
+        if not is_frontal(view):
+            dropped["not frontal"] += 1
+            continue
+        pid = r["patient_id"].strip()
+        if not pid:
+            raise ManifestError(f"{root / 'data.csv'}: empty patient_id for image {r['image_id']}")
+        img = next((img_dir / f"{r['image_id'].strip()}{e}" for e in (".png", ".jpg", ".dcm")
+                    if (img_dir / f"{r['image_id'].strip()}{e}").is_file()), None)
+        if img is None:
+            dropped["image file missing"] += 1
+            continue
+        rows.append({"patient_id": f"hannover-{pid}", "path": str(img), "label": "COVID-19", "source": "hannover",
+                     "view": view or np.nan, "finding": "COVID-19", "sex": r.get("sex", ""),
+                     "admission_offset": r.get("admission_offset", ""), "modality": r.get("modality", ""),
+                     "patient_id_from": "source"})
+    return _finish(rows, dropped, "hannover")
+
+
 #: COVID-19 Radiography Database class folders -> label.
 RADIOGRAPHY_DB_FOLDERS = {
     "covid": "COVID-19",
@@ -240,7 +336,7 @@ def radiography_db(root: str | os.PathLike, include_lung_opacity: bool = True, *
             continue
         for img in _images_in(d):
             rows.append({"patient_id": f"radiography-db-{img.stem}", "path": str(img), "label": label,
-                         "source": "radiography-db", "view": np.nan, "finding": d.name})
+                         "source": "radiography-db", "view": np.nan, "finding": d.name, "patient_id_from": "image"})
     if not found:
         raise ManifestError(f"{root}: no COVID/Normal/Viral Pneumonia/Lung_Opacity folders (radiography-db layout)")
     return _finish(rows, dropped, "radiography-db")
@@ -264,7 +360,7 @@ def folder(root: str | os.PathLike, source_name: str | None = None, **_: object)
         for img in _images_in(d):
             pid = img.stem.split("__")[0] if "__" in img.stem else img.stem
             rows.append({"patient_id": f"{name}-{pid}", "path": str(img), "label": label, "source": name,
-                         "view": np.nan})
+                         "view": np.nan, "patient_id_from": "filename" if "__" in img.stem else "image"})
     if not classes:
         raise ManifestError(f"{root}: no class sub-folders (expected e.g. normal/, pneumonia/, COVID-19/)")
     return _finish(rows, dropped, name)
@@ -287,16 +383,35 @@ CSV_COLUMN_CANDIDATES: dict[str, list[str]] = {
 }
 
 
+#: How ``patient_id_from`` invents a patient id when a CSV has none (see :func:`csv_source`).
+PATIENT_ID_FROM = ("filename", "image")
+
+
+def _invented_id(source_name: str, raw: str, how: str) -> str:
+    if how == "filename":  # files named <patient>__<rest> share a patient, as in the folder source
+        stem = Path(raw).stem
+        return f"{source_name}-{stem.split('__')[0] if '__' in stem else stem}"
+    return f"{source_name}-{raw}"  # "image": every listed file is its own patient
+
+
 def csv_source(path: str | os.PathLike, column_map: dict[str, str] | None = None,
                image_dir: str | os.PathLike | None = None, mask_dir: str | os.PathLike | None = None,
-               source_name: str = "csv", **_: object) -> AdapterResult:
+               source_name: str = "csv", patient_id_from: str | None = None, **_: object) -> AdapterResult:
     """Any CSV with a column mapping (``column_map``: manifest column -> CSV column; the rest guessed).
 
     File names resolve against ``image_dir`` (default: ``images/`` beside the CSV if it exists, else
     the CSV's folder); masks against ``mask_dir`` (default ``masks/``). The covid-cxr-dev set maps
     filename -> images/, geographic_extent_mean -> geographic_extent, opacity_mean -> opacity,
-    mask -> masks/ as mask_path. A ``label`` column is normalised; without one, ``finding`` is mapped.
+    mask -> masks/ as mask_path. A ``label`` column is normalised; without one, ``finding`` is mapped
+    (and a note says so, with the number of rows).
+
+    A patient id column is required: without one (or with empty cells) every image would become its
+    own patient and patients could cross splits unnoticed. ``patient_id_from="filename"`` (the file
+    stem, up to a ``__``) or ``"image"`` (each listed file) invents ids instead; those rows get
+    ``patient_id_from`` set to that word, so ``data audit`` can say that ids were invented.
     """
+    if patient_id_from is not None and patient_id_from not in PATIENT_ID_FROM:
+        raise ManifestError(f"patient_id_from must be one of {list(PATIENT_ID_FROM)}, not {patient_id_from!r}")
     p = Path(path).expanduser()
     meta = _read_csv(p, "CSV source")
     base = p.resolve().parent
@@ -318,7 +433,15 @@ def csv_source(path: str | os.PathLike, column_map: dict[str, str] | None = None
         raise ManifestError(f"{p}: no image column (one of {CSV_COLUMN_CANDIDATES['path']}); pass column_map")
     if "label" not in mapping and "finding" not in mapping:
         raise ManifestError(f"{p}: no label column (label/class) and no finding column to map")
+    if "patient_id" not in mapping and patient_id_from is None:
+        raise ManifestError(
+            f"{p}: no patient id column (one of {CSV_COLUMN_CANDIDATES['patient_id']}); without it patients can "
+            "cross splits unnoticed. Map one (--column patient_id=COL) or say how to invent ids "
+            "(--patient-id-from filename|image)")
+    notes: list[str] = []
     rows, dropped = [], Counter()
+    invented = 0
+    empty_ids: list[str] = []
     used = set(mapping.values())
     for r in meta.to_dict("records"):
         raw = r[mapping["path"]].strip()
@@ -339,10 +462,17 @@ def csv_source(path: str | os.PathLike, column_map: dict[str, str] | None = None
         if label is None:
             dropped["label not mapped"] += 1
             continue
-        pid = r.get(mapping.get("patient_id", ""), "").strip() or f"{source_name}-{img.stem}"
+        pid = (r.get(mapping["patient_id"], "") or "").strip() if "patient_id" in mapping else ""
+        pid_from = "source"
+        if not pid:
+            if patient_id_from is None:
+                empty_ids.append(raw)
+                continue
+            pid, pid_from = _invented_id(source_name, raw, patient_id_from), patient_id_from
+            invented += 1
         row = {"patient_id": pid, "path": str(img.resolve()), "label": label,
                "source": (r.get(mapping.get("source", ""), "") or "").strip() or source_name,
-               "view": (view or "").strip() or np.nan}
+               "view": (view or "").strip() or np.nan, "patient_id_from": pid_from}
         for col in ("geographic_extent", "opacity"):
             if col in mapping:
                 v = str(r[mapping[col]]).strip()
@@ -362,7 +492,18 @@ def csv_source(path: str | os.PathLike, column_map: dict[str, str] | None = None
             if c not in used and c not in row:
                 row[c] = v if v != "" else np.nan
         rows.append(row)
-    return _finish(rows, dropped, source_name)
+    if empty_ids:
+        raise ManifestError(
+            f"{p}: {len(empty_ids)} row(s) with an empty patient id (e.g. {empty_ids[0]}); fill them in or pass "
+            "--patient-id-from filename|image to invent ids for them")
+    if invented:
+        notes.append(f"patient ids invented from the {patient_id_from} for {invented} of {len(rows)} row(s) "
+                     f"(--patient-id-from {patient_id_from}); patient-level leakage cannot be checked for them")
+    if "label" not in mapping and rows:
+        notes.append(f"no label column: the label of {len(rows)} row(s) was mapped from the "
+                     f"{mapping['finding']!r} column (COVIDx finding mapping; {dropped.get('label not mapped', 0)} "
+                     "row(s) not mapped and dropped)")
+    return _finish(rows, dropped, source_name, notes)
 
 
 def covidx(path: str | os.PathLike, image_dir: str | os.PathLike | None = None, **_: object) -> AdapterResult:
@@ -385,6 +526,8 @@ ADAPTERS: dict[str, Callable[..., AdapterResult]] = {
     "figure1": figure1,
     "actualmed": actualmed,
     "rsna": rsna,
+    "nih": nih,
+    "hannover": hannover,
     "radiography-db": radiography_db,
     "folder": folder,
     "csv": csv_source,

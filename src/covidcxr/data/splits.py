@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Iterable
 
 import numpy as np
 import pandas as pd
 
+from covidcxr.data.duplicates import ImageFeatures, image_features
+from covidcxr.data.hashing import NEAR_DUPLICATE_BITS, file_digest
 from covidcxr.data.labels import CLASSES
+from covidcxr.data.linking import link_patients, linked_persons
 from covidcxr.data.manifest import ManifestError, write_manifest
 from covidcxr.data.sources import load_source
 
@@ -20,35 +23,6 @@ log = logging.getLogger(__name__)
 
 #: Stratification priority: a patient with any COVID-19 image is a COVID-19 patient, etc.
 _PRIORITY = {"COVID-19": 0, "pneumonia": 1, "normal": 2}
-
-
-def file_digest(path: str | os.PathLike) -> str:
-    """SHA-1 of a file's bytes: finds byte-identical images under different names or patients."""
-    h = hashlib.sha1()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _groups(patients: pd.Series, links: Iterable[tuple[str, str]]) -> pd.Series:
-    """Split groups: patients joined (union-find) when they share an identical or near-identical
-    image, so one X-ray can never sit on both sides of a split."""
-    parent: dict[str, str] = {p: p for p in patients.unique()}
-
-    def find(x: str) -> str:
-        while parent[x] != x:
-            parent[x] = parent[parent[x]]
-            x = parent[x]
-        return x
-
-    for a, b in links:
-        parent.setdefault(a, a)
-        parent.setdefault(b, b)
-        ra, rb = find(a), find(b)
-        if ra != rb:
-            parent[max(ra, rb)] = min(ra, rb)
-    return patients.map(find)
 
 
 def split_by_group(groups: pd.Series, labels: pd.Series, fractions: dict[str, float], seed: int) -> pd.Series:
@@ -79,9 +53,11 @@ def split_by_group(groups: pd.Series, labels: pd.Series, fractions: dict[str, fl
 
 def _summary(df: pd.DataFrame, dropped: dict[str, dict[str, int]]) -> dict:
     counts = df.groupby(["split", "label", "source"]).size()
+    src_pat = "source_patient_id" if "source_patient_id" in df.columns else "patient_id"
     return {
         "images": int(len(df)),
         "patients": int(df["patient_id"].nunique()),
+        "source_patients": int(df[src_pat].nunique()),
         "by_split": {s: int(n) for s, n in df["split"].value_counts().items()},
         "by_label": {s: int(n) for s, n in df["label"].value_counts().items()},
         "by_split_label": {f"{s}/{lab}": int(n) for (s, lab), n in df.groupby(["split", "label"]).size().items()},
@@ -92,18 +68,98 @@ def _summary(df: pd.DataFrame, dropped: dict[str, dict[str, int]]) -> dict:
 
 
 def _summary_md(s: dict) -> str:
-    lines = ["# Dataset build summary", "", f"{s['images']} images from {s['patients']} patients.", "",
-             "| split | " + " | ".join(CLASSES) + " | images | patients |", "|---|" + "---|" * (len(CLASSES) + 2)]
-    for split in ("train", "val", "test"):
-        if split not in s["by_split"]:
-            continue
-        cells = [str(s["by_split_label"].get(f"{split}/{c}", 0)) for c in CLASSES]
+    splits = [x for x in ("train", "val", "test") if x in s["by_split"]]
+    labels = CLASSES + sorted(set(s["by_label"]) - set(CLASSES))
+    lines = ["# Dataset build summary", "",
+             f"{s['images']} images from {s['patients']} patients (persons; {s.get('source_patients', s['patients'])} "
+             "patient ids as the sources wrote them).", "",
+             "| split | " + " | ".join(labels) + " | images | patients |", "|---|" + "---|" * (len(labels) + 2)]
+    for split in splits:
+        cells = [str(s["by_split_label"].get(f"{split}/{c}", 0)) for c in labels]
         lines.append(f"| {split} | " + " | ".join(cells) + f" | {s['by_split'][split]} | {s['patients_by_split'][split]} |")
+    lines += ["", "Images by class, source and split:", "",
+              "| label | source | " + " | ".join(splits) + " | all |", "|---|---|" + "---|" * (len(splits) + 1)]
+    cell = s["by_split_label_source"]
+    sources = sorted({k.split("/", 2)[2] for k in cell})
+    for lab in labels:
+        for src in sources:
+            n = [cell.get(f"{sp}/{lab}/{src}", 0) for sp in splits]
+            if sum(n):
+                lines.append(f"| {lab} | {src} | " + " | ".join(map(str, n)) + f" | {sum(n)} |")
+    if s.get("notes"):
+        lines += ["", "## Notes", ""] + [f"- {n}" for n in s["notes"]]
+    link = s.get("linked")
+    if link is not None:
+        lines += ["", "## Patients linked through duplicate images", "",
+                  f"{link['source_patients']} source patient ids were linked into {link['persons']} persons through "
+                  f"{link['linking_image_pairs']} image pair(s); every image of a person is in one split."]
+        for p in link["by_person"][:20]:
+            a, b, kind, bits = p["images"][0]
+            more = f" (+{len(p['images']) - 1} more pair(s))" if len(p["images"]) > 1 else ""
+            how = {"identical": "identical", "near": f"phash {bits} bits", "transformed": f"{bits} matching keypoints"}
+            lines.append(f"- {p['person']}: {', '.join(p['patients'])}, e.g. `{Path(a).name}` ~ `{Path(b).name}` "
+                         f"({how.get(kind, kind)}){more}")
+        if len(link["by_person"]) > 20:
+            lines.append(f"- ... {len(link['by_person']) - 20} more in summary.json")
     lines += ["", "## Dropped", ""]
     for src, reasons in s["dropped"].items():
+        if src == "unreadable":
+            continue
         text = ", ".join(f"{r}: {n}" for r, n in reasons.items()) or "nothing"
         lines.append(f"- {src}: {text}")
+    if s.get("seconds"):
+        t = s["seconds"]
+        lines += ["", f"Built in {t['total']:.1f} s (reading sources {t['load']:.1f} s, hashing images {t['hash']:.1f} s)."]
     return "\n".join(lines) + "\n"
+
+
+def load_sources(sources: Iterable[tuple[str, str]], **kw: object) -> tuple[pd.DataFrame, dict, list[str]]:
+    """Run every adapter and merge: ``(frame, dropped per source, notes)``. A file listed twice is
+    kept once. ``source_patient_id`` keeps each source's own patient id."""
+    sources = list(sources)
+    if not sources:
+        raise ManifestError("no sources given")
+    frames, dropped, notes = [], {}, []
+    for kind, path in sources:
+        df, why = load_source(kind, path, **kw)
+        notes += [f"{kind}={path}: {n}" for n in df.attrs.get("notes", [])]
+        df.attrs = {}
+        frames.append(df)
+        dropped[f"{kind}={path}"] = why
+    df = pd.concat([f for f in frames if len(f)] or frames[:1], ignore_index=True)
+    if df.empty:
+        raise ManifestError(f"no usable images in {[p for _, p in sources]}")
+    before = len(df)
+    df = df.drop_duplicates(subset=["path"]).reset_index(drop=True)
+    if len(df) < before:
+        dropped["merge"] = {"same file listed twice": before - len(df)}
+    df["patient_id"] = df["patient_id"].astype(str)
+    df["source_patient_id"] = df["patient_id"]
+    if "patient_id_from" not in df.columns:
+        df["patient_id_from"] = "source"
+    df["patient_id_from"] = df["patient_id_from"].fillna("source")
+    return df, dropped, notes
+
+
+def assign_splits(df: pd.DataFrame, seed: int = 0, val_fraction: float = 0.1, test_fraction: float = 0.2,
+                  holdout_source: str | None = None) -> pd.Series:
+    """Split by ``patient_id`` (linked persons): stratified train/val/test, or with ``holdout_source``
+    every person with an image from that source in test and the rest in train/val."""
+    groups = df["patient_id"].astype(str)
+    if holdout_source is None:
+        return split_by_group(groups, df["label"], {"train": 1 - val_fraction - test_fraction,
+                                                    "val": val_fraction, "test": test_fraction}, seed)
+    if holdout_source not in set(df["source"]):
+        raise ManifestError(f"holdout source {holdout_source!r} not among the sources {sorted(set(df['source']))}")
+    is_test = groups.isin(set(groups[df["source"] == holdout_source]))
+    split = pd.Series("test", index=df.index, dtype=object)
+    rest = ~is_test
+    split[rest] = split_by_group(groups[rest], df.loc[rest, "label"],
+                                 {"train": 1 - val_fraction - test_fraction, "val": val_fraction}, seed)
+    other = sorted(set(df.loc[is_test, "source"]) - {holdout_source})
+    if other:
+        log.warning("holdout: images of %s share patients/images with %s and go to test too", other, holdout_source)
+    return split
 
 
 def build_manifest(
@@ -123,92 +179,56 @@ def build_manifest(
     ``val_fraction`` and ``test_fraction`` are fractions of all images, per label; val comes from the
     non-test patients. With ``holdout_source`` every image of that source is test and the others are
     split into train/val only (same train:val ratio). With ``dedupe``, byte-identical images are
-    kept once and the patients that share them are kept in one split. With ``near_duplicates``, every
-    image is also decoded once (unreadable ones are dropped and listed in the summary) and patients
-    whose images have near-identical perceptual hashes (see :mod:`covidcxr.data.audit`) are kept in
-    one split too, so ``covidcxr data audit`` passes. Extra ``kw`` go to the adapters.
+    kept once. With ``near_duplicates``, every image is also decoded once (unreadable ones are
+    dropped and listed in the summary) for its perceptual hash. Patients that share an identical or
+    near-identical picture are linked into one person (:mod:`covidcxr.data.linking`): ``patient_id``
+    is the person and ``source_patient_id`` the source's id, so the split and the patient bootstrap
+    keep a person together and ``covidcxr data audit`` passes. Extra ``kw`` go to the adapters.
     """
     if not 0 <= test_fraction < 1 or not 0 <= val_fraction < 1 or val_fraction + test_fraction >= 1:
         raise ValueError(f"bad split fractions val={val_fraction} test={test_fraction}")
     sources = list(sources)
-    if not sources:
-        raise ManifestError("no sources given")
-    frames, dropped = [], {}
-    for kind, path in sources:
-        df, why = load_source(kind, path, **kw)
-        frames.append(df)
-        dropped[f"{kind}={path}"] = why
-    df = pd.concat(frames, ignore_index=True)
-    if df.empty:
-        raise ManifestError(f"no usable images in {[p for _, p in sources]}")
-    before = len(df)
-    df = df.drop_duplicates(subset=["path"]).reset_index(drop=True)
-    if len(df) < before:
-        dropped["merge"] = {"same file listed twice": before - len(df)}
-    df["patient_id"] = df["patient_id"].astype(str)
-    links: list[tuple[str, str]] = []
-    digests = None
-    if dedupe:
-        digests = df["path"].map(file_digest)
-        for _, pats in df.groupby(digests)["patient_id"]:
-            ps = sorted(set(pats))
-            links += [(ps[0], o) for o in ps[1:]]
-        dup = digests.duplicated()
-        if dup.any():
-            dropped.setdefault("merge", {})["byte-identical duplicate image"] = int(dup.sum())
-        df, digests = df[~dup].reset_index(drop=True), digests[~dup].reset_index(drop=True)
-    near: list[tuple[int, int]] = []
-    if near_duplicates:
-        from covidcxr.data.audit import NEAR_DUPLICATE_BITS, near_pairs, phash
-        from covidcxr.io import CXRReadError
-
-        hashes, bad = np.zeros(len(df), dtype=np.uint64), []
-        for i, p in enumerate(df["path"]):
-            try:
-                hashes[i] = phash(p)
-            except CXRReadError as err:
-                bad.append(i)
-                log.warning("dropping unreadable image: %s", err)
-        if bad:
-            dropped.setdefault("merge", {})["unreadable image"] = len(bad)
-            dropped.setdefault("unreadable", {})
-            for i in bad:
-                dropped["unreadable"][str(df.at[i, "path"])] = 1
-            keep = np.setdiff1d(np.arange(len(df)), bad)
-            df, hashes = df.iloc[keep].reset_index(drop=True), hashes[keep]
-            digests = digests.iloc[keep].reset_index(drop=True) if digests is not None else None
-        near = [(i, j) for i, j, _ in near_pairs(hashes, NEAR_DUPLICATE_BITS)]
-        pid = df["patient_id"].tolist()
-        links += [(pid[i], pid[j]) for i, j in near]
-        if near:
-            dropped.setdefault("merge", {})["near-duplicate pairs kept in one split"] = len(near)
-    groups = _groups(df["patient_id"], links)
-
-    if holdout_source is not None:
-        if holdout_source not in set(df["source"]):
-            raise ManifestError(f"holdout source {holdout_source!r} not among the sources {sorted(set(df['source']))}")
-        held_groups = set(groups[df["source"] == holdout_source])
-        is_test = groups.isin(held_groups)
-        split = pd.Series("test", index=df.index)
-        train_frac = 1 - val_fraction - test_fraction
-        rest = ~is_test
-        split[rest] = split_by_group(groups[rest], df.loc[rest, "label"],
-                                     {"train": train_frac, "val": val_fraction}, seed)
-        other = sorted(set(df.loc[is_test, "source"]) - {holdout_source})
-        if other:
-            log.warning("holdout: images of %s share patients/images with %s and go to test too", other, holdout_source)
-    else:
-        split = split_by_group(groups, df["label"], {"train": 1 - val_fraction - test_fraction,
-                                                      "val": val_fraction, "test": test_fraction}, seed)
-    df["split"] = split.values
+    t0 = time.perf_counter()
+    df, dropped, notes = load_sources(sources, **kw)
+    t_load = time.perf_counter()
+    feats = image_features(df["path"].astype(str).tolist(), perceptual=near_duplicates) if dedupe or near_duplicates else None
+    bad = feats.unreadable if feats is not None else []
+    if bad:
+        dropped.setdefault("merge", {})["unreadable image"] = len(bad)
+        dropped["unreadable"] = {df.at[i, "path"]: 1 for i, _ in bad}
+        for _, msg in bad:
+            log.warning("dropping unreadable image: %s", msg)
+        keep = np.setdiff1d(np.arange(len(df)), [i for i, _ in bad])
+        df = df.iloc[keep].reset_index(drop=True)
+        feats = ImageFeatures(
+            digests=[feats.digests[i] for i in keep], hashes=feats.hashes[keep] if feats.hashes is not None else None,
+            descriptors=[feats.descriptors[i] for i in keep] if feats.descriptors is not None else None,
+            keypoints=[feats.keypoints[i] for i in keep] if feats.keypoints is not None else None)
+    t_hash = time.perf_counter()
+    if feats is not None:
+        df["sha1"] = feats.digests
+        if feats.hashes is not None:
+            df["phash"] = [f"{int(h):016x}" for h in feats.hashes]
+    df, why, links = link_patients(df, feats, dedupe=dedupe, max_bits=NEAR_DUPLICATE_BITS)
+    for k, v in why.items():
+        dropped.setdefault("merge", {})[k] = v
+    df["split"] = assign_splits(df, seed, val_fraction, test_fraction, holdout_source).values
     df = df.sort_values(["split", "source", "patient_id", "path"], key=lambda s: s.map(
         {"train": 0, "val": 1, "test": 2}) if s.name == "split" else s).reset_index(drop=True)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     write_manifest(df, out / "manifest.csv")
     summary = _summary(df, dropped)
-    summary.update({"seed": seed, "val_fraction": val_fraction, "test_fraction": test_fraction,
-                    "holdout_source": holdout_source, "sources": [f"{k}={p}" for k, p in sources]})
+    persons = linked_persons(links)
+    summary.update({
+        "seed": seed, "val_fraction": val_fraction, "test_fraction": test_fraction,
+        "holdout_source": holdout_source, "sources": [f"{k}={p}" for k, p in sources], "notes": notes,
+        "linked": {"persons": len(persons), "source_patients": sum(len(p["patients"]) for p in persons),
+                   "linking_image_pairs": len(links), "by_person": persons},
+        "patient_ids_invented": int(df["patient_id_from"].isin(["filename", "image"]).sum()),
+        "seconds": {"load": round(t_load - t0, 2), "hash": round(t_hash - t_load, 2),
+                    "total": round(time.perf_counter() - t0, 2)},
+    })
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     (out / "summary.md").write_text(_summary_md(summary))
     log.info("wrote %s: %s", out / "manifest.csv", summary["by_split"])
@@ -223,4 +243,5 @@ def parse_source_spec(spec: str) -> tuple[str, str]:
     return kind.strip(), path.strip()
 
 
-__all__ = ["build_manifest", "split_by_group", "parse_source_spec", "file_digest"]
+__all__ = ["build_manifest", "load_sources", "assign_splits", "split_by_group",
+           "parse_source_spec", "file_digest"]
