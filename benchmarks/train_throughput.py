@@ -6,10 +6,14 @@ train`` uses: ``CXRDataModule`` over the shared dev set with the on-disk cache (
 after one epoch) and augmentation. The synthetic path feeds random tensors already in memory, so
 it measures the model alone. If real / synthetic is close to 1, data loading is not the
 bottleneck; the share of the real run's wall time spent waiting for the next batch says the same
-without depending on how busy the machine was between runs. Prints a table and writes benchmarks/results/train_throughput.json.
+without depending on how busy the machine was between runs.
 
-    .venv/bin/python benchmarks/train_throughput.py [--models resnet18:224 densenet121:224 covidnet-cxr-small:224]
-        [--steps 6] [--warmup 2] [--batch-size 8] [--workers 0] [--threads 1]
+Each row also measures inference (eval mode, no gradients, the same batch size) in PyTorch eager and,
+after ``covidcxr.export.export_onnx`` (with its parity check), in onnxruntime with the same thread count.
+``--no-inference`` skips that. Prints a table and writes benchmarks/results/train_throughput.json.
+
+    .venv/bin/python benchmarks/train_throughput.py [--models mobilenet_v2:224 efficientnet_lite0:224 ...]
+        [--steps 6] [--warmup 2] [--batch-size 8] [--workers 0] [--threads 1] [--no-inference]
 """
 
 from __future__ import annotations
@@ -35,7 +39,8 @@ def _shared_data() -> Path:
     return data_dir()
 
 DEFAULT_DATA = _shared_data() / "covid-cxr-dev"
-DEFAULT_MODELS = ["resnet18:224", "densenet121:224", "covidnet-cxr-small:224"]
+DEFAULT_MODELS = ["resnet18:224", "densenet121:224", "covidnet-cxr-small:224", "mobilenet_v2:224",
+                  "efficientnet_lite0:224"]
 
 
 class _Timer:
@@ -94,6 +99,40 @@ def _run(cfg: dict, preset, loader, steps: int, warmup: int) -> float:
     return timer.images / total, timer.wait / total
 
 
+def _inference(name: str, preset, batch: int, threads: int, tmp: Path, repeats: int) -> dict:
+    """Inference img/s of one model (random weights: speed does not depend on them), eager and onnxruntime."""
+    from covidcxr import models
+    from covidcxr.export import export_onnx
+
+    torch.manual_seed(0)
+    net = models.build(name, num_classes=3).eval()
+    x = torch.randn(batch, preset.channels, preset.size, preset.size)
+
+    def best_rate(fn) -> float:
+        fn()  # warm-up (allocations, ORT graph optimisation)
+        rates = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            fn()
+            rates.append(batch / (time.perf_counter() - t))
+        return max(rates)
+
+    with torch.no_grad():
+        eager = best_rate(lambda: net(x))
+    ckpt = tmp / f"{name}.ckpt"
+    models.save(ckpt, net, classes=["normal", "pneumonia", "COVID-19"], preset=preset)
+    report = export_onnx(ckpt, tmp / f"{name}.onnx")
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
+    sess = ort.InferenceSession(str(tmp / f"{name}.onnx"), so, providers=["CPUExecutionProvider"])
+    feed = {sess.get_inputs()[0].name: x.numpy()}
+    onnx = best_rate(lambda: sess.run(None, feed))
+    return {"eager_infer_img_s": eager, "onnx_infer_img_s": onnx,
+            "onnx_parity_max_abs_diff": getattr(report, "max_abs_diff", None)}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, default=DEFAULT_DATA, help="folder with metadata.csv (dev-set layout)")
@@ -104,6 +143,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workers", type=int, default=0, help="DataLoader workers for the real-data path")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: fastest on a busy machine)")
     ap.add_argument("--repeats", type=int, default=2, help="runs per row; the best counts (least disturbed)")
+    ap.add_argument("--no-inference", action="store_true", help="skip the eager / onnxruntime inference columns")
+    ap.add_argument("--infer-repeats", type=int, default=5, help="timed inference batches per backend (best counts)")
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "train_throughput.json")
     args = ap.parse_args(argv)
 
@@ -128,7 +169,8 @@ def main(argv: list[str] | None = None) -> int:
         name, _, size = entry.partition(":")
         spec = get_spec(name)
         preset = get_preset(spec.preset, size=int(size) if size else None)
-        cfg = load_config(None, [f"model.arch={name}", "optimizer.name=adam", "optimizer.lr=1e-4"])
+        cfg = load_config(None, [f"model.arch={name}", "optimizer.name=adam", "optimizer.lr=1e-4",
+                                 "operating_point.target_sensitivity=null"])
         dm = CXRDataModule(manifest, preset, batch_size=args.batch_size, num_workers=args.workers, augment="covidnet",
                            cache_dir=tmp / "cache", seed=0)
         dm.setup("fit")
@@ -144,9 +186,13 @@ def main(argv: list[str] | None = None) -> int:
         row = {"model": name, "size": preset.size, "batch_size": args.batch_size, "synthetic_img_s": synth_r,
                "real_cached_img_s": real_r, "ratio": real_r / synth_r, "data_wait_fraction": min(wait),
                "workers": args.workers}
+        if not args.no_inference:
+            row.update(_inference(name, preset, args.batch_size, args.threads, tmp, args.infer_repeats))
         rows.append(row)
         print(f"{name:>20} {preset.size:>4}px  synthetic {synth_r:7.2f} img/s   real+cache {real_r:7.2f} img/s   "
-              f"ratio {row['ratio']:.2f}   data wait {100 * row['data_wait_fraction']:.1f}%", flush=True)
+              f"ratio {row['ratio']:.2f}   data wait {100 * row['data_wait_fraction']:.1f}%"
+              + (f"   infer eager {row['eager_infer_img_s']:.1f} / onnx {row['onnx_infer_img_s']:.1f} img/s"
+                 if "eager_infer_img_s" in row else ""), flush=True)
 
     meta = {"threads": args.threads, "steps": args.steps, "warmup": args.warmup, "repeats": args.repeats,
             "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "torch": torch.__version__,
@@ -155,11 +201,14 @@ def main(argv: list[str] | None = None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     print()
-    print("| model | size | batch | synthetic img/s | real (cached) img/s | real / synthetic | time waiting for data |")
-    print("|---|---|---|---|---|---|---|")
+    print("| model | size | batch | synthetic img/s | real (cached) img/s | real / synthetic | time waiting for data "
+          "| inference eager img/s | inference onnxruntime img/s |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    fmt = lambda v: "-" if v is None else f"{v:.1f}"  # noqa: E731
     for r in rows:
         print(f"| {r['model']} | {r['size']} | {r['batch_size']} | {r['synthetic_img_s']:.2f} | "
-              f"{r['real_cached_img_s']:.2f} | {r['ratio']:.2f} | {100 * r['data_wait_fraction']:.1f}% |")
+              f"{r['real_cached_img_s']:.2f} | {r['ratio']:.2f} | {100 * r['data_wait_fraction']:.1f}% | "
+              f"{fmt(r.get('eager_infer_img_s'))} | {fmt(r.get('onnx_infer_img_s'))} |")
     print(f"\nwritten {args.out}")
     return 0
 
