@@ -2,7 +2,9 @@
 
 Starts Orthanc (Debian package ``orthanc``, generated configuration, free ports, storage in a tmp dir)
 and ``covidcxr dicom listen`` in a subprocess forwarding to it. The images are the RSNA sample
-(CR, 1024 x 1024, JPEG Baseline) under a fresh SOP Instance UID each, so none is a duplicate.
+header (CR) with the pixels of a different dev-set image each (uncompressed 8-bit; the shared dev set's
+JPEGs), under a fresh SOP Instance UID, so neither the duplicate check nor any per-image cache helps.
+Two warm-up images (model load, first-call costs) are not counted.
 
 * **latency**: ``--images`` images one at a time; for each, the time from the start of the C-STORE to the
   node until its SR is stored in Orthanc (seen by polling Orthanc's ``/changes`` every 20 ms, so figures
@@ -12,7 +14,7 @@ and ``covidcxr dicom listen`` in a subprocess forwarding to it. The images are t
   answer time (what the PACS waits for) and the end-to-end time per image, which includes queueing.
 
     .venv/bin/python benchmarks/dicom_node.py [--model CKPT] [--images 50] [--concurrency 1 4]
-        [--workers 1] [--threads 1]
+        [--workers 1] [--threads 1] [--no-plausibility] [--out FILE.json]
 
 Without --model a random-weight resnet18 checkpoint at 224 px is made (speed does not depend on the
 weights). Prints a table and writes benchmarks/results/dicom_node.json.
@@ -104,6 +106,7 @@ def main() -> int:
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 4])
     ap.add_argument("--workers", type=int, default=1, help="node analysis threads")
     ap.add_argument("--threads", type=int, default=1, help="node intra-op threads")
+    ap.add_argument("--no-plausibility", action="store_true", help="run the node without the plausibility check")
     ap.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for all SRs of one run")
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "dicom_node.json")
     args = ap.parse_args()
@@ -140,23 +143,52 @@ def main() -> int:
     cmd += ["dicom", "listen", "--model", str(model), "--host", "127.0.0.1", "--port", str(port),
             "--forward", f"ORTHANC@127.0.0.1:{pacs.dicom_port}", "--allow", "BENCH@127.0.0.1",
             "--store", str(tmp / "store"), "--workers", str(args.workers), "--threads", str(args.threads),
-            "--max-pending", str(10 * args.images)]
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+            "--max-pending", str(10 * args.images)] + (["--no-plausibility"] if args.no_plausibility else [])
+    # a fresh mask cache: masks cached by earlier runs over the same images would hide the segmenter's cost
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "COVIDCXR_CACHE": str(tmp / "cache")}
+    weights = data_dir().parent / "weights"
+    if not args.no_plausibility and "COVIDCXR_WEIGHTS_DIR" not in env and (weights / "README.md").is_file():
+        env["COVIDCXR_WEIGHTS_DIR"] = str(weights)  # the lung U-Net of the plausibility check
+    plausibility = "off" if args.no_plausibility else (
+        "on (lung U-Net)" if env.get("COVIDCXR_WEIGHTS_DIR") else "on, but no weights: records 'unchecked'")
     node_log = open(tmp / "node.log", "wb")
     node = subprocess.Popen(cmd, stdout=node_log, stderr=subprocess.STDOUT, env=env)
 
     ae = AE(ae_title="BENCH")
     ae.add_requested_context(Verification)
     ae.add_requested_context(SecondaryCaptureImageStorage, ts)
+    ae.add_requested_context(SecondaryCaptureImageStorage, pydicom.uid.ExplicitVRLittleEndian)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 120
     _config.STORE_SEND_CHUNKED_DATASET = True
 
+    dev_images = sorted((data_dir() / "covid-cxr-dev" / "images").glob("*.jpg"))
+    used = iter(dev_images)
+
+    def wrap(path: Path) -> pydicom.Dataset:
+        """A dev-set JPEG as an uncompressed 8-bit secondary capture (pixels unchanged)."""
+        import numpy as np
+        from PIL import Image
+
+        arr = np.asarray(Image.open(path).convert("L"), dtype=np.uint8)
+        ds = pydicom.dcmread(sample, stop_before_pixels=True)
+        ds.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
+        for kw in ("LossyImageCompression", "LossyImageCompressionMethod", "PixelSpacing"):
+            if kw in ds:
+                delattr(ds, kw)
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = pydicom.uid.generate_uid(), pydicom.uid.generate_uid()
+        ds.Rows, ds.Columns = arr.shape
+        ds.PixelData = arr.tobytes()
+        ds["PixelData"].VR = "OB"  # read from an encapsulated file, the element's VR is still ambiguous
+        return ds
+
     def fresh_files(n: int, tag: str) -> list[tuple[str, Path]]:
+        """n distinct images (different pixels, so no per-image cache helps), each with a new SOP Instance UID."""
         out = []
         d = tmp / tag
         d.mkdir()
         for i in range(n):
-            ds = pydicom.dcmread(sample)
+            src = next(used, None)
+            ds = wrap(src) if src is not None else pydicom.dcmread(sample)
             ds.SOPInstanceUID = pydicom.uid.generate_uid()
             ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
             p = d / f"{i}.dcm"
@@ -275,8 +307,10 @@ def main() -> int:
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                     "load_avg_1m_at_end": os.getloadavg()[0]},
         "model": "resnet18 random weights, deepcovid preset 224 px" if not args.model else str(args.model),
-        "node": {"workers": args.workers, "threads": args.threads, "heatmaps": "Grad-CAM (torch backend)"},
-        "image": "RSNA sample: CR 1024x1024 JPEG Baseline, a new SOP Instance UID per send",
+        "node": {"workers": args.workers, "threads": args.threads, "heatmaps": "Grad-CAM (torch backend)",
+                 "plausibility": plausibility},
+        "image": "RSNA sample header with a different covid-cxr-dev image's pixels each (uncompressed 8-bit), "
+                 "a new SOP Instance UID per send",
         "orthanc": "Debian package orthanc 1.10.1, loopback",
         "results": results,
     }

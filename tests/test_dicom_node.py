@@ -110,6 +110,7 @@ def test_echo_and_only_allowed_peers(node) -> None:
     assert Scu(node.port, calling="STRANGER").echo() is None  # association rejected: not an allowed peer
     assert Scu(node.port, called="WRONGAE").echo() is None  # called AE title is checked
     assert main(["dicom", "echo", f"COVIDCXR@127.0.0.1:{node.port}", "--ae-title", "TESTSCU"]) == 0
+    assert main(["dicom", "echo", f"COVIDCXR@127.0.0.1:{node.port}", "--ae-title", "STRANGER"]) == 1
 
 
 # --------------------------------------------------------------------------- end to end
@@ -172,6 +173,36 @@ def test_orthanc_forwards_images_and_gets_sr_and_sc_back(node, pacs: Orthanc, ck
         assert banner[0] > 120 and banner[1] < 80, banner  # mostly red: the notice banner
     err = capsys.readouterr().err
     assert "Test^Wrapped" not in err and "TEST-0001" not in err
+
+
+def test_compressed_transfer_syntaxes_are_accepted(node, pacs: Orthanc, samples_dir: Path) -> None:
+    """RLE, JPEG 2000 and JPEG-LS lossless (12-bit data), as a modality or a PACS may send them."""
+    from pydicom.pixels import get_encoder
+    from pydicom.uid import JPEG2000Lossless, JPEGLSLossless, RLELossless
+
+    from covidcxr.io import decode
+
+    rng = np.random.default_rng(1)
+    base = (np.linspace(0, 4000, 256)[None, :] + rng.normal(0, 50, (256, 256))).clip(0, 4095).astype(np.uint16)
+    sent = []
+    for ts in (RLELossless, JPEG2000Lossless, JPEGLSLossless):
+        if not get_encoder(ts).is_available:
+            continue
+        ds = wrap_image(base, sop_class="1.2.840.10008.5.1.4.1.1.1.1", modality="DX", BitsStored=12, HighBit=11)
+        ds.compress(ts)
+        assert decode(to_bytes(ds))[0].shape == (256, 256)
+        assert Scu(node.port, syntaxes=(ts,)).store(ds) == [(0, "")], ts.name
+        sent.append(ds)
+    assert len(sent) >= 2
+    for ds in sent:
+        assert read_result(wait_results(pacs, str(ds.SOPInstanceUID))["sr"])["referenced_sop_instance_uids"] == [
+            str(ds.SOPInstanceUID)]
+
+
+def test_send_command_stores_a_compressed_file(node, samples_dir: Path, capsys: pytest.CaptureFixture) -> None:
+    sample = samples_dir / "rsna-pneumonia-sample.dcm"  # JPEG Baseline: sent as it is
+    assert main(["dicom", "send", f"COVIDCXR@127.0.0.1:{node.port}", str(sample), "--ae-title", "TESTSCU"]) == 0
+    assert f"{sample}: stored" in capsys.readouterr().out
 
 
 # --------------------------------------------------------------------------- bad input

@@ -94,7 +94,8 @@ def renamed(data: bytes, **attrs: object) -> Dataset:
 class Scu:
     """A pynetdicom SCU for the node under test: echo, store files or raw datasets."""
 
-    def __init__(self, port: int, called: str = "COVIDCXR", calling: str = "TESTSCU") -> None:
+    def __init__(self, port: int, called: str = "COVIDCXR", calling: str = "TESTSCU",
+                 syntaxes: tuple[str, ...] = (ExplicitVRLittleEndian, "1.2.840.10008.1.2.4.50")) -> None:
         from pynetdicom import AE
         from pynetdicom.sop_class import Verification
 
@@ -104,7 +105,7 @@ class Scu:
         self.ae = AE(ae_title=calling)
         self.ae.add_requested_context(Verification)
         for sop in ACCEPTED_SOP_CLASSES:  # one context per transfer syntax: the acceptor picks one per context
-            for ts in (ExplicitVRLittleEndian, "1.2.840.10008.1.2.4.50"):
+            for ts in syntaxes:
                 self.ae.add_requested_context(sop, ts)
         self.ae.acse_timeout = self.ae.dimse_timeout = self.ae.network_timeout = 30
 

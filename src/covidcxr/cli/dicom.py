@@ -33,7 +33,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     lis.add_argument("--backend", choices=["torch", "onnx"], default=None)
     lis.add_argument("--ae-title", default="COVIDCXR", help="this node's AE title (default: %(default)s)")
     lis.add_argument("--host", default="0.0.0.0", help="bind address (default: %(default)s)")
-    lis.add_argument("--port", type=int_at_least(0), default=11112, help="DICOM port (default: %(default)s)")
+    lis.add_argument("--port", type=_port, default=11112, help="DICOM port; 0 picks a free one (default: %(default)s)")
     lis.add_argument("--forward", required=True, metavar="AE@HOST:PORT",
                      help="destination for the results (the PACS), e.g. ORTHANC@127.0.0.1:4242")
     lis.add_argument("--allow", action="append", default=[], metavar="AE[@HOST]",
@@ -69,6 +69,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     send.add_argument("files", nargs="+", metavar="FILE")
     send.add_argument("--ae-title", default="COVIDCXR-SCU", help="calling AE title (default: %(default)s)")
     send.set_defaults(func=cmd_send)
+
+
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"{value} is outside 0-65535")
+    return value
 
 
 def dicom_writer(out_dir: str, predictor: object):
@@ -182,15 +192,21 @@ def cmd_send(args: argparse.Namespace) -> int:
         except Exception as err:
             raise UserError(f"{f}: not a readable DICOM file ({type(err).__name__})") from None
     ae = AE(ae_title=args.ae_title)
-    for sop, ts in {(str(h.SOPClassUID), str(h.file_meta.TransferSyntaxUID)) for _, h in headers}:
-        ae.add_requested_context(sop, [ts] + [t for t in ("1.2.840.10008.1.2.1",) if t != ts])
+    # one presentation context per (SOP class, transfer syntax): the acceptor picks one syntax per context
+    for sop, ts in sorted({(str(h.SOPClassUID), str(h.file_meta.TransferSyntaxUID)) for _, h in headers}):
+        ae.add_requested_context(sop, ts)
     assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title)
     if not assoc.is_established:
         raise UserError(f"no association with {peer} (not listening, or it refused calling AE {args.ae_title!r})")
     failed = 0
     try:
         for f, _ in headers:
-            status = assoc.send_c_store(Path(f))
+            try:
+                status = assoc.send_c_store(Path(f))
+            except (ValueError, AttributeError) as err:  # no accepted context for this file's class/syntax
+                failed += 1
+                print(f"{f}: not sent ({str(err).splitlines()[0]})")
+                continue
             code = int(status.Status) if "Status" in status else None
             comment = status.get("ErrorComment", "")
             ok = code in (0x0000, 0xB000, 0xB006, 0xB007)

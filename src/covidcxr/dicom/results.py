@@ -13,7 +13,7 @@ import pydicom
 from pydicom.dataset import Dataset
 
 from covidcxr.dicom.analysis import Analysis, Engine
-from covidcxr.dicom.common import instance_key, quiet_dicom_libraries
+from covidcxr.dicom.common import instance_key, quiet_dicom_libraries, safe_reason
 from covidcxr.dicom.sc import build_sc
 from covidcxr.dicom.sr import build_sr
 
@@ -86,8 +86,8 @@ class DicomResultWriter:
             clean = {k: v for k, v in rec.items() if k not in ("tensor", "tensors")}
             analysis = self.engine.analyze(image, header, rec=clean)
             results = build_results(header, analysis, self.engine)
-        except (OSError, CXRReadError, ValueError, AttributeError, KeyError) as err:
-            rec["dicom_note"] = f"no SR written: {type(err).__name__}: {err}"
+        except Exception as err:  # one input without an SR must not stop the batch
+            rec["dicom_note"] = f"no SR written: {err.reason if isinstance(err, CXRReadError) else safe_reason(err)}"
             self.skipped += 1
             return
         digest = hashlib.sha1(str(path).encode()).hexdigest()[:8]
