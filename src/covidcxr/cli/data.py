@@ -17,11 +17,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="merge sources into OUT/manifest.csv, split by patient",
         description="Merge public datasets (in their own layouts) into one manifest and split it by patient "
         "into train/val/test, stratified by label and deterministic for --seed. Source kinds: cohen, figure1, "
-        "actualmed, rsna, radiography-db, folder, csv, covidx.",
+        "actualmed, rsna, nih, hannover, radiography-db, folder, csv, covidx. Patients that share a picture "
+        "(identical, re-encoded, or cropped/rotated) are linked into one person (patient_id; the source's id "
+        "stays in source_patient_id), so a person never spans two splits.",
     )
     b.add_argument("--source", action="append", required=True, metavar="KIND=PATH",
                    help="a source, repeatable: csv=metadata.csv, cohen=DIR, figure1=DIR, actualmed=DIR, rsna=DIR, "
-                   "radiography-db=DIR, folder=DIR, covidx=LABELS.txt")
+                   "nih=DIR (ChestX-ray14), hannover=DIR, radiography-db=DIR, folder=DIR, covidx=LABELS.txt")
     b.add_argument("--out", required=True, help="output folder (manifest.csv, summary.json, summary.md)")
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--val-fraction", type=float, default=0.1, help="fraction of images for val (default 0.1)")
@@ -33,6 +35,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--image-dir", help="csv/covidx sources: folder the file names are relative to")
     b.add_argument("--strict-labels", action="store_true",
                    help="cohen: only the original COVIDx notebook findings (drops Varicella, Influenza, ...)")
+    b.add_argument("--patient-id-from", choices=["filename", "image"],
+                   help="csv source without a patient id column (or with empty cells): invent ids from the file "
+                   "name (up to a '__') or one per image. Without this flag a missing patient id is an error; "
+                   "with it, `data audit` reports the ids as invented")
+    b.add_argument("--keep-other-findings", action="store_true",
+                   help="nih: keep images whose findings are neither 'No Finding' nor include Pneumonia, with label "
+                   "'other' (training ignores them; the raw findings are in the 'findings' column)")
     b.add_argument("--no-near-dedupe", action="store_true",
                    help="skip decoding every image for perceptual-hash grouping (faster on huge sources)")
     b.set_defaults(func=cmd_build)
@@ -72,6 +81,10 @@ def cmd_build(args: argparse.Namespace) -> int:
         kw["image_dir"] = args.image_dir
     if args.strict_labels:
         kw["strict_labels"] = True
+    if args.patient_id_from:
+        kw["patient_id_from"] = args.patient_id_from
+    if args.keep_other_findings:
+        kw["keep_other_findings"] = True
     try:
         build_manifest(sources, args.out, seed=args.seed, val_fraction=args.val_fraction,
                        test_fraction=args.test_fraction, holdout_source=args.holdout_source,

@@ -13,6 +13,7 @@ from covidcxr.data.dataset import CXRDataset
 from covidcxr.data.labels import CLASSES, map_finding, normalize_label
 from covidcxr.data.manifest import (
     ManifestError,
+    keep_labels,
     read_covidx_labels,
     read_manifest,
     write_covidx_labels,
@@ -26,7 +27,7 @@ __all__ = [
     "CLASSES", "ManifestError", "read_manifest", "write_manifest", "read_covidx_labels", "write_covidx_labels",
     "build_manifest", "load_source", "ADAPTERS", "map_finding", "normalize_label", "CXRDataset", "CXRDataModule",
     "rebalancing_sampler", "RebalancingSampler", "WeightedSampler", "class_weights", "PreparedCache",
-    "audit_manifest",
+    "audit_manifest", "keep_labels",
 ]
 
 

@@ -18,10 +18,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from covidcxr.data.duplicates import ImageFeatures, duplicate_pairs, image_features
 from covidcxr.data.hashing import NEAR_DUPLICATE_BITS, file_digest, near_pair_arrays, near_pairs, phash  # noqa: F401
 from covidcxr.data.labels import CLASSES
 from covidcxr.data.manifest import read_manifest
-from covidcxr.io import CXRReadError
 
 log = logging.getLogger(__name__)
 
@@ -84,36 +84,6 @@ def _blank(v: object) -> bool:
     return v is None or (isinstance(v, float) and np.isnan(v)) or str(v).strip() == ""
 
 
-def _fingerprints(df: pd.DataFrame, perceptual: bool, unreadable: list[str]) -> tuple[list, np.ndarray, np.ndarray]:
-    """SHA-1 per row (None if unreadable) and, with ``perceptual``, the phash per row and a readable mask.
-    A phash stored by ``data build`` is reused when the file's SHA-1 still matches the stored one."""
-    stored_sha = df["sha1"].tolist() if "sha1" in df.columns else [None] * len(df)
-    stored_ph = df["phash"].tolist() if "phash" in df.columns else [None] * len(df)
-    digests: list[str | None] = []
-    hashes = np.zeros(len(df), dtype=np.uint64)
-    ok = np.zeros(len(df), dtype=bool)
-    for i, p in enumerate(df["path"]):
-        try:
-            digests.append(file_digest(p))
-        except OSError as err:
-            digests.append(None)
-            unreadable.append(f"{p}: {err.strerror or err}")
-            continue
-        if not perceptual:
-            continue
-        if stored_sha[i] == digests[-1] and not _blank(stored_ph[i]):
-            try:
-                hashes[i], ok[i] = int(str(stored_ph[i]), 16), True
-                continue
-            except ValueError:
-                pass
-        try:
-            hashes[i], ok[i] = phash(p), True
-        except CXRReadError as err:
-            unreadable.append(str(err))
-    return digests, hashes, ok
-
-
 def _linked_report(df: pd.DataFrame) -> dict[str, Any] | None:
     """Persons that join several source patient ids (``data build`` links them through duplicate images)."""
     if "source_patient_id" not in df.columns:
@@ -125,8 +95,11 @@ def _linked_report(df: pd.DataFrame) -> dict[str, Any] | None:
     persons = []
     for person in sorted(linked.index):
         rows = df[pid == person]
+        # the images of the joined ids (not the person's own id) that are copies of another id's image
         via = [{"path": str(r["path"]), "duplicate_of": str(dup[k]).split("|"), "source_patient_id": str(spid[k])}
-               for k, r in rows.iterrows() if not _blank(dup[k])]
+               for k, r in rows.iterrows() if not _blank(dup[k]) and spid[k] != person]
+        via = via or [{"path": str(r["path"]), "duplicate_of": str(dup[k]).split("|"), "source_patient_id": str(spid[k])}
+                      for k, r in rows.iterrows() if not _blank(dup[k])]
         persons.append({"person": person, "patients": sorted(set(spid[pid == person])),
                         "splits": sorted(set(rows["split"].astype(str))), "images": int(len(rows)), "via": via})
     return {"persons": len(persons), "source_patients": int(linked.sum()),
@@ -164,14 +137,18 @@ def audit_manifest(manifest: str | os.PathLike | pd.DataFrame, out_dir: str | os
     # exact and near duplicates
     unreadable: list[str] = []
     if digests is None or (perceptual and hashes is None):
-        got_d, got_h, ok = _fingerprints(df, perceptual and hashes is None, unreadable)
-        digests = got_d if digests is None else list(digests)
-        if hashes is None:
-            hashes = got_h
-        else:
-            ok = np.ones(len(df), bool)
-    else:
-        ok = np.array([d is not None for d in digests])
+        # the same verified duplicate search as `data build`: phash candidates and ORB/RANSAC checks
+        feats = image_features(df["path"].astype(str).tolist(), perceptual=perceptual and hashes is None)
+        unreadable += [msg for _, msg in feats.unreadable]
+        bad = {i for i, _ in feats.unreadable}
+        if digests is not None:
+            feats.digests = list(digests)
+        if hashes is not None:
+            feats.hashes = np.asarray(hashes, dtype=np.uint64)
+    else:  # precomputed fingerprints (benchmarks): phash pairs count unverified
+        feats = ImageFeatures(digests=list(digests), hashes=np.asarray(hashes, dtype=np.uint64) if perceptual else None)
+        bad = {i for i, d in enumerate(digests) if d is None}
+    digests = feats.digests
     df["_digest"] = list(digests)
     split_arr = df["split"].astype(str).to_numpy()
     pid_arr = df["patient_id"].to_numpy()
@@ -186,18 +163,14 @@ def audit_manifest(manifest: str | os.PathLike | pd.DataFrame, out_dir: str | os
             exact_within += len(grp) - 1
             if grp["patient_id"].nunique() > 1:
                 unlinked.append({"paths": grp["path"].tolist()[:2], "patients": grp["patient_id"].tolist()[:2],
-                                 "split": str(grp["split"].iloc[0]), "hamming_bits": 0})
+                                 "split": str(grp["split"].iloc[0]), "kind": "identical", "score": 0})
     report["exact_duplicates"] = {"across_splits": len(exact_cross), "within_split": exact_within,
                                   "examples": exact_cross[:20]}
     if perceptual:
-        idx = np.flatnonzero(ok)
-        a, b, d = near_pair_arrays(np.asarray(hashes, dtype=np.uint64)[idx], near_bits)
         near_cross, near_within = [], 0
-        for i, j, bits in zip(idx[a].tolist(), idx[b].tolist(), d.tolist()):
-            if digests[i] == digests[j]:
-                continue  # already an exact duplicate
+        for i, j, kind, score in duplicate_pairs(feats, near_bits, skip=bad):
             pair = {"paths": [df.at[i, "path"], df.at[j, "path"]], "patients": [pid_arr[i], pid_arr[j]],
-                    "hamming_bits": int(bits)}
+                    "kind": kind, "score": int(score)}
             if split_arr[i] != split_arr[j]:
                 near_cross.append({**pair, "splits": [split_arr[i], split_arr[j]]})
             else:
@@ -206,7 +179,8 @@ def audit_manifest(manifest: str | os.PathLike | pd.DataFrame, out_dir: str | os
                     unlinked.append({**pair, "split": split_arr[i]})
         report["near_duplicates"] = {"max_hamming_bits": near_bits, "across_splits": len(near_cross),
                                      "within_split_pairs": near_within,
-                                     "examples": sorted(near_cross, key=lambda r: r["hamming_bits"])[:20]}
+                                     "verified": feats.descriptors is not None,
+                                     "examples": sorted(near_cross, key=lambda r: (r["kind"], r["score"]))[:20]}
     # Same picture under two person ids in one split: no split leak, but the patient bootstrap counts
     # one person twice. Manifests from `data build` link these, so this flags hand-made manifests.
     report["unlinked_duplicates"] = {"pairs": len(unlinked), "examples": unlinked[:20]}
@@ -286,10 +260,12 @@ def audit_markdown(r: dict[str, Any]) -> str:
     lines += ["", "## Duplicate images", "", f"- byte-identical across splits: {e['across_splits']} (within a split: {e['within_split']})"]
     if "near_duplicates" in r:
         n = r["near_duplicates"]
-        lines.append(f"- near-duplicates across splits (phash Hamming <= {n['max_hamming_bits']} of 64 bits): "
-                     f"{n['across_splits']} (pairs within a split: {n['within_split_pairs']})")
+        how = ("verified by matching keypoints" if n.get("verified", True) else "phash only, unverified")
+        lines.append(f"- near-duplicates across splits (phash Hamming <= {n['max_hamming_bits']} of 64 bits, or cropped/"
+                     f"rotated copies; {how}): {n['across_splits']} (pairs within a split: {n['within_split_pairs']})")
         for ex in n["examples"][:10]:
-            lines.append(f"  - {ex['hamming_bits']} bits: `{ex['paths'][0]}` ({ex['splits'][0]}) ~ `{ex['paths'][1]}` ({ex['splits'][1]})")
+            what = f"{ex['score']} bits" if ex["kind"] == "near" else f"{ex['kind']}, {ex['score']} matching keypoints"
+            lines.append(f"  - {what}: `{ex['paths'][0]}` ({ex['splits'][0]}) ~ `{ex['paths'][1]}` ({ex['splits'][1]})")
     for ex in e["examples"][:10]:
         lines.append(f"  - identical: " + ", ".join(f"`{p}` ({s})" for p, s in zip(ex["paths"], ex["splits"])))
     if r.get("unlinked_duplicates", {}).get("pairs"):
@@ -302,7 +278,7 @@ def audit_markdown(r: dict[str, Any]) -> str:
         lines.append("- no `source_patient_id` column: this manifest carries no linking information")
     else:
         lines.append(f"- {lk['source_patients']} source patient ids are linked into {lk['persons']} persons "
-                     f"through {lk['linking_images']} image(s) that are duplicates of another patient's image")
+                     f"through {lk['linking_images']} image(s) that are copies of another id's image")
         for p in lk["by_person"][:15]:
             via = "; ".join(f"`{Path(v['path']).name}` = `{Path(v['duplicate_of'][0]).name}`" for v in p["via"][:2])
             more = f" (+{len(p['via']) - 2} more)" if len(p["via"]) > 2 else ""

@@ -100,6 +100,34 @@ def write_manifest(df: pd.DataFrame, path: str | os.PathLike, relative: bool = F
     return p
 
 
+def keep_labels(df: pd.DataFrame, labels: list[str] | set[str] | dict, label_filter: list[str] | None = None,
+                where: str | os.PathLike | None = None) -> tuple[pd.DataFrame, dict[str, int]]:
+    """Keep the rows whose label a task can use, and say what was left out.
+
+    Rows whose ``label`` is outside ``labels`` (or outside ``label_filter`` when given) are dropped,
+    except rows without a split (never used). Returns ``(kept, {label: rows dropped})`` and logs
+    one warning line naming the manifest, the count and the labels, so a training run never loses
+    images silently (e.g. NIH ``other`` findings, or pneumonia in a run restricted to 2 classes).
+    """
+    import logging
+
+    keep_set = set(labels) if label_filter is None else set(labels) & set(label_filter)
+    lab = df["label"].astype(str)
+    drop = ~lab.isin(keep_set)
+    if "split" in df.columns:
+        drop &= df["split"].notna()
+    counts = {str(k): int(v) for k, v in lab[drop].value_counts().sort_index().items()}
+    if counts:
+        src = where or df.attrs.get("manifest_path", "the manifest")
+        why = f"not in label_filter {sorted(label_filter)}" if label_filter is not None else f"not among the classes {sorted(keep_set)}"
+        logging.getLogger(__name__).warning(
+            "%s: left out %d of %d row(s) whose label is %s: %s", src, int(drop.sum()), len(df), why,
+            ", ".join(f"{k} ({v})" for k, v in counts.items()))
+    out = df[~drop]
+    out.attrs = dict(df.attrs)
+    return out, counts
+
+
 # --------------------------------------------------------------------------- COVIDx label files
 
 #: Label words in COVIDx files -> (label, severity_level).

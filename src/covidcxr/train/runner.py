@@ -199,9 +199,9 @@ def prepare(cfg: dict, data: str | os.PathLike) -> tuple[Any, Any, list[str], di
     if isinstance(cw, list) and len(cw) != len(classes):
         raise ConfigError(f"loss.class_weights has {len(cw)} values for {len(classes)} classes {classes}")
     df = read_manifest(data, require_split=True)
-    if cfg["data"]["label_filter"]:
-        df = df[df["label"].isin(list(cfg["data"]["label_filter"]))]
-    df = df[df["label"].isin(list(label_map)) | df["split"].isna()]
+    from covidcxr.data.manifest import keep_labels  # logs what it leaves out, and how many rows
+
+    df, dropped_labels = keep_labels(df, list(label_map), cfg["data"]["label_filter"] or None, where=data)
     _check_splits(df, data)
     dm = CXRDataModule(df, preset, batch_size=d["batch_size"], num_workers=d["num_workers"], augment=_augment(cfg),
                        cache_dir=d["cache_dir"], sampler=d["sampler"], minority_fraction=d["minority_fraction"],
@@ -214,6 +214,7 @@ def prepare(cfg: dict, data: str | os.PathLike) -> tuple[Any, Any, list[str], di
         "config": cfg,
         "manifest": str(Path(data).resolve()),
         "manifest_sha256": _sha256(data),
+        "labels_left_out": dropped_labels,
         "splits": split_counts(df),
         "seed": cfg["seed"],
         "preset": preset.name,
