@@ -230,3 +230,16 @@ def test_stratified_bootstrap_keeps_every_class_in_every_replicate() -> None:
     # a PPV can still be undefined in a replicate; then n_replicates says so instead of hiding it
     ppv = r["per_class"]["COVID-19"]["ppv"]
     assert 0 < ppv["n_replicates"] <= 400
+
+
+def test_report_marks_exact_and_thinned_intervals() -> None:
+    """The report says when a CI is Clopper-Pearson or rests on fewer replicates: nothing changes silently."""
+    from covidcxr.evaluate.report import _fmt_ci
+
+    y, p, pat = _rare_covid(missed=1)
+    r = compute_metrics(y, p, pat, CLASSES, n_boot=200, seed=0)
+    assert "†" in _fmt_ci(compute_metrics(*_rare_covid(), CLASSES, n_boot=50)["per_class"]["COVID-19"]["sensitivity"])
+    se = r["per_class"]["COVID-19"]["sensitivity"]
+    assert se["n_boot"] == 200 and "replicates" not in _fmt_ci(se) and "†" not in _fmt_ci(se)
+    thin = {**se, "n_replicates": 150}
+    assert _fmt_ci(thin).endswith("(150/200 replicates)")

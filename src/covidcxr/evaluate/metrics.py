@@ -141,6 +141,7 @@ def _fig(value: float, boots: np.ndarray, level: float, n_images: int, n_patient
         "n_images": int(n_images),
         "n_patients": int(n_patients),
         "n_replicates": int(len(finite)),
+        "n_boot": int(len(b)),
         "ci_method": method if len(finite) else "none",
         **extra,
     }

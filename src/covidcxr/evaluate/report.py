@@ -123,7 +123,11 @@ def _fmt_ci(m: dict | None, pct: bool = False) -> str:
     v = f"{m['value'] * s:.{d}f}"
     if m.get("ci_low") is None:
         return v
-    return f"{v} [{m['ci_low'] * s:.{d}f}, {m['ci_high'] * s:.{d}f}]"
+    # never widen or thin a CI silently: mark an exact interval and a CI resting on fewer replicates
+    mark = " †" if "clopper" in str(m.get("ci_method", "")) else ""
+    if m.get("n_boot") and m.get("n_replicates", m["n_boot"]) < m["n_boot"]:
+        mark += f" ({m['n_replicates']}/{m['n_boot']} replicates)"
+    return f"{v} [{m['ci_low'] * s:.{d}f}, {m['ci_high'] * s:.{d}f}]{mark}"
 
 
 def _n(m: dict | None) -> str:
@@ -142,7 +146,9 @@ def _tables(r: dict) -> list[tuple[str, list[str], list[list[str]], str]]:
         ["figure", "value [95% CI]", "images / patients"],
         [["accuracy", _fmt_ci(m["accuracy"]), _n(m["accuracy"])],
          ["balanced accuracy (mean sensitivity)", _fmt_ci(m["balanced_accuracy"]), _n(m["balanced_accuracy"])]],
-        f"decision rule: {m['decision']}; CIs: {m['bootstrap']['n_boot']} bootstrap replicates over patients",
+        f"decision rule: {m['decision']}; CIs: {m['bootstrap']['n_boot']} bootstrap replicates over patients, "
+        "resampled within classes; † = Clopper-Pearson over patients where every replicate gave 0 or 1; "
+        "(k/B replicates) = a figure defined in only k of them",
     ))
     head = ["class", "sensitivity", "specificity", "PPV", "NPV", "F1", "AUC", "AP"]
     rows, nrows = [], []
