@@ -317,3 +317,16 @@ def test_recipes_doc_states_the_pinned_values() -> None:
                    "BEASF", "γ 1.5", "CLAHE clip 2.0, 8×8", "histogram", "320", "/ 255", "Bassi", "CXR-S",
                    "rotation 170", "zoom 0.8–1.5"):
         assert needle in text, needle
+
+
+def test_new_recipe_keys_are_validated(dev_manifest: Path) -> None:
+    from covidcxr.train import ConfigError
+    from covidcxr.train.runner import prepare
+
+    with pytest.raises(ConfigError, match="data.task"):
+        load_config(None, ["data.task=4class"])
+    with pytest.raises(ConfigError, match="loss.class_weights"):
+        load_config(None, ["loss.class_weights=heavy"])
+    with pytest.raises(ConfigError, match="3 values for 2 classes"):
+        prepare(_cfg("deepcovid-resnet18", ["model.weights=none", "loss.class_weights=[1, 1, 4]"]), dev_manifest)
+    assert load_config(None, ["loss.class_weights=[1, 2]"])["loss"]["class_weights"] == [1.0, 2.0]
