@@ -105,7 +105,6 @@ def test_histogram_matching_follows_the_template() -> None:
     out = match_histogram(src, NIH_CXR14_TEMPLATE)
     q = np.quantile(out, [0.1, 0.5, 0.9])
     assert np.allclose(q, np.interp([0.1, 0.5, 0.9], np.linspace(0, 1, 101), NIH_CXR14_TEMPLATE), atol=3)
-    assert np.array_equal(np.argsort(src.ravel(), kind="stable"), np.argsort(src.ravel(), kind="stable"))
     assert np.all(np.diff(out.ravel()[np.argsort(src.ravel(), kind="stable")].astype(int)) >= 0)  # order kept
 
 
