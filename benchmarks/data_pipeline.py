@@ -7,6 +7,12 @@ interleaved rounds and the best pass counts, so a burst of load from other proce
 of a row, not all of them. Prints a table and writes benchmarks/results/data_pipeline.json.
 
     .venv/bin/python benchmarks/data_pipeline.py [--data DIR] [--workers 2] [--repeats 3]
+
+``--scale 30000 100000`` instead times the build's patient linking + split and the audit on N
+synthetic images (SHA-1 and 64-bit perceptual hashes made up, so no file is read), each size in a
+fresh process so its peak RSS is its own, and writes benchmarks/results/data_pipeline_scale.json:
+
+    .venv/bin/python benchmarks/data_pipeline.py --scale 30000 100000
 """
 
 from __future__ import annotations
@@ -36,6 +42,99 @@ def _shared_data() -> Path:
 DEFAULT_DATA = _shared_data() / "covid-cxr-dev"
 
 
+def _synthetic(n: int, kind: str, seed: int = 0):
+    """N rows, 2 images per patient, 4 sources; 1 % near copies (0-6 bits) and 0.5 % byte-identical
+    copies filed under another patient. ``kind`` "uniform": random hashes; "clustered": 2000 centres
+    with 10 random bit flips each, like many similar-looking films (large multi-index buckets)."""
+    import numpy as np
+    import pandas as pd
+
+    rng = np.random.default_rng(seed)
+    pid = np.arange(n) // 2
+    label = np.array(["normal", "pneumonia", "COVID-19"])[rng.integers(0, 3, n // 2 + 1)][pid]
+    if kind == "uniform":
+        h = rng.integers(0, 2**63, n, dtype=np.int64).astype(np.uint64) * np.uint64(2) + rng.integers(0, 2, n).astype(np.uint64)
+    else:
+        centres = rng.integers(0, 2**63, 2000, dtype=np.int64).astype(np.uint64)
+        h = centres[rng.integers(0, 2000, n)]
+        for _ in range(10):
+            h ^= np.uint64(1) << rng.integers(0, 64, n).astype(np.uint64)
+    digests = np.array([f"{i:040x}" for i in range(n)], dtype=object)
+    copies = rng.choice(n, n // 100, replace=False)
+    for c in copies:
+        o = int(rng.integers(0, n))
+        flips = rng.choice(64, int(rng.integers(0, 7)), replace=False)
+        h[c] = h[o] ^ np.uint64(sum(1 << int(b) for b in flips))
+    same = rng.choice(n, n // 200, replace=False)
+    digests[same] = digests[rng.integers(0, n, len(same))]
+    df = pd.DataFrame({"patient_id": [f"p{p}" for p in pid], "path": [f"/synthetic/{i}.png" for i in range(n)],
+                       "label": label, "source": [f"site{p % 4}" for p in pid]})
+    return df, list(digests), h
+
+
+def scale_worker(n: int, kind: str) -> dict:
+    """Link + split + audit of N synthetic hashes, in this process; returns times and peak RSS."""
+    import resource
+
+    import numpy as np
+
+    from covidcxr.data.audit import audit_manifest
+    from covidcxr.data.duplicates import ImageFeatures
+    from covidcxr.data.linking import link_patients
+    from covidcxr.data.splits import assign_splits
+
+    df, digests, h = _synthetic(n, kind)
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    t0 = time.perf_counter()
+    linked, dropped, links = link_patients(df, ImageFeatures(digests=digests, hashes=h))
+    linked["split"] = assign_splits(linked, seed=0).values
+    t1 = time.perf_counter()
+    kept = set(linked["path"])
+    keep = [i for i, p in enumerate(df["path"]) if p in kept]
+    report = audit_manifest(linked, digests=[digests[i] for i in keep], hashes=h[keep])
+    t2 = time.perf_counter()
+    return {"images": n, "hashes": kind, "build_link_split_s": round(t1 - t0, 2), "audit_s": round(t2 - t1, 2),
+            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            "rss_before_mb": round(base, 1), "near_pairs": int(dropped.get("near-duplicate pairs kept in one split", 0)),
+            "identical_dropped": int(dropped.get("byte-identical duplicate image", 0)),
+            "persons_linked": len({ln["person"] for ln in links}),
+            "audit_leak": bool(report["leak"]), "split_images": {k: int(v) for k, v in linked["split"].value_counts().items()},
+            "np_version": np.__version__}
+
+
+def scale_main(sizes: list[int], out: Path) -> int:
+    import subprocess
+
+    rows = []
+    for kind in ("uniform", "clustered"):
+        for n in sizes:
+            code = (f"import json, sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import data_pipeline as d; "
+                    f"print(json.dumps(d.scale_worker({n}, {kind!r})))")
+            t0 = time.perf_counter()
+            res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                 env={**os.environ, "OMP_NUM_THREADS": "1"})
+            if res.returncode:
+                print(res.stderr[-2000:], file=sys.stderr)
+                return 1
+            row = json.loads(res.stdout.strip().splitlines()[-1])
+            row["process_wall_s"] = round(time.perf_counter() - t0, 1)
+            rows.append(row)
+            print(f"{kind:>9} {n:>7} images: link+split {row['build_link_split_s']:6.1f} s, audit {row['audit_s']:6.1f} s, "
+                  f"peak RSS {row['peak_rss_mb']:7.0f} MB ({row['near_pairs']} near pairs, "
+                  f"{row['identical_dropped']} identical dropped, leak={row['audit_leak']})")
+    load = os.getloadavg()
+    ok = all(r["peak_rss_mb"] < 2048 and r["build_link_split_s"] + r["audit_s"] < 300 for r in rows)
+    print(f"target: < 2 GB and < 5 min at 100k: {'met' if ok else 'NOT met'}; load average {load[0]:.1f}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({
+        "benchmark": "data_pipeline_scale", "rows": rows, "cpus": os.cpu_count(), "load_average_at_end": load,
+        "python": platform.python_version(), "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "command": "python benchmarks/data_pipeline.py --scale " + " ".join(map(str, sizes)), "target_met": ok,
+    }, indent=2))
+    print(f"wrote {out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, default=DEFAULT_DATA, help="folder with metadata.csv (dev-set layout)")
@@ -43,7 +142,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=3, help="interleaved passes per row; the best counts")
     ap.add_argument("--limit", type=int, default=0, help="use only the first N images (0 = all)")
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "data_pipeline.json")
+    ap.add_argument("--scale", type=int, nargs="+", metavar="N",
+                    help="time linking + split + audit on N synthetic hashes instead (e.g. 30000 100000)")
     args = ap.parse_args(argv)
+    if args.scale:
+        return scale_main(args.scale, REPO / "benchmarks" / "results" / "data_pipeline_scale.json")
 
     torch.set_num_threads(1)
     import cv2

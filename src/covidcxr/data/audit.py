@@ -93,14 +93,15 @@ def _linked_report(df: pd.DataFrame) -> dict[str, Any] | None:
     linked = n_ids[n_ids > 1]
     dup = df["duplicate_of"] if "duplicate_of" in df.columns else pd.Series(np.nan, index=df.index)
     persons = []
+    rows_of = df[pid.isin(set(linked.index))].groupby(pid)
     for person in sorted(linked.index):
-        rows = df[pid == person]
+        rows = rows_of.get_group(person)
         # the images of the joined ids (not the person's own id) that are copies of another id's image
         via = [{"path": str(r["path"]), "duplicate_of": str(dup[k]).split("|"), "source_patient_id": str(spid[k])}
                for k, r in rows.iterrows() if not _blank(dup[k]) and spid[k] != person]
         via = via or [{"path": str(r["path"]), "duplicate_of": str(dup[k]).split("|"), "source_patient_id": str(spid[k])}
                       for k, r in rows.iterrows() if not _blank(dup[k])]
-        persons.append({"person": person, "patients": sorted(set(spid[pid == person])),
+        persons.append({"person": person, "patients": sorted(set(spid[rows.index])),
                         "splits": sorted(set(rows["split"].astype(str))), "images": int(len(rows)), "via": via})
     return {"persons": len(persons), "source_patients": int(linked.sum()),
             "linking_images": sum(len(p["via"]) for p in persons), "by_person": persons}
@@ -153,9 +154,8 @@ def audit_manifest(manifest: str | os.PathLike | pd.DataFrame, out_dir: str | os
     split_arr = df["split"].astype(str).to_numpy()
     pid_arr = df["patient_id"].to_numpy()
     exact_cross, exact_within, unlinked = [], 0, []
-    for _, grp in df.dropna(subset=["_digest"]).groupby("_digest"):
-        if len(grp) < 2:
-            continue
+    known = df.dropna(subset=["_digest"])
+    for _, grp in known[known["_digest"].duplicated(keep=False)].groupby("_digest"):  # only shared digests
         if grp["split"].nunique() > 1:
             exact_cross.append({"paths": grp["path"].tolist(), "splits": grp["split"].tolist(),
                                 "patients": grp["patient_id"].tolist()})
