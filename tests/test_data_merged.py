@@ -255,3 +255,14 @@ def test_rotated_cropped_copy_is_found(dev_dir, tmp_path):
     f = image_features([str(src), str(tmp_path / "copy.png"), str(other)])
     pairs = duplicate_pairs(f)
     assert [(i, j) for i, j, _, _ in pairs] == [(0, 1)]
+
+
+def test_datamodule_label_filter_says_what_it_leaves_out(tmp_path, caplog):
+    from covidcxr.data import CXRDataModule
+
+    csv = make_manifest_set(tmp_path / "s", n_patients=10, images_per_patient=1)
+    build_manifest([("csv", str(csv))], tmp_path / "o", seed=0, near_duplicates=False)
+    with caplog.at_level(logging.WARNING):
+        dm = CXRDataModule(tmp_path / "o" / "manifest.csv", "covidnet@224", label_filter=["COVID-19", "normal"])
+        dm.setup()
+    assert "left out 2 of 10 row(s)" in caplog.text and "pneumonia (2)" in caplog.text

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Callable, Literal, Mapping, Sequence
 
@@ -12,9 +13,11 @@ from torch.utils.data import DataLoader
 
 from covidcxr.data.dataset import CXRDataset
 from covidcxr.data.labels import CLASSES
-from covidcxr.data.manifest import ManifestError, read_manifest
+from covidcxr.data.manifest import ManifestError, keep_labels, read_manifest
 from covidcxr.data.sampling import ShuffleSampler, WeightedSampler, class_weights, rebalancing_sampler
 from covidcxr.preprocess import Augment, Preset, get_preset
+
+log = logging.getLogger(__name__)
 
 
 class CXRDataModule(L.LightningDataModule):
@@ -56,10 +59,13 @@ class CXRDataModule(L.LightningDataModule):
             df = read_manifest(self.manifest, require_split=True)
         if "split" not in df.columns:
             raise ManifestError("manifest frame has no 'split' column")
-        if self.label_filter is not None:
-            keep = (self.label_filter(df) if callable(self.label_filter)
-                    else df["label"].isin(list(self.label_filter)))
+        if callable(self.label_filter):
+            keep = self.label_filter(df)
+            if (~keep).any():
+                log.warning("label_filter left out %d of %d row(s)", int((~keep).sum()), len(df))
             df = df[keep]
+        elif self.label_filter is not None:  # logs the labels it leaves out, with counts
+            df, _ = keep_labels(df, list(self.label_filter))
         return df
 
     def setup(self, stage: str | None = None) -> None:
