@@ -59,11 +59,14 @@ def read_mask(path: str | os.PathLike, shape: tuple[int, int] | None = None) -> 
 def measure(mask: np.ndarray) -> dict:
     """Geometry of a lung mask, in shares of the image so that sizes compare across resolutions.
 
-    ``fraction``: lung share of the image; ``components``: connected parts; ``left``/``right``:
-    the two largest parts ordered by x (image left = patient's right on a PA film);
-    ``balance``: smaller / larger area of the two; ``cx``/``cy``: centroid of all lung pixels;
-    ``bbox``: [y0, y1, x0, x1] in shares; ``side_by_side``: the two parts lie left and right of
-    each other (|dx| > |dy| between their centroids); ``apex_base_ratio``: lung width (pixels per
+    ``fraction``: lung share of the image; ``components``: connected parts; ``split_x``: the
+    deepest point of the column profile between the lungs (the mediastinum); ``gap_x``/``gap_y``:
+    depth of the column/row profile's central valley (0 empty, 1 none); ``left_fraction`` /
+    ``right_fraction``: lung left and right of ``split_x`` (image left = patient's right on a PA
+    film); ``balance``: smaller / larger of the two; ``cx``/``cy``: centroid of all lung pixels;
+    ``bbox``: [y0, y1, x0, x1] in shares; ``border``: share of a 2 % frame along the image's
+    edge covered by the mask; ``side_by_side``: the column valley is deeper than the
+    row valley (lungs left and right of each other); ``apex_base_ratio``: lung width (pixels per
     row) 15 % below the top of the lung box over that 20 % above its bottom (apices are narrow).
     """
     m = np.asarray(mask).astype(np.uint8)
@@ -74,30 +77,49 @@ def measure(mask: np.ndarray) -> dict:
     comps = sorted(range(1, n), key=lambda k: -stats[k, cv2.CC_STAT_AREA])
     out["components"] = len(comps)
     if not comps:
-        return {**out, "balance": 0.0, "cx": float("nan"), "cy": float("nan"), "bbox": None,
-                "side_by_side": False, "apex_base_ratio": float("nan"), "left_fraction": 0.0, "right_fraction": 0.0}
+        return {**out, "balance": 0.0, "border": 0.0, "cx": float("nan"), "cy": float("nan"), "bbox": None, "split_x": float("nan"),
+                "gap_x": 1.0, "gap_y": 1.0, "side_by_side": False, "apex_base_ratio": float("nan"),
+                "left_fraction": 0.0, "right_fraction": 0.0}
     ys, xs = np.nonzero(m)
     out["cx"], out["cy"] = float(xs.mean() / w), float(ys.mean() / h)
+    # lungs sit inside the thorax: a mask running along the image's edge is rarely a lung
+    b = max(1, int(0.02 * min(h, w)))
+    frame = np.concatenate([m[:b].ravel(), m[-b:].ravel(), m[:, :b].ravel(), m[:, -b:].ravel()])
+    out["border"] = float(frame.mean())
     y0, y1, x0, x1 = int(ys.min()), int(ys.max()) + 1, int(xs.min()), int(xs.max()) + 1
     out["bbox"] = [y0 / h, y1 / h, x0 / w, x1 / w]
     # apices are narrow, bases wide: lung width 15 % below the top of the lung box against 20 % above its bottom
     rows = m[y0:y1].sum(1).astype(float)
     top, bottom = rows[int(0.15 * (y1 - y0))], rows[min(len(rows) - 1, int(0.80 * (y1 - y0)))]
     out["apex_base_ratio"] = float(top / bottom) if bottom > 0 else float("inf")
-    two = comps[:2]
-    a = [float(stats[k, cv2.CC_STAT_AREA]) / (h * w) for k in two]
-    if len(two) == 2:
-        (xa, ya), (xb, yb) = cents[two[0]], cents[two[1]]
-        out["side_by_side"] = bool(abs(xa - xb) / w > abs(ya - yb) / h)
-        left, right = (0, 1) if xa <= xb else (1, 0)
-        out["left_fraction"], out["right_fraction"] = a[left], a[right]
-        out["balance"] = float(min(a) / max(a))
-    else:
-        on_left = cents[two[0]][0] / w < 0.5
-        out["side_by_side"] = False
-        out["left_fraction"], out["right_fraction"] = (a[0], 0.0) if on_left else (0.0, a[0])
-        out["balance"] = 0.0
+    # Two lungs side by side leave a valley in the column profile (the mediastinum) and none in the
+    # row profile; a film on its side swaps the two. Profiles, not connected components, so that a
+    # mask whose lungs touch (below the heart, at a coarse size) still counts as two lungs.
+    colp, rowp = _smooth(m.sum(0), w), _smooth(m.sum(1), h)
+    sx, gap_x = _valley(colp, x0, x1)
+    sy, gap_y = _valley(rowp, y0, y1)
+    out["split_x"], out["gap_x"], out["gap_y"] = sx / w, gap_x, gap_y
+    out["side_by_side"] = bool(gap_x < gap_y)
+    left, right = float(m[:, :sx].sum()) / (h * w), float(m[:, sx:].sum()) / (h * w)
+    out["left_fraction"], out["right_fraction"] = left, right
+    out["balance"] = float(min(left, right) / max(left, right)) if max(left, right) > 0 else 0.0
     return out
+
+
+def _smooth(profile: np.ndarray, n: int) -> np.ndarray:
+    k = max(1, n // 50)
+    return np.convolve(profile.astype(float), np.ones(k) / k, mode="same")
+
+
+def _valley(profile: np.ndarray, lo: int, hi: int) -> tuple[int, float]:
+    """Deepest point of ``profile`` in the middle half of [lo, hi) and its depth relative to the
+    smaller of the two peaks either side (0: an empty gap, 1: no valley at all)."""
+    a, b = lo + (hi - lo) // 4, lo + 3 * (hi - lo) // 4
+    if b <= a:
+        return (lo + hi) // 2, 1.0
+    i = a + int(np.argmin(profile[a:b]))
+    peak = min(profile[lo : i + 1].max(), profile[i:hi].max())
+    return i, float(profile[i] / peak) if peak > 0 else 1.0
 
 
 def overlay(image: np.ndarray, mask: np.ndarray, color: tuple[int, int, int] = (0, 255, 0),

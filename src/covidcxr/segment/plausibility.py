@@ -37,10 +37,13 @@ LIMITS: dict[str, Any] = {
     "aspect": (1 / 2.5, 2.5),  # height / width of the image
     "min_std": 0.02,  # intensity standard deviation of a non-uniform picture ([0, 1] scale)
     "fraction": (0.04, 0.70),  # share of the image covered by lung
+    "gap": 0.85,  # lung columns at the mediastinum / at the smaller lung's widest (1: no gap)
+    "one_lung_width": 0.5,  # a single lung region at most this wide (and 1.2x as tall) may stand alone
+    "border": 0.35,  # share of the image's edge (2 % frame) inside the mask
     "balance": 0.15,  # smaller lung area / larger lung area
     "cx": (0.25, 0.75),  # centroid of the lung pixels, x
     "cy": (0.15, 0.80),  # centroid of the lung pixels, y
-    "apex_base_ratio": 1.2,  # lung width near the top / near the bottom of the lung box
+    "apex_base_ratio": 2.5,  # lung width near the top / near the bottom of the lung box
 }
 
 
@@ -105,14 +108,23 @@ def assess(mask: np.ndarray, image: np.ndarray | None = None, segmenter: str | N
     if m["fraction"] > f_hi:
         return _fail("lung_fraction", f"lung-like region covers {100 * m['fraction']:.0f}% of the image (expected "
                      f"{100 * f_lo:.0f}-{100 * f_hi:.0f}%)", m, segmenter)
-    if m["components"] < 2:
-        return _fail("two_lungs", "one lung-like region found, a frontal film shows two", m, segmenter)
-    if m["balance"] < LIMITS["balance"]:
+    if m["border"] > LIMITS["border"]:
+        return _fail("border", f"{100 * m['border']:.0f}% of the image's edge lies inside the lung-like region "
+                     f"(lungs sit inside the thorax; at most {100 * LIMITS['border']:.0f}%)", m, segmenter)
+    y0, y1, x0, x1 = m["bbox"]
+    # one aerated lung beside a whited-out one (effusion, collapse) is still a frontal film: a single
+    # tall region in one half of the image passes the two-lung rules
+    one_sided = (x1 - x0) <= LIMITS["one_lung_width"] and (y1 - y0) >= 1.2 * (x1 - x0)
+    m["one_lung"] = bool(m["gap_x"] > LIMITS["gap"] and one_sided)
+    if m["gap_y"] <= LIMITS["gap"] and m["gap_y"] < m["gap_x"]:
+        return _fail("side_by_side", "the lung-like regions lie above each other, not side by side "
+                     "(film turned on its side?)", m, segmenter)
+    if m["gap_x"] > LIMITS["gap"] and not one_sided:
+        return _fail("two_lungs", "one lung-like region without a gap for the mediastinum; a frontal film "
+                     "shows two lungs", m, segmenter)
+    if m["balance"] < LIMITS["balance"] and not m["one_lung"]:
         return _fail("balance", f"the smaller lung is {100 * m['balance']:.0f}% of the larger (expected at least "
                      f"{100 * LIMITS['balance']:.0f}%)", m, segmenter)
-    if not m["side_by_side"]:
-        return _fail("side_by_side", "the two lung regions lie above each other, not side by side "
-                     "(film turned on its side?)", m, segmenter)
     (x_lo, x_hi), (y_lo, y_hi) = LIMITS["cx"], LIMITS["cy"]
     if not (x_lo <= m["cx"] <= x_hi and y_lo <= m["cy"] <= y_hi):
         return _fail("position", f"lungs centred at ({m['cx']:.2f}, {m['cy']:.2f}) of the width/height, expected "
