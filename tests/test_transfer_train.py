@@ -220,3 +220,32 @@ def test_transfer_recipes_name_catalogue_weights_and_select_on_val_auc(recipe: s
     assert catalog.is_catalogued(cfg["model"]["weights"]), recipe
     assert (cfg["checkpoint"]["monitor"], cfg["checkpoint"]["mode"]) == ("val_auc_covid", "max")
     assert cfg["operating_point"]["target_sensitivity"] == 0.95
+
+
+def test_lungcrop_recipe_crops_with_the_pretrained_unet(weights_dir: Path, dev_dir: Path, tmp_path: Path) -> None:
+    """transfer-cxnet-lungcrop: prepare() installs the lung U-Net hook, which finds lungs on a real CXR."""
+    pytest.importorskip("covidcxr.segment.inference")
+    from covidcxr import preprocess
+    from covidcxr.io import read_image
+    from covidcxr.preprocess import get_preset
+    from covidcxr.train.runner import prepare
+
+    cfg = load_config(REPO / "configs" / "transfer-cxnet-lungcrop.yaml")
+    pre = get_preset(cfg["data"]["preset"])
+    assert pre.lung_crop and pre.clahe_clip == 2.0 and pre.size == 224 and pre.mean == (0.485, 0.456, 0.406)
+    meta = pd.read_csv(dev_dir / "metadata.csv")
+    img_path = dev_dir / "images" / meta["filename"].iloc[0]
+    df = pd.DataFrame([{"patient_id": f"p{i}", "path": str(img_path), "label": lab, "source": "x", "split": s}
+                       for i, (lab, s) in enumerate([("normal", "train"), ("COVID-19", "val")])])
+    df.to_csv(tmp_path / "m.csv", index=False)
+    old = preprocess.LUNG_SEGMENTER
+    preprocess.LUNG_SEGMENTER = None
+    try:
+        prepare(cfg, tmp_path / "m.csv")
+        assert preprocess.LUNG_SEGMENTER is not None, "prepare() installs the lung-crop hook"
+        img = read_image(img_path)
+        mask = preprocess.LUNG_SEGMENTER(img)
+        assert 0.05 < float(np.mean(mask)) < 0.8
+        assert tuple(pre(img).shape) == (3, 224, 224)
+    finally:
+        preprocess.LUNG_SEGMENTER = old
