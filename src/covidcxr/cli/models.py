@@ -30,7 +30,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     show.add_argument("name", help="registry name, e.g. covidnet-cxr-2 (see `covidcxr models list`), or a "
                       "checkpoint (RUN/best.ckpt): its architecture, classes, preset, threshold and initial weights "
                       "(source, sha256, provenance)")
-    show.add_argument("--weights", default="none", help="none, imagenet, xrv-nih, xrv-all or a local file")
+    show.add_argument("--weights", default="none",
+                      help="none, imagenet, a catalogue name (covidcxr weights list), xrv-nih, xrv-all or a local file")
     show.add_argument("--json", action="store_true", help="print a JSON object")
     show.set_defaults(func=cmd_show)
     p.set_defaults(func=lambda _a: (p.print_help(), 2)[1])

@@ -18,13 +18,19 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="train a classifier from a recipe (configs/*.yaml) on a manifest",
         description="Train with PyTorch Lightning. The recipe YAML sets model, optimiser, schedule, sampler and "
         "where the run happens (accelerator, devices, strategy, precision); options below override it. "
-        "Writes RUN/best.ckpt, RUN/last.ckpt (self-contained) and logs under RUN/.",
+        "Writes RUN/best.ckpt (the best epoch by the recipe's checkpoint.monitor, with the COVID-19 threshold "
+        "chosen on val; only what inference needs), RUN/last.ckpt (full state for --resume) and logs under RUN/. "
+        "A recipe with stages: (twice transfer) trains them first into RUN/stages/NAME/. Catalogue weights are "
+        "found offline through COVIDCXR_WEIGHTS_DIR.",
     )
     t.add_argument("--config", required=True, help="recipe YAML (configs/deepcovid-resnet18.yaml) or a recipe name (deepcovid-resnet18)")
     t.add_argument("--data", required=True, help="manifest CSV with a split column (covidcxr data build)")
     t.add_argument("--out", required=True, help="run folder")
     t.add_argument("--max-epochs", type=int, help="override trainer.max_epochs")
-    t.add_argument("--weights", help="initial weights: none | imagenet | xrv-nih | xrv-all | PATH (overrides the recipe)")
+    t.add_argument("--weights", "--init", dest="weights",
+                   help="initial weights (overrides the recipe): none | imagenet | a catalogue name "
+                        "(mobilenet_v2-imagenet, efficientnet_lite0-imagenet; `covidcxr weights list`) | xrv-nih | "
+                        "xrv-all | PATH, e.g. another run's best.ckpt (its matching output neurons are kept)")
     t.add_argument("--resume", action="store_true", help="continue from RUN/last.ckpt (same config)")
     t.add_argument("--overwrite", action="store_true",
                    help="replace the trained run already in --out (its best.ckpt and tuned threshold); "
