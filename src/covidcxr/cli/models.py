@@ -48,7 +48,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
-    head = ["name", "paper", "input", "preset", "params (M)", "MACs (G)", "published (M / G)", "weights"]
+    head = ["name", "paper", "input", "preset", "params (M)", "MACs (G)", "published (M / G)", "CAM layer", "weights"]
     cells = [
         [
             r["name"],
@@ -60,6 +60,7 @@ def cmd_list(args: argparse.Namespace) -> int:
             "-"
             if r["published_params"] is None
             else f"{_fmt(r['published_params'], 1e6)} / {_fmt(r['published_macs'], 1e9)}",
+            r["cam_layer"] or "-",
             ",".join(w for w in r["weights"] if w not in ("none", "PATH")) or "-",
         ]
         for r in rows
