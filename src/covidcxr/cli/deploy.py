@@ -41,6 +41,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="score severity for every image, not only those above the COVID-19 threshold")
     p.add_argument("--dicom-out", metavar="DIR", help="for each DICOM input, write a DICOM SR and a secondary capture "
                    "with the heatmap into DIR, as `covidcxr dicom listen` sends them (covidcxr.dicom)")
+    p.add_argument("--no-plausibility", action="store_true",
+                   help="skip the check that each input is a frontal chest X-ray (lung U-Net); records say 'unchecked'")
+    p.add_argument("--label-implausible", action="store_true",
+                   help="give a disease label even to inputs flagged not_a_frontal_cxr (default: they are labelled "
+                   "not_a_frontal_cxr)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_predict)
 
@@ -60,6 +65,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--opset", type=int, default=18)
     e.add_argument("--exporter", choices=["auto", "dynamo", "torchscript"], default="auto",
                    help="torch.onnx exporter (auto: dynamo, then the legacy TorchScript one)")
+    q = e.add_argument_group(
+        "INT8", "--quantize int8 writes the fp32 model to OUT.fp32.onnx and a statically quantized model to OUT.onnx, "
+        "calibrated on the train split of --calibrate; a parity gate on held-out splits (COVID-19 AUC change and "
+        "label agreement vs fp32) runs at export, is stored in the metadata, and fails the export (exit 1, nothing "
+        "at OUT) when missed")
+    q.add_argument("--quantize", choices=["int8"], help="write a statically quantized model")
+    q.add_argument("--calibrate", metavar="MANIFEST", help="split manifest: calibration on 'train', gate on --parity-splits")
+    q.add_argument("--calibration-count", type=int_at_least(1), default=128, help="train images (default: 128)")
+    q.add_argument("--calibration-method", choices=["minmax", "percentile", "entropy"], default="minmax")
+    q.add_argument("--parity-splits", default="val,test", help="held-out splits for the gate (default: val,test)")
+    q.add_argument("--max-auc-change", type=float_between(0, 1), default=0.01, help="default: 0.01")
+    q.add_argument("--min-agreement", type=float_between(0, 1), default=0.98, help="label agreement (default: 0.98)")
     e.set_defaults(func=cmd_export)
 
     s = sub.add_parser(
@@ -82,6 +99,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="allow this browser origin (repeatable); CORS is closed by default")
     s.add_argument("--severity", metavar="SEV_CKPT", help="severity checkpoint")
     s.add_argument("--always-severity", action="store_true")
+    s.add_argument("--no-plausibility", action="store_true",
+                   help="skip the check that each upload is a frontal chest X-ray (lung U-Net)")
+    s.add_argument("--label-implausible", action="store_true",
+                   help="give a disease label even to uploads flagged not_a_frontal_cxr")
     s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     s.set_defaults(func=cmd_serve)
 
@@ -123,6 +144,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
         raise UserError(str(err)) from None
 
     extras = _Extras.build(args, predictor)
+    from covidcxr.predict.plausible import PlausibilityGate
+
+    gate = PlausibilityGate.for_predictor(predictor, enabled=not args.no_plausibility,
+                                          label_implausible=args.label_implausible)
     dicom_out = None
     if args.dicom_out:  # SR + secondary capture per DICOM input (F: covidcxr.dicom)
         from covidcxr.cli.dicom import dicom_writer
@@ -139,8 +164,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
             num_workers=args.workers,
             progress=not args.quiet,
             with_tensors=extras.needs_tensors,
-            extra_presets=extras.presets,
+            extra_presets={**extras.presets, **gate.extra_presets()},
         ):
+            gate.apply(rec)  # before extras: an implausible input gets no severity score
             extras.apply(rec)
             if dicom_out is not None:
                 dicom_out.write(rec)
@@ -156,7 +182,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
               + (f": {where} holds {writer.records} complete records; run the same command with --resume to "
                  "continue" if args.out else ""), file=sys.stderr)
         return 130
-    for line in summary.lines() + extras.notes + ([dicom_out.summary()] if dicom_out is not None else []):
+    for line in summary.lines() + extras.notes + gate.notes() + ([dicom_out.summary()] if dicom_out is not None else []):
         print(line, file=sys.stderr)
     if args.out:
         print(f"wrote {summary.total} records to {args.out}"
@@ -212,7 +238,7 @@ class _Extras:
         return ex
 
     def apply(self, rec: dict[str, Any]) -> None:
-        if rec.get("error"):
+        if rec.get("error") or rec.get("label") == "not_a_frontal_cxr":
             return
         if self.severity is not None:
             wanted = self.severity.should_score(rec, self.threshold, always=self.always_severity)
@@ -233,10 +259,16 @@ def cmd_export(args: argparse.Namespace) -> int:
     from covidcxr.export import ExportError, export_onnx
     from covidcxr.predict import PredictorError
 
+    if args.quantize and not args.calibrate:
+        raise UserError("--quantize int8 needs --calibrate MANIFEST (a split manifest; its train split calibrates)")
+    if args.calibrate and not args.quantize:
+        raise UserError("--calibrate is only used with --quantize int8")
+    target = Path(args.onnx)
+    fp32_out = target.with_name(target.stem + ".fp32.onnx") if args.quantize else target
     try:
         report = export_onnx(
             args.model,
-            args.onnx,
+            fp32_out,
             parity_images=args.parity_images,
             parity_count=args.parity_count,
             atol=args.atol,
@@ -245,15 +277,43 @@ def cmd_export(args: argparse.Namespace) -> int:
         )
     except (ExportError, PredictorError) as err:
         raise UserError(str(err)) from None
-    size_mb = Path(args.onnx).stat().st_size / 1e6
+    size_mb = fp32_out.stat().st_size / 1e6
     print(
-        f"wrote {args.onnx} ({size_mb:.1f} MB, exporter {report.exporter}, opset {report.opset}, dynamic batch)\n"
+        f"wrote {fp32_out} ({size_mb:.1f} MB, exporter {report.exporter}, opset {report.opset}, dynamic batch)\n"
         f"parity: max |p_onnx - p_torch| = {report.max_abs_diff:.2e} <= {report.atol:.0e} on "
         f"{report.parity_images} images from {report.parity_source}, batch sizes {report.batch_sizes}; "
         f"labels identical: {report.labels_equal}"
     )
     for f in report.failed_images:
         print(f"  skipped unreadable parity image: {f}", file=sys.stderr)
+    if args.quantize:
+        return _quantize(args, fp32_out, target)
+    return 0
+
+
+def _quantize(args: argparse.Namespace, fp32_out: Path, target: Path) -> int:
+    from covidcxr.cli import UserError
+    from covidcxr.predict import PredictorError
+    from covidcxr.quantize import QuantizeError, quantize_int8
+
+    try:
+        rep = quantize_int8(
+            fp32_out, target, args.calibrate, calibration_count=args.calibration_count,
+            parity_splits=[s.strip() for s in args.parity_splits.split(",") if s.strip()],
+            max_auc_change=args.max_auc_change, min_agreement=args.min_agreement, method=args.calibration_method,
+        )
+    except (QuantizeError, PredictorError) as err:
+        raise UserError(str(err)) from None
+    g = rep.gate
+    print(
+        f"wrote {target} (INT8, {rep.size_int8_mb:.1f} MB vs {rep.size_fp32_mb:.1f} MB fp32; calibrated on "
+        f"{rep.calibration_images} images of {rep.calibration_source}, {rep.method})\n"
+        f"parity gate PASSED on {g.images} images of {'+'.join(g.splits)}: COVID-19 AUC {g.auc_fp32:.4f} -> "
+        f"{g.auc_int8:.4f} (change {g.auc_change:.4f} <= {g.max_auc_change}), labels agree {g.agreement:.1%} "
+        f"(>= {g.min_agreement:.0%}), max |p_int8 - p_fp32| = {g.max_prob_diff:.3f}"
+    )
+    for f in rep.failed_calibration:
+        print(f"  skipped unreadable calibration image: {f}", file=sys.stderr)
     return 0
 
 
@@ -292,6 +352,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         severity_path=args.severity,
         always_severity=args.always_severity,
         predictor=predictor,
+        plausibility=not args.no_plausibility,
+        label_implausible=args.label_implausible,
     )
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: listening on {args.host}; anyone who can reach it can upload images "

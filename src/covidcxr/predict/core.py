@@ -18,7 +18,8 @@ import numpy as np
 
 from covidcxr.predict.backend_onnx import OnnxBackend, decode_meta, file_sha256
 from covidcxr.predict.inputs import Item, Loader, as_extra_presets, collect_inputs, iter_batches, stack
-from covidcxr.predict.rules import RESEARCH_NOTICE, PredictorError, decide_label, jsonable, softmax_with_temperature
+from covidcxr.decision import DecisionRule
+from covidcxr.predict.rules import RESEARCH_NOTICE, PredictorError, jsonable, softmax_with_temperature
 from covidcxr.preprocess import Preset, PresetError
 
 
@@ -154,12 +155,19 @@ class Predictor:
         """N x C x H x W preprocessed batch (array or tensor) -> N x classes calibrated probabilities (float64)."""
         return softmax_with_temperature(self.backend.logits(batch), self.temperature)
 
+    @property
+    def decision_rule(self) -> DecisionRule:
+        """The checkpoint's operating point (or argmax): the rule every tool labels with."""
+        return DecisionRule.from_checkpoint(self.threshold, self.metrics)
+
     def record(self, probs: Sequence[float]) -> dict[str, Any]:
-        """One prediction record (without path) from a row of probabilities."""
+        """One prediction record (without path) from a row of probabilities; it states the rule it used."""
+        rule = self.decision_rule
         return {
-            "label": decide_label(probs, self.classes, self.threshold),
+            "label": rule.label(probs, self.classes),
             "probabilities": {c: float(v) for c, v in zip(self.classes, probs)},
             "threshold": self.threshold,
+            "decision_rule": rule.describe(self.classes),
         }
 
     def error_record(self, path: str, error: str) -> dict[str, Any]:
@@ -229,9 +237,12 @@ class Predictor:
             "backend": self.backend_name,
             "classes": list(self.classes),
             "threshold": self.threshold,
+            "decision_rule": self.decision_rule.to_dict(self.classes),
             "temperature": self.temperature,
             "preset": self.preset.to_dict(),
             "training": jsonable(self.training),
             "metrics": jsonable(self.metrics),
+            "quantization": jsonable(self.meta.get("quantization")),
+            "parity_gate": jsonable(self.meta.get("parity_gate")),
             "notice": RESEARCH_NOTICE,
         }

@@ -29,6 +29,12 @@ class PredictResponse(BaseModel):
     label: str = Field(description="Predicted class at the model's operating threshold")
     probabilities: dict[str, float] = Field(description="Calibrated probability per class")
     threshold: float | None = Field(description="COVID-19 operating threshold; null means argmax")
+    decision_rule: str | None = Field(None, description="The rule that made the label, with the threshold's value")
+    flag: str | None = Field(None, description="not_a_frontal_cxr when the upload does not look like a frontal "
+                             "chest X-ray (its label is then not_a_frontal_cxr unless the server overrides it)")
+    plausibility: dict[str, Any] | None = Field(
+        None, description="Is it a frontal chest X-ray: verdict, plausible, reason, rule (lung U-Net check)"
+    )
     severity: dict[str, Any] | None = Field(
         None, description="Severity from the severity model; null when not configured or not applicable"
     )
@@ -70,10 +76,13 @@ class ModelCard(BaseModel):
     backend: str
     classes: list[str]
     threshold: float | None
+    decision_rule: dict[str, Any] | None = None
     temperature: float
     preset: dict[str, Any]
     training: dict[str, Any]
     metrics: dict[str, Any]
+    quantization: dict[str, Any] | None = Field(None, description="INT8 settings and calibration (quantized ONNX only)")
+    parity_gate: dict[str, Any] | None = Field(None, description="INT8 vs fp32 parity gate measured at export")
     heatmap_available: bool
     heatmap_note: str | None = None
     severity: dict[str, Any] | None = None
