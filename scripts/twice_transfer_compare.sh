@@ -41,7 +41,7 @@ if [ -z "${MANIFEST:-}" ]; then
       --source "hannover=$SHARED/data/hannover-covid" --out "$OUT/data" --seed 62
   fi
 fi
-$CX weights list --no-verify | head -3
+$CX weights list --no-verify
 
 COMMON=(--data "$MANIFEST" --max-epochs "$EPOCHS" --size "$SIZE" --overwrite
         --set early_stopping.monitor=null --set "data.cache_dir=$CACHE" --set "trainer.num_threads=$THREADS"
