@@ -8,7 +8,7 @@ Three kinds of duplicate, each found without comparing every pair of images:
   figures did so 37 times on the merged benchmark), so a hash match alone is not proof.
 - ``transformed``: the same picture straightened, cropped and rescaled (Cohen re-published Hannover
   films this way; their phashes differ by 8-26 bits). ORB keypoints (``_N_FEATURES`` per image, at
-  256 px after CLAHE) are bucketed by random 14-bit subsets of their 256-bit descriptors (LSH);
+  256 px after CLAHE) are bucketed by random 16-bit subsets of their 256-bit descriptors (LSH);
   image pairs whose descriptors share buckets often are candidates.
 
 Every candidate is verified by matching the two images' ORB descriptors and fitting an affine map
@@ -35,10 +35,10 @@ log = logging.getLogger(__name__)
 _N_FEATURES = 100
 _SIDE = 256
 _LSH_TABLES = 16
-_LSH_BITS = 14
-_MAX_BUCKET = 40  # larger buckets hold generic texture, not one picture's keypoints
+_LSH_BITS = 16
+_MAX_BUCKET = 8  # larger buckets hold generic texture, not one picture's keypoints
 #: Descriptor collisions (summed over the LSH tables) that make an image pair a candidate.
-MIN_VOTES = 20
+MIN_VOTES = 6
 #: RANSAC inliers of an affine map that make a candidate pair a duplicate ...
 MIN_INLIERS = 16
 #: ... when they also cover this share of the frame (phash candidates: ``MIN_SPREAD_NEAR``).
