@@ -4,6 +4,7 @@ one shared image, `segment predict --model lung-unet-vgg11`, and the ONNX backen
 from __future__ import annotations
 
 import csv
+import os
 
 import numpy as np
 import pytest
@@ -79,7 +80,7 @@ def test_segment_predict_cli_writes_masks_overlays_and_table(weights, samples_di
     assert len(rows) == 1 and rows[0]["plausible"] == "True" and rows[0]["segmenter"].startswith("lung-unet-vgg11@512")
 
 
-def test_onnx_backend_matches_torch(weights, nih_image, tmp_path, monkeypatch):
+def test_onnx_backend_matches_torch(weights, nih_image, samples_dir, tmp_path, monkeypatch):
     pytest.importorskip("onnxruntime")
     monkeypatch.setenv("COVIDCXR_CACHE", str(tmp_path))
     a = load_segmenter("lung-unet-vgg11", size=256)(nih_image)
@@ -87,3 +88,19 @@ def test_onnx_backend_matches_torch(weights, nih_image, tmp_path, monkeypatch):
     assert list((tmp_path / "segment").glob("*.onnx"))
     inter = (a & b).sum()
     assert 2 * inter / (a.sum() + b.sum()) > 0.995
+    # once exported, the plausibility check runs in a process that never imports torch
+    import subprocess
+    import sys
+
+    code = ("import sys, numpy as np; from covidcxr.segment.plausibility import check_plausibility; "
+            "from covidcxr.io import read_image; "
+            f"v = check_plausibility(read_image({str(samples_dir / NIH)!r}), "
+            "backend='onnx'); assert v.plausible, v.reason; assert 'torch' not in sys.modules, 'torch imported'")
+    subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "COVIDCXR_CACHE": str(tmp_path)})
+
+
+def test_pretrained_sha_matches_the_catalogue():
+    from covidcxr.models import catalog
+    from covidcxr.segment.inference import PRETRAINED, PRETRAINED_SHA256
+
+    assert catalog.get_entry(PRETRAINED).sha256 == PRETRAINED_SHA256

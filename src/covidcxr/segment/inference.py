@@ -34,6 +34,9 @@ log = logging.getLogger(__name__)
 
 FORMAT = "covidcxr-segmenter"
 PRETRAINED = "lung-unet-vgg11"
+#: the catalogue's sha256 of the pretrained file (models.catalog holds the entry; a test keeps them equal).
+#: Here so that a torch-free process can find the pretrained U-Net's ONNX export without the catalogue.
+PRETRAINED_SHA256 = "3e169d71d101d9e09a4ff339d53b182bac40f86a111cccfdc116e0c8c6432a8e"
 ENV_MODEL = "COVIDCXR_LUNG_MODEL"
 
 
@@ -208,14 +211,37 @@ def load_segmenter(spec: str | os.PathLike | LungSegmenter | None = None, *, siz
     key = (spec, size, backend, threshold)
     if key in _LOADED:
         return _LOADED[key]
+    if backend == "onnx" and spec == PRETRAINED:
+        # torch-free: the pretrained U-Net's export, once written, runs without torch or the .pth
+        from covidcxr.preprocess import get_preset
+
+        preset = get_preset("lung-unet", size)
+        onnx_path = onnx_file(PRETRAINED_SHA256, preset.size)
+        if onnx_path.is_file():
+            seg = LungSegmenter(None, preset.size, str(onnx_path), {"catalogue": spec}, preset=preset, name=spec,
+                                digest=PRETRAINED_SHA256, backend="onnx", session=_onnx_session(onnx_path),
+                                threshold=threshold)
+            _LOADED[key] = seg
+            return seg
     seg = _load(spec, size, threshold)
     if backend == "onnx":
-        onnx_path = cache_dir() / "segment" / f"{seg.digest[:16] or 'model'}-{seg.size}.onnx"
+        onnx_path = onnx_file(seg.digest, seg.size)
         if not onnx_path.is_file():
             seg.export_onnx(onnx_path)
         seg.session, seg.backend = _onnx_session(onnx_path), "onnx"
     _LOADED[key] = seg
     return seg
+
+
+def onnx_file(digest: str, size: int) -> Path:
+    """Where the ONNX export of the weights with this sha256, at this input size, is kept."""
+    return cache_dir() / "segment" / f"{digest[:16] or 'model'}-{size}.onnx"
+
+
+def export_onnx(spec: str | os.PathLike | None = None, size: int | None = None) -> Path:
+    """Write (or find) the ONNX export of a segmenter, so that later runs need no torch; returns its path."""
+    seg = load_segmenter(spec, size=size, backend="onnx")
+    return onnx_file(seg.digest, seg.size)
 
 
 def _load(spec: str, size: int | None, threshold: float) -> LungSegmenter:
