@@ -1,9 +1,9 @@
 """The DICOM node against a real Orthanc on loopback: C-STORE -> SR in Orthanc, latency and throughput.
 
 Starts Orthanc (Debian package ``orthanc``, generated configuration, free ports, storage in a tmp dir)
-and ``covidcxr dicom listen`` in a subprocess forwarding to it. The images are the RSNA sample
-header (CR) with the pixels of a different dev-set image each (uncompressed 8-bit; the shared dev set's
-JPEGs), under a fresh SOP Instance UID, so neither the duplicate check nor any per-image cache helps.
+and ``covidcxr dicom listen`` in a subprocess forwarding to it. Every image is the RSNA sample (CR,
+1024 x 1024) with +-1 grey-level noise added, stored uncompressed, under a fresh SOP Instance UID: the same
+work per image in every phase, and neither the duplicate check nor the mask cache (keyed by pixel hash) helps.
 Two warm-up images (model load, first-call costs) are not counted.
 
 * **latency**: ``--images`` images one at a time; for each, the time from the start of the C-STORE to the
@@ -161,22 +161,20 @@ def main() -> int:
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 120
     _config.STORE_SEND_CHUNKED_DATASET = True
 
-    dev_images = sorted((data_dir() / "covid-cxr-dev" / "images").glob("*.jpg"))
-    used = iter(dev_images)
+    import numpy as np
 
-    def wrap(path: Path) -> pydicom.Dataset:
-        """A dev-set JPEG as an uncompressed 8-bit secondary capture (pixels unchanged)."""
-        import numpy as np
-        from PIL import Image
+    base = source.pixel_array.astype(np.int16)  # the RSNA image, decoded once
+    rng = np.random.default_rng(0)
 
-        arr = np.asarray(Image.open(path).convert("L"), dtype=np.uint8)
+    def wrap() -> pydicom.Dataset:
+        """The RSNA image with +-1 grey-level noise (new pixel hash: no mask cache helps), uncompressed 8-bit."""
+        arr = np.clip(base + rng.integers(-1, 2, base.shape), 0, 255).astype(np.uint8)
         ds = pydicom.dcmread(sample, stop_before_pixels=True)
         ds.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
-        for kw in ("LossyImageCompression", "LossyImageCompressionMethod", "PixelSpacing"):
+        for kw in ("LossyImageCompression", "LossyImageCompressionMethod"):
             if kw in ds:
                 delattr(ds, kw)
         ds.StudyInstanceUID, ds.SeriesInstanceUID = pydicom.uid.generate_uid(), pydicom.uid.generate_uid()
-        ds.Rows, ds.Columns = arr.shape
         ds.PixelData = arr.tobytes()
         ds["PixelData"].VR = "OB"  # read from an encapsulated file, the element's VR is still ambiguous
         return ds
@@ -187,8 +185,7 @@ def main() -> int:
         d = tmp / tag
         d.mkdir()
         for i in range(n):
-            src = next(used, None)
-            ds = wrap(src) if src is not None else pydicom.dcmread(sample)
+            ds = wrap()
             ds.SOPInstanceUID = pydicom.uid.generate_uid()
             ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
             p = d / f"{i}.dcm"
@@ -300,6 +297,17 @@ def main() -> int:
         node_log.close()
         pacs.stop()
 
+    # the node's own time per image (decode excluded: predict, plausibility, Grad-CAM, SR + SC), in arrival order
+    import re
+
+    per_image = [float(m) for m in re.findall(r"\((\d+) ms\)", (tmp / "node.log").read_text())]
+    phases = ["warm-up"] + ["latency"] + [f"concurrency_{k}" for k in args.concurrency]
+    sizes = [2] + [args.images] * (1 + len(args.concurrency))
+    i = 0
+    for name, n in zip(phases, sizes):
+        if name in results:
+            results[name]["node_analysis"] = _summary(per_image[i:i + n])
+        i += n
     out = {
         "benchmark": "dicom_node",
         "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
@@ -309,7 +317,7 @@ def main() -> int:
         "model": "resnet18 random weights, deepcovid preset 224 px" if not args.model else str(args.model),
         "node": {"workers": args.workers, "threads": args.threads, "heatmaps": "Grad-CAM (torch backend)",
                  "plausibility": plausibility},
-        "image": "RSNA sample header with a different covid-cxr-dev image's pixels each (uncompressed 8-bit), "
+        "image": "RSNA sample (CR 1024x1024) + random +-1 grey-level noise per image, uncompressed 8-bit, "
                  "a new SOP Instance UID per send",
         "orthanc": "Debian package orthanc 1.10.1, loopback",
         "results": results,

@@ -321,6 +321,28 @@ def test_destination_coming_back_is_retried_while_running(ckpt: Path, samples_di
         node.stop(timeout_s=10)
 
 
+def test_images_acknowledged_before_a_crash_are_analysed_at_the_next_start(ckpt: Path, pacs: Orthanc,
+                                                                            samples_dir: Path, tmp_path: Path) -> None:
+    """What a killed node had answered 'success' for lies in STORE/incoming/; the next start does it."""
+    from covidcxr.dicom.common import instance_key
+    from covidcxr.dicom.store import ResultStore
+    from covidcxr.predict import file_sha256
+
+    ds = renamed((samples_dir / "rsna-pneumonia-sample.dcm").read_bytes())
+    key = instance_key(str(ds.SOPInstanceUID), file_sha256(ckpt))
+    store = ResultStore(tmp_path / "store")
+    assert store.claim(key)
+    store.put_incoming(key, to_bytes(ds))  # as the C-STORE handler leaves it before the crash
+    node = start_node(ckpt, tmp_path / "store", Peer("ORTHANC", "127.0.0.1", pacs.dicom_port))
+    try:
+        wait_results(pacs, str(ds.SOPInstanceUID))
+        wait_for(node.idle, 30, "node idle")
+        assert not list((tmp_path / "store" / "incoming").glob("*.dcm"))
+        assert Scu(node.port).store(ds) == [(0, "")] and node.stats.duplicates == 1  # still known after the restart
+    finally:
+        node.stop(timeout_s=10)
+
+
 # --------------------------------------------------------------------------- the command: SIGTERM drains, no PHI in logs
 
 

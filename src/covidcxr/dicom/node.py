@@ -239,8 +239,17 @@ class DicomNode:
         except Exception as err:
             self.store.release(key)
             raise err
-        self.store.put_incoming(key, data)
-        self._queue.put((key, image))
+        try:
+            self.store.put_incoming(key, data)
+        except OSError as err:  # disk full or gone: not taken in, so the PACS must keep it and retry
+            self.store.release(key)
+            self.stats.refused += 1
+            log.error("instance %s refused: cannot write to %s (%s)", key, self.store.root, err.strerror or err)
+            return _status(OUT_OF_RESOURCES, "cannot store the instance on disk; send again later")
+        # hand the decoded pixels on only while the queue is short: hundreds of waiting full-size images
+        # would hold gigabytes; the others are decoded again from STORE/incoming/ when their turn comes
+        keep = self._queue.qsize() < 2 * max(1, self.config.workers)
+        self._queue.put((key, image if keep else None))
         log.info("instance %s accepted (%s)", key, header.get("Modality", "?"))
         return SUCCESS
 
