@@ -90,33 +90,36 @@ echo "data built ($(elapsed) s)"
 # ------------------------------------------------------------------ 1b. lung masks
 # The pretrained lung U-Net (catalogue lung-unet-vgg11, onnxruntime: the same masks as torch at half the
 # CPU time) segments every image that has no manifest mask, once, into RUNS/masks/<px>/<shard>/ (kept
-# between runs): the test images of both settings at the network's 512 px (the audit measures relevance
-# inside these), the train/val images at MASK_TRAIN_SIZE px (default 256: 4x cheaper; on NIH samples its
-# masks agree with 512 px at Dice 0.90-0.93, plenty for the lung-crop recipe's bounding box).
+# between runs): the test images of both settings at MASK_TEST_SIZE px (default: the network's 512; the
+# audit measures relevance inside these) and, when the lung-crop recipe runs, the train/val images at
+# MASK_TRAIN_SIZE px (default 256: 4x cheaper; on NIH samples its masks agree with 512 px at Dice
+# 0.90-0.93, plenty for the lung-crop recipe's bounding box).
 # manifest-lungs.csv = manifest.csv with those masks in mask_path; every step below reads it, so the
 # lung-crop recipe and the audit use one mask per image instead of segmenting again in each process.
 masks_step() {  # runs in the background beside the first trainings (one pool slot)
   local t0; t0=$(elapsed)
-  $PY - "$RUNS/split/manifest.csv" "$RUNS/holdout/manifest.csv" "$RUNS/masks" "$MASK_JOBS" "$MASK_LIMIT" "$MASK_TRAIN_SIZE" <<'PY'
+  $PY - "$RUNS/split/manifest.csv" "$RUNS/holdout/manifest.csv" "$RUNS/masks" "$MASK_JOBS" "$MASK_LIMIT" "$MASK_TRAIN_SIZE" "$MASK_TEST_SIZE" "$NEED_TRAIN_MASKS" <<'PY'
 import sys
 from pathlib import Path
 import pandas as pd
-split, hold, masks, jobs, limit, train_px = sys.argv[1], sys.argv[2], Path(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), sys.argv[6]
+split, hold, masks, jobs, limit, train_px, test_px = sys.argv[1:3] + [Path(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])] + sys.argv[6:8]
+need_train = sys.argv[8] == "1"  # train/val masks only for the lung-crop recipe
 m = pd.read_csv(split, dtype=str, keep_default_na=False)
 h = pd.read_csv(hold, dtype=str, keep_default_na=False)
 test = set(m.loc[m["split"] == "test", "path"]) | set(h.loc[h["split"] == "test", "path"])
 stem = lambda p: Path(p).stem  # noqa: E731
-for px, rows in (("512", m[m["path"].isin(test)]), (train_px, m[~m["path"].isin(test)])):
+passes = [(test_px, m[m["path"].isin(test)])] + ([(train_px, m[~m["path"].isin(test)])] if need_train else [])
+for px, rows in passes:
     done = {p.name[: -len("_mask.png")] for p in masks.glob(f"{px}/*/*_mask.png")}
     todo = rows[(rows["mask_path"] == "") & ~rows["path"].map(stem).isin(done)]
     if limit:  # smoke run: a few test images only
-        todo = todo.head(limit) if px == "512" else todo.head(0)
+        todo = todo.head(limit) if px == test_px else todo.head(0)
     for k in range(jobs):
         (masks / px / str(k)).mkdir(parents=True, exist_ok=True)
         (masks / px / f"todo-{k}.txt").write_text("".join(p + "\n" for p in todo["path"].iloc[k::jobs]))
     print(f"lung masks at {px} px: {len(todo)} image(s) to segment, {len(done)} cached in {masks / px}")
 PY
-  for px in 512 "$MASK_TRAIN_SIZE"; do
+  for px in "$MASK_TEST_SIZE" "$MASK_TRAIN_SIZE"; do
     for k in $(seq 0 $(( MASK_JOBS - 1 ))); do
       [ -s "$RUNS/masks/$px/todo-$k.txt" ] || continue
       $NICE $PY - "$RUNS/masks/$px/todo-$k.txt" "$RUNS/masks/$px/$k" "$px" > "$RUNS/masks/$px/segment-$k.log" 2>&1 <<'PY' &
@@ -132,14 +135,15 @@ PY
     wait
   done
   for s in split holdout; do
-    $PY - "$RUNS/$s/manifest.csv" "$RUNS/masks" "$RUNS/$s/manifest-lungs.csv" "$MASK_TRAIN_SIZE" <<'PY'
+    $PY - "$RUNS/$s/manifest.csv" "$RUNS/masks" "$RUNS/$s/manifest-lungs.csv" "$MASK_TRAIN_SIZE" "$MASK_TEST_SIZE" <<'PY'
 import sys
 from pathlib import Path
 import pandas as pd
-man, masks, out, train_px = sys.argv[1], Path(sys.argv[2]), sys.argv[3], sys.argv[4]
+man, masks, out, train_px, test_px = sys.argv[1], Path(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
 m = pd.read_csv(man, dtype=str, keep_default_na=False)
-found = {p.name[: -len("_mask.png")]: str(p.resolve()) for p in masks.glob(f"{train_px}/*/*_mask.png")}
-found.update({p.name[: -len("_mask.png")]: str(p.resolve()) for p in masks.glob("512/*/*_mask.png")})  # 512 wins
+found = {}
+for px in sorted({train_px, test_px, "512"}, key=int):  # the finest mask of an image wins
+    found.update({p.name[: -len("_mask.png")]: str(p.resolve()) for p in masks.glob(f"{px}/*/*_mask.png")})
 empty = m["mask_path"] == ""
 m.loc[empty, "mask_path"] = m.loc[empty, "path"].map(lambda p: found.get(Path(p).stem, ""))
 m.to_csv(out, index=False)
@@ -152,7 +156,9 @@ PY
 }
 MASK_LIMIT=0; [ "$SMOKE" = 1 ] && MASK_LIMIT=8
 MASK_TRAIN_SIZE=${MASK_TRAIN_SIZE:-256}
+MASK_TEST_SIZE=${MASK_TEST_SIZE:-512}
 MASK_JOBS=${MASK_JOBS:-1}
+NEED_TRAIN_MASKS=0; case " $MODELS " in *" lungcrop "*) NEED_TRAIN_MASKS=1;; esac
 if [ "${ONLY_MASKS:-0}" = 1 ]; then MASK_JOBS=$JOBS; masks_step; echo "masks done in $(elapsed) s (ONLY_MASKS=1: stopping here)"; exit 0; fi
 pool; masks_step & MASK_PID=$!
 
