@@ -52,18 +52,6 @@ def _jsonl(path: Path) -> list[dict]:
     return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
 
 
-@pytest.fixture(autouse=True)
-def _plausibility_flag_optional(monkeypatch: pytest.MonkeyPatch) -> None:
-    """--no-plausibility may not exist in every build; drop it if argparse does not know it."""
-    from covidcxr.cli import build_parser
-
-    try:
-        build_parser().parse_args(["predict", "x", "--model", "m", "--no-plausibility"])
-    except SystemExit:
-        monkeypatch.setattr("test_hardening_predict._args",
-                            lambda ckpt: ["--model", str(ckpt), "--workers", "0", "-q"])
-
-
 def test_output_that_is_an_input_is_refused(setup, capsys) -> None:
     ckpt, imgs, manifest = setup
     before = manifest.read_bytes()
@@ -123,3 +111,47 @@ def test_interrupted_run_leaves_a_valid_file_and_says_how_far(setup, tmp_path, c
     monkeypatch.setattr(SafeRecordWriter, "write", real_write)
     assert _predict(*map(str, imgs), "--out", str(out), "--resume", *_args(ckpt)) == 0
     assert [r["path"] for r in _jsonl(out)] == [str(p) for p in imgs]
+
+
+# --------------------------------------------------------------------------- issue 11 §6: plausibility gate
+
+
+def test_predict_flags_nonsense_and_gives_it_no_disease_label(setup, tmp_path, weights_dir, dev_dir, capsys) -> None:
+    import cv2
+
+    ckpt, _, _ = setup
+    blank, strip = tmp_path / "blank.png", tmp_path / "strip.png"
+    cv2.imwrite(str(blank), np.zeros((512, 512), np.uint8))
+    cv2.imwrite(str(strip), (np.random.default_rng(1).random((70, 4000)) * 255).astype(np.uint8))
+    cxr = sorted((dev_dir / "images").glob("*.jpg"))[0]
+    out = tmp_path / "p.jsonl"
+    base = ["--model", str(ckpt), "--workers", "0", "-q"]
+    assert _predict(str(blank), str(strip), str(cxr), "--out", str(out), *base) == 0
+    recs = {Path(r["path"]).name: r for r in _jsonl(out)}
+    for name in ("blank.png", "strip.png"):
+        r = recs[name]
+        assert r["flag"] == "not_a_frontal_cxr" and r["label"] == "not_a_frontal_cxr", r
+        assert r["plausibility"]["verdict"] == "not_a_frontal_cxr" and r["plausibility"]["reason"]
+        assert set(r["probabilities"]) == set(CLASSES)  # still reported, for transparency
+    r = recs[cxr.name]
+    assert r["flag"] is None and r["label"] in CLASSES and r["plausibility"]["verdict"] == "frontal_cxr"
+    assert "did not look like a frontal chest X-ray" in capsys.readouterr().err
+    # the override keeps the disease label, still flagged
+    out2 = tmp_path / "p2.csv"
+    assert _predict(str(blank), "--out", str(out2), "--label-implausible", *base) == 0
+    row = pd.read_csv(out2).iloc[0]
+    assert row["label"] in CLASSES and row["flag"] == "not_a_frontal_cxr" and row["plausibility"] == "not_a_frontal_cxr"
+
+
+def test_predict_without_segmenter_weights_says_unchecked(setup, tmp_path, monkeypatch, capsys) -> None:
+    ckpt, imgs, _ = setup
+    monkeypatch.setenv("COVIDCXR_WEIGHTS_DIR", str(tmp_path / "no-weights"))
+    import covidcxr.segment.inference as inf
+
+    monkeypatch.setattr(inf, "_LOADED", {})
+    out = tmp_path / "u.jsonl"
+    assert _predict(str(imgs[0]), "--out", str(out), "--model", str(ckpt), "--workers", "0", "-q") == 0
+    r = _jsonl(out)[0]
+    assert r["plausibility"]["verdict"] == "unchecked" and "unavailable" in r["plausibility"]["reason"]
+    assert r["label"] in CLASSES
+    assert "plausibility check unavailable" in capsys.readouterr().err

@@ -99,13 +99,54 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: third-party log lines that say nothing about this run (shown with --verbose)
+_NOISE_PREFIXES = ("💡 Tip", "GPU available", "TPU available", "HPU available", "IPU available")
+#: third-party warnings that are noise on a fresh, correct run (a regex on the message)
+_NOISE_WARNINGS = (
+    r"`isinstance\(treespec, LeafSpec\)` is deprecated",  # Lightning calling a deprecated torch API
+    r"Checkpoint directory .* exists and is not empty",  # our run folder holds config.yaml; train refuses reuse
+    r"The number of training batches .* is smaller than the logging interval",
+)
+
+
+class _DropNoise(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(_NOISE_PREFIXES)
+
+
+def setup_logging(verbose: bool = False) -> None:
+    """One handler, on the root logger: every INFO line once, without Lightning's tips.
+
+    Lightning gives its loggers their own handler when it is imported before logging is configured,
+    which printed each of its lines twice (its format and ours); those handlers are removed here.
+    """
+    import warnings
+
+    root = logging.getLogger()
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")
+    names = {"lightning", "lightning.pytorch", "pytorch_lightning", "lightning_fabric"}
+    names |= {n for n in logging.Logger.manager.loggerDict if n.split(".")[0] in names}
+    for name in names:
+        lg = logging.getLogger(name)
+        for h in list(lg.handlers):
+            lg.removeHandler(h)
+        lg.propagate = True
+    # lightning/__init__.py adds its own console handler whenever it is imported (later, inside a command):
+    # refuse it, so its lines go through the root handler once, with our format and filter
+    logging.getLogger("lightning").addHandler = lambda handler: None  # type: ignore[method-assign]
+    if not verbose:
+        for h in root.handlers:
+            if not any(isinstance(f, _DropNoise) for f in h.filters):
+                h.addFilter(_DropNoise())
+        for pattern in _NOISE_WARNINGS:
+            warnings.filterwarnings("ignore", message=pattern)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(levelname)s %(name)s: %(message)s",
-    )
+    setup_logging(args.verbose)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

@@ -11,7 +11,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-POSITIVE_CLASS = "COVID-19"
+from covidcxr.decision import POSITIVE_CLASS, DecisionRule  # noqa: F401  (re-exported)
 RESEARCH_NOTICE = (
     "For research use only. Not a medical device; not validated for clinical use. "
     "Do not use for diagnosis or patient management."
@@ -33,16 +33,11 @@ def softmax_with_temperature(logits: Any, temperature: float = 1.0) -> np.ndarra
 
 
 def decide_label(probs: Sequence[float], classes: Sequence[str], threshold: float | None) -> str:
-    """COVID-19 when its probability reaches ``threshold``, else argmax of the other classes."""
-    p = np.asarray(probs, dtype=np.float64)
-    if threshold is None or POSITIVE_CLASS not in classes:
-        return classes[int(np.argmax(p))]
-    pos = list(classes).index(POSITIVE_CLASS)
-    if p[pos] >= threshold:
-        return POSITIVE_CLASS
-    rest = p.copy()
-    rest[pos] = -np.inf
-    return classes[int(np.argmax(rest))]
+    """COVID-19 when its probability reaches ``threshold``, else argmax of the other classes.
+
+    The rule itself lives in :mod:`covidcxr.decision`, shared with evaluate, compare and explain.
+    """
+    return DecisionRule(threshold, POSITIVE_CLASS).label(probs, classes)
 
 
 def jsonable(obj: Any) -> Any:

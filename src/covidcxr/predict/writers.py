@@ -10,7 +10,8 @@ from typing import IO, Any, Sequence
 
 #: CSV columns before/after the per-class probabilities
 CSV_HEAD = ["path", "label"]
-CSV_TAIL = ["threshold", "severity", "heatmap", "error"]
+CSV_TAIL = ["threshold", "decision_rule", "flag", "plausibility", "plausibility_reason", "severity", "heatmap",
+            "error"]
 
 
 def output_format(path: str | None) -> str:
@@ -19,7 +20,9 @@ def output_format(path: str | None) -> str:
 
 def csv_row(rec: dict[str, Any], classes: Sequence[str]) -> dict[str, Any]:
     """A record flattened to the CSV columns (probabilities as p_<class>, severity as JSON)."""
-    row = {k: rec.get(k) for k in (*CSV_HEAD, "threshold", "heatmap", "error")}
+    row = {k: rec.get(k) for k in (*CSV_HEAD, "threshold", "decision_rule", "flag", "heatmap", "error")}
+    plaus = rec.get("plausibility") or {}
+    row["plausibility"], row["plausibility_reason"] = plaus.get("verdict"), plaus.get("reason")
     for c in classes:
         row[f"p_{c}"] = (rec.get("probabilities") or {}).get(c)
     sev = rec.get("severity")

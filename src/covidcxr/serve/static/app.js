@@ -56,7 +56,8 @@ async function loadModelInfo() {
   }
   const card = await r.json();
   state.maxUploadMb = card.limits ? card.limits.max_upload_mb : null;
-  const thr = card.threshold === null ? "argmax" : `COVID-19 threshold ${card.threshold.toFixed(2)}`;
+  const thr = card.decision_rule ? `decision rule: ${card.decision_rule.text}`
+    : (card.threshold === null ? "argmax" : `COVID-19 threshold ${card.threshold.toFixed(4)}`);
   $("model-info").textContent =
     `Model ${card.name} (${card.arch}, version ${card.version}, ${card.backend}) · classes: ${card.classes.join(", ")} · ${thr}`;
 }
@@ -135,11 +136,18 @@ function renderSeverity(severity, note) {
 function renderResult(res, fileName) {
   $("result").hidden = false;
   const label = $("label");
-  label.textContent = res.label;
+  const implausible = res.flag === "not_a_frontal_cxr";
+  label.textContent = implausible && res.label === "not_a_frontal_cxr" ? "not a frontal chest X-ray" : res.label;
   label.classList.toggle("covid", res.label === "COVID-19");
-  $("threshold").textContent = res.threshold === null
-    ? "Label = most probable class."
-    : `COVID-19 when its probability is at least ${res.threshold.toFixed(2)} (the model's operating threshold; black mark).`;
+  label.classList.toggle("implausible", implausible);
+  // the same rule and threshold as evaluate, predict and the model card, with its value
+  const rule = res.decision_rule || (res.threshold === null ? "argmax: the most probable class"
+    : `COVID-19 if p(COVID-19) >= ${res.threshold.toFixed(4)}, else the most probable other class`);
+  const plaus = res.plausibility
+    ? (implausible ? ` Flagged: ${res.plausibility.reason}; no disease label is given.`
+       : (res.plausibility.verdict === "unchecked" ? ` Plausibility: ${res.plausibility.reason}.` : ""))
+    : "";
+  $("threshold").textContent = `Decision rule: ${rule}${res.threshold === null ? "" : " (black mark)"}.${plaus}`;
   renderBars(res.probabilities, res.label, res.threshold);
   renderSeverity(res.severity, res.severity_note);
   if (res.image_png) $("xray").src = `data:image/png;base64,${res.image_png}`;

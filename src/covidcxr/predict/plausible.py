@@ -1,0 +1,121 @@
+"""Is the input a frontal chest X-ray at all? The gate in front of every disease label (issue 11 §6).
+
+Every ``predict`` record and service response carries ``plausibility`` (verdict, reason, the rule
+that failed) from :mod:`covidcxr.segment.plausibility` (the pretrained lung U-Net). An implausible
+input -- a blank picture, noise, a strip, a lateral view, a photo -- is flagged
+``not_a_frontal_cxr`` and by default gets that as its label instead of a disease label; its class
+probabilities stay in the record for transparency. ``label_implausible=True`` (``--label-implausible``)
+keeps the disease label, still flagged. When the check cannot run (no segmenter weights), records
+say ``"verdict": "unchecked"`` and why, and labels are given as before.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+NOT_FRONTAL = "not_a_frontal_cxr"
+
+
+@dataclass(frozen=True)
+class PlausibilityInput:
+    """An extra 'preset' for the decode workers: the original image, shrunk to ``side`` px on its long side.
+
+    The check segments at 256 px and measures shape and intensity, so a small copy with the original
+    aspect ratio is all it needs; it travels from the workers instead of the full image.
+    """
+
+    side: int = 512
+
+    def array(self, image: np.ndarray) -> np.ndarray:
+        import cv2
+
+        img = np.asarray(image, dtype=np.float32)
+        h, w = img.shape[:2]
+        f = self.side / float(max(h, w))
+        if f < 1:
+            img = cv2.resize(img, (max(1, round(w * f)), max(1, round(h * f))), interpolation=cv2.INTER_AREA)
+        return img
+
+
+class PlausibilityGate:
+    """Checks images and writes the verdict into records; see the module docstring."""
+
+    def __init__(self, enabled: bool = True, label_implausible: bool = False, segmenter: Any = None,
+                 backend: str = "torch", torch_free: bool = False):
+        self.enabled = enabled
+        self.label_implausible = label_implausible
+        self.segmenter = segmenter
+        self.backend = backend
+        #: the ONNX paths must not import torch, and loading the lung U-Net does: there only the rules that
+        #: need no mask (aspect ratio, a uniform picture) run, and the records say so
+        self.torch_free = torch_free
+        self.unavailable: str | None = None if enabled else "plausibility check turned off (--no-plausibility)"
+        self.flagged = 0
+
+    @classmethod
+    def for_predictor(cls, predictor: Any, enabled: bool = True, label_implausible: bool = False
+                      ) -> "PlausibilityGate":
+        onnx = getattr(predictor, "backend_name", "torch") == "onnx"
+        return cls(enabled, label_implausible, backend="auto" if onnx else "torch", torch_free=onnx)
+
+    def extra_presets(self) -> dict[str, Any]:
+        return {"plausibility": PlausibilityInput()} if self.enabled else {}
+
+    def check(self, image: np.ndarray) -> dict[str, Any]:
+        """``{"verdict", "plausible", "reason", "rule"}`` for one H x W [0, 1] image."""
+        if self.unavailable is None and self.torch_free:
+            from covidcxr.segment.plausibility import precheck
+
+            v = precheck(np.asarray(image, dtype=np.float32))
+            if v is not None:
+                return {"verdict": v.verdict, "plausible": False, "reason": v.reason, "rule": v.rule}
+            return {"verdict": "unchecked", "plausible": None, "rule": None,
+                    "reason": "partly checked: aspect ratio and contrast pass; the lung rules need the lung U-Net, "
+                              "which the ONNX backend does not load (use --backend torch for the full check)"}
+        if self.unavailable is None:
+            try:
+                from covidcxr.segment.plausibility import check_plausibility
+
+                v = check_plausibility(np.asarray(image, dtype=np.float32), segmenter=self.segmenter,
+                                       backend=self.backend)
+                return {"verdict": v.verdict, "plausible": bool(v.plausible), "reason": v.reason, "rule": v.rule}
+            except Exception as err:  # no weights, no segmenter: say so in every record, keep predicting
+                self.unavailable = f"plausibility check unavailable: {type(err).__name__}: {err}".splitlines()[0]
+                log.warning("%s", self.unavailable)
+        return {"verdict": "unchecked", "plausible": None, "reason": self.unavailable, "rule": None}
+
+    def apply(self, rec: dict[str, Any], image: np.ndarray | None = None) -> dict[str, Any]:
+        """Add ``plausibility`` and ``flag`` to a good record; relabel it when implausible (unless overridden).
+
+        ``image``: the decoded image, else ``rec["tensors"]["plausibility"]`` from the decode workers.
+        """
+        if rec.get("error"):
+            return rec
+        if image is None:
+            image = (rec.get("tensors") or {}).get("plausibility")
+        verdict = self.check(image) if image is not None else {
+            "verdict": "unchecked", "plausible": None, "rule": None,
+            "reason": self.unavailable or "no image was kept for the plausibility check"}
+        rec["plausibility"] = verdict
+        rec["flag"] = NOT_FRONTAL if verdict["plausible"] is False else None
+        if rec["flag"]:
+            self.flagged += 1
+            if not self.label_implausible:
+                rec["label"] = NOT_FRONTAL  # no disease label for what is not a frontal chest X-ray
+        return rec
+
+    def notes(self) -> list[str]:
+        out = []
+        if self.unavailable and self.enabled:
+            out.append(f"note: {self.unavailable}; records say 'unchecked'")
+        if self.flagged:
+            what = "kept their disease label (--label-implausible)" if self.label_implausible else (
+                f"were labelled {NOT_FRONTAL} instead of a disease")
+            out.append(f"{self.flagged} input(s) did not look like a frontal chest X-ray and {what}")
+        return out
