@@ -20,7 +20,7 @@
 #   SMOKE=1 bash scripts/results_classification.sh       # plumbing check: 1 epoch, 64 px, few batches
 #   MODELS="scratch mnv2" JOBS=1 bash scripts/results_classification.sh
 #
-# Environment: RUNS (output folder, default results-out/, ignored by git), EPOCHS, SIZE, JOBS (trainings
+# Environment: MODELS (ids to run; the others are listed as "not run: $NOT_RUN_REASON"), RUNS (output folder, default results-out/, ignored by git), EPOCHS, SIZE, JOBS (trainings
 # side by side, one torch thread each), BOOT (bootstrap replicates), SEV_EPOCHS, SEV_SPLITS, NICENESS,
 # COVIDCXR_SHARED (default ../shared), COVIDCXR_WEIGHTS_DIR (default $COVIDCXR_SHARED/weights),
 # DOC (markdown file to update; empty: do not touch docs; SMOKE runs never touch docs), ONLY_MASKS=1 (stop
@@ -75,9 +75,16 @@ LABEL[lungcrop]="MobileNetV2, CXNet-style lung crop"; CONFIG[lungcrop]=configs/t
 LABEL[twice]="MobileNetV2, twice transfer (ImageNet → NIH → 3 classes)"; CONFIG[twice]=configs/twice-transfer-mobilenet_v2.yaml; SETS[twice]=""
 for m in $MODELS; do
   [ -n "${LABEL[$m]:-}" ] || { echo "error: unknown model id $m (known: ${!LABEL[*]})" >&2; exit 2; }
-  if [ ! -f "${CONFIG[$m]}" ]; then NOTREADY[$m]="not run: recipe ${CONFIG[$m]} not in this checkout"; fi
-  printf '%s\t%s\t%s\t%s\t%s\n' "$m" "${LABEL[$m]}" "${CONFIG[$m]}" "${SETS[$m]} $COMMON" "${NOTREADY[$m]:-}" >> "$RUNS/models.tsv"
 done
+for m in scratch probe mnv2 effl0 lungcrop twice; do   # every model gets a row; one left out says why
+  case " $MODELS " in
+    *" $m "*) [ -f "${CONFIG[$m]}" ] || NOTREADY[$m]="not run: recipe ${CONFIG[$m]} not in this checkout" ;;
+    *) NOTREADY[$m]="not run: ${NOT_RUN_REASON:-left out of MODELS for this run}" ;;
+  esac
+  printf '%s\t%s\t%s\t%s\t%s\n' "$m" "${LABEL[$m]}" "${CONFIG[$m]}" "${SETS[$m]} $COMMON" "${NOTREADY[$m]:-}" >> "$RUNS/models.tsv"
+  if [ -n "${NOTREADY[$m]:-}" ]; then mark split "$m" "${NOTREADY[$m]}"; mark holdout "$m" "${NOTREADY[$m]}"; fi
+done
+MODELS=$(for m in $MODELS; do [ -n "${NOTREADY[$m]:-}" ] || printf '%s ' "$m"; done)
 
 # ------------------------------------------------------------------ 1. data
 t0=$(elapsed)
@@ -185,7 +192,6 @@ ORDER=(); for s in split holdout; do for m in $MODELS; do [ "$m" = lungcrop ] ||
 for s in split holdout; do for m in $MODELS; do [ "$m" = lungcrop ] && ORDER+=("$s/$m"); done; done
 for sm in "${ORDER[@]}"; do   # the lung-crop recipe last: it needs the masks of step 1b
   s=${sm%/*}; m=${sm#*/}
-  if [ -n "${NOTREADY[$m]:-}" ]; then mark "$s" "$m" "${NOTREADY[$m]}"; continue; fi
   [ "$m" = lungcrop ] && { wait "$MASK_PID" 2>/dev/null || true; }
   pool; train_eval "$s" "$m" &
 done
