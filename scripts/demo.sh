@@ -9,7 +9,8 @@
 # are fetched with git (network needed) and used in their own layouts.
 # Weights: the ImageNet MobileNetV2 from $COVIDCXR_WEIGHTS_DIR (default <shared>/weights), checked by
 # its sha256; without it the demo says so in one line and trains a ResNet-18 from scratch.
-# DEMO_EPOCHS (default 3) and DEMO_SIZE (default 160 px) keep the training to a few CPU minutes.
+# DEMO_EPOCHS (default 2: one head warm-up epoch, one fine-tuning epoch) and DEMO_SIZE (default 128 px)
+# keep the training to a few CPU minutes.
 set -euo pipefail
 # shared folder (E): $COVIDCXR_SHARED (the folder holding data/ and weights/; a path to its data/ works too), else ../shared
 SHARED=${COVIDCXR_SHARED:-../shared}; if [ ! -d "$SHARED/data" ] && { [ "$(basename "$SHARED")" = data ] || [ -d "$SHARED/covid-cxr-dev" ]; }; then SHARED=$(dirname "$SHARED"); fi
@@ -17,8 +18,8 @@ DATA=${1:-}
 OUT=${2:-demo-out}
 CX=".venv/bin/covidcxr"
 PY=".venv/bin/python"
-EPOCHS=${DEMO_EPOCHS:-3}
-SIZE=${DEMO_SIZE:-160}
+EPOCHS=${DEMO_EPOCHS:-2}
+SIZE=${DEMO_SIZE:-128}
 export COVIDCXR_WEIGHTS_DIR=${COVIDCXR_WEIGHTS_DIR:-$SHARED/weights}
 mkdir -p "$OUT"
 START=$(date +%s)
