@@ -104,13 +104,14 @@ def _lsh_candidates(descriptors: list[np.ndarray], min_votes: int, seed: int = 0
     if sum(sizes) == 0:
         return np.zeros((0, 2), np.int64)
     owner = np.repeat(np.arange(len(descriptors)), sizes)
-    bits = np.unpackbits(np.concatenate([d for d in descriptors if len(d)]), axis=1)
+    packed = np.concatenate([d for d in descriptors if len(d)])  # M x 32 bytes; never unpacked (8x the memory)
     rng = np.random.default_rng(seed)
-    weights = (1 << np.arange(_LSH_BITS, dtype=np.int64))
     n = np.int64(len(descriptors))
     codes = []
     for _ in range(_LSH_TABLES):
-        key = bits[:, rng.choice(bits.shape[1], _LSH_BITS, replace=False)].astype(np.int64) @ weights
+        key = np.zeros(len(packed), np.int64)
+        for k, b in enumerate(rng.choice(packed.shape[1] * 8, _LSH_BITS, replace=False).tolist()):
+            key |= ((packed[:, b >> 3] >> (7 - (b & 7))) & 1).astype(np.int64) << k  # bit b as np.unpackbits numbers it
         order = np.argsort(key, kind="stable")
         sk, so = key[order], owner[order]
         # bucket sizes, to skip generic buckets
