@@ -88,7 +88,7 @@ def compare(
         classes = list(predictor.classes)
         class_sets.append(classes)
         label_indices(frame, classes, manifest)
-        pr = predict_frame(predictor, frame, batch_size=batch_size)
+        pr = predict_frame(predictor, frame, batch_size=batch_size, progress=True)
         y = label_indices(pr.frame, classes)
         pos = positive if positive in classes else None
         rule = DecisionRule.from_predictor(predictor)  # the same rule evaluate, predict and serve use

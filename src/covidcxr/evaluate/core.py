@@ -250,6 +250,7 @@ def evaluate_checkpoint(
     batch_size: int = 16,
     num_workers: int = 0,
     positive: str = "COVID-19",
+    progress: bool = True,
 ) -> dict[str, Any]:
     """Evaluate a checkpoint on a manifest split and write REPORT/{metrics.json, report.html, report.md,
     predictions.csv, *.png}. Returns the metrics.json content.
@@ -272,7 +273,7 @@ def evaluate_checkpoint(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
 
-    pr = predict_frame(predictor, frame, batch_size=batch_size, num_workers=num_workers)
+    pr = predict_frame(predictor, frame, batch_size=batch_size, num_workers=num_workers, progress=progress)
     if len(pr.frame) == 0:
         raise MetricsError(f"{manifest}: no readable image in split {split!r} ({len(pr.failures)} failed)")
     pos = positive if positive in classes else None
@@ -284,7 +285,7 @@ def evaluate_checkpoint(
     vp = None
     if calibrate or set_threshold:
         vframe = select_split(df, "val", manifest)
-        vp = predict_frame(predictor, vframe, batch_size=batch_size, num_workers=num_workers)
+        vp = predict_frame(predictor, vframe, batch_size=batch_size, num_workers=num_workers, progress=progress)
         if len(vp.frame) < SMALL_VAL:
             log.warning("%s: the val split has only %d readable images; the temperature/threshold fitted on it "
                         "and written into %s will be noisy", manifest, len(vp.frame), model)

@@ -202,8 +202,15 @@ class SeverityModule(_lightning().LightningModule):
         return torch.optim.AdamW(groups, weight_decay=self.weight_decay)
 
 
-def make_trainer(max_epochs: int, accelerator: str = "cpu", **kw: Any):
+def make_trainer(max_epochs: int, accelerator: str = "cpu", progress: bool | None = None, **kw: Any):
+    """The Lightning trainer; ``progress`` (default on) shows a progress bar per epoch on stderr,
+    so a 40-60 s severity fit is not silent (issue 11 §8)."""
     L = _lightning()
+    show = True if progress is None else progress
+    if show:
+        from lightning.pytorch.callbacks import TQDMProgressBar
+
+        kw["callbacks"] = [*kw.get("callbacks", []), TQDMProgressBar(refresh_rate=1)]
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
     warnings.filterwarnings("ignore", ".*number of training batches.*")
     warnings.filterwarnings("ignore", ".*no `val_dataloader`.*")
@@ -211,7 +218,7 @@ def make_trainer(max_epochs: int, accelerator: str = "cpu", **kw: Any):
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # no "GPU available: False" chatter
     return L.Trainer(
         max_epochs=int(max_epochs), accelerator=accelerator, devices=1, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, log_every_n_steps=1,
+        enable_progress_bar=show, enable_model_summary=False, num_sanity_val_steps=0, log_every_n_steps=1,
         deterministic=False, **kw,
     )
 
