@@ -23,7 +23,6 @@ weights). Prints a table and writes benchmarks/results/dicom_node.json.
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import platform
