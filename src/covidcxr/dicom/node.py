@@ -234,7 +234,8 @@ class DicomNode:
             self.store.release(key)
             self.stats.failed += 1
             log.warning("instance %s refused: %s", key, err.reason)
-            return _status(DOES_NOT_MATCH if "pixel data" in err.reason else CANNOT_UNDERSTAND, err.reason)
+            missing = "no pixel data" in err.reason or "truncated" in err.reason  # the data set is incomplete
+            return _status(DOES_NOT_MATCH if missing else CANNOT_UNDERSTAND, err.reason)
         except Exception as err:
             self.store.release(key)
             raise err
