@@ -155,3 +155,28 @@ def test_predict_without_segmenter_weights_says_unchecked(setup, tmp_path, monke
     assert r["plausibility"]["verdict"] == "unchecked" and "unavailable" in r["plausibility"]["reason"]
     assert r["label"] in CLASSES
     assert "plausibility check unavailable" in capsys.readouterr().err
+
+
+def test_service_flags_a_blank_upload_and_page_shows_it(setup, tmp_path) -> None:
+    """The blank black PNG the web page called COVID-19: now flagged, no disease label, reason given."""
+    import cv2
+
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from covidcxr.serve import create_app
+
+    ckpt, _, _ = setup
+    ok, blank = cv2.imencode(".png", np.zeros((512, 512), np.uint8))
+    with TestClient(create_app(ckpt, api_key="")) as c:
+        r = c.post("/v1/predict", files={"file": ("blank.png", blank.tobytes(), "image/png")})
+        assert r.status_code == 200, r.text
+        j = r.json()
+        assert j["flag"] == "not_a_frontal_cxr" and j["label"] == "not_a_frontal_cxr"
+        assert j["plausibility"]["rule"] == "uniform" and "uniform" in j["plausibility"]["reason"]
+        page_js = c.get("/static/app.js").text if c.get("/static/app.js").status_code == 200 else ""
+    if page_js:
+        assert "not_a_frontal_cxr" in page_js and "decision_rule" in page_js
+    with TestClient(create_app(ckpt, api_key="", label_implausible=True)) as c:
+        j = c.post("/v1/predict", files={"file": ("blank.png", blank.tobytes(), "image/png")}).json()
+        assert j["flag"] == "not_a_frontal_cxr" and j["label"] in CLASSES

@@ -69,12 +69,15 @@ class PlausibilityGate:
 
     def check(self, image: np.ndarray) -> dict[str, Any]:
         """``{"verdict", "plausible", "reason", "rule"}`` for one H x W [0, 1] image."""
-        if self.unavailable is None and self.torch_free:
-            from covidcxr.segment.plausibility import precheck
+        if not self.enabled:
+            return {"verdict": "unchecked", "plausible": None, "reason": self.unavailable, "rule": None}
+        from covidcxr.segment.plausibility import precheck  # torch-free: aspect ratio, a uniform picture
 
-            v = precheck(np.asarray(image, dtype=np.float32))
-            if v is not None:
-                return {"verdict": v.verdict, "plausible": False, "reason": v.reason, "rule": v.rule}
+        img = np.asarray(image, dtype=np.float32)
+        v = precheck(img)
+        if v is not None:
+            return {"verdict": v.verdict, "plausible": False, "reason": v.reason, "rule": v.rule}
+        if self.torch_free:
             return {"verdict": "unchecked", "plausible": None, "rule": None,
                     "reason": "partly checked: aspect ratio and contrast pass; the lung rules need the lung U-Net, "
                               "which the ONNX backend does not load (use --backend torch for the full check)"}
@@ -82,13 +85,13 @@ class PlausibilityGate:
             try:
                 from covidcxr.segment.plausibility import check_plausibility
 
-                v = check_plausibility(np.asarray(image, dtype=np.float32), segmenter=self.segmenter,
-                                       backend=self.backend)
+                v = check_plausibility(img, segmenter=self.segmenter, backend=self.backend)
                 return {"verdict": v.verdict, "plausible": bool(v.plausible), "reason": v.reason, "rule": v.rule}
             except Exception as err:  # no weights, no segmenter: say so in every record, keep predicting
                 self.unavailable = f"plausibility check unavailable: {type(err).__name__}: {err}".splitlines()[0]
                 log.warning("%s", self.unavailable)
-        return {"verdict": "unchecked", "plausible": None, "reason": self.unavailable, "rule": None}
+        return {"verdict": "unchecked", "plausible": None, "rule": None,
+                "reason": f"partly checked: aspect ratio and contrast pass; {self.unavailable}"}
 
     def apply(self, rec: dict[str, Any], image: np.ndarray | None = None) -> dict[str, Any]:
         """Add ``plausibility`` and ``flag`` to a good record; relabel it when implausible (unless overridden).
