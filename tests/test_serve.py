@@ -158,7 +158,7 @@ def test_503_when_queue_full_and_on_queue_timeout(ckpt: Path, jpeg: bytes) -> No
         return infer
 
     # 1 running + 1 waiting: of 4 simultaneous requests, 2 are answered 503 at once
-    app = create_app(ckpt, api_key="", max_concurrency=1, queue=1)
+    app = create_app(ckpt, api_key="", max_concurrency=1, queue=1, max_batch=1)  # the unbatched path
     app.state.service.infer = slow(app.state.service.infer)
     codes = sorted(r.status_code for r in asyncio.run(burst(app, 4)))
     assert codes == [200, 200, 503, 503]
@@ -166,14 +166,14 @@ def test_503_when_queue_full_and_on_queue_timeout(ckpt: Path, jpeg: bytes) -> No
     assert busy.headers["retry-after"] == "2" and "server busy" in busy.json()["detail"]
 
     # a long queue but a short wait: waiting too long is also a 503, not a hang
-    app = create_app(ckpt, api_key="", max_concurrency=1, queue=10, queue_timeout=0.1)
+    app = create_app(ckpt, api_key="", max_concurrency=1, queue=10, queue_timeout=0.1, max_batch=1)
     app.state.service.infer = slow(app.state.service.infer)
     codes = sorted(r.status_code for r in asyncio.run(burst(app, 3)))
     assert codes == [200, 503, 503]
 
 
 def test_500_is_json_and_server_survives(ckpt: Path, jpeg: bytes) -> None:
-    app = create_app(ckpt, api_key="")
+    app = create_app(ckpt, api_key="", max_batch=1)  # unbatched; tests/test_batching.py has the batched 500
 
     def boom(*a, **k):
         raise RuntimeError("internal detail that must not leak")
@@ -219,7 +219,7 @@ def test_model_card_health_openapi_and_page(client: TestClient) -> None:
     assert card["training"]["run_name"] == "tiny-serve" and card["metrics"]["test_auc"] == 0.5
     assert card["limits"]["max_upload_mb"] == 1.0 and "research use only" in card["notice"].lower()
     h = client.get("/healthz").json()
-    assert h["status"] == "ok" and h["capacity"] == 10 and h["auth_required"] is False
+    assert h["status"] == "ok" and h["capacity"] == 16 and h["auth_required"] is False  # batch of 8 + queue 8
 
     spec = client.get("/openapi.json").json()
     op = spec["paths"]["/v1/predict"]["post"]
@@ -259,7 +259,7 @@ def test_cli_serve_builds_the_app_with_its_limits(ckpt: Path, monkeypatch: pytes
     monkeypatch.setattr(uvicorn, "run", lambda app, **kw: seen.update(app=app, **kw))
     monkeypatch.delenv("COVIDCXR_API_KEY", raising=False)
     assert main(["serve", "--model", str(ckpt), "--host", "127.0.0.1", "--port", "8123", "--max-upload-mb", "3",
-                 "--max-concurrency", "3", "--queue", "4"]) == 0
+                 "--max-concurrency", "3", "--queue", "4", "--max-batch", "1"]) == 0
     assert seen["host"] == "127.0.0.1" and seen["port"] == 8123
     with TestClient(seen["app"]) as c:
         limits = c.get("/v1/model").json()["limits"]
@@ -313,3 +313,54 @@ def test_cli_serve_rejects_nonsense_limits(ckpt: Path, capsys: pytest.CaptureFix
             main(["serve", "--model", str(ckpt), opt, val])
         assert exc.value.code == 2
         assert f"argument {opt}:" in capsys.readouterr().err
+
+
+def test_every_error_body_is_one_detail_sentence(client: TestClient, jpeg: bytes) -> None:
+    """Issue 11 §9: FastAPI's validation list (missing field, bad query flag) has the same shape as the rest."""
+    cases = [
+        client.post("/v1/predict", data={"other": "x"}),                                   # no file field
+        client.post("/v1/predict?heatmap=maybe", files={"file": ("x.jpg", jpeg)}),          # bad boolean
+        client.post("/v1/predict", files={"file": ("x.png", b"")}),                          # empty upload
+        client.post("/v1/predict", files={"file": ("x.png", b"%PDF-1.4")}),                 # 415
+        client.get("/v1/nothing-here"),                                                      # 404
+    ]
+    assert [r.status_code for r in cases] == [422, 422, 422, 415, 404]
+    for r in cases:
+        body = r.json()
+        assert set(body) == {"detail"} and isinstance(body["detail"], str) and "\n" not in body["detail"], body
+    assert "file" in cases[0].json()["detail"] and "heatmap" in cases[1].json()["detail"]
+
+
+def test_api_key_file_and_openapi_behind_the_key(ckpt: Path, jpeg: bytes, tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    import uvicorn
+
+    from covidcxr.cli import main
+
+    monkeypatch.delenv("COVIDCXR_API_KEY", raising=False)
+    keyfile = tmp_path / "key.txt"
+    keyfile.write_text("file-key-123\n")
+    seen = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: seen.update(app=app))
+    assert main(["serve", "--model", str(ckpt), "--api-key-file", str(keyfile), "--no-plausibility"]) == 0
+    with TestClient(seen["app"]) as c:
+        assert c.get("/healthz").json()["auth_required"] is True
+        assert c.get("/openapi.json").status_code == 401  # the document follows the API's auth rule
+        assert c.get("/docs").status_code == 404          # Swagger UI cannot send the key: off with a key
+        assert c.get("/openapi.json", headers={"X-API-Key": "file-key-123"}).json()["info"]["title"] == "covidcxr"
+        r = c.post("/v1/predict", files={"file": ("x.jpg", jpeg)}, headers={"X-API-Key": "file-key-123"})
+        assert r.status_code == 200
+    # without a key: the document and the Swagger page are open, as before
+    with TestClient(create_app(ckpt, api_key="")) as c:
+        assert c.get("/openapi.json").status_code == 200 and c.get("/docs").status_code == 200
+
+
+def test_api_key_file_errors_are_one_line(ckpt: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from covidcxr.cli import main
+
+    empty = tmp_path / "empty.txt"
+    empty.write_text("  \n")
+    for path, msg in ((tmp_path / "missing.txt", "cannot read the API key file"), (empty, "is empty")):
+        assert main(["serve", "--model", str(ckpt), "--api-key-file", str(path)]) == 1
+        err = capsys.readouterr().err.strip()
+        assert msg in err and str(path) in err and "\n" not in err, err

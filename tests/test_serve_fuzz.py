@@ -28,7 +28,8 @@ def api_schema(tmp_path_factory: pytest.TempPathFactory):
     models.save(ckpt, models.build("resnet18", num_classes=3), arch="resnet18",
                 classes=["normal", "pneumonia", "COVID-19"], preset=get_preset("deepcovid", size=64), threshold=0.5)
     app = create_app(ckpt, api_key=KEY, max_upload_mb=0.5)
-    return schemathesis.openapi.from_asgi("/openapi.json", app)
+    # /openapi.json follows the API key rule too (issue 11 §9)
+    return schemathesis.openapi.from_asgi("/openapi.json", app, headers={"X-API-Key": KEY})
 
 
 def test_api_conforms_to_its_schema(api_schema) -> None:

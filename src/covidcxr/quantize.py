@@ -188,6 +188,40 @@ def _set_metadata(path: Path, extra: dict[str, Any]) -> None:
     onnx.save(model, str(path))
 
 
+def quantize_file(fp32: Predictor, out: str | os.PathLike, cal_files: Sequence[str], *, method: str = "minmax",
+                  per_channel: bool = True, workers: int = 0) -> "_Calibration":
+    """Quantize ``fp32`` (an ONNX-backed predictor) to ``out`` calibrated on ``cal_files``; no gate, no metadata.
+
+    The building block of :func:`quantize_int8` (and of the speed benchmark, where weights are random and a
+    gate means nothing). Returns the calibration reader (``used``, ``failed``).
+    """
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quant_pre_process, quantize_static
+
+    if method not in CALIBRATION_METHODS:
+        raise QuantizeError(f"unknown calibration method {method!r}; choose {', '.join(CALIBRATION_METHODS)}")
+    with tempfile.TemporaryDirectory(prefix=".quantize-pre-") as tmp:
+        pre = Path(tmp) / "pre.onnx"
+        try:
+            # shape inference + fp32 graph optimisation, as onnxruntime recommends before static quantization
+            quant_pre_process(str(fp32.path), str(pre), skip_symbolic_shape=True)
+        except Exception as err:
+            log.warning("quantization pre-processing skipped (%s: %s)", type(err).__name__, str(err)[:200])
+            pre = Path(str(fp32.path))
+        reader = _Calibration(fp32, list(cal_files), workers=workers)
+        cm = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
+              "entropy": CalibrationMethod.Entropy}[method]
+        try:
+            quantize_static(
+                str(pre), str(out), reader, quant_format=QuantFormat.QDQ, op_types_to_quantize=OP_TYPES,
+                per_channel=per_channel, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                calibrate_method=cm, extra_options={"ActivationSymmetric": False, "WeightSymmetric": True},
+            )
+        except Exception as err:
+            raise QuantizeError(f"{fp32.path}: INT8 quantization failed ({type(err).__name__}: {str(err)[:300]})") \
+                from None
+    return reader
+
+
 def quantize_int8(
     fp32_path: str | os.PathLike,
     out: str | os.PathLike,
@@ -206,8 +240,6 @@ def quantize_int8(
 
     Raises :class:`QuantizeError` (nothing at ``out``) when calibration or the parity gate fails.
     """
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quant_pre_process, quantize_static
-
     if method not in CALIBRATION_METHODS:
         raise QuantizeError(f"unknown calibration method {method!r}; choose {', '.join(CALIBRATION_METHODS)}")
     if "train" in parity_splits:
@@ -229,26 +261,8 @@ def quantize_int8(
 
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=".quantize-") as tmp:
-        pre = Path(tmp) / "pre.onnx"
         staged = Path(tmp) / "int8.onnx"
-        try:
-            # shape inference + fp32 graph optimisation, as onnxruntime recommends before static quantization
-            quant_pre_process(str(fp32_path), str(pre), skip_symbolic_shape=True)
-        except Exception as err:
-            log.warning("quantization pre-processing skipped (%s: %s)", type(err).__name__, str(err)[:200])
-            pre = Path(fp32_path)
-        reader = _Calibration(fp32, cal_files, workers=workers)
-        cm = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
-              "entropy": CalibrationMethod.Entropy}[method]
-        try:
-            quantize_static(
-                str(pre), str(staged), reader, quant_format=QuantFormat.QDQ, op_types_to_quantize=OP_TYPES,
-                per_channel=per_channel, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                calibrate_method=cm, extra_options={"ActivationSymmetric": False, "WeightSymmetric": True},
-            )
-        except Exception as err:
-            raise QuantizeError(f"{fp32_path}: INT8 quantization failed ({type(err).__name__}: {str(err)[:300]})") \
-                from None
+        reader = quantize_file(fp32, staged, cal_files, method=method, per_channel=per_channel, workers=workers)
         if reader.used == 0:
             raise QuantizeError(f"{calibrate}: none of {len(cal_files)} train images could be read for calibration")
         quant_meta = {

@@ -5,9 +5,14 @@ Safety rules this module keeps:
 * the upload limit is enforced while the body streams in (413), before any decoding;
 * content is identified by decoding it with :func:`covidcxr.io.decode`, never by its file name:
   415 when it is no image format at all, 422 when it is one but cannot be decoded or used;
-* at most ``max_concurrency`` inferences run and ``queue`` wait; beyond that, or after
-  ``queue_timeout`` seconds of waiting, the answer is 503 with ``Retry-After``;
-* an optional API key (``COVIDCXR_API_KEY`` or ``api_key=``) guards ``/v1/*`` (401 without it);
+* decoding and preprocessing run in ``decode_workers`` threads; inference runs in micro-batches of up to
+  ``max_batch`` images formed within ``max_wait_ms`` (:mod:`covidcxr.serve.batcher`), or, with
+  ``max_batch=1``, one request at a time in ``max_concurrency`` slots;
+* at most ``max_batch + queue`` requests (batched) or ``max_concurrency + queue`` (unbatched) are inside;
+  beyond that, or after ``queue_timeout`` seconds of waiting, the answer is 503 with ``Retry-After``;
+* an optional API key (``COVIDCXR_API_KEY``, ``--api-key-file`` or ``api_key=``) guards ``/v1/*`` and
+  ``/openapi.json`` (401 without it; the Swagger page is then off);
+* every error body is ``{"detail": "<one sentence>"}``, request validation (422) included;
 * logs carry format, size, label and timing only: never image bytes, file names or DICOM tags;
 * no CORS headers unless origins are configured.
 """
@@ -20,12 +25,14 @@ import os
 import secrets
 import time
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, AsyncIterator, Sequence
 
 import anyio
 import numpy as np
-from fastapi import Depends, FastAPI, File, HTTPException, Query, UploadFile
+from fastapi import Depends, FastAPI, File, HTTPException, Query, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.security import APIKeyHeader
 from fastapi.staticfiles import StaticFiles
@@ -40,6 +47,7 @@ from covidcxr.predict import (
     heat_rgba,
 )
 from covidcxr.preprocess import PresetError
+from covidcxr.serve.batcher import BatchTiming, MicroBatcher
 from covidcxr.serve.schemas import ErrorResponse, HealthResponse, Limits, ModelCard, ModelRef, PredictResponse
 
 log = logging.getLogger("covidcxr.serve")
@@ -47,6 +55,10 @@ STATIC = Path(__file__).parent / "static"
 API_KEY_ENV = "COVIDCXR_API_KEY"
 DISPLAY_SIZE = 512  # side of the image returned for the page (the model input, upscaled for the eye)
 RETRY_AFTER_S = 2
+#: measured defaults (docs/benchmarks.md "Service"): batches of up to 8 images, formed within 10 ms
+DEFAULT_MAX_BATCH = 8
+DEFAULT_MAX_WAIT_MS = 10.0
+DEFAULT_DECODE_WORKERS = 2
 
 _ERRORS = {
     401: {"model": ErrorResponse, "description": "Missing or wrong API key"},
@@ -94,19 +106,21 @@ class Service:
         predictor: Predictor,
         severity: SeverityScorer | None = None,
         always_severity: bool = False,
+        gate: Any = None,
     ):
         self.predictor = predictor
         self.severity = severity
         self.always_severity = always_severity
+        self.gate = gate  # covidcxr.predict.plausible.PlausibilityGate: is it a frontal CXR at all?
         try:
             self.heatmapper: Heatmapper | None = Heatmapper.for_predictor(predictor)
             self.heatmap_note: str | None = None
         except HeatmapUnavailable as err:
             self.heatmapper, self.heatmap_note = None, f"no heatmap: {err}"
 
-    def infer(self, data: bytes, filename: str | None, want_heatmap: bool, want_image: bool) -> dict[str, Any]:
+    def prepare(self, data: bytes, filename: str | None) -> "_Prepared":
+        """Decode and preprocess one upload (a decode worker thread); _Http 415/422 when it cannot be used."""
         t0 = time.perf_counter()
-        p = self.predictor
         if not data:
             raise _Http(422, "the uploaded file is empty (0 bytes)")
         try:
@@ -120,25 +134,42 @@ class Service:
                 ) from None
             raise _Http(422, f"the upload could not be used: {err.reason}") from None
         try:
-            tensor = p.preprocess(image)
+            tensor = self.predictor.preprocess(image)
         except PresetError as err:
             raise _Http(422, f"the image could not be preprocessed: {err}") from None
-        probs = p.probabilities(tensor[None])[0]
+        return _Prepared(image=image, info=info, tensor=tensor, nbytes=len(data), t0=t0)
+
+    def predict_batch(self, batch: np.ndarray) -> np.ndarray:
+        """N x C x H x W -> N x classes probabilities (the one model call; the batcher's inference thread)."""
+        return self.predictor.probabilities(batch)
+
+    def finish(self, prep: "_Prepared", probs: np.ndarray, want_heatmap: bool, want_image: bool,
+               timing: BatchTiming | None = None) -> dict[str, Any]:
+        """The response body for one prepared upload and its probabilities (severity, images, heatmap)."""
+        p = self.predictor
+        image, info, tensor, data_len = prep.image, prep.info, prep.tensor, prep.nbytes
         rec = p.record(probs)
+        model_label = rec["label"]  # the disease label, before the plausibility gate may replace it
+        if self.gate is not None:
+            self.gate.apply(rec, image)
 
         out: dict[str, Any] = {
             **rec,
             "severity": None,
             "severity_note": None,
             "model": ModelRef(name=p.name, version=p.version, arch=p.arch, backend=p.backend_name),
-            "input": {"format": info.format, "width": int(info.width), "height": int(info.height), "bytes": len(data)},
+            "input": {"format": info.format, "width": int(info.width), "height": int(info.height), "bytes": data_len},
             "heatmap_png": None,
             "heatmap_note": None,
             "image_png": None,
+            "batch_size": timing.batch_size if timing else 1,
+            "queue_ms": timing.queue_ms if timing else None,
             "notice": RESEARCH_NOTICE,
         }
         if self.severity is None:
             out["severity_note"] = "no severity model is configured on this server"
+        elif rec.get("flag"):
+            out["severity_note"] = "not computed: the input does not look like a frontal chest X-ray"
         elif self.severity.should_score(rec, p.threshold, always=self.always_severity):
             out["severity"] = self.severity.score_array(image)
         else:
@@ -158,20 +189,35 @@ class Service:
                 out["heatmap_note"] = self.heatmap_note
             else:
                 try:
-                    heat = self.heatmapper.compute(tensor, p.classes.index(rec["label"]))
+                    heat = self.heatmapper.compute(tensor, p.classes.index(model_label))
                     h, w = display.shape
                     out["heatmap_png"] = _png_b64(heat_rgba(heat, (w, h)))
                 except Exception as err:  # a broken heatmap must not lose the prediction
                     log.warning("heatmap failed: %s", type(err).__name__)
                     out["heatmap_note"] = f"heatmap failed: {type(err).__name__}: {err}"
-        out["elapsed_ms"] = round((time.perf_counter() - t0) * 1000, 1)
+        out["elapsed_ms"] = round((time.perf_counter() - prep.t0) * 1000, 1)
         # Format, size and result only: no bytes, no file name, no DICOM tags.
         log.info(
-            "predict %s %dx%d %d bytes -> %s (p_covid=%s) in %.0f ms",
-            info.format, info.width, info.height, len(data), rec["label"],
-            f"{rec['probabilities'].get('COVID-19', float('nan')):.3f}", out["elapsed_ms"],
+            "predict %s %dx%d %d bytes -> %s (p_covid=%s) in %.0f ms (batch %d)",
+            info.format, info.width, info.height, data_len, rec["label"],
+            f"{rec['probabilities'].get('COVID-19', float('nan')):.3f}", out["elapsed_ms"], out["batch_size"],
         )
         return out
+
+    def infer(self, data: bytes, filename: str | None, want_heatmap: bool, want_image: bool) -> dict[str, Any]:
+        """One request end to end in the calling thread (the unbatched path, ``max_batch=1``)."""
+        prep = self.prepare(data, filename)
+        probs = self.predict_batch(prep.tensor[None])[0]
+        return self.finish(prep, probs, want_heatmap, want_image)
+
+
+@dataclass
+class _Prepared:
+    image: np.ndarray
+    info: Any
+    tensor: np.ndarray
+    nbytes: int
+    t0: float
 
 
 class _Limiter:
@@ -192,13 +238,22 @@ class _Limiter:
         )
 
     @asynccontextmanager
-    async def slot(self) -> AsyncIterator[None]:
-        if self._limiter is None:
-            self._limiter = anyio.CapacityLimiter(self.concurrency)
+    async def admit(self) -> AsyncIterator[None]:
+        """Count the request in, or 503 at once when ``capacity`` requests are already inside."""
         if self.busy >= self.capacity:
             raise self._busy_error(f"{self.busy} requests running or waiting (limit {self.capacity})")
         self.busy += 1
         try:
+            yield
+        finally:
+            self.busy -= 1
+
+    @asynccontextmanager
+    async def slot(self) -> AsyncIterator[None]:
+        """:meth:`admit`, then one of ``concurrency`` inference slots (unbatched path)."""
+        if self._limiter is None:
+            self._limiter = anyio.CapacityLimiter(self.concurrency)
+        async with self.admit():
             try:
                 with anyio.fail_after(self.timeout):
                     await self._limiter.acquire()
@@ -208,8 +263,6 @@ class _Limiter:
                 yield
             finally:
                 self._limiter.release()
-        finally:
-            self.busy -= 1
 
 
 class _UploadLimit:
@@ -280,6 +333,28 @@ class _SecurityHeaders:
 # --------------------------------------------------------------------------- app factory
 
 
+def read_api_key_file(path: str | os.PathLike) -> str:
+    """The API key in a file (first line, whitespace stripped); ValueError naming the file when unusable."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise ValueError(f"{p}: cannot read the API key file ({type(err).__name__}: {err.strerror or err})") from None
+    key = text.strip().splitlines()[0].strip() if text.strip() else ""
+    if not key:
+        raise ValueError(f"{p}: the API key file is empty")
+    return key
+
+
+def _validation_detail(exc: RequestValidationError) -> str:
+    """FastAPI's list of validation errors as the one-sentence ``detail`` every other error uses."""
+    parts = []
+    for e in exc.errors():
+        loc = ".".join(str(x) for x in e.get("loc", ()) if x not in ("body",)) or "request"
+        parts.append(f"{loc}: {e.get('msg', 'invalid')}")
+    return "invalid request: " + "; ".join(parts) if parts else "invalid request"
+
+
 def create_app(
     model_path: str | os.PathLike | None = None,
     api_key: str | None = None,
@@ -294,11 +369,20 @@ def create_app(
     severity_path: str | os.PathLike | None = None,
     always_severity: bool = False,
     predictor: Predictor | None = None,
+    max_batch: int = DEFAULT_MAX_BATCH,
+    max_wait_ms: float = DEFAULT_MAX_WAIT_MS,
+    decode_workers: int = DEFAULT_DECODE_WORKERS,
+    api_key_file: str | os.PathLike | None = None,
+    plausibility: bool = True,
+    label_implausible: bool = False,
 ) -> FastAPI:
     """Build the app for a checkpoint or ONNX file (or a ready ``predictor``).
 
-    ``api_key=None`` reads ``COVIDCXR_API_KEY``; an empty key means no authentication.
+    ``api_key=None`` reads ``api_key_file``, else ``COVIDCXR_API_KEY``; an empty key means no authentication.
+    ``max_batch`` > 1 batches concurrent requests (up to ``max_batch`` images within ``max_wait_ms``);
+    ``max_batch=1`` runs each request alone in one of ``max_concurrency`` slots.
     ``cors_origins`` lists browser origins allowed to call the API; none by default.
+    ``plausibility``/``label_implausible``: the frontal-CXR gate of :mod:`covidcxr.predict.plausible`.
     """
     if predictor is None:
         if model_path is None:
@@ -309,18 +393,37 @@ def create_app(
 
         set_threads(threads)
     severity = SeverityScorer.from_path(severity_path) if severity_path else None
-    service = Service(predictor, severity, always_severity)
+    from covidcxr.predict.plausible import PlausibilityGate
+
+    gate = PlausibilityGate.for_predictor(predictor, enabled=plausibility, label_implausible=label_implausible)
+    service = Service(predictor, severity, always_severity, gate=gate)
     # Keep uploads up to the limit in memory: Starlette otherwise spools parts above 1 MB to a temp file,
     # and X-rays should not touch the disk. (A class attribute: it applies to this whole process.)
     from starlette.formparsers import MultiPartParser
 
     MultiPartParser.spool_max_size = max(MultiPartParser.spool_max_size, int(max_upload_mb * 1e6) + 1)
-    key = api_key if api_key is not None else os.environ.get(API_KEY_ENV, "")
-    limiter = _Limiter(max_concurrency, queue, queue_timeout)
+    if api_key is not None:
+        key = api_key
+    elif api_key_file is not None:
+        key = read_api_key_file(api_key_file)
+    else:
+        key = os.environ.get(API_KEY_ENV, "")
+    batched = int(max_batch) > 1
+    # late binding: the batch function is looked up per call (tests and wrappers may replace it)
+    batcher = MicroBatcher(lambda x: service.predict_batch(x), max_batch, max_wait_ms) if batched else None
+    limiter = _Limiter(int(max_batch) if batched else max_concurrency, queue, queue_timeout)
+    decode_limiter: list[anyio.CapacityLimiter] = []  # made inside the event loop, on first use
     limits = Limits(
         max_upload_mb=max_upload_mb, max_concurrency=limiter.concurrency, queue=limiter.capacity - limiter.concurrency,
-        queue_timeout_s=queue_timeout,
+        queue_timeout_s=queue_timeout, max_batch=int(max_batch), max_wait_ms=float(max_wait_ms) if batched else None,
+        decode_workers=int(decode_workers) if batched else None,
     )
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        yield
+        if batcher is not None:
+            await batcher.aclose()
 
     app = FastAPI(
         title="covidcxr",
@@ -329,9 +432,20 @@ def create_app(
             "Chest X-ray COVID-19 screening model as a service. " + RESEARCH_NOTICE +
             " Upload one PNG, JPEG or DICOM file to POST /v1/predict as multipart field `file`."
         ),
+        # the OpenAPI document follows the API's auth rule (served below); Swagger UI only without a key,
+        # since the browser page cannot send the X-API-Key header when it loads the document
+        openapi_url=None,
+        docs_url=None,
+        redoc_url=None,
+        lifespan=lifespan,
     )
     app.state.service = service
     app.state.limiter = limiter
+    app.state.batcher = batcher
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+        return JSONResponse({"detail": _validation_detail(exc)}, status_code=422)
 
     api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False, description=f"required when {API_KEY_ENV} is set")
 
@@ -339,6 +453,17 @@ def create_app(
         if key and not (given and secrets.compare_digest(given.encode(), key.encode())):
             raise HTTPException(401, detail="missing or wrong API key (send it in the X-API-Key header)",
                                 headers={"WWW-Authenticate": "APIKey"})
+
+    @app.get("/openapi.json", include_in_schema=False, dependencies=[Depends(require_key)])
+    async def openapi() -> JSONResponse:
+        return JSONResponse(app.openapi())
+
+    if not key:
+        from fastapi.openapi.docs import get_swagger_ui_html
+
+        @app.get("/docs", include_in_schema=False)
+        async def docs() -> Any:
+            return get_swagger_ui_html(openapi_url="/openapi.json", title="covidcxr API")
 
     @app.get("/healthz", response_model=HealthResponse, tags=["service"])
     async def healthz() -> HealthResponse:
@@ -361,6 +486,18 @@ def create_app(
             limits=limits,
         )
 
+    async def _batched(data: bytes, filename: str | None, heatmap: bool, image: bool) -> dict[str, Any]:
+        if not decode_limiter:
+            decode_limiter.append(anyio.CapacityLimiter(max(1, int(decode_workers))))
+        prep = await anyio.to_thread.run_sync(service.prepare, data, filename, limiter=decode_limiter[0])
+        try:
+            with anyio.fail_after(queue_timeout):
+                row, timing = await batcher.submit(prep.tensor)
+        except TimeoutError:
+            raise limiter._busy_error(f"waited {queue_timeout:.0f} s for a batch") from None
+        return await anyio.to_thread.run_sync(service.finish, prep, row, heatmap, image, timing,
+                                              limiter=decode_limiter[0])
+
     @app.post(
         "/v1/predict",
         response_model=PredictResponse,
@@ -377,12 +514,18 @@ def create_app(
         data = await file.read()
         if len(data) > limits.max_upload_mb * 1e6:  # belt and braces: the middleware stops most earlier
             raise HTTPException(413, detail=f"upload too large: the limit is {limits.max_upload_mb:g} MB")
-        async with limiter.slot():
+        gate = limiter.admit() if batched else limiter.slot()
+        async with gate:
             try:
-                out = await anyio.to_thread.run_sync(service.infer, data, file.filename, heatmap, image)
+                if batched:
+                    out = await _batched(data, file.filename, heatmap, image)
+                else:
+                    out = await anyio.to_thread.run_sync(service.infer, data, file.filename, heatmap, image)
             except _Http as err:
                 log.info("predict rejected with %d", err.status)
                 raise HTTPException(err.status, detail=err.detail) from None
+            except HTTPException:
+                raise
             except Exception as err:  # never crash the server; never echo internals to the client
                 log.error("predict failed: %s", type(err).__name__, exc_info=True)
                 raise HTTPException(500, detail="internal error while predicting; see the server log") from None
@@ -403,6 +546,8 @@ def create_app(
         )
     app.add_middleware(_UploadLimit, limit_bytes=int(max_upload_mb * 1e6), paths=["/v1/predict"])
     app.add_middleware(_SecurityHeaders)
-    log.info("serving %s (%s, %s backend); auth %s; CORS %s", predictor.name, predictor.arch,
-             predictor.backend_name, "on" if key else "off", ",".join(cors_origins) if cors_origins else "closed")
+    log.info("serving %s (%s, %s backend); %s; auth %s; CORS %s", predictor.name, predictor.arch,
+             predictor.backend_name,
+             f"batches of <= {max_batch} within {max_wait_ms:g} ms" if batched else f"{max_concurrency} slots",
+             "on" if key else "off", ",".join(cors_origins) if cors_origins else "closed")
     return app

@@ -48,6 +48,12 @@ class PredictResponse(BaseModel):
     image_png: str | None = Field(
         None, description="The model's view of the input (after the preset's crop) as base64 PNG, when ?image=true"
     )
+    plausibility: dict[str, Any] | None = Field(
+        None, description="Is it a frontal chest X-ray? verdict, plausible (true/false/null), reason, rule"
+    )
+    flag: str | None = Field(None, description="not_a_frontal_cxr when the plausibility check failed")
+    batch_size: int = Field(1, description="Images in the model call that answered this request")
+    queue_ms: float | None = Field(None, description="Milliseconds from queueing to its batch starting (batched)")
     elapsed_ms: float
     notice: str
 
@@ -66,6 +72,9 @@ class Limits(BaseModel):
     max_concurrency: int
     queue: int
     queue_timeout_s: float
+    max_batch: int = 1
+    max_wait_ms: float | None = None
+    decode_workers: int | None = None
 
 
 class ModelCard(BaseModel):

@@ -1,0 +1,124 @@
+"""Micro-batching for the service: concurrent requests share one model call.
+
+Requests hand a preprocessed C x H x W array to :meth:`MicroBatcher.submit` and await their row of
+probabilities. One asyncio task forms batches: it takes the oldest waiting item, then whatever else is
+waiting, and waits for more until ``max_batch`` items or until ``max_wait_ms`` after the *oldest* item
+was queued, whichever comes first; the batch then runs in one dedicated inference thread (onnxruntime or
+torch release the GIL), while the event loop and the decode threads go on.
+
+Fairness: batches are formed in arrival order, and the deadline counts from the oldest item, so an item
+that was queued while a batch ran goes into the very next batch whenever at most ``max_batch`` items are
+waiting. With the service's admission bound keeping the waiting items at ``max_batch`` or fewer, no
+request waits longer than ``max_wait_ms`` plus one batch's inference (``tests/test_batching.py``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+
+
+@dataclass
+class _Job:
+    x: np.ndarray
+    fut: asyncio.Future
+    t_queued: float = field(default_factory=time.perf_counter)
+
+
+@dataclass
+class BatchTiming:
+    """What one request saw: time from queueing to its batch starting, the batch's size and run time."""
+
+    queue_ms: float
+    batch_size: int
+    infer_ms: float
+
+
+class MicroBatcher:
+    """Collects items into batches of up to ``max_batch``, waiting at most ``max_wait_ms`` for the oldest."""
+
+    def __init__(self, fn: Callable[[np.ndarray], np.ndarray], max_batch: int = 8, max_wait_ms: float = 10.0):
+        self.fn = fn
+        self.max_batch = max(1, int(max_batch))
+        self.max_wait = max(0.0, float(max_wait_ms)) / 1000.0
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="covidcxr-infer")
+        self._queue: asyncio.Queue[_Job] | None = None
+        self._task: asyncio.Task | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.batches = 0
+        self.images = 0
+
+    @property
+    def waiting(self) -> int:
+        return self._queue.qsize() if self._queue is not None else 0
+
+    def _ensure_running(self) -> None:
+        loop = asyncio.get_running_loop()
+        # one task per event loop (test clients may run each request in a fresh loop)
+        if self._loop is not loop or self._task is None or self._task.done():
+            self._loop = loop
+            self._queue = asyncio.Queue()
+            self._task = loop.create_task(self._run(self._queue), name="covidcxr-batcher")
+
+    async def submit(self, x: np.ndarray) -> tuple[np.ndarray, BatchTiming]:
+        """Queue one preprocessed C x H x W array; returns its output row and what it waited."""
+        self._ensure_running()
+        job = _Job(np.asarray(x, dtype=np.float32), asyncio.get_running_loop().create_future())
+        assert self._queue is not None
+        self._queue.put_nowait(job)
+        return await job.fut
+
+    async def _collect(self, queue: asyncio.Queue[_Job]) -> list[_Job]:
+        batch = [await queue.get()]
+        deadline = batch[0].t_queued + self.max_wait
+        while len(batch) < self.max_batch:
+            try:
+                batch.append(queue.get_nowait())
+                continue
+            except asyncio.QueueEmpty:
+                pass
+            remaining = deadline - time.perf_counter()
+            if remaining <= 0:
+                break
+            try:
+                batch.append(await asyncio.wait_for(queue.get(), remaining))
+            except (asyncio.TimeoutError, TimeoutError):
+                break
+        return [j for j in batch if not j.fut.cancelled()]  # a client that went away costs nothing
+
+    async def _run(self, queue: asyncio.Queue[_Job]) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = await self._collect(queue)
+            if not batch:
+                continue
+            t0 = time.perf_counter()
+            try:
+                out = await loop.run_in_executor(self._executor, self.fn, np.stack([j.x for j in batch]))
+            except Exception as err:  # every waiter gets the error; the loop goes on
+                for j in batch:
+                    if not j.fut.done():
+                        j.fut.set_exception(err)
+                continue
+            t1 = time.perf_counter()
+            self.batches += 1
+            self.images += len(batch)
+            for j, row in zip(batch, out):
+                if not j.fut.done():
+                    j.fut.set_result((row, BatchTiming(round((t0 - j.t_queued) * 1000, 2), len(batch),
+                                                       round((t1 - t0) * 1000, 2))))
+
+    def stats(self) -> dict[str, Any]:
+        return {"batches": self.batches, "images": self.images,
+                "mean_batch": round(self.images / self.batches, 2) if self.batches else None}
+
+    async def aclose(self) -> None:
+        """Stop forming batches (app shutdown); the idle inference thread ends with the process."""
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+        self._task = None
