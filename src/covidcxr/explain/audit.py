@@ -319,7 +319,7 @@ def _segmenter(spec: str | os.PathLike | None, needed: bool):
 
     A named segmenter that cannot be loaded is an error; the *default* one falling through
     (weights not found offline) leaves those images without a mask and says so in the report."""
-    if str(spec).lower() == "none":
+    if spec is not None and str(spec).lower() == "none":
         return None, "disabled (--seg-model none)"
     if not needed:
         return None, "not needed (every image has a manifest mask)"
