@@ -51,14 +51,17 @@ def _check(y_true: Sequence[int], probs: np.ndarray, patients: Sequence[Any], cl
 
 
 def predict_labels(probs: np.ndarray, threshold: float | None = None, positive: int | None = None) -> np.ndarray:
-    """Argmax, or: ``positive`` when its probability reaches ``threshold``, else argmax over the rest."""
+    """Argmax, or: ``positive`` when its probability reaches ``threshold``, else argmax over the rest.
+
+    The rule is :class:`covidcxr.decision.DecisionRule`, the one every tool labels with.
+    """
+    from covidcxr.decision import DecisionRule
+
     probs = np.asarray(probs, dtype=np.float64)
-    pred = probs.argmax(1)
+    names = [str(i) for i in range(probs.shape[1])]
     if threshold is None or positive is None:
-        return pred
-    rest = probs.copy()
-    rest[:, positive] = -np.inf
-    return np.where(probs[:, positive] >= threshold, positive, rest.argmax(1))
+        return DecisionRule(None).label_indices(probs, names)
+    return DecisionRule(float(threshold), names[positive]).label_indices(probs, names)
 
 
 def patient_strata(y: np.ndarray, pat_index: np.ndarray, n_pat: int) -> np.ndarray:
