@@ -266,3 +266,18 @@ def test_datamodule_label_filter_says_what_it_leaves_out(tmp_path, caplog):
         dm = CXRDataModule(tmp_path / "o" / "manifest.csv", "covidnet@224", label_filter=["COVID-19", "normal"])
         dm.setup()
     assert "left out 2 of 10 row(s)" in caplog.text and "pneumonia (2)" in caplog.text
+
+
+def test_train_prepare_says_which_labels_it_leaves_out(tmp_path, caplog):
+    """`covidcxr train` used to drop rows with unknown labels (e.g. NIH 'other') without a word."""
+    from covidcxr.train import load_config
+    from covidcxr.train.runner import prepare
+
+    csv = make_manifest_set(tmp_path / "s", n_patients=15, images_per_patient=1)
+    build_manifest([("csv", str(csv)), ("nih", str(make_nih(tmp_path / "nih")))], tmp_path / "o", seed=0,
+                   near_duplicates=False, keep_other_findings=True)
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "deepcovid-resnet18.yaml", ["model.weights=none"])
+    with caplog.at_level(logging.WARNING):
+        _, _, _, summary = prepare(cfg, tmp_path / "o" / "manifest.csv")
+    assert summary["labels_left_out"] == {"other": 1}
+    assert "left out 1 of" in caplog.text and "other (1)" in caplog.text
