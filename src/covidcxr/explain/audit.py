@@ -31,6 +31,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from covidcxr.decision import DecisionRule
 from covidcxr.explain.methods import Context, explain
 from covidcxr.explain.render import save_overlay, to_model
 
@@ -258,7 +259,8 @@ def audit_model(
         x = torch.stack([it.x for it in items])
         with torch.no_grad():
             p0 = torch.softmax(net(x) / loaded.temperature, 1)
-        pred = p0.argmax(1)
+        rule = DecisionRule.from_predictor(loaded)  # the checkpoint's operating point, as predict labels
+        pred = torch.as_tensor(rule.label_indices(p0.numpy(), classes), dtype=torch.long)
         heats = {m: explain(net, x, m, target=pred, ctx=ctx).cpu().numpy() for m in methods}
         for i, it in enumerate(items):
             variants = _variants(it.prepared, it.lung)
@@ -275,7 +277,7 @@ def audit_model(
                 "lung_area": float(it.lung.mean()) if it.lung is not None else float("nan"),
             }
             for j, n in enumerate(names):
-                rec[f"pred_{n}"] = int(pv[j].argmax())
+                rec[f"pred_{n}"] = int(rule.label_indices(pv[j : j + 1], classes)[0])
                 rec[f"p_pred_{n}"] = float(pv[j, k])
                 if "COVID-19" in classes:
                     rec[f"p_covid_{n}"] = float(pv[j, classes.index("COVID-19")])
