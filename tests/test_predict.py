@@ -154,8 +154,8 @@ def test_cli_predict_csv_with_heatmaps(ckpt: Path, inputs: dict[str, Path], tmp_
                "--heatmap", str(hm), "--workers", "0", "-q"])
     assert rc == 2
     rows = list(csv.DictReader(out.open()))
-    assert list(rows[0]) == ["path", "label", "p_normal", "p_pneumonia", "p_COVID-19", "threshold", "severity",
-                             "heatmap", "error"]
+    assert list(rows[0]) == ["path", "label", "p_normal", "p_pneumonia", "p_COVID-19", "threshold", "decision_rule",
+                             "flag", "plausibility", "plausibility_reason", "severity", "heatmap", "error"]
     good = [r for r in rows if not r["error"]]
     assert len(good) == 3
     import cv2
