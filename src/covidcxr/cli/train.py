@@ -66,7 +66,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="fit a temperature on the manifest's val split and store it in the checkpoint")
     e.add_argument("--set-threshold", action="store_true",
                    help="choose the COVID-19 threshold reaching --target-sensitivity on the val split and store it "
-                        "in the checkpoint (predict and serve use it)")
+                        "in the checkpoint; this run's report is computed at it, as predict, explain and serve use it")
     e.add_argument("--batch-size", type=int, default=16)
     e.add_argument("--workers", type=int, default=0, help="data loader workers")
     e.set_defaults(func=cmd_evaluate)
@@ -151,6 +151,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from covidcxr.evaluate.report import _fmt_ci
 
     m = res["metrics"]
+    print(f"decision rule: {res['decision_rule']['text']}")
     print(f"{m['n_images']} images / {m['n_patients']} patients ({args.split}); "
           f"accuracy {_fmt_ci(m['accuracy'])}" + (" [95% CI, bootstrap over patients]" if args.n_boot else ""))
     for cname, pc in m["per_class"].items():
