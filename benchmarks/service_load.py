@@ -9,8 +9,14 @@ The server's limits decide what overload looks like: with ``--max-concurrency 2 
 10 requests are inside at once, so 16 concurrent clients must see some 503 + Retry-After answers
 (by design), never a 500 and never a timeout. ``--queues`` runs the whole sweep once per queue size.
 
-    .venv/bin/python benchmarks/service_load.py [--model CKPT_OR_ONNX] [--requests 64]
+    .venv/bin/python benchmarks/service_load.py [--model CKPT] [--requests 64]
         [--concurrency 1 4 16] [--queues 8 32] [--max-concurrency 2] [--threads 1] [--time-limit 120]
+        [--engines checkpoint onnx-fp32 onnx-int8] [--max-batches 1 8] [--max-wait-ms 10]
+
+``--engines`` serves the checkpoint, its fp32 ONNX export and/or its INT8 quantization; ``--max-batches 1 8``
+compares unbatched (1) with micro-batching. After the runs, each model file's offline throughput
+(``Predictor.probabilities`` on a preprocessed batch of 8, same threads) is measured, and each row reports
+answered/s as a fraction of it.
 
 Without --model a random-weight resnet18 checkpoint at 224 px is made (speed does not depend on
 the weights). Prints a table and writes benchmarks/results/service_load.json.
@@ -71,12 +77,45 @@ def _make_model(workdir: Path) -> Path:
     return ckpt
 
 
-def _start_server(model: Path, port: int, max_conc: int, queue: int, threads: int, queue_timeout: float):
+def _onnx_models(ckpt: Path, workdir: Path) -> dict[str, Path]:
+    """fp32 ONNX export of ``ckpt`` and its INT8 version (the export's own code; random weights: no gate)."""
+    from covidcxr.export import _shared_dev_images, export_onnx
+    from covidcxr.predict import Predictor, collect_inputs
+    from covidcxr.quantize import quantize_file
+
+    fp32 = workdir / "model.onnx"
+    export_onnx(ckpt, fp32, parity_count=4)
+    int8 = workdir / "model.int8.onnx"
+    files = collect_inputs([_shared_dev_images()])[::28][:16]
+    quantize_file(Predictor.from_path(fp32), int8, files)
+    return {"onnx-fp32": fp32, "onnx-int8": int8}
+
+
+def _offline_img_s(model: Path, batch: int, threads: int, seconds: float = 3.0) -> float:
+    """Model-only images/s of the same file through Predictor (preprocessed input, no HTTP, no decode)."""
+    import numpy as np
+
+    from covidcxr.predict import Predictor
+
+    p = Predictor.from_path(model, threads=threads)
+    x = np.random.default_rng(0).standard_normal((batch, p.preset.channels, p.preset.size, p.preset.size),
+                                                 dtype=np.float32)
+    p.probabilities(x)
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        p.probabilities(x)
+        n += batch
+    return n / (time.perf_counter() - t0)
+
+
+def _start_server(model: Path, port: int, max_conc: int, queue: int, threads: int, queue_timeout: float,
+                  max_batch: int = 1, max_wait_ms: float = 10.0):
     exe = Path(sys.executable).parent / "covidcxr"
     cmd = [str(exe)] if exe.exists() else [sys.executable, "-c", "import sys; from covidcxr.cli import main; sys.exit(main())"]
     cmd += ["serve", "--model", str(model), "--host", "127.0.0.1", "--port", str(port),
             "--max-concurrency", str(max_conc), "--queue", str(queue), "--threads", str(threads),
-            "--queue-timeout", str(queue_timeout), "--log-level", "warning"]
+            "--queue-timeout", str(queue_timeout), "--log-level", "warning",
+            "--max-batch", str(max_batch), "--max-wait-ms", str(max_wait_ms)]
     env = {**os.environ, "COVIDCXR_API_KEY": ""}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     import httpx
@@ -150,6 +189,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--timeout", type=float, default=60.0, help="client timeout per request, seconds")
     ap.add_argument("--time-limit", type=float, default=120.0, help="seconds per level; later requests are skipped")
     ap.add_argument("--images", type=int, default=8, help="distinct dev-set JPEGs to cycle through")
+    ap.add_argument("--max-batches", nargs="+", type=int, default=[1], help="server --max-batch values (1: unbatched)")
+    ap.add_argument("--max-wait-ms", type=float, default=10.0, help="server --max-wait-ms")
+    ap.add_argument("--engines", nargs="+", default=["checkpoint"], choices=["checkpoint", "onnx-fp32", "onnx-int8"],
+                    help="which model file the server loads (ONNX ones are made from the checkpoint)")
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "service_load.json")
     args = ap.parse_args(argv)
 
@@ -162,19 +205,28 @@ def main(argv: list[str] | None = None) -> int:
     mean_kb = sum(len(b) for _, b in images) / len(images) / 1024
 
     runs = []
+    offline: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        model = args.model or _make_model(Path(tmp))
-        for queue in args.queues:
+        ckpt = args.model or _make_model(Path(tmp))
+        files = {"checkpoint": ckpt}
+        if any(e != "checkpoint" for e in args.engines):
+            files.update(_onnx_models(ckpt, Path(tmp)))
+        configs = [(e, q, b) for e in args.engines for q in args.queues for b in args.max_batches]
+        for engine, queue, max_batch in configs:
+            model = files[engine]
             port = _free_port()
-            proc = _start_server(model, port, args.max_concurrency, queue, args.threads, args.queue_timeout)
+            proc = _start_server(model, port, args.max_concurrency, queue, args.threads, args.queue_timeout,
+                                 max_batch, args.max_wait_ms)
             try:
                 url = f"http://127.0.0.1:{port}/v1/predict"
                 asyncio.run(_level(url, images, 4, 1, args.timeout, args.time_limit))  # warm-up
-                print(f"server: --max-concurrency {args.max_concurrency} --queue {queue} --threads {args.threads}; "
-                      f"{len(images)} JPEGs, mean {mean_kb:.0f} KiB; load {os.getloadavg()[0]:.2f}", flush=True)
+                print(f"server: {engine} --max-batch {max_batch} --max-concurrency {args.max_concurrency} --queue "
+                      f"{queue} --threads {args.threads}; {len(images)} JPEGs, mean {mean_kb:.0f} KiB; "
+                      f"load {os.getloadavg()[0]:.2f}", flush=True)
                 for conc in args.concurrency:
                     r = asyncio.run(_level(url, images, args.requests, conc, args.timeout, args.time_limit))
-                    r.update({"queue": queue, "max_concurrency": args.max_concurrency, "threads": args.threads,
+                    r.update({"engine": engine, "max_batch": max_batch, "queue": queue,
+                              "max_concurrency": args.max_concurrency, "threads": args.threads,
                               "loadavg": os.getloadavg()[0]})
                     runs.append(r)
                     print(f"  c={conc:3d}: {r['codes']}  p50 {r['p50_ms'] or 0:.0f} ms  p95 {r['p95_ms'] or 0:.0f} ms"
@@ -189,13 +241,21 @@ def main(argv: list[str] | None = None) -> int:
             if not alive:
                 print("SERVER DIED during the run", file=sys.stderr)
                 return 1
+        for engine in args.engines:  # model-only throughput of the same file, batch 8, same threads
+            offline[engine] = _offline_img_s(files[engine], 8, args.threads)
+            print(f"offline {engine}: {offline[engine]:.1f} img/s (batch 8, model only)", flush=True)
+    for r in runs:
+        r["offline_img_s"] = offline.get(r["engine"])
+        r["ratio_to_offline"] = round(r["ok_per_s"] / r["offline_img_s"], 3) if r["offline_img_s"] else None
 
     print()
-    print("| queue | concurrency | requests | 200 | 503 (busy) | other 5xx | timeouts | p50 ms | p95 ms | ok/s |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("| model | max batch | queue | concurrency | requests | 200 | 503 (busy) | other 5xx | timeouts | p50 ms | "
+          "p95 ms | answered/s | / offline |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in runs:
-        print(f"| {r['queue']} | {r['concurrency']} | {r['requests']} | {r['ok']} | {r['busy_503']} | {r['other_5xx']} |"
-              f" {r['timeouts']} | {r['p50_ms'] or 0:.0f} | {r['p95_ms'] or 0:.0f} | {r['ok_per_s']} |")
+        print(f"| {r['engine']} | {r['max_batch']} | {r['queue']} | {r['concurrency']} | {r['requests']} | {r['ok']} | "
+              f"{r['busy_503']} | {r['other_5xx']} | {r['timeouts']} | {r['p50_ms'] or 0:.0f} | {r['p95_ms'] or 0:.0f} | "
+              f"{r['ok_per_s']} | {r['ratio_to_offline']} |")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({
         "command": "python benchmarks/service_load.py " + " ".join(argv if argv is not None else sys.argv[1:]),

@@ -46,6 +46,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--label-implausible", action="store_true",
                    help="give a disease label even to inputs flagged not_a_frontal_cxr (default: they are labelled "
                    "not_a_frontal_cxr)")
+    r = p.add_argument_group("distributed", "--engine ray runs the same predictor on Ray Data: CPU tasks decode, an "
+                             "actor pool (--workers actors, --threads each) predicts, and --out is a FOLDER of "
+                             "part-NNNNN.jsonl/.parquet shards, one record per input; --resume skips inputs that "
+                             "have a record (needs the extra: pip install 'covidcxr[ray]')")
+    r.add_argument("--engine", choices=["local", "ray"], default="local", help="default: local (one process)")
+    r.add_argument("--address", metavar="auto|ray://HOST:PORT", help="Ray cluster to join (default: a local one)")
+    r.add_argument("--format", choices=["jsonl", "parquet"], default="jsonl", help="shard format with --engine ray")
+    r.add_argument("--shard-size", type=int_at_least(1), default=1000, help="records per shard (default: 1000)")
+    r.add_argument("--gpus-per-worker", type=float, default=0.0, help="GPUs per predictor actor (default: 0)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_predict)
 
@@ -124,6 +133,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     from covidcxr.cli import UserError
+
+    if getattr(args, "engine", "local") == "ray":
+        return _predict_ray(args)
     from covidcxr.predict import Predictor, PredictorError, RecordWriter, Summary, collect_inputs, strip_transient
 
     try:
@@ -261,6 +273,41 @@ class _Extras:
             except Exception as err:  # a heatmap failure must not lose the prediction
                 rec["heatmap"] = None
                 rec["heatmap_error"] = f"{type(err).__name__}: {err}"
+
+
+def _predict_ray(args: argparse.Namespace) -> int:
+    from covidcxr.cli import UserError
+    from covidcxr.predict import PredictorError, collect_inputs
+
+    if not args.out:
+        raise UserError("--engine ray needs --out FOLDER (the result shards go there)")
+    unsupported = [o for o, v in (("--heatmap", args.heatmap), ("--severity", args.severity),
+                                  ("--dicom-out", args.dicom_out)) if v]
+    if unsupported:
+        raise UserError(f"--engine ray predicts labels only; {', '.join(unsupported)} needs the local engine")
+    files = collect_inputs(args.paths)
+    if not files:
+        raise UserError(f"no images found in {' '.join(args.paths)} (looked for PNG, JPEG, TIFF, BMP and DICOM files)")
+    if any(Path(f).resolve() == Path(args.out).resolve() for f in args.paths):
+        raise UserError(f"--out {args.out} is also an input; choose another folder")
+    from covidcxr.predict.distributed import RayEngineError, predict_ray, read_records, shutdown
+
+    try:
+        run = predict_ray(
+            args.paths, args.model, args.out, backend=args.backend, address=args.address, workers=max(1, args.workers),
+            batch_size=args.batch_size, threads=args.threads or 1, fmt=args.format, shard_size=args.shard_size,
+            num_gpus=args.gpus_per_worker, files=files, resume=args.resume,
+        )
+    except (RayEngineError, PredictorError) as err:
+        raise UserError(str(err)) from None
+    finally:
+        shutdown()
+    failed = sum(1 for r in read_records(args.out) if r.get("error"))
+    print(f"ray: {run.total} inputs, {run.skipped_done} already had records, {run.written} predicted now "
+          f"({run.failed} failed) in {run.seconds:.1f} s with {run.workers} workers; {len(run.shards)} new shards in "
+          f"{args.out}" + (f"; {run.duplicates_dropped} duplicate records from retried blocks dropped"
+                           if run.duplicates_dropped else ""), file=sys.stderr)
+    return EXIT_SOME_FAILED if failed else 0
 
 
 # --------------------------------------------------------------------------- export

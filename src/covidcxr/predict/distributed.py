@@ -1,0 +1,298 @@
+"""Archive-scale prediction on Ray Data (``covidcxr predict ... --engine ray``; extra ``covidcxr[ray]``).
+
+The pipeline, on any Ray cluster (a local one by default, ``address="auto"`` or ``"ray://HOST:PORT"``):
+
+1. the driver lists the inputs (:func:`covidcxr.predict.collect_inputs`) and drops those that already have
+   a record in the output folder (resume);
+2. **CPU tasks** read and preprocess (:class:`covidcxr.predict.inputs.Loader`, the single-process path's
+   own code); an unreadable file travels on as an error row;
+3. an **actor pool** predicts: each actor loads one :class:`~covidcxr.predict.Predictor` (ORT on CPU nodes,
+   torch with one GPU per actor where ``num_gpus`` is given) and turns a batch into records;
+4. the driver writes the records into **shards** (``part-NNNNN.jsonl`` or ``.parquet``, each written to a
+   temporary name and renamed, so a shard is either whole or absent), one record per input, errors included.
+
+Exactly once: Ray Data retries a task or restarts an actor that dies, and the driver keeps a set of the
+paths written, so a retried block can never produce a second record. A rerun skips every input that has
+a record in a complete shard.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import numpy as np
+
+from covidcxr.predict.inputs import Loader, collect_inputs
+from covidcxr.predict.rules import PredictorError
+
+log = logging.getLogger(__name__)
+
+#: test hook: an actor appends its process id to this file when it starts (the kill test needs one to kill)
+PID_FILE_ENV = "COVIDCXR_RAY_PID_FILE"
+
+
+class RayEngineError(RuntimeError):
+    """Ray is missing, cannot connect, or the output folder is unusable."""
+
+
+@dataclass
+class RayRun:
+    out_dir: str
+    total: int
+    skipped_done: int
+    written: int
+    failed: int
+    shards: list[str] = field(default_factory=list)
+    duplicates_dropped: int = 0
+    seconds: float = 0.0
+    workers: int = 0
+
+
+# --------------------------------------------------------------------------- shards
+
+
+def _shard_paths(out_dir: Path) -> list[Path]:
+    return sorted(p for p in out_dir.glob("part-*") if p.suffix in (".jsonl", ".parquet"))
+
+
+def read_records(out_dir: str | os.PathLike) -> list[dict[str, Any]]:
+    """Every record in the complete shards of ``out_dir`` (JSONL and Parquet), in shard order."""
+    out: list[dict[str, Any]] = []
+    for p in _shard_paths(Path(out_dir)):
+        if p.suffix == ".jsonl":
+            with open(p, encoding="utf-8") as f:
+                out += [json.loads(line) for line in f if line.strip()]
+        else:
+            import pyarrow.parquet as pq
+
+            for row in pq.read_table(p).to_pylist():
+                out.append(json.loads(row["record"]))
+    return out
+
+
+class _ShardWriter:
+    """Writes records in shards of ``shard_size``; each shard appears atomically (temp name, then rename)."""
+
+    def __init__(self, out_dir: Path, fmt: str, shard_size: int):
+        self.out_dir, self.fmt, self.shard_size = out_dir, fmt, max(1, shard_size)
+        existing = [int(p.stem.split("-")[1]) for p in _shard_paths(out_dir) if p.stem.split("-")[1].isdigit()]
+        self.next_index = max(existing, default=-1) + 1
+        self.buffer: list[dict[str, Any]] = []
+        self.shards: list[str] = []
+
+    def add(self, rec: dict[str, Any]) -> None:
+        self.buffer.append(rec)
+        if len(self.buffer) >= self.shard_size:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.buffer:
+            return
+        final = self.out_dir / f"part-{self.next_index:05d}.{self.fmt}"
+        tmp = self.out_dir / f".{final.name}.tmp"
+        if self.fmt == "jsonl":
+            with open(tmp, "w", encoding="utf-8") as f:
+                for rec in self.buffer:
+                    f.write(json.dumps(rec, default=str) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+        else:
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+
+            table = pa.table({"path": [r["path"] for r in self.buffer],
+                              "label": [r.get("label") for r in self.buffer],
+                              "error": [r.get("error") for r in self.buffer],
+                              "record": [json.dumps(r, default=str) for r in self.buffer]})
+            pq.write_table(table, tmp)
+        os.replace(tmp, final)
+        self.shards.append(str(final))
+        self.next_index += 1
+        self.buffer = []
+
+
+# --------------------------------------------------------------------------- pipeline stages
+
+
+def _decode_batch(batch: dict[str, np.ndarray], loader: Loader) -> dict[str, list]:
+    """Ray Data CPU task: paths -> preprocessed arrays (as bytes, so error rows fit the same columns)."""
+    paths, data, shapes, errors = [], [], [], []
+    for path in batch["path"]:
+        item = loader(str(path))
+        paths.append(item.path)
+        if item.array is None:
+            data.append(b"")
+            shapes.append("")
+            errors.append(item.error or "unknown error")
+        else:
+            arr = np.ascontiguousarray(item.array, dtype=np.float32)
+            data.append(arr.tobytes())
+            shapes.append(",".join(str(d) for d in arr.shape))
+            errors.append("")
+    return {"path": paths, "data": data, "shape": shapes, "error": errors}
+
+
+class _PredictActor:
+    """Ray Data actor: loads the model once; batch of decoded rows -> JSON records."""
+
+    def __init__(self, model: str, backend: str | None, threads: int | None, device: str = "cpu",
+                 pid_file: str | None = None):
+        pid_file = pid_file or os.environ.get(PID_FILE_ENV)
+        if pid_file:
+            with open(pid_file, "a", encoding="utf-8") as f:
+                f.write(f"{os.getpid()}\n")
+        from covidcxr.predict.core import Predictor
+
+        self.predictor = Predictor.from_path(model, backend=backend, threads=threads, device=device)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
+        p = self.predictor
+        paths = [str(x) for x in batch["path"]]
+        good = [i for i, e in enumerate(batch["error"]) if not e]
+        probs = iter([])
+        if good:
+            arrays = [np.frombuffer(batch["data"][i], dtype=np.float32).reshape(
+                [int(d) for d in str(batch["shape"][i]).split(",")]) for i in good]
+            probs = iter(p.probabilities(np.stack(arrays)))
+        out = []
+        for i, path in enumerate(paths):
+            if batch["error"][i]:
+                rec = p.error_record(path, str(batch["error"][i]))
+            else:
+                rec = {"path": path, **p.record(next(probs)), "error": None}
+            out.append(json.dumps(rec))
+        return {"path": paths, "record": out}
+
+
+# --------------------------------------------------------------------------- driver
+
+
+def _init_ray(address: str | None, num_cpus: int | None, workers: int) -> Any:
+    try:
+        import ray
+    except ImportError:
+        raise RayEngineError("--engine ray needs Ray Data: pip install 'covidcxr[ray]'") from None
+    if ray.is_initialized():
+        return ray
+    kwargs: dict[str, Any] = {"ignore_reinit_error": True, "log_to_driver": False, "include_dashboard": False}
+    if address:
+        kwargs["address"] = address
+    else:
+        # logical CPUs: one per predictor actor plus at least one for the decode tasks (an actor pool that takes
+        # every CPU would starve the decode stage and the pipeline would wait forever)
+        kwargs["num_cpus"] = max(num_cpus or os.cpu_count() or 1, workers + 1)
+        kwargs["object_store_memory"] = 256 * 1024 * 1024  # images travel preprocessed: a small store suffices
+    try:
+        ray.init(**kwargs)
+    except Exception as err:  # ConnectionError, RuntimeError, ... : one line naming the address
+        raise RayEngineError(f"cannot start or reach Ray{' at ' + address if address else ''}: "
+                             f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from None
+    return ray
+
+
+def predict_ray(
+    paths: Iterable[str | os.PathLike],
+    model: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    backend: str | None = None,
+    address: str | None = None,
+    workers: int = 2,
+    batch_size: int = 16,
+    threads: int | None = 1,
+    fmt: str = "jsonl",
+    shard_size: int = 1000,
+    num_cpus: int | None = None,
+    num_gpus: float = 0.0,
+    progress: Callable[[int, int], None] | None = None,
+    files: Sequence[str] | None = None,
+    resume: bool = False,
+    pid_file: str | None = None,
+) -> RayRun:
+    """Predict every input once on Ray Data; write sharded records into ``out_dir``; resume what is there.
+
+    ``workers``: predictor actors (one per GPU with ``num_gpus=1``); ``threads``: intra-op threads per actor.
+    ``progress(done, total)`` is called after each record batch (the kill test uses it).
+    ``resume``: keep the records already in ``out_dir`` and predict only the other inputs; without it a
+    folder that already holds shards is refused (a run never mixes into or overwrites earlier results).
+    """
+    if fmt not in ("jsonl", "parquet"):
+        raise RayEngineError(f"unknown output format {fmt!r}; choose jsonl or parquet")
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise RayEngineError(f"{out}: --out must be a folder for --engine ray (it gets part-NNNNN.{fmt} shards)")
+    # the model loads here too: a bad file is one line before any cluster work
+    from covidcxr.predict.core import Predictor
+
+    predictor = Predictor.from_path(model, backend=backend, threads=threads)
+    predictor.require_classifier("--severity")
+    all_files = list(files) if files is not None else collect_inputs(paths)
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in out.glob(".part-*.tmp"):  # a shard that was being written when a run died
+        stale.unlink()
+    if _shard_paths(out) and not resume:
+        raise RayEngineError(f"{out}: already holds result shards; pass --resume to continue that run, "
+                             "or choose another --out folder")
+    done = {r["path"] for r in read_records(out)}
+    todo = [f for f in dict.fromkeys(all_files) if f not in done]
+    run = RayRun(out_dir=str(out), total=len(all_files), skipped_done=len(all_files) - len(todo), written=0,
+                 failed=0, workers=workers)
+    writer = _ShardWriter(out, fmt, shard_size)
+    t0 = time.perf_counter()
+    if todo:
+        ray = _init_ray(address, num_cpus, workers)
+        import ray.data
+
+        ctx = ray.data.DataContext.get_current()
+        ctx.enable_progress_bars = False
+        n_blocks = max(1, min(len(todo) // max(1, batch_size), 4 * max(1, workers) * 8))
+        ds = ray.data.from_items([{"path": f} for f in todo], override_num_blocks=n_blocks)
+        ds = ds.map_batches(_decode_batch, fn_kwargs={"loader": predictor.loader()}, batch_size=batch_size,
+                            batch_format="numpy", num_cpus=1, max_retries=3)
+        ds = ds.map_batches(
+            _PredictActor,
+            fn_constructor_args=(str(Path(model).resolve()), backend, threads, "cuda" if num_gpus else "cpu", pid_file),
+            batch_size=batch_size, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=max(1, workers)),
+            num_cpus=1,
+            num_gpus=num_gpus or None, max_restarts=3, max_task_retries=3,
+        )
+        seen: set[str] = set()
+        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            for path, text in zip(batch["path"], batch["record"]):
+                path = str(path)
+                if path in seen:  # a retried block: keep the first record only
+                    run.duplicates_dropped += 1
+                    continue
+                seen.add(path)
+                rec = json.loads(text)
+                writer.add(rec)
+                run.written += 1
+                run.failed += bool(rec.get("error"))
+            if progress is not None:
+                progress(run.skipped_done + run.written, run.total)
+        writer.flush()
+        missing = [f for f in todo if f not in seen]
+        if missing:  # never silently: a dropped input is an error of the engine
+            raise RayEngineError(f"{len(missing)} inputs got no record (first: {missing[0]}); rerun to resume")
+    run.shards = writer.shards
+    run.seconds = time.perf_counter() - t0
+    return run
+
+
+def shutdown() -> None:
+    try:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
+    except ImportError:  # pragma: no cover
+        pass
+
+
+__all__ = ["PID_FILE_ENV", "RayEngineError", "RayRun", "PredictorError", "predict_ray", "read_records", "shutdown"]

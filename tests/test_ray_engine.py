@@ -1,0 +1,136 @@
+"""`predict --engine ray`: a local Ray instance (2 predictor actors), equivalence with the single-process
+path, every input exactly once, resume, and a worker killed mid-run. Ray starts and stops in this module;
+every run is bounded (a few dozen images, 64 px model).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+
+from covidcxr import models
+from covidcxr.preprocess import get_preset
+
+ray = pytest.importorskip("ray")
+pytest.importorskip("onnxruntime")
+
+from covidcxr.predict import Predictor, collect_inputs  # noqa: E402
+from covidcxr.predict.distributed import RayEngineError, predict_ray, read_records  # noqa: E402
+
+CLASSES = ["normal", "pneumonia", "COVID-19"]
+
+
+@pytest.fixture(scope="module")
+def onnx_model(tmp_path_factory: pytest.TempPathFactory, samples_dir: Path) -> Path:
+    from covidcxr.export import export_onnx
+
+    d = tmp_path_factory.mktemp("raymodel")
+    torch.manual_seed(0)
+    ckpt = d / "tiny.ckpt"
+    models.save(ckpt, models.build("resnet18", num_classes=3), arch="resnet18", classes=CLASSES,
+                preset=get_preset("deepcovid", size=64), threshold=0.4, training={"run_name": "tiny-ray"})
+    export_onnx(ckpt, d / "tiny.onnx", parity_images=[samples_dir], exporter="torchscript")
+    return d / "tiny.onnx"
+
+
+@pytest.fixture(scope="module")
+def inputs(dev_dir: Path, samples_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> list[str]:
+    bad = tmp_path_factory.mktemp("bad") / "broken.png"
+    bad.write_bytes(b"not a png")
+    files = collect_inputs([samples_dir]) + sorted(collect_inputs([dev_dir / "images"]))[:36]
+    return files + [str(bad), str(dev_dir / "images" / "does-not-exist.jpg")]
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    ray.init(num_cpus=3, include_dashboard=False, log_to_driver=False, object_store_memory=200 * 1024 * 1024,
+             ignore_reinit_error=True)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def reference(onnx_model: Path, inputs: list[str]) -> dict[str, dict]:
+    p = Predictor.from_path(onnx_model, threads=1)
+    return {r["path"]: r for r in p.predict_paths([], files=inputs, batch_size=8)}
+
+
+def _check_equivalent(recs: list[dict], reference: dict[str, dict], inputs: list[str]) -> None:
+    paths = [r["path"] for r in recs]
+    assert sorted(paths) == sorted(inputs) and len(set(paths)) == len(paths)  # every input exactly once
+    for r in recs:
+        ref = reference[r["path"]]
+        assert r["label"] == ref["label"] and r["threshold"] == ref["threshold"]
+        assert bool(r["error"]) == bool(ref["error"]) and r["error"] == ref["error"]
+        if not r["error"]:
+            for c in CLASSES:
+                assert abs(r["probabilities"][c] - ref["probabilities"][c]) <= 1e-5
+
+
+@pytest.mark.timeout(300)
+def test_ray_equals_single_process_and_resumes(local_ray, onnx_model: Path, inputs: list[str],
+                                               reference: dict[str, dict], tmp_path: Path) -> None:
+    out = tmp_path / "shards"
+    run = predict_ray([], onnx_model, out, files=inputs, workers=2, batch_size=8, shard_size=10, threads=1)
+    assert run.written == len(inputs) and run.failed == 2 and run.duplicates_dropped == 0
+    assert len(run.shards) == -(-len(inputs) // 10)
+    recs = read_records(out)
+    _check_equivalent(recs, reference, inputs)
+    missing = [r for r in recs if r["path"].endswith("does-not-exist.jpg")][0]
+    assert missing["error"] == "file not found" and missing["label"] is None
+
+    # a rerun without --resume is refused; with it, nothing is left to do
+    with pytest.raises(RayEngineError, match="--resume"):
+        predict_ray([], onnx_model, out, files=inputs, workers=2)
+    again = predict_ray([], onnx_model, out, files=inputs, workers=2, resume=True)
+    assert again.skipped_done == len(inputs) and again.written == 0 and again.shards == []
+    # lose one shard: only its inputs are predicted again, into a new shard
+    lost = Path(run.shards[1])
+    lost_paths = {json.loads(line)["path"] for line in lost.read_text().splitlines()}
+    lost.unlink()
+    third = predict_ray([], onnx_model, out, files=inputs, workers=2, batch_size=8, shard_size=10, resume=True)
+    assert third.written == len(lost_paths) and third.skipped_done == len(inputs) - len(lost_paths)
+    _check_equivalent(read_records(out), reference, inputs)
+
+
+@pytest.mark.timeout(300)
+def test_worker_killed_mid_run_completes_without_duplicates(local_ray, onnx_model: Path, inputs: list[str],
+                                                            reference: dict[str, dict], tmp_path: Path) -> None:
+    pid_file = tmp_path / "actors.txt"
+    killed: list[int] = []
+
+    def kill_one_actor(done: int, total: int) -> None:
+        if killed or not pid_file.exists():
+            return
+        pids = [int(x) for x in pid_file.read_text().split()]
+        if pids:
+            os.kill(pids[0], signal.SIGKILL)  # a predictor actor dies with work in flight
+            killed.append(pids[0])
+
+    out = tmp_path / "shards"
+    run = predict_ray([], onnx_model, out, files=inputs, workers=2, batch_size=4, shard_size=8, threads=1,
+                      fmt="parquet", progress=kill_one_actor, pid_file=str(pid_file))
+    assert killed, "the test did not get to kill an actor"
+    assert len(pid_file.read_text().split()) >= 3  # the killed actor was restarted (or replaced)
+    assert run.written == len(inputs)
+    recs = read_records(out)
+    assert all(Path(s).suffix == ".parquet" for s in run.shards)
+    _check_equivalent(recs, reference, inputs)
+
+
+def test_cli_engine_ray_errors_are_one_line(onnx_model: Path, tmp_path: Path, samples_dir: Path,
+                                            capsys: pytest.CaptureFixture) -> None:
+    from covidcxr.cli import main
+
+    assert main(["predict", str(samples_dir), "--model", str(onnx_model), "--engine", "ray"]) == 1
+    assert "needs --out FOLDER" in capsys.readouterr().err
+    assert main(["predict", str(samples_dir), "--model", str(onnx_model), "--engine", "ray", "--out",
+                 str(tmp_path / "o"), "--heatmap", str(tmp_path / "h")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "--heatmap" in err and "\n" not in err
