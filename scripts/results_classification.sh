@@ -52,8 +52,13 @@ DATA=(--source "csv=$SHARED/data/covid-cxr-dev/metadata.csv" --source "nih=$SHAR
       --source "hannover=$SHARED/data/hannover-covid")
 mkdir -p "$RUNS"
 START=$(date +%s)
-STARTED=$(date -u +"%Y-%m-%d %H:%M")
-: > "$RUNS/status.tsv"; : > "$RUNS/timings.tsv"; : > "$RUNS/models.tsv"
+if [ "${CONTINUE:-0}" = 1 ] && [ -f "$RUNS/start_epoch" ]; then START=$(cat "$RUNS/start_epoch"); else echo "$START" > "$RUNS/start_epoch"; fi
+STARTED=$(date -u -d "@$START" +"%Y-%m-%d %H:%M")
+# CONTINUE=1 picks up an interrupted run in RUNS: keeps its data, masks, status and timings, and never
+# retrains a model whose train log exists (one still training in the other run is waited for).
+CONTINUE=${CONTINUE:-0}
+[ "$CONTINUE" = 1 ] || { : > "$RUNS/status.tsv"; : > "$RUNS/timings.tsv"; }
+: > "$RUNS/models.tsv"
 echo "covidcxr results: research use only, not a clinical performance claim."
 echo "weights: $COVIDCXR_WEIGHTS_DIR; runs: $RUNS; epochs $EPOCHS, ${SIZE} px, $JOBS jobs, smoke=$SMOKE"
 [ -d "$COVIDCXR_WEIGHTS_DIR" ] || echo "warning: $COVIDCXR_WEIGHTS_DIR not found: the transfer recipes will fail (no ImageNet weights)"
@@ -85,13 +90,22 @@ for m in scratch probe mnv2 effl0 lungcrop twice; do   # every model gets a row;
   if [ -n "${NOTREADY[$m]:-}" ]; then mark split "$m" "${NOTREADY[$m]}"; mark holdout "$m" "${NOTREADY[$m]}"; fi
 done
 MODELS=$(for m in $MODELS; do [ -n "${NOTREADY[$m]:-}" ] || printf '%s ' "$m"; done)
+HOLDOUT_MODELS=${HOLDOUT_MODELS:-$MODELS}   # a subset may run in the hold-out setting
+AUDIT_MODELS=${AUDIT_MODELS:-$MODELS}
+for m in $MODELS; do
+  case " $HOLDOUT_MODELS " in *" $m "*) ;; *) mark holdout "$m" "not run: ${NOT_RUN_REASON:-left out of HOLDOUT_MODELS}";; esac
+done
 
 # ------------------------------------------------------------------ 1. data
 t0=$(elapsed)
+if [ "$CONTINUE" = 1 ] && [ -f "$RUNS/split/manifest.csv" ] && [ -f "$RUNS/holdout/manifest.csv" ]; then
+  echo "CONTINUE=1: keeping the data builds in $RUNS"
+else
 $CX data build "${DATA[@]}" --out "$RUNS/split" --seed 62 > "$RUNS/split.build.log" 2>&1 || { tail -3 "$RUNS/split.build.log"; exit 1; }
 $CX data build "${DATA[@]}" --out "$RUNS/holdout" --seed 62 --holdout-source actualmed > "$RUNS/holdout.build.log" 2>&1 \
   || { tail -3 "$RUNS/holdout.build.log"; exit 1; }
 timing "data build (both settings)" $(( $(elapsed) - t0 ))
+fi
 echo "data built ($(elapsed) s)"
 
 # ------------------------------------------------------------------ 1b. lung masks
@@ -167,7 +181,11 @@ MASK_TEST_SIZE=${MASK_TEST_SIZE:-512}
 MASK_JOBS=${MASK_JOBS:-1}
 NEED_TRAIN_MASKS=0; case " $MODELS " in *" lungcrop "*) NEED_TRAIN_MASKS=1;; esac
 if [ "${ONLY_MASKS:-0}" = 1 ]; then MASK_JOBS=$JOBS; masks_step; echo "masks done in $(elapsed) s (ONLY_MASKS=1: stopping here)"; exit 0; fi
-pool; masks_step & MASK_PID=$!
+if [ "$CONTINUE" = 1 ] && pgrep -f "$RUNS/masks/" > /dev/null; then
+  echo "CONTINUE=1: the other run is still segmenting; waiting for its manifest-lungs.csv before the audit"; MASK_PID=
+else
+  pool; masks_step & MASK_PID=$!
+fi
 
 # ------------------------------------------------------------------ 2. train + evaluate
 train_eval() {  # SETTING ID
@@ -188,20 +206,27 @@ train_eval() {  # SETTING ID
   timing "$s/$m: train ${EPOCHS} epochs + evaluate" $(( $(elapsed) - t1 ))
   echo "done $s/$m in $(( $(elapsed) - t1 )) s ($(( $(elapsed) / 60 )) min so far)"
 }
-ORDER=(); for s in split holdout; do for m in $MODELS; do [ "$m" = lungcrop ] || ORDER+=("$s/$m"); done; done
-for s in split holdout; do for m in $MODELS; do [ "$m" = lungcrop ] && ORDER+=("$s/$m"); done; done
+models_of() { if [ "$1" = holdout ]; then echo "$HOLDOUT_MODELS"; else echo "$MODELS"; fi; }
+ORDER=(); for s in split holdout; do for m in $(models_of $s); do [ "$m" = lungcrop ] || ORDER+=("$s/$m"); done; done
+for s in split holdout; do for m in $(models_of $s); do [ "$m" = lungcrop ] && ORDER+=("$s/$m"); done; done
+STARTED_ELSEWHERE=()
 for sm in "${ORDER[@]}"; do   # the lung-crop recipe last: it needs the masks of step 1b
   s=${sm%/*}; m=${sm#*/}
-  [ "$m" = lungcrop ] && { wait "$MASK_PID" 2>/dev/null || true; }
+  if [ "$CONTINUE" = 1 ] && [ -f "$RUNS/$s/$m.train.log" ]; then STARTED_ELSEWHERE+=("$sm"); continue; fi
+  [ "$m" = lungcrop ] && [ -n "$MASK_PID" ] && { wait "$MASK_PID" 2>/dev/null || true; }
   pool; train_eval "$s" "$m" &
 done
 wait
+for sm in "${STARTED_ELSEWHERE[@]}"; do   # CONTINUE=1: results of trainings the interrupted run had started
+  until grep -q "^${sm%/*}	${sm#*/}	" "$RUNS/status.tsv"; do sleep 20; done
+done
+until [ -f "$RUNS/split/manifest-lungs.csv" ]; do sleep 20; done
 
 # ------------------------------------------------------------------ 3. paired differences + shortcut audit
 t0=$(elapsed)
 for s in split holdout; do
   neg=(); [ "$s" = holdout ] && neg=(--negatives normal)   # actualmed: COVID-19 vs normal, one hospital
-  for m in $MODELS; do
+  for m in $(models_of $s); do
     [ -f "$RUNS/$s/$m-report/predictions.csv" ] && [ -f "$RUNS/$s/scratch-report/predictions.csv" ] || continue
     $PY -m covidcxr.evaluate.paired "$RUNS/$s/scratch-report" "$RUNS/$s/$m-report" "${neg[@]}" --bootstrap "$BOOT" \
       --out "$RUNS/$s/$m-paired.json" > "$RUNS/$s/$m-paired.log" 2>&1 || echo "paired $s/$m failed: $(tail -1 "$RUNS/$s/$m-paired.log")"
@@ -230,7 +255,7 @@ severity() {
   timing "severity: Monte-Carlo CV, $SEV_SPLITS splits" $(( $(elapsed) - t1 ))
 }
 pool; severity &
-for m in $MODELS; do
+for m in $AUDIT_MODELS; do
   [ -f "$RUNS/split/$m/best.ckpt" ] && grep -q "^split	$m	ok" "$RUNS/status.tsv" || continue
   pool; audit "$m" &
 done
