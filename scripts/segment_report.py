@@ -17,6 +17,7 @@ Steps:
              per_image_<segmenter>.csv, in a seeded random order (an interrupted run is a random sample;
              a re-run resumes). The 512-px pretrained U-Net (3 CPU-s/image) runs on --sample-512 images
              per source; the others on every image (or --per-source).
+  reassess   re-judge the per-image CSVs with the current rules from the cached masks (after a rule change)
   generated  plausibility check (pretrained U-Net at 256 px, the check's default) on generated non-CXR
              images -> generated.csv
   sheet      contact sheet: one image per source (rows) x segmenter (columns) -> contact_sheet.png
@@ -140,6 +141,30 @@ def step_sources(args, segs, out: Path) -> None:
             pd.DataFrame(rows).to_csv(f, mode="a", header=not f.is_file(), index=False)
             n = start + len(chunk)
             print(f"  {name}: {n}/{len(todo)} ({(time.time() - t0) / n:.2f} s/image)", flush=True)
+
+
+def step_reassess(args, segs, out: Path) -> None:
+    """Re-judge every row of the per-image CSVs with the current rules, from the cached masks (no
+    segmentation unless a mask is missing from the cache)."""
+    from covidcxr.io import read_image
+    from covidcxr.segment.plausibility import assess
+
+    keep = ("fraction", "components", "balance", "left_fraction", "right_fraction", "cx", "cy", "side_by_side",
+            "apex_base_ratio", "aspect", "intensity_std")
+    for name, (spec, size) in segs.items():
+        f = out / f"per_image_{name.replace('@', '_')}.csv"
+        if not f.is_file():
+            continue
+        df = pd.read_csv(f).drop_duplicates("path")
+        seg = _cached(spec, size, out)
+        rows = []
+        for r in df.itertuples():
+            img = read_image(r.path)
+            v = assess(seg(img), img, seg.id)
+            rows.append({"path": r.path, "source": r.source, "patient": r.patient, "segmenter": name,
+                         "plausible": v.plausible, "rule": v.rule or "", **{k: v.measurements.get(k) for k in keep}})
+        pd.DataFrame(rows).to_csv(f, index=False)
+        print(f"reassess {name}: {len(rows)} rows, {seg.calls} segmented", flush=True)
 
 
 def step_generated(args, out: Path) -> None:
@@ -285,6 +310,8 @@ def main(argv: list[str] | None = None) -> int:
         step_dice(args, {k: v for k, v in segs.items()}, out)
     if "sources" in steps:
         step_sources(args, segs, out)
+    if "reassess" in steps:
+        step_reassess(args, segs, out)
     if "generated" in steps:
         step_generated(args, out)
     if "sheet" in steps:

@@ -43,7 +43,6 @@ def test_rules_on_drawn_masks():
     edge[:6, :] = edge[-6:, :] = edge[:, :6] = edge[:, -6:] = True  # a frame around the image
     assert assess(edge, img).rule == "border"
     assert assess(np.rot90(_lungs()), img).rule == "side_by_side"
-    assert assess(_lungs()[::-1], img).rule == "orientation"
     assert assess(_lungs(scale=0.15), img).rule == "lung_fraction"
     assert assess(np.ones((400, 400), bool), img).rule == "lung_fraction"
     lop = np.zeros((400, 400), np.uint8)

@@ -38,12 +38,12 @@ LIMITS: dict[str, Any] = {
     "min_std": 0.02,  # intensity standard deviation of a non-uniform picture ([0, 1] scale)
     "fraction": (0.04, 0.70),  # share of the image covered by lung
     "gap": 0.85,  # lung columns at the mediastinum / at the smaller lung's widest (1: no gap)
-    "one_lung_width": 0.5,  # a single lung region at most this wide (and 1.2x as tall) may stand alone
+    "one_lung_width": 0.6,  # a single lung region at most this wide (and as tall as wide) may stand alone
     "border": 0.35,  # share of the image's edge (2 % frame) inside the mask
-    "balance": 0.15,  # smaller lung area / larger lung area
-    "cx": (0.25, 0.75),  # centroid of the lung pixels, x
+    "balance": 0.05,  # smaller lung area / larger lung area (a whited-out lung leaves little of one side)
+    "cx": (0.2, 0.8),  # centroid of the lung pixels, x
     "cy": (0.15, 0.80),  # centroid of the lung pixels, y
-    "apex_base_ratio": 2.5,  # lung width near the top / near the bottom of the lung box
+    "apex_base_ratio": 5.0,  # lung width near the top / near the bottom of the lung box (real films reach 4)
 }
 
 
@@ -114,7 +114,7 @@ def assess(mask: np.ndarray, image: np.ndarray | None = None, segmenter: str | N
     y0, y1, x0, x1 = m["bbox"]
     # one aerated lung beside a whited-out one (effusion, collapse) is still a frontal film: a single
     # tall region in one half of the image passes the two-lung rules
-    one_sided = (x1 - x0) <= LIMITS["one_lung_width"] and (y1 - y0) >= 1.2 * (x1 - x0)
+    one_sided = (x1 - x0) <= LIMITS["one_lung_width"] and (y1 - y0) >= (x1 - x0)
     m["one_lung"] = bool(m["gap_x"] > LIMITS["gap"] and one_sided)
     if m["gap_y"] <= LIMITS["gap"] and m["gap_y"] < m["gap_x"]:
         return _fail("side_by_side", "the lung-like regions lie above each other, not side by side "
