@@ -143,7 +143,7 @@ def test_predict_flags_nonsense_and_gives_it_no_disease_label(setup, tmp_path, w
     assert row["label"] in CLASSES and row["flag"] == "not_a_frontal_cxr" and row["plausibility"] == "not_a_frontal_cxr"
 
 
-def test_predict_without_segmenter_weights_says_unchecked(setup, tmp_path, monkeypatch, capsys) -> None:
+def test_predict_without_segmenter_weights_says_unchecked(setup, tmp_path, monkeypatch, capsys, caplog) -> None:
     ckpt, imgs, _ = setup
     monkeypatch.setenv("COVIDCXR_WEIGHTS_DIR", str(tmp_path / "no-weights"))
     import covidcxr.segment.inference as inf
@@ -154,7 +154,8 @@ def test_predict_without_segmenter_weights_says_unchecked(setup, tmp_path, monke
     r = _jsonl(out)[0]
     assert r["plausibility"]["verdict"] == "unchecked" and "unavailable" in r["plausibility"]["reason"]
     assert r["label"] in CLASSES
-    assert "plausibility check unavailable" in capsys.readouterr().err
+    said = capsys.readouterr().err + caplog.text
+    assert said.count("plausibility check unavailable") == 1  # said once (a log warning), not per record
 
 
 def test_service_flags_a_blank_upload_and_page_shows_it(setup, tmp_path) -> None:

@@ -89,7 +89,7 @@ class PlausibilityGate:
                 return {"verdict": v.verdict, "plausible": bool(v.plausible), "reason": v.reason, "rule": v.rule}
             except Exception as err:  # no weights, no segmenter: say so in every record, keep predicting
                 self.unavailable = f"plausibility check unavailable: {type(err).__name__}: {err}".splitlines()[0]
-                log.warning("%s", self.unavailable)
+                log.warning("%s; records say 'unchecked' after the mask-free rules", self.unavailable)
         return {"verdict": "unchecked", "plausible": None, "rule": None,
                 "reason": f"partly checked: aspect ratio and contrast pass; {self.unavailable}"}
 
@@ -114,9 +114,7 @@ class PlausibilityGate:
         return rec
 
     def notes(self) -> list[str]:
-        out = []
-        if self.unavailable and self.enabled:
-            out.append(f"note: {self.unavailable}; records say 'unchecked'")
+        out = []  # an unavailable check was already logged once, as a warning, when it happened
         if self.flagged:
             what = "kept their disease label (--label-implausible)" if self.label_implausible else (
                 f"were labelled {NOT_FRONTAL} instead of a disease")
