@@ -13,7 +13,9 @@
 #   env: OUT (runs/twice-compare)  EPOCHS (3)  SEEDS ("0 1 2")  SIZE (224; e.g. 160 to halve the CPU time)
 #        CACHE (OUT/cache)  THREADS (1)  COVIDCXR_SHARED / COVIDCXR_WEIGHTS_DIR (../shared, ../shared/weights)
 # Without MANIFEST the merged benchmark is built into OUT/data from the shared folder (seed 62).
-# Writes OUT/twice_transfer.json and OUT/twice_transfer.md (per-epoch mean +- sd and the paired difference).
+# Writes OUT/twice_transfer.json and OUT/twice_transfer.md (per-epoch mean +- sd and the paired difference),
+# for the COVID-19 AUC and for the mean of the three one-vs-rest AUCs (where the kept pneumonia and normal
+# neurons act). SUMMARY_ONLY=1 re-reads finished runs in OUT without training.
 # Cost: per seed, EPOCHS epochs of the COVID task twice plus EPOCHS epochs of the NIH stage (about half the
 # images). Time it: the script prints the minutes it took.
 set -euo pipefail
@@ -46,7 +48,8 @@ $CX weights list --no-verify
 COMMON=(--data "$MANIFEST" --max-epochs "$EPOCHS" --size "$SIZE" --overwrite
         --set early_stopping.monitor=null --set "data.cache_dir=$CACHE" --set "trainer.num_threads=$THREADS"
         --set trainer.progress_bar=false)
-for seed in $SEEDS; do
+[ -n "${SUMMARY_ONLY:-}" ] && SEEDS_TRAIN="" || SEEDS_TRAIN=$SEEDS   # SUMMARY_ONLY=1: re-read finished runs
+for seed in $SEEDS_TRAIN; do
   for arm in once twice; do
     cfg=configs/transfer-mobilenet_v2.yaml
     [ "$arm" = twice ] && cfg=configs/twice-transfer-mobilenet_v2.yaml
@@ -67,33 +70,39 @@ import pandas as pd
 out, seeds, epochs = Path(sys.argv[1]), [int(s) for s in sys.argv[2].split()], int(sys.argv[3])
 
 
-def val_auc(run: Path) -> list[float]:
+def val_auc(run: Path, metric: str) -> list[float]:
     m = pd.read_csv(sorted((run / "logs").glob("version_*/metrics.csv"))[-1])
-    v = m.dropna(subset=["val_auc_covid"]).groupby("epoch")["val_auc_covid"].last()
+    cols = ["val_auc_covid", "val_auc_normal", "val_auc_pneumonia"] if metric == "mean3" else [metric]
+    v = m.dropna(subset=cols).groupby("epoch")[cols].last().mean(axis=1)
     return [float(v.get(e, np.nan)) for e in range(epochs)]
 
 
-res = {arm: {s: val_auc(out / f"{arm}-seed{s}") for s in seeds} for arm in ("once", "twice")}
-rows = []
-for e in range(epochs):
-    a = np.array([res["once"][s][e] for s in seeds])
-    b = np.array([res["twice"][s][e] for s in seeds])
-    d = b - a
-    rows.append({"epoch": e + 1, "once_mean": a.mean(), "once_sd": a.std(ddof=1) if len(a) > 1 else 0.0,
-                 "twice_mean": b.mean(), "twice_sd": b.std(ddof=1) if len(b) > 1 else 0.0,
-                 "diff_mean": d.mean(), "diff_sd": d.std(ddof=1) if len(d) > 1 else 0.0,
-                 "diff_min": d.min(), "diff_max": d.max(), "twice_better_seeds": int((d > 0).sum())})
-summary = {"seeds": seeds, "epochs": epochs, "per_seed": res, "per_epoch": rows,
-           "metric": "validation COVID-19 AUC (one-vs-rest), per epoch, manifest val split"}
+summary = {"seeds": seeds, "epochs": epochs, "split": "val (manifest val split)", "metrics": {}}
+lines = []
+for metric, title in (("val_auc_covid", "COVID-19 AUC (one-vs-rest)"),
+                      ("mean3", "mean of the three one-vs-rest AUCs (normal, pneumonia, COVID-19)")):
+    res = {arm: {s: val_auc(out / f"{arm}-seed{s}", metric) for s in seeds} for arm in ("once", "twice")}
+    rows = []
+    for e in range(epochs):
+        a = np.array([res["once"][s][e] for s in seeds])
+        b = np.array([res["twice"][s][e] for s in seeds])
+        d = b - a
+        sd = lambda x: float(x.std(ddof=1)) if len(x) > 1 else 0.0  # noqa: E731
+        rows.append({"epoch": e + 1, "once_mean": a.mean(), "once_sd": sd(a), "twice_mean": b.mean(), "twice_sd": sd(b),
+                     "diff_mean": d.mean(), "diff_sd": sd(d), "diff_min": d.min(), "diff_max": d.max(),
+                     "twice_better_seeds": int((d > 0).sum())})
+    summary["metrics"][metric] = {"per_seed": res, "per_epoch": rows}
+    lines += [f"Validation {title} per epoch, {len(seeds)} seeds (mean ± sd over seeds; difference twice − once, "
+              "paired by seed, with its range):", "",
+              "| epoch | once transfer | twice transfer | twice − once | range | seeds twice better |",
+              "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['epoch']} | {r['once_mean']:.3f} ± {r['once_sd']:.3f} | {r['twice_mean']:.3f} ± "
+                     f"{r['twice_sd']:.3f} | {r['diff_mean']:+.3f} ± {r['diff_sd']:.3f} | "
+                     f"[{r['diff_min']:+.3f}, {r['diff_max']:+.3f}] | {r['twice_better_seeds']}/{len(seeds)} |")
+    lines.append("")
 (out / "twice_transfer.json").write_text(json.dumps(summary, indent=2))
-lines = [f"Validation COVID-19 AUC per epoch, {len(seeds)} seeds (mean ± sd over seeds; difference twice − once, "
-         "paired by seed, with its range):", "",
-         "| epoch | once transfer | twice transfer | twice − once | range | seeds twice better |", "|---|---|---|---|---|---|"]
-for r in rows:
-    lines.append(f"| {r['epoch']} | {r['once_mean']:.3f} ± {r['once_sd']:.3f} | {r['twice_mean']:.3f} ± {r['twice_sd']:.3f} "
-                 f"| {r['diff_mean']:+.3f} ± {r['diff_sd']:.3f} | [{r['diff_min']:+.3f}, {r['diff_max']:+.3f}] "
-                 f"| {r['twice_better_seeds']}/{len(seeds)} |")
-(out / "twice_transfer.md").write_text("\n".join(lines) + "\n")
+(out / "twice_transfer.md").write_text("\n".join(lines))
 print("\n".join(lines))
 EOF
 echo "written $OUT/twice_transfer.md and .json in $(( ($(date +%s) - START) / 60 )) min"
