@@ -1,0 +1,104 @@
+"""Issue 11 §7 cost targets on the ONNX paths: one-image ``covidcxr predict`` wall time and peak RSS, and the
+service's resident memory after answering requests, with torch never imported (checked in each process).
+
+    .venv/bin/python benchmarks/onnx_cost.py        # -> benchmarks/results/onnx_cost.json
+
+Targets: one-image ONNX predict <= 1.5 s, service RSS <= 350 MB (resnet18 at 224 px, random weights).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+CLI = [sys.executable, "-c", "import sys; from covidcxr.cli import main; sys.exit(main())"]
+
+
+def _rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def main() -> int:
+    import torch
+
+    from covidcxr import models
+    from covidcxr.export import _shared_dev_images, export_onnx
+    from covidcxr.preprocess import get_preset
+
+    image = sorted(_shared_dev_images().glob("*.jpg"))[0]
+    res: dict = {"image": image.name, "loadavg_start": os.getloadavg()}
+    with tempfile.TemporaryDirectory() as tmp:
+        torch.manual_seed(0)
+        ckpt = Path(tmp) / "r18.ckpt"
+        models.save(ckpt, models.build("resnet18", num_classes=3), arch="resnet18",
+                    classes=["normal", "pneumonia", "COVID-19"], preset=get_preset("deepcovid"), threshold=0.5)
+        onnx = Path(tmp) / "r18.onnx"
+        export_onnx(ckpt, onnx, parity_count=2)
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "COVIDCXR_API_KEY": ""}
+        runs = []
+        for _ in range(3):
+            before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+            t0 = time.perf_counter()
+            r = subprocess.run(CLI + ["predict", str(image), "--model", str(onnx), "-q", "--workers", "0",
+                                      "--threads", "1"], capture_output=True, text=True, env=env)
+            runs.append(time.perf_counter() - t0)
+            assert r.returncode == 0, r.stderr[-500:]
+        res["predict_one_image_s"] = {"best": min(runs), "all": [round(x, 2) for x in runs]}
+        del before
+        # VmHWM of the predict process itself (getrusage of children would count the parent's pages at fork)
+        code = ("import sys; from covidcxr.cli import main; rc = main(sys.argv[1:]); "
+                "hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1]; "
+                "print('TORCH', 'torch' in sys.modules, 'HWM', hwm, file=sys.stderr); sys.exit(rc)")
+        r = subprocess.run([sys.executable, "-c", code, "predict", str(image), "--model", str(onnx), "-q",
+                            "--workers", "0"], capture_output=True, text=True, env=env)
+        res["predict_imports_torch"] = "TORCH True" in r.stderr
+        res["predict_peak_rss_mb"] = int(r.stderr.split("HWM")[1].split()[0]) / 1024
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        proc = subprocess.Popen(CLI + ["serve", "--model", str(onnx), "--port", str(port), "--threads", "1",
+                                       "--log-level", "warning"], env=env, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True)
+        try:
+            import httpx
+
+            for _ in range(240):
+                try:
+                    if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    time.sleep(0.25)
+            res["service_rss_idle_mb"] = _rss_mb(proc.pid)
+            data = image.read_bytes()
+            for _ in range(20):
+                r = httpx.post(f"http://127.0.0.1:{port}/v1/predict", files={"file": (image.name, data)}, timeout=60)
+                assert r.status_code == 200, r.text
+            res["service_rss_after_20_requests_mb"] = _rss_mb(proc.pid)
+            maps = Path(f"/proc/{proc.pid}/maps").read_text()
+            res["service_loaded_libtorch"] = "libtorch" in maps
+        finally:
+            proc.terminate()
+            proc.wait(timeout=20)
+    res["targets"] = {"predict_one_image_s": 1.5, "service_rss_mb": 350}
+    res["loadavg_end"] = os.getloadavg()
+    res["time_utc"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    out = REPO / "benchmarks" / "results" / "onnx_cost.json"
+    out.write_text(json.dumps(res, indent=2))
+    print(json.dumps(res, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
