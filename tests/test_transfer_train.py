@@ -192,6 +192,12 @@ def test_findings_stage_then_covid_with_output_neuron_keeping(synth: Path, tmp_p
     w = b["state_dict"]["classifier.1.weight"]
     assert torch.equal(net.classifier[1].weight[0], w[2]) and torch.equal(net.classifier[1].weight[1], w[3])
     assert not torch.equal(net.classifier[1].weight[2], w[0])
+    # a chain killed after its first stage resumes without retraining that stage
+    stage_bytes = nih.read_bytes()
+    for f in ("best.ckpt", "last.ckpt", "summary.json"):
+        (out / f).unlink()
+    fit(cfg, synth, out, resume=True)
+    assert nih.read_bytes() == stage_bytes and (out / "best.ckpt").is_file()
 
 
 def test_stage_errors_are_one_line(synth: Path, tmp_path: Path) -> None:

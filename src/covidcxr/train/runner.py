@@ -352,6 +352,10 @@ def finalize_best(best: Path, module: Any, dm: Any, cfg: dict[str, Any]) -> dict
     return stored
 
 
+def last_ok(out: Path) -> bool:
+    return (out / "last.ckpt").is_file()
+
+
 def fit(cfg: dict[str, Any], data: str | os.PathLike, out: str | os.PathLike, resume: bool = False,
         overwrite: bool = False) -> Path:
     """Train per ``cfg`` on manifest ``data`` into folder ``out``; returns ``out``.
@@ -387,7 +391,7 @@ def fit(cfg: dict[str, Any], data: str | os.PathLike, out: str | os.PathLike, re
             log.info("stage %s already trained in %s; skipping it", st["name"], sout)
         else:
             log.info("stage %s: %s -> %s", st["name"], scfg["model"]["weights"], sout)
-            fit_one(scfg, data, sout, resume=resume and (sout / "last.ckpt").is_file(), overwrite=overwrite)
+            fit_one(scfg, data, sout, resume=resume and last_ok(sout), overwrite=overwrite)
         previous = sout / "best.ckpt"
         chain.append({"name": st["name"], "run": str(sout), "init": scfg["model"]["weights"],
                       "best_checkpoint": str(previous), "sha256": _sha256(previous),
@@ -395,7 +399,8 @@ def fit(cfg: dict[str, Any], data: str | os.PathLike, out: str | os.PathLike, re
     final = copy.deepcopy(base)
     final["model"]["weights"] = str(previous)
     log.info("final stage: %s -> %s", previous, out)
-    return fit_one(validate(final), data, out, resume=resume, overwrite=overwrite,
+    # a chain interrupted during an earlier stage has no final last.ckpt yet: start the final stage then
+    return fit_one(validate(final), data, out, resume=resume and last_ok(out), overwrite=overwrite,
                    extra_summary={"stages": chain, "recipe_weights": cfg["model"]["weights"]})
 
 
