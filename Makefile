@@ -49,6 +49,10 @@ bench: install
 	$(PY) benchmarks/inference.py --threads 1
 	$(PY) benchmarks/explain_speed.py
 	$(PY) benchmarks/service_load.py
+	$(PY) benchmarks/quantize_speed.py --threads 1
+	$(PY) benchmarks/service_load.py --requests 48 --max-batches 1 8 --engines onnx-fp32 onnx-int8 --out benchmarks/results/service_batching.json
+	$(PY) benchmarks/onnx_cost.py
+	-$(PY) benchmarks/ray_scaling.py  # needs the ray extra
 	-$(PY) benchmarks/dicom_node.py  # needs the Orthanc binary (Debian package orthanc); says so and exits 2 without it
 
 clean:

@@ -85,15 +85,25 @@ def test_fairness_no_request_waits_longer_than_t_plus_one_batch(ckpt: Path, jpeg
     """12 requests arriving over ~0.3 s into batches of <= 4 formed within 50 ms, each model call 0.25 s."""
     t_ms, batch_s = 50.0, 0.25
     app = _app(ckpt, max_batch=4, max_wait_ms=t_ms, queue=4)
-    app.state.service.predict_batch = _slow(app.state.service.predict_batch, batch_s)
+    durations: list[float] = []  # each model call, as measured: "one batch" is what a batch really took
+    slow = _slow(app.state.service.predict_batch, batch_s)
+
+    def timed(batch):
+        t0 = time.perf_counter()
+        try:
+            return slow(batch)
+        finally:
+            durations.append((time.perf_counter() - t0) * 1000)
+
+    app.state.service.predict_batch = timed
     uploads = [(f"x{i}.jpg", jpegs[i % len(jpegs)]) for i in range(12)]
     res = asyncio.run(_post_all(app, uploads, stagger_s=0.025))
     ok = [r.json() for r, _ in res if r.status_code == 200]
     assert len(ok) >= 8  # capacity is 4 running + 4 waiting; the rest may be refused with 503 ...
     assert all(r.status_code in (200, 503) for r, _ in res)  # ... but never anything else
     waits = [j["queue_ms"] for j in ok]
-    one_batch_ms = batch_s * 1000 * 1.3 + 40  # the measured batch time varies with load: allow for it
-    assert max(waits) <= t_ms + one_batch_ms + 60, sorted(waits)
+    # 60 ms for the event loop to notice a finished batch on a loaded machine
+    assert max(waits) <= t_ms + max(durations) + 60, (sorted(waits), durations)
     # and batching did happen: someone waited for a batch to finish, several shared one
     assert max(j["batch_size"] for j in ok) >= 2
 

@@ -113,6 +113,21 @@ def _worker_init() -> None:
         pass
 
 
+def _start_method() -> str:
+    """``spawn`` (clean workers), unless a lung-mask provider is installed in this process (``fork`` passes it on).
+
+    Forking a process that runs onnxruntime/torch/OpenMP thread pools can leave a worker waiting forever on a
+    lock that a parent thread held at fork time (seen: a hung ``predict`` after an ONNX export in the same
+    process); spawned workers import only what decoding needs. The lung-crop preset's mask provider is a
+    function installed at run time, which only a forked worker inherits.
+    """
+    from covidcxr import preprocess
+
+    if preprocess.LUNG_SEGMENTER is not None and "fork" in mp.get_all_start_methods():
+        return "fork"
+    return "spawn"
+
+
 def iter_batches(files: Sequence[str], loader: Loader, batch_size: int = 16,
                  num_workers: int = 0) -> Iterator[list[Item]]:
     """Items in input order, ``batch_size`` at a time; ``num_workers`` > 0 decodes in that many processes."""
@@ -121,8 +136,7 @@ def iter_batches(files: Sequence[str], loader: Loader, batch_size: int = 16,
         for i in range(0, len(files), bs):
             yield [loader(f) for f in files[i : i + bs]]
         return
-    # fork: the workers inherit the preset (and a configured lung segmenter) without pickling it
-    ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else mp.get_context()
+    ctx = mp.get_context(_start_method())
     pool = ctx.Pool(processes=int(num_workers), initializer=_worker_init)
     try:
         batch: list[Item] = []
