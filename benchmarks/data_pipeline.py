@@ -252,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
         for row, _ in tasks:
             row["images_per_s"] = n / best[id(row)]
         for size, cache_dir in cache_dirs.items():
-            size_mb = sum(f.stat().st_size for f in cache_dir.rglob("*.u8")) / 1e6
+            size_mb = sum(f.stat().st_size for f in cache_dir.rglob("*.f32")) / 1e6
             rows.append({"size": size, "stage": f"cache on disk: {size_mb:.1f} MB for {n} images", "workers": 0,
                          "images_per_s": None})
     finally:
