@@ -119,6 +119,7 @@ echo "data built ($(elapsed) s)"
 # lung-crop recipe and the audit use one mask per image instead of segmenting again in each process.
 masks_step() {  # runs in the background beside the first trainings (one pool slot)
   local t0; t0=$(elapsed)
+  rm -f "$RUNS"/masks/*/todo-*.txt   # a stale list of an earlier run must not be segmented again
   $PY - "$RUNS/split/manifest.csv" "$RUNS/holdout/manifest.csv" "$RUNS/masks" "$MASK_JOBS" "$MASK_LIMIT" "$MASK_TRAIN_SIZE" "$MASK_TEST_SIZE" "$NEED_TRAIN_MASKS" <<'PY'
 import sys
 from pathlib import Path
