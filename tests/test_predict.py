@@ -228,3 +228,35 @@ def test_cli_predict_batch_size_must_be_positive(capsys: pytest.CaptureFixture) 
     with pytest.raises(SystemExit) as exc:
         main(["predict", "x.png", "--model", "m.ckpt", "--batch-size", "0"])
     assert exc.value.code == 2 and "argument --batch-size: 0 is below the minimum 1" in capsys.readouterr().err
+
+
+def test_workers_with_a_live_lung_hook_and_thread_pools_do_not_hang(ckpt: Path, inputs: dict[str, Path]) -> None:
+    """Decode workers after torch's thread pools ran and with a lung-mask provider installed in this process.
+
+    A forked worker inherited a lock held by a parent thread and waited forever; workers are now spawned,
+    and with a provider installed (which a spawned worker would not have) decoding runs in threads.
+    """
+    import signal
+
+    import torch
+
+    from covidcxr import preprocess
+    from covidcxr.predict import inputs as inputs_mod
+
+    torch.set_num_threads(2)
+    torch.nn.Conv2d(3, 8, 3)(torch.randn(4, 3, 64, 64)).sum()  # start intra-op threads in this process
+    p = Predictor.from_path(ckpt)
+    files = [inputs["root"] / "a" / "b" / "x2.png", inputs["root"] / "a" / "x1.jpg"]
+    base = [r["probabilities"] for r in p.predict_paths(files, batch_size=2, num_workers=0)]
+    old = preprocess.LUNG_SEGMENTER
+    signal.alarm(120)  # a hang fails this test instead of stalling the suite
+    try:
+        for hook in (None, lambda img: img > 0.5):
+            preprocess.LUNG_SEGMENTER = hook
+            assert inputs_mod._use_threads() is (hook is not None)
+            got = [r["probabilities"] for r in p.predict_paths(files, batch_size=1, num_workers=2)]
+            assert got == [pytest.approx(b, abs=1e-6) for b in base]
+    finally:
+        signal.alarm(0)
+        preprocess.LUNG_SEGMENTER = old
+        torch.set_num_threads(1)

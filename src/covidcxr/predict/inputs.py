@@ -113,19 +113,19 @@ def _worker_init() -> None:
         pass
 
 
-def _start_method() -> str:
-    """``spawn`` (clean workers), unless a lung-mask provider is installed in this process (``fork`` passes it on).
+def _use_threads() -> bool:
+    """Threads, not processes, when a lung-mask provider is installed in this process.
 
-    Forking a process that runs onnxruntime/torch/OpenMP thread pools can leave a worker waiting forever on a
-    lock that a parent thread held at fork time (seen: a hung ``predict`` after an ONNX export in the same
-    process); spawned workers import only what decoding needs. The lung-crop preset's mask provider is a
-    function installed at run time, which only a forked worker inherits.
+    Worker processes are started with ``spawn`` (clean workers): forking a process that runs
+    onnxruntime/torch/OpenMP thread pools can leave a worker waiting forever on a lock that a parent
+    thread held at fork time (seen: a hung ``predict`` after an ONNX export in the same process).
+    A lung-crop preset's mask provider is a function installed at run time, which a spawned worker
+    does not have, and it runs exactly those thread pools; so that case decodes in threads of this
+    process instead (decoding and the segmenter release the GIL for their heavy work).
     """
     from covidcxr import preprocess
 
-    if preprocess.LUNG_SEGMENTER is not None and "fork" in mp.get_all_start_methods():
-        return "fork"
-    return "spawn"
+    return preprocess.LUNG_SEGMENTER is not None
 
 
 def iter_batches(files: Sequence[str], loader: Loader, batch_size: int = 16,
@@ -136,8 +136,12 @@ def iter_batches(files: Sequence[str], loader: Loader, batch_size: int = 16,
         for i in range(0, len(files), bs):
             yield [loader(f) for f in files[i : i + bs]]
         return
-    ctx = mp.get_context(_start_method())
-    pool = ctx.Pool(processes=int(num_workers), initializer=_worker_init)
+    if _use_threads():
+        from multiprocessing.pool import ThreadPool
+
+        pool = ThreadPool(processes=int(num_workers))
+    else:
+        pool = mp.get_context("spawn").Pool(processes=int(num_workers), initializer=_worker_init)
     try:
         batch: list[Item] = []
         for item in pool.imap(loader, files, chunksize=max(1, min(bs, len(files) // (4 * num_workers) or 1))):
