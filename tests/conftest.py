@@ -58,6 +58,10 @@ def dev_manifest(dev_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
 
 
 WEIGHTS = Path(os.environ.get("COVIDCXR_WEIGHTS_DIR", SHARED.parent / "weights"))
+# Every test sees the same weights (or none): set once here, not by whichever test ran first, so that
+# a test's outcome (the plausibility gate uses the lung U-Net) never depends on the order of the run.
+if (WEIGHTS / "README.md").is_file():
+    os.environ.setdefault("COVIDCXR_WEIGHTS_DIR", str(WEIGHTS))
 
 
 @pytest.fixture(scope="session")
