@@ -82,8 +82,16 @@ def test_batched_answers_equal_unbatched_and_batches_form(ckpt: Path, jpegs: lis
 
 
 def test_fairness_no_request_waits_longer_than_t_plus_one_batch(ckpt: Path, jpegs: list[bytes]) -> None:
-    """12 requests arriving over ~0.3 s into batches of <= 4 formed within 50 ms, each model call 0.25 s."""
-    t_ms, batch_s = 50.0, 0.25
+    """12 requests arriving over ~0.1 s into batches of <= 4 formed within 50 ms, each model call 1 s.
+
+    The first batch leaves full. A batch that leaves part-full lets the admission bound (max_batch + queue
+    inside) hold more than max_batch waiting requests, and one of them then waits through two batches:
+    a known limit, stated in docs/deployment.md.
+
+    Model calls are long against the event loop's and decoding's delays on a loaded machine, so "T plus
+    one batch" can be told apart from "T plus two batches" without a tight wall-clock margin.
+    """
+    t_ms, batch_s = 50.0, 1.0
     app = _app(ckpt, max_batch=4, max_wait_ms=t_ms, queue=4)
     durations: list[float] = []  # each model call, as measured: "one batch" is what a batch really took
     slow = _slow(app.state.service.predict_batch, batch_s)
@@ -97,13 +105,14 @@ def test_fairness_no_request_waits_longer_than_t_plus_one_batch(ckpt: Path, jpeg
 
     app.state.service.predict_batch = timed
     uploads = [(f"x{i}.jpg", jpegs[i % len(jpegs)]) for i in range(12)]
-    res = asyncio.run(_post_all(app, uploads, stagger_s=0.025))
+    res = asyncio.run(_post_all(app, uploads, stagger_s=0.01))
     ok = [r.json() for r, _ in res if r.status_code == 200]
     assert len(ok) >= 8  # capacity is 4 running + 4 waiting; the rest may be refused with 503 ...
     assert all(r.status_code in (200, 503) for r, _ in res)  # ... but never anything else
     waits = [j["queue_ms"] for j in ok]
-    # 60 ms for the event loop to notice a finished batch on a loaded machine
-    assert max(waits) <= t_ms + max(durations) + 60, (sorted(waits), durations)
+    # T plus one batch, with up to half a batch for the event loop and decoding on a loaded machine:
+    # a request that had to wait through two batches would exceed it by half a batch or more
+    assert max(waits) <= t_ms + max(durations) + 0.5 * min(durations), (sorted(waits), durations)
     # and batching did happen: someone waited for a batch to finish, several shared one
     assert max(j["batch_size"] for j in ok) >= 2
 
