@@ -82,11 +82,10 @@ def test_batched_answers_equal_unbatched_and_batches_form(ckpt: Path, jpegs: lis
 
 
 def test_fairness_no_request_waits_longer_than_t_plus_one_batch(ckpt: Path, jpegs: list[bytes]) -> None:
-    """12 requests arriving over ~0.1 s into batches of <= 4 formed within 50 ms, each model call 1 s.
+    """12 requests arriving over ~0.3 s into batches of <= 4 formed within 50 ms, each model call 1 s.
 
-    The first batch leaves full. A batch that leaves part-full lets the admission bound (max_batch + queue
-    inside) hold more than max_batch waiting requests, and one of them then waits through two batches:
-    a known limit, stated in docs/deployment.md.
+    The first batch leaves part-full (3 requests in its 50 ms): more than 4 must not then wait for the next
+    one, or the last would wait through two batches.
 
     Model calls are long against the event loop's and decoding's delays on a loaded machine, so "T plus
     one batch" can be told apart from "T plus two batches" without a tight wall-clock margin.
@@ -105,9 +104,10 @@ def test_fairness_no_request_waits_longer_than_t_plus_one_batch(ckpt: Path, jpeg
 
     app.state.service.predict_batch = timed
     uploads = [(f"x{i}.jpg", jpegs[i % len(jpegs)]) for i in range(12)]
-    res = asyncio.run(_post_all(app, uploads, stagger_s=0.01))
+    res = asyncio.run(_post_all(app, uploads, stagger_s=0.025))
     ok = [r.json() for r, _ in res if r.status_code == 200]
-    assert len(ok) >= 8  # capacity is 4 running + 4 waiting; the rest may be refused with 503 ...
+    # 2 or 3 in the first batch (arrivals at 0, 25, 50 ms against its 50-ms window) + 4 waiting for the next;
+    assert len(ok) >= 6  # the rest are refused with 503 ...
     assert all(r.status_code in (200, 503) for r, _ in res)  # ... but never anything else
     waits = [j["queue_ms"] for j in ok]
     # T plus one batch, with up to half a batch for the event loop and decoding on a loaded machine:

@@ -47,7 +47,7 @@ from covidcxr.predict import (
     heat_rgba,
 )
 from covidcxr.preprocess import PresetError
-from covidcxr.serve.batcher import BatchTiming, MicroBatcher
+from covidcxr.serve.batcher import BatcherFull, BatchTiming, MicroBatcher
 from covidcxr.serve.schemas import ErrorResponse, HealthResponse, Limits, ModelCard, ModelRef, PredictResponse
 
 log = logging.getLogger("covidcxr.serve")
@@ -495,6 +495,8 @@ def create_app(
                 row, timing = await batcher.submit(prep.tensor)
         except TimeoutError:
             raise limiter._busy_error(f"waited {queue_timeout:.0f} s for a batch") from None
+        except BatcherFull as err:
+            raise limiter._busy_error(str(err)) from None
         return await anyio.to_thread.run_sync(service.finish, prep, row, heatmap, image, timing,
                                               limiter=decode_limiter[0])
 

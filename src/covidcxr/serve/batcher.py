@@ -8,8 +8,9 @@ torch release the GIL), while the event loop and the decode threads go on.
 
 Fairness: batches are formed in arrival order, and the deadline counts from the oldest item, so an item
 that was queued while a batch ran goes into the very next batch whenever at most ``max_batch`` items are
-waiting. With the service's admission bound keeping the waiting items at ``max_batch`` or fewer, no
-request waits longer than ``max_wait_ms`` plus one batch's inference (``tests/test_batching.py``).
+waiting. :meth:`MicroBatcher.submit` refuses an item (503) when more would wait than the next batch takes
+(``max_batch`` while a batch runs), so no request waits longer than ``max_wait_ms`` plus one batch's
+inference, whether or not the running batch left full (``tests/test_batching.py``).
 """
 
 from __future__ import annotations
@@ -21,6 +22,10 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import numpy as np
+
+
+class BatcherFull(RuntimeError):
+    """More requests wait than the next batch can take; answering 503 keeps every wait within T + one batch."""
 
 
 @dataclass
@@ -52,6 +57,10 @@ class MicroBatcher:
         self._loop: asyncio.AbstractEventLoop | None = None
         self.batches = 0
         self.images = 0
+        #: requests queued or being collected, not yet in a started batch
+        self.not_started = 0
+        #: whether a batch is in the inference thread now
+        self.running = False
 
     @property
     def waiting(self) -> int:
@@ -65,9 +74,25 @@ class MicroBatcher:
             self._queue = asyncio.Queue()
             self._task = loop.create_task(self._run(self._queue), name="covidcxr-batcher")
 
+    def has_room(self) -> bool:
+        """Whether a new item would be served by the next batch to start, or the one after an idle start.
+
+        While a batch runs, at most ``max_batch`` items may wait (they all fit the next batch); while idle,
+        at most two batches' worth (the second starts right after the first). Within that, no item waits
+        longer than ``max_wait_ms`` plus one batch's inference, whether or not the running batch is full.
+        """
+        limit = self.max_batch if self.running else 2 * self.max_batch
+        return self.not_started < limit
+
     async def submit(self, x: np.ndarray) -> tuple[np.ndarray, BatchTiming]:
-        """Queue one preprocessed C x H x W array; returns its output row and what it waited."""
+        """Queue one preprocessed C x H x W array; returns its output row and what it waited.
+
+        Raises :class:`BatcherFull` when :meth:`has_room` is false (the service answers 503).
+        """
         self._ensure_running()
+        if not self.has_room():
+            raise BatcherFull(f"{self.not_started} requests already wait for the next batch")
+        self.not_started += 1
         job = _Job(np.asarray(x, dtype=np.float32), asyncio.get_running_loop().create_future())
         assert self._queue is not None
         self._queue.put_nowait(job)
@@ -89,6 +114,7 @@ class MicroBatcher:
                 batch.append(await asyncio.wait_for(queue.get(), remaining))
             except (asyncio.TimeoutError, TimeoutError):
                 break
+        self.not_started -= len(batch)
         return [j for j in batch if not j.fut.cancelled()]  # a client that went away costs nothing
 
     async def _run(self, queue: asyncio.Queue[_Job]) -> None:
@@ -98,6 +124,7 @@ class MicroBatcher:
             if not batch:
                 continue
             t0 = time.perf_counter()
+            self.running = True
             try:
                 out = await loop.run_in_executor(self._executor, self.fn, np.stack([j.x for j in batch]))
             except Exception as err:  # every waiter gets the error; the loop goes on
@@ -105,6 +132,8 @@ class MicroBatcher:
                     if not j.fut.done():
                         j.fut.set_exception(err)
                 continue
+            finally:
+                self.running = False
             t1 = time.perf_counter()
             self.batches += 1
             self.images += len(batch)
