@@ -11,6 +11,7 @@ cannot reach logs or outputs.
 
 from __future__ import annotations
 
+import hashlib
 import io as _io
 import logging
 import os
@@ -421,6 +422,13 @@ def _decode_with_gdcm(data: bytes, path: str | None) -> tuple[np.ndarray, str]:
     return arr, photometric
 
 
+#: said when no pixel-data plugin can decode a compressed transfer syntax
+_CODEC_HINT = (
+    "install the pixel-data plugins: pip install pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg python-gdcm "
+    "(covidcxr's default install includes them)"
+)
+
+
 def _decode_pixels(ds: Any, data: bytes, ts: Any, path: str | None) -> tuple[np.ndarray, str, str]:
     """Return (pixels, photometric after decoding, decoder). A failure names every decoder tried."""
     from pydicom.pixels import get_decoder
@@ -689,3 +697,21 @@ def inspect(path: str | os.PathLike) -> ImageInfo:
 
 def is_supported(path: str | os.PathLike) -> bool:
     return Path(path).suffix.lower() in SUPPORTED_SUFFIXES
+
+
+# Hashing a 46 MB weights file costs ~0.1 s: remember digests by (path, size, mtime) within a process.
+_SHA256: dict[tuple[str, int, int], str] = {}
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """The sha256 hex digest of a file's bytes (weights, checkpoints, manifests), cached per process."""
+    p = Path(path)
+    st = p.stat()
+    key = (str(p.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _SHA256:
+        h = hashlib.sha256()
+        with open(p, "rb") as f:
+            while block := f.read(1 << 20):
+                h.update(block)
+        _SHA256[key] = h.hexdigest()
+    return _SHA256[key]

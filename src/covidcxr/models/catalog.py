@@ -18,13 +18,13 @@ missing file is one line naming the file, where it can be had and where to put i
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from covidcxr.io import file_sha256
 from covidcxr.models.registry import ModelError
 
 ENV_DIR = "COVIDCXR_WEIGHTS_DIR"
@@ -143,33 +143,17 @@ def find(name: str) -> Path | None:
     return None
 
 
-def sha256_of(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
-# Hashing 46 MB costs ~0.1 s; remember verified files by (path, size, mtime) within a process.
-_VERIFIED: dict[tuple[str, int, int], str] = {}
-
-
 def verify(path: str | os.PathLike, entry: WeightsEntry) -> None:
     """Raise :class:`WeightsError` unless ``path`` has the entry's size and sha256."""
     p = Path(path)
     st = p.stat()
-    key = (str(p.resolve()), st.st_size, st.st_mtime_ns)
-    if _VERIFIED.get(key) == entry.sha256:
-        return
     if st.st_size != entry.size:
         raise WeightsError(
             f"{p}: {st.st_size} bytes, but {entry.name} is {entry.size} bytes (truncated or another file?)"
         )
-    digest = sha256_of(p)
+    digest = file_sha256(p)  # cached per (path, size, mtime): resolving twice hashes once
     if digest != entry.sha256:
         raise WeightsError(f"{p}: sha256 {digest[:16]}… does not match {entry.name} ({entry.sha256[:16]}…)")
-    _VERIFIED[key] = entry.sha256
 
 
 def resolve(name: str, download: bool = True, progress: bool = True) -> Path:

@@ -38,6 +38,7 @@ from urllib.parse import urlparse
 import torch
 from torch import nn
 
+from covidcxr.io import file_sha256
 from covidcxr.models import catalog
 from covidcxr.models.backbones import CHEXNET_LABELS
 from covidcxr.models.catalog import WeightsError
@@ -332,7 +333,7 @@ def imagenet_source(name: str, progress: bool = True) -> Source:
     spec = get_spec(name)
     return Source(
         sd, f"torchvision {TORCHVISION_ARCH[name]} IMAGENET1K_V1", head_block=_TV_HEAD[spec.family], in_chans=3,
-        meta={"file": str(target), "sha256": catalog.sha256_of(target)},
+        meta={"file": str(target), "sha256": file_sha256(target)},
     )
 
 
@@ -410,7 +411,7 @@ def file_source(path: str | os.PathLike, name: str) -> Source:
 
     p = Path(path)
     obj = _read_file(p)
-    meta = {"file": str(p.resolve()), "sha256": catalog.sha256_of(p)}
+    meta = {"file": str(p.resolve()), "sha256": file_sha256(p)}
     if isinstance(obj, nn.Module):  # e.g. a torchxrayvision .pt file, which pickles the whole model
         labels = getattr(obj, "targets", None) or getattr(obj, "pathologies", None)
         sd, labels = obj.state_dict(), (list(labels) if labels else None)

@@ -7,13 +7,13 @@ onnxruntime's own choice, one per physical core).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from typing import Any
 
 import numpy as np
 
+from covidcxr.io import file_sha256  # noqa: F401  (re-exported: covidcxr.predict.file_sha256)
 from covidcxr.predict.rules import PredictorError
 
 #: ONNX metadata_props keys written by covidcxr.export (values are JSON).
@@ -64,14 +64,6 @@ class OnnxBackend:
         x = batch.numpy() if hasattr(batch, "numpy") and not isinstance(batch, np.ndarray) else batch
         x = np.ascontiguousarray(x, dtype=np.float32)
         return np.asarray(self.session.run([self.output_name], {self.input_name: x})[0], dtype=np.float32)
-
-
-def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def read_onnx_metadata(path: str | os.PathLike) -> dict[str, Any]:

@@ -172,18 +172,9 @@ def cache_dir() -> Path:
 
 
 def _file_digest(p: Path) -> str:
-    st = p.stat()
-    key = (str(p.resolve()), st.st_size, st.st_mtime_ns)
-    if key not in _DIGESTS:
-        h = hashlib.sha256()
-        with open(p, "rb") as f:
-            while block := f.read(1 << 20):
-                h.update(block)
-        _DIGESTS[key] = h.hexdigest()
-    return _DIGESTS[key]
+    from covidcxr.io import file_sha256
 
-
-_DIGESTS: dict[tuple, str] = {}
+    return file_sha256(p)
 _LOADED: dict[tuple, LungSegmenter] = {}
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import logging
 import os
@@ -255,11 +254,10 @@ class SeverityConfig:
 
 
 def file_sha256(path: str | os.PathLike, n: int = 16) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()[:n]
+    """The first ``n`` hex digits of the file's sha256 (the training summary's short form)."""
+    from covidcxr.io import file_sha256 as full
+
+    return full(path)[:n]
 
 
 def patient_split(patients: Sequence[str], fraction: float, seed: int) -> np.ndarray:
