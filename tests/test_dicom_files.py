@@ -140,6 +140,27 @@ def test_decode_failure_says_so_and_names_each_decoder(tmp_path: Path) -> None:
         assert f"{name}:" in msg
 
 
+def test_compressed_dicom_without_any_decoder_names_the_missing_codecs(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """On an install without the pixel-data plugins (and without python-gdcm) a JPEG DICOM is refused in
+    one line that says a codec is missing and how to install it, not with a traceback."""
+    from test_data_factories import write_jpeg_dicom
+
+    p = write_jpeg_dicom(tmp_path / "j.dcm")
+    monkeypatch.setattr(cio, "_PLUGIN_ORDER", ())  # as if pylibjpeg / pillow / pyjpegls were absent
+
+    def no_gdcm(data: bytes, path: str | None) -> None:
+        raise RuntimeError("python-gdcm is not installed")
+
+    monkeypatch.setattr(cio, "_decode_with_gdcm", no_gdcm)
+    with pytest.raises(CXRReadError) as info:
+        read_image(p)
+    msg = str(info.value)
+    assert str(p) in msg and "\n" not in msg
+    assert "decode failed" in msg and "JPEG Baseline" in msg
+    assert "missing codec" in msg and "pip install pylibjpeg" in msg and "gdcm: python-gdcm is not installed" in msg
+
+
 @pytest.mark.parametrize("encoding", ["implicit", "explicit-little", "explicit-big"])
 def test_dataset_without_file_meta_reads_with_force(tmp_path: Path, encoding: str) -> None:
     """A data set written without preamble or file meta (as some PACS exports are) still reads."""
