@@ -11,7 +11,8 @@ Re-run (outputs under --out; per-image CSVs are resumed, masks cached by image h
 
 Steps:
   dice       Dice of each segmenter on the manifest's test-split masks (held-out patients), 95 % CI from
-             1000 patient-bootstrap resamples -> dice.csv, dice.json
+             1000 patient-bootstrap resamples -> dice.csv, dice.json (rows/entries of segmenters not named
+             in --segmenters are kept)
   sources    every image of every shared source (cohen, figure1, actualmed from covid-cxr-dev; nih;
              hannover): lung fraction, left/right balance, plausibility verdict per segmenter ->
              per_image_<segmenter>.csv, in a seeded random order (an interrupted run is a random sample;
@@ -95,7 +96,11 @@ def step_dice(args, segs, out: Path) -> None:
                  for p, pid, v in zip(df["path"], df["patient_id"], d)]
         print(f"dice {name}: {summary[name]['mean']:.4f} {summary[name]['ci95']} ({summary[name]['seconds']}s)",
               flush=True)
-    pd.DataFrame(rows).to_csv(out / "dice.csv", index=False)
+    new = pd.DataFrame(rows)
+    if (out / "dice.csv").is_file():  # keep the rows of segmenters not re-run this time
+        old_rows = pd.read_csv(out / "dice.csv")
+        new = pd.concat([old_rows[~old_rows["segmenter"].isin(list(segs))], new], ignore_index=True)
+    new.to_csv(out / "dice.csv", index=False)
     old = json.loads((out / "dice.json").read_text()) if (out / "dice.json").is_file() else {}
     (out / "dice.json").write_text(json.dumps({**old, **summary, "_data": f"{args.manifest} split test: "
                                                f"{len(df)} masked images, {df['patient_id'].nunique()} patients"},

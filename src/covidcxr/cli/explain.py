@@ -92,7 +92,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Trains on the manifest rows with a mask_path; with a split column, Dice on test is Dice on "
         "held-out patients. Without --init: a compact U-Net from scratch (per-image standardised input). With "
         "--init lung-unet-vgg11 (or a segmenter file): fine-tunes it at --size with the lung-unet preset, encoder "
-        "and BatchNorm frozen unless --train-encoder. Writes RUN/segmenter.pt and RUN/metrics.json.")
+        "frozen unless --train-encoder, BatchNorm statistics kept. Learning rate: 5 % warm-up, then cosine to 1 %; "
+        "with --max-minutes it anneals within that budget and training stops when it is spent. Validation Dice "
+        "picks the epoch kept. Writes RUN/segmenter.pt and RUN/metrics.json.")
     t.add_argument("--data", required=True, metavar="MANIFEST")
     t.add_argument("--out", required=True, metavar="RUN")
     t.add_argument("--init", default=None, metavar="SEGMENTER",
@@ -100,12 +102,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--size", type=_unet_size, default=256, help="training resolution, a multiple of 16 (default 256)")
     t.add_argument("--epochs", type=int_at_least(1), default=40)
     t.add_argument("--batch-size", type=int_at_least(1), default=8)
-    t.add_argument("--lr", type=float, default=None, help="peak learning rate (default 2e-3 from scratch, 3e-4 with --init)")
+    t.add_argument("--lr", type=float, default=None, help="peak learning rate (default 2e-3 from scratch, 1e-3 with --init)")
     t.add_argument("--base", type=int, default=16, help="U-Net width (channels of the first level; from scratch)")
-    t.add_argument("--train-encoder", action="store_true", help="with --init: also train the encoder and BatchNorm")
+    t.add_argument("--train-encoder", nargs="?", const="all", default="none", choices=("none", "deep", "all"),
+                   help="with --init: also train the last VGG stage (deep) or the whole encoder (all, the bare "
+                   "flag), at --encoder-lr-scale x --lr (default none)")
+    t.add_argument("--encoder-lr-scale", type=float, default=0.1, help="encoder learning rate / --lr (default 0.1)")
     t.add_argument("--val-fraction", type=float, default=0.2, help="share of patients held out (default 0.2)")
     t.add_argument("--max-steps", type=int_at_least(1), default=None, help="stop after this many optimiser steps (smoke tests)")
-    t.add_argument("--max-minutes", type=float, default=None, help="stop after the epoch that passes this many minutes")
+    t.add_argument("--max-minutes", type=float, default=None,
+                   help="wall-clock budget: the learning-rate schedule anneals within it, training stops when it is spent")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     t.set_defaults(func=cmd_segment_train)
@@ -248,7 +254,8 @@ def cmd_segment_train(args: argparse.Namespace) -> int:
     _threads(args)
     res = train_segmenter(args.data, args.out, init=args.init, size=args.size, epochs=args.epochs,
                           batch_size=args.batch_size, lr=args.lr, base=args.base,
-                          freeze_encoder=not args.train_encoder, val_fraction=args.val_fraction,
+                          train_encoder=args.train_encoder, encoder_lr_scale=args.encoder_lr_scale,
+                          val_fraction=args.val_fraction,
                           max_steps=args.max_steps, max_minutes=args.max_minutes, seed=args.seed,
                           log_fn=lambda line: print(line, flush=True))
     print(json.dumps(res, indent=2))
