@@ -346,6 +346,32 @@ def test_images_acknowledged_before_a_crash_are_analysed_at_the_next_start(ckpt:
         node.stop(timeout_s=10)
 
 
+def test_outbox_listing_survives_a_result_sent_meanwhile(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The sender removes a delivered entry from its own thread while others list the outbox (the C-STORE
+    handler's queue bound, ``idle()``): a folder gone between two looks raised FileNotFoundError, and the
+    handler answered a good image with 'internal error'."""
+    from covidcxr.dicom.store import ResultStore
+
+    store = ResultStore(tmp_path / "store")
+    store.put_results("a", {"sr": b"x", "sc": b"y"})
+    store.put_results("b", {"sr": b"x", "sc": b"y"})
+    real = Path.stat
+    sent: list[str] = []
+
+    def looked_at_then_sent(self: Path, **kw):
+        st = real(self, **kw)
+        if self.name == "a" and self.parent.name == "outbox" and not sent:
+            sent.append(self.name)
+            store.mark_sent("a")  # delivered right after the listing's first look at it
+        return st
+
+    monkeypatch.setattr(Path, "stat", looked_at_then_sent)
+    assert "b" in store.outbox()
+    assert sent
+    monkeypatch.undo()
+    assert store.outbox() == ["b"] and store.pending() == 1
+
+
 # --------------------------------------------------------------------------- the command: SIGTERM drains, no PHI in logs
 
 

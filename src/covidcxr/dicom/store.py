@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import stat
 import threading
 from pathlib import Path
 
@@ -95,8 +96,15 @@ class ResultStore:
 
     def outbox(self) -> list[str]:
         """Keys of results waiting to be sent, oldest first."""
-        dirs = [p for p in (self.root / "outbox").iterdir() if p.is_dir()]
-        return [p.name for p in sorted(dirs, key=lambda p: p.stat().st_mtime)]
+        found = []
+        for p in (self.root / "outbox").iterdir():
+            try:  # the sender removes delivered entries from its own thread, also while this lists them
+                st = p.stat()
+            except FileNotFoundError:
+                continue
+            if stat.S_ISDIR(st.st_mode):
+                found.append((st.st_mtime, p.name))
+        return [name for _, name in sorted(found)]
 
     def result_files(self, key: str) -> list[Path]:
         return sorted((self.root / "outbox" / key).glob("*.dcm"))
