@@ -378,29 +378,50 @@ def test_outbox_listing_survives_a_result_sent_meanwhile(tmp_path: Path, monkeyp
 def test_listen_command_drains_on_sigterm_and_logs_no_patient_data(ckpt: Path, pacs: Orthanc, samples_dir: Path,
                                                                    tmp_path: Path) -> None:
     import os
+    import re
     import signal
     import subprocess
     import sys
+    import threading
 
     from test_dicom_node_support import PHI
 
-    port = free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # --port 0: the node binds a free port itself and prints it (a port picked here first could be taken
+    # by another process before the child, still importing, binds it)
     proc = subprocess.Popen(
         [sys.executable, "-c", "import sys; from covidcxr.cli import main; sys.exit(main())", "-v", "dicom", "listen", "--model", str(ckpt), "--host", "127.0.0.1",
-         "--port", str(port), "--forward", f"ORTHANC@127.0.0.1:{pacs.dicom_port}", "--store", str(tmp_path / "s"),
+         "--port", "0", "--forward", f"ORTHANC@127.0.0.1:{pacs.dicom_port}", "--store", str(tmp_path / "s"),
          "--allow", "TESTSCU@127.0.0.1"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True)
+    lines: list[str] = []
+
+    def read() -> None:
+        for line in proc.stdout:  # type: ignore[union-attr]
+            lines.append(line)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+
+    def listening_port() -> int | None:
+        m = re.search(r"listening on 127\.0\.0\.1:(\d+)", "".join(lines))
+        return int(m.group(1)) if m else None
+
     try:
-        wait_for(lambda: proc.poll() is not None or Scu(port).echo() == 0, 90, "the listener to answer C-ECHO")
-        assert proc.poll() is None, proc.stdout.read()
+        wait_for(lambda: proc.poll() is not None or listening_port(), 180, "the listener to start")
+        assert proc.poll() is None, "".join(lines)
+        port = listening_port()
+        assert Scu(port).echo() == 0
         ds = renamed((samples_dir / "rsna-pneumonia-sample.dcm").read_bytes(), **PHI, PatientAge="061Y")
         assert Scu(port).store(ds) == [(0, "")]
         proc.send_signal(signal.SIGTERM)  # at once: the image is still in flight
-        out, _ = proc.communicate(timeout=60)
+        proc.wait(timeout=180)
     finally:
         if proc.poll() is None:
             proc.kill()
+            proc.wait(timeout=30)
+        reader.join(timeout=30)
+    out = "".join(lines)
     assert proc.returncode == 0, out
     assert "draining" in out and "1 images analysed, 1 results sent" in out, out
     assert len(results_for(pacs, str(ds.SOPInstanceUID))) == 2  # drained: delivered before exit

@@ -120,16 +120,8 @@ def cmd_listen(args: argparse.Namespace) -> int:
             max_associations=args.max_associations,
         )
         node = DicomNode(config)
-        node.start()
     except (DicomNodeError, PredictorError, SeverityUnavailable) as err:
         raise UserError(str(err)) from None
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
-    print(f"covidcxr dicom: {config.ae_title} listening on {config.host}:{node.port}, results to "
-          f"{config.destination}, store {Path(config.store).resolve()}. Research use only. Ctrl-C stops "
-          "(after in-flight work).", file=sys.stderr, flush=True)
     stop = threading.Event()
     signals = 0
 
@@ -143,8 +135,20 @@ def cmd_listen(args: argparse.Namespace) -> int:
               file=sys.stderr, flush=True)
         stop.set()
 
+    # the handlers go in before the port opens: a SIGTERM as soon as the node answers must drain, not kill
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
+        try:
+            node.start()
+        except DicomNodeError as err:
+            raise UserError(str(err)) from None
+        if args.threads:
+            import torch
+
+            torch.set_num_threads(args.threads)
+        print(f"covidcxr dicom: {config.ae_title} listening on {config.host}:{node.port}, results to "
+              f"{config.destination}, store {Path(config.store).resolve()}. Research use only. Ctrl-C stops "
+              "(after in-flight work).", file=sys.stderr, flush=True)
         while not stop.wait(0.5):
             pass
         left = node.stop()
