@@ -20,12 +20,17 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
+import uuid
 from pathlib import Path
 from typing import Any
 
 
 class OrthancUnavailable(RuntimeError):
     """The Orthanc binary is not installed (``apt-get install orthanc``)."""
+
+
+class _ExitedAtStart(RuntimeError):
+    """Orthanc stopped before answering (e.g. a port already in use)."""
 
 
 def orthanc_binary() -> str:
@@ -49,10 +54,18 @@ class Orthanc:
         self.binary = orthanc_binary()
         self.workdir = Path(workdir)
         self.aet = aet
+        self.name = f"covidcxr-test-pacs-{uuid.uuid4().hex[:8]}"  # tells this Orthanc from another on the port
+        self._free_ports = (dicom_port is None, http_port is None)
         self.dicom_port = dicom_port or free_port()
-        self.http_port = http_port or free_port()
+        self.http_port = http_port or self._other_free_port()
         self.proc: subprocess.Popen | None = None
         self.log_path = self.workdir / "orthanc.log"
+
+    def _other_free_port(self) -> int:
+        port = free_port()
+        while port == self.dicom_port:
+            port = free_port()
+        return port
 
     @property
     def url(self) -> str:
@@ -61,7 +74,7 @@ class Orthanc:
     def config(self) -> dict[str, Any]:
         db = str(self.workdir / "db")
         return {
-            "Name": "covidcxr-test-pacs",
+            "Name": self.name,
             "StorageDirectory": db,
             "IndexDirectory": db,
             "HttpPort": self.http_port,
@@ -86,7 +99,22 @@ class Orthanc:
         }
 
     # ------------------------------------------------------------------ lifecycle
-    def start(self, timeout_s: float = 30.0) -> "Orthanc":
+    def start(self, timeout_s: float = 60.0, attempts: int = 3) -> "Orthanc":
+        for attempt in range(attempts):
+            try:
+                return self._start(timeout_s)
+            except _ExitedAtStart:
+                # a port picked by free_port() can be taken by another process before Orthanc binds it:
+                # pick the free ones again (a port the caller named is kept: then the error stands)
+                if attempt == attempts - 1 or not any(self._free_ports):
+                    raise
+                if self._free_ports[0]:
+                    self.dicom_port = free_port()
+                if self._free_ports[1]:
+                    self.http_port = self._other_free_port()
+        raise AssertionError("unreachable")
+
+    def _start(self, timeout_s: float) -> "Orthanc":
         self.workdir.mkdir(parents=True, exist_ok=True)
         cfg = self.workdir / "orthanc.json"
         cfg.write_text(json.dumps(self.config(), indent=1))
@@ -97,14 +125,20 @@ class Orthanc:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"Orthanc exited at start (code {self.proc.returncode}); see {self.log_path}")
-            try:
-                self.get("/system")
+                raise _ExitedAtStart(f"Orthanc exited at start (code {self.proc.returncode}); see {self.log_path}")
+            if self._answers():
                 return self
-            except (OSError, urllib.error.URLError):
-                time.sleep(0.1)
+            time.sleep(0.1)
         self.stop()
         raise RuntimeError(f"Orthanc did not answer on {self.url} within {timeout_s:.0f} s; see {self.log_path}")
+
+    def _answers(self) -> bool:
+        """True once this Orthanc (not another server that took the port) answers on its REST port."""
+        try:
+            with urllib.request.urlopen(self.url + "/system", timeout=5) as resp:
+                return json.loads(resp.read()).get("Name") == self.name
+        except (OSError, ValueError, urllib.error.URLError):
+            return False
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
