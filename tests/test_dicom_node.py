@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+import socket
 import time
 from pathlib import Path
 from typing import Callable
@@ -18,7 +19,7 @@ import pytest
 
 from covidcxr.cli import main
 from covidcxr.dicom.common import AllowRule, Peer
-from covidcxr.dicom.orthanc import Orthanc, OrthancUnavailable, free_port, orthanc_binary
+from covidcxr.dicom.orthanc import Orthanc, OrthancUnavailable, orthanc_binary
 from covidcxr.dicom.sr import read_result
 
 from test_dicom_node_support import CLASSES, Scu, make_classifier, renamed, to_bytes, wrap_file, wrap_image
@@ -33,7 +34,8 @@ def _need_orthanc() -> None:
         pytest.skip(str(err))
 
 
-def wait_for(cond: Callable[[], object], timeout: float = 60.0, what: str = "condition") -> object:
+# Every wait below is for a condition, bounded generously: CI runs this on 2 loaded cores (pytest -n 2).
+def wait_for(cond: Callable[[], object], timeout: float = 120.0, what: str = "condition") -> object:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         got = cond()
@@ -93,13 +95,22 @@ def results_for(pacs: Orthanc, sop_uid: str) -> dict[str, pydicom.Dataset]:
     return out
 
 
-def wait_results(pacs: Orthanc, sop_uid: str, timeout: float = 60.0) -> dict[str, pydicom.Dataset]:
+def wait_results(pacs: Orthanc, sop_uid: str, timeout: float = 120.0) -> dict[str, pydicom.Dataset]:
     """Wait until both the SR and the SC for ``sop_uid`` are in Orthanc; return them."""
     def both() -> dict[str, pydicom.Dataset] | None:
         r = results_for(pacs, sop_uid)
         return r if len(r) == 2 else None
 
     return wait_for(both, timeout, "SR + SC in Orthanc")  # type: ignore[return-value]
+
+
+def down_port() -> socket.socket:
+    """A loopback port where nothing listens (connections are refused), held by a bound socket that is not
+    listening, so that no other process (the other pytest worker, an ephemeral bind) takes it while the
+    test needs the destination down; close it just before starting the test's PACS on that port."""
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.bind(("127.0.0.1", 0))
+    return s
 
 
 # --------------------------------------------------------------------------- association and peers
@@ -138,7 +149,7 @@ def test_orthanc_forwards_images_and_gets_sr_and_sc_back(node, pacs: Orthanc, ck
 
     for name, src in sources.items():
         uid = str(src.SOPInstanceUID)
-        got = wait_results(pacs, uid, 90)
+        got = wait_results(pacs, uid, 180)
         sr, sc = got["sr"], got["sc"]
         # same study, new series, the right instance referenced
         assert sr.StudyInstanceUID == sc.StudyInstanceUID == src.StudyInstanceUID
@@ -257,12 +268,13 @@ def test_blank_image_fails_the_plausibility_check(node, pacs: Orthanc, weights_d
 
 def test_same_instance_twice_is_processed_once(node, pacs: Orthanc, samples_dir: Path) -> None:
     ds = renamed((samples_dir / "rsna-pneumonia-sample.dcm").read_bytes())
+    wait_for(node.idle, what="node idle")  # work of earlier tests (e.g. `dicom send`) still counts otherwise
     analysed, dups = node.stats.analysed, node.stats.duplicates
     assert Scu(node.port).store(ds) == [(0, "")]
     wait_results(pacs, str(ds.SOPInstanceUID))
-    wait_for(node.idle, 30, "node idle")
+    wait_for(node.idle, what="node idle")
     assert Scu(node.port).store(ds, ds) == [(0, ""), (0, "")]  # answered success ...
-    wait_for(node.idle, 30, "node idle")
+    wait_for(node.idle, what="node idle")
     assert node.stats.analysed == analysed + 1  # ... but processed once
     assert node.stats.duplicates == dups + 2
     # and the PACS holds one SR for it
@@ -278,14 +290,16 @@ def test_destination_down_results_wait_on_disk_bounded_and_are_delivered(ckpt: P
                                                                          tmp_path: Path) -> None:
     _need_orthanc()
     rsna = (samples_dir / "rsna-pneumonia-sample.dcm").read_bytes()
-    port = free_port()
+    held = down_port()
+    port = held.getsockname()[1]
     store = tmp_path / "store"
     node = start_node(ckpt, store, Peer("ORTHANC", "127.0.0.1", port), max_pending=2, retry_max_s=0.5)
     try:
         a, b, c = (renamed(rsna) for _ in range(3))
         assert Scu(node.port).store(a, b) == [(0, ""), (0, "")]
-        wait_for(lambda: len(list((store / "outbox").iterdir())) == 2, 60, "two results in the outbox")
-        assert node.sender.failures >= 1  # it tried, the destination is down
+        wait_for(lambda: len(list((store / "outbox").iterdir())) == 2, what="two results in the outbox")
+        # it tried, the destination is down (the sender's attempt runs in its own thread: wait for it)
+        wait_for(lambda: node.sender.failures >= 1, what="a failed delivery attempt")
         (status, why), = Scu(node.port).store(c)
         assert status == 0xA700 and "queue full" in why  # bounded: the PACS keeps it and retries later
         left = node.stop(timeout_s=10)
@@ -294,10 +308,11 @@ def test_destination_down_results_wait_on_disk_bounded_and_are_delivered(ckpt: P
         node.stop(timeout_s=5) if node._server else None
 
     # the destination comes up; a restarted node (same store) delivers what waited
+    held.close()
     with Orthanc(tmp_path / "orthanc2", dicom_port=port) as pacs2:
         node2 = start_node(ckpt, store, Peer("ORTHANC", "127.0.0.1", port), retry_max_s=0.5)
         try:
-            wait_for(lambda: not list((store / "outbox").iterdir()), 60, "the outbox to empty")
+            wait_for(lambda: not list((store / "outbox").iterdir()), what="the outbox to empty")
             for ds in (a, b):
                 assert len(results_for(pacs2, str(ds.SOPInstanceUID))) == 2
             # a duplicate of an instance handled before the restart is still recognised
@@ -309,18 +324,21 @@ def test_destination_down_results_wait_on_disk_bounded_and_are_delivered(ckpt: P
 
 def test_destination_coming_back_is_retried_while_running(ckpt: Path, samples_dir: Path, tmp_path: Path) -> None:
     _need_orthanc()
-    port = free_port()
+    held = down_port()
+    port = held.getsockname()[1]
     store = tmp_path / "store"
     node = start_node(ckpt, store, Peer("ORTHANC", "127.0.0.1", port), retry_max_s=0.5)
     try:
         ds = renamed((samples_dir / "rsna-pneumonia-sample.dcm").read_bytes())
         assert Scu(node.port).store(ds) == [(0, "")]
-        wait_for(lambda: node.sender.failures >= 2, 30, "failed delivery attempts")
+        wait_for(lambda: node.sender.failures >= 2, what="failed delivery attempts")
+        held.close()
         with Orthanc(tmp_path / "orthanc3", dicom_port=port) as pacs3:
             wait_results(pacs3, str(ds.SOPInstanceUID))
             # the sender clears its outbox entry only after the PACS has acknowledged every result
-            wait_for(lambda: not list((store / "outbox").iterdir()), 30, "the outbox to empty")
+            wait_for(lambda: not list((store / "outbox").iterdir()), what="the outbox to empty")
     finally:
+        held.close()
         node.stop(timeout_s=10)
 
 
@@ -339,7 +357,7 @@ def test_images_acknowledged_before_a_crash_are_analysed_at_the_next_start(ckpt:
     node = start_node(ckpt, tmp_path / "store", Peer("ORTHANC", "127.0.0.1", pacs.dicom_port))
     try:
         wait_results(pacs, str(ds.SOPInstanceUID))
-        wait_for(node.idle, 30, "node idle")
+        wait_for(node.idle, what="node idle")
         assert not list((tmp_path / "store" / "incoming").glob("*.dcm"))
         assert Scu(node.port).store(ds) == [(0, "")] and node.stats.duplicates == 1  # still known after the restart
     finally:
