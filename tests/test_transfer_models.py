@@ -141,6 +141,17 @@ def test_lite0_imagenet_head_names_photos(weights_dir):
     assert coffee.argmax(1).item() == 967 and coffee[0, 967] > 0.5  # espresso
 
 
+def test_lite0_fresh_head_starts_small():
+    """A fresh EfficientNet-Lite0 head has PyTorch's default Linear init, not timm's TF-style
+    U(+-1/sqrt(3)) for 3 outputs, whose logits of about +-8 on pretrained features saturated the
+    probabilities and left the results run a stored COVID-19 threshold of 0.000."""
+    head = models.build("efficientnet_lite0", num_classes=3).classifier
+    assert head.weight.abs().max().item() <= 1 / 1280**0.5 + 1e-6
+    with torch.no_grad():  # pooled ReLU6 features of a pretrained body are ~0..6; logits stay modest
+        logits = head(torch.full((1, 1280), 0.5))
+    assert logits.abs().max().item() < 1.0
+
+
 def test_mobilenet_catalog_body_loaded_head_fresh(weights_dir):
     """features.* come from the file bit for bit; the 3-class head is new; provenance is recorded."""
     from skimage import data

@@ -37,9 +37,15 @@ def _efficientnet_lite0(num_classes: int = 3, in_chans: int = 3, drop_rate: floa
         import timm
     except ImportError:  # a declared dependency; say which one when an old environment lacks it
         raise ModelError("efficientnet_lite0 needs timm (pip install timm)") from None
-    return timm.create_model(
+    m = timm.create_model(
         "tf_efficientnet_lite0", pretrained=False, num_classes=num_classes, in_chans=in_chans, drop_rate=drop_rate
     )
+    # timm initialises the Linear head as TF does, U(+-1/sqrt(fan_out)): +-0.58 for 3 classes. On pretrained
+    # features that gives logits of about +-8 (first-epoch loss ~7, probabilities saturated at 0/1, a stored
+    # COVID-19 threshold of 0.000). reset_classifier builds a PyTorch-default Linear (+-1/sqrt(1280)), as
+    # the other architectures' fresh heads are.
+    m.reset_classifier(num_classes)
+    return m
 
 
 # --------------------------------------------------------------------------- key mapping
