@@ -188,53 +188,10 @@ else
   pool; masks_step & MASK_PID=$!
 fi
 
-# ------------------------------------------------------------------ 2. train + evaluate
-train_eval() {  # SETTING ID
-  local s=$1 m=$2 out="$RUNS/$1/$2" t1 sets=() data="$RUNS/$1/manifest.csv"
-  [ "$m" = lungcrop ] && data="$RUNS/$s/manifest-lungs.csv"   # the U-Net masks of step 1b
-  t1=$(elapsed)
-  for kv in ${SETS[$m]} $COMMON; do sets+=(--set "$kv"); done
-  if ! $NICE $CX train --config "${CONFIG[$m]}" --data "$data" --out "$out" --overwrite \
-       "${sets[@]}" "${LIMIT[@]}" > "$out.train.log" 2>&1; then
-    mark "$s" "$m" "failed: $(grep -v '^\s*$' "$out.train.log" | tail -1 | cut -c1-200)"
-    echo "FAILED $s/$m (see $out.train.log)"; return
-  fi
-  if ! $NICE $CX evaluate --model "$out/best.ckpt" --data "$data" --split test --out "$out-report" \
-       --n-boot "$BOOT" > "$out.evaluate.log" 2>&1; then
-    mark "$s" "$m" "failed (evaluate): $(tail -1 "$out.evaluate.log" | cut -c1-200)"; return
-  fi
-  mark "$s" "$m" ok
-  timing "$s/$m: train ${EPOCHS} epochs + evaluate" $(( $(elapsed) - t1 ))
-  echo "done $s/$m in $(( $(elapsed) - t1 )) s ($(( $(elapsed) / 60 )) min so far)"
-}
-models_of() { if [ "$1" = holdout ]; then echo "$HOLDOUT_MODELS"; else echo "$MODELS"; fi; }
-ORDER=(); for s in split holdout; do for m in $(models_of $s); do [ "$m" = lungcrop ] || ORDER+=("$s/$m"); done; done
-for s in split holdout; do for m in $(models_of $s); do [ "$m" = lungcrop ] && ORDER+=("$s/$m"); done; done
-STARTED_ELSEWHERE=()
-for sm in "${ORDER[@]}"; do   # the lung-crop recipe last: it needs the masks of step 1b
-  s=${sm%/*}; m=${sm#*/}
-  if [ "$CONTINUE" = 1 ] && [ -f "$RUNS/$s/$m.train.log" ]; then STARTED_ELSEWHERE+=("$sm"); continue; fi
-  [ "$m" = lungcrop ] && [ -n "$MASK_PID" ] && { wait "$MASK_PID" 2>/dev/null || true; }
-  pool; train_eval "$s" "$m" &
-done
-wait
-for sm in "${STARTED_ELSEWHERE[@]}"; do   # CONTINUE=1: results of trainings the interrupted run had started
-  until grep -q "^${sm%/*}	${sm#*/}	" "$RUNS/status.tsv"; do sleep 20; done
-done
-until [ -f "$RUNS/split/manifest-lungs.csv" ]; do sleep 20; done
-
-# ------------------------------------------------------------------ 3. paired differences + shortcut audit
-t0=$(elapsed)
-for s in split holdout; do
-  neg=(); [ "$s" = holdout ] && neg=(--negatives normal)   # actualmed: COVID-19 vs normal, one hospital
-  for m in $(models_of $s); do
-    [ -f "$RUNS/$s/$m-report/predictions.csv" ] && [ -f "$RUNS/$s/scratch-report/predictions.csv" ] || continue
-    $PY -m covidcxr.evaluate.paired "$RUNS/$s/scratch-report" "$RUNS/$s/$m-report" "${neg[@]}" --bootstrap "$BOOT" \
-      --out "$RUNS/$s/$m-paired.json" > "$RUNS/$s/$m-paired.log" 2>&1 || echo "paired $s/$m failed: $(tail -1 "$RUNS/$s/$m-paired.log")"
-  done
-done
-timing "paired bootstrap (all models, both settings)" $(( $(elapsed) - t0 ))
-
+# ------------------------------------------------------------------ 2. train + evaluate (+ audit, severity)
+# The shortcut audit of a patient-split model runs right after its evaluation, and the severity model right
+# after the MobileNetV2 classifier it starts from, in the same pool slot: no slot idles at the end waiting
+# for a last long step (functions are defined before the jobs fork, which copies them).
 audit() {  # ID
   local m=$1 t1; t1=$(elapsed)
   $NICE $CX audit-model --model "$RUNS/split/$m/best.ckpt" --data "$RUNS/split/manifest-lungs.csv" --split test \
@@ -255,9 +212,75 @@ severity() {
     --splits "$SEV_SPLITS" --size "$SIZE" --max-epochs "$SEV_EPOCHS" > "$o/cv.log" 2>&1 || echo "severity cv failed: see $o/cv.log"
   timing "severity: Monte-Carlo CV, $SEV_SPLITS splits" $(( $(elapsed) - t1 ))
 }
-pool; severity &
+train_eval() {  # SETTING ID
+  local s=$1 m=$2 out="$RUNS/$1/$2" t1 sets=() data="$RUNS/$1/manifest.csv"
+  [ "$m" = lungcrop ] && data="$RUNS/$s/manifest-lungs.csv"   # the U-Net masks of step 1b
+  t1=$(elapsed)
+  for kv in ${SETS[$m]} $COMMON; do sets+=(--set "$kv"); done
+  if ! $NICE $CX train --config "${CONFIG[$m]}" --data "$data" --out "$out" --overwrite \
+       "${sets[@]}" "${LIMIT[@]}" > "$out.train.log" 2>&1; then
+    mark "$s" "$m" "failed: $(grep -v '^\s*$' "$out.train.log" | tail -1 | cut -c1-200)"
+    echo "FAILED $s/$m (see $out.train.log)"; return
+  fi
+  if ! $NICE $CX evaluate --model "$out/best.ckpt" --data "$data" --split test --out "$out-report" \
+       --n-boot "$BOOT" > "$out.evaluate.log" 2>&1; then
+    mark "$s" "$m" "failed (evaluate): $(tail -1 "$out.evaluate.log" | cut -c1-200)"; return
+  fi
+  mark "$s" "$m" ok
+  timing "$s/$m: train ${EPOCHS} epochs + evaluate" $(( $(elapsed) - t1 ))
+  echo "done $s/$m in $(( $(elapsed) - t1 )) s ($(( $(elapsed) / 60 )) min so far)"
+  [ "$s" = split ] || return 0
+  case " $AUDIT_MODELS " in
+    *" $m "*) until [ -f "$RUNS/split/manifest-lungs.csv" ]; do sleep 10; done; audit "$m" ;;
+  esac
+  [ "$m" = mnv2 ] && severity
+  return 0
+}
+models_of() { if [ "$1" = holdout ]; then echo "$HOLDOUT_MODELS"; else echo "$MODELS"; fi; }
+# Longest first (longest-processing-time order over the JOBS slots): split/mnv2 carries its audit and the
+# severity runs; ResNet-18 from scratch costs ~3x a MobileNetV2 epoch, twice transfer adds its NIH stage;
+# the lung-crop recipe waits for the masks of step 1b, the linear probe (no backward through the body) is cheap.
+ORDER=()
+for sm in split/mnv2 holdout/scratch split/scratch holdout/twice split/twice holdout/effl0 split/effl0 holdout/mnv2 \
+          holdout/lungcrop split/lungcrop holdout/probe split/probe; do
+  case " $(models_of "${sm%/*}") " in *" ${sm#*/} "*) ORDER+=("$sm") ;; esac
+done
+STARTED_ELSEWHERE=()
+for sm in "${ORDER[@]}"; do   # the lung-crop recipe waits for the masks of step 1b
+  s=${sm%/*}; m=${sm#*/}
+  if [ "$CONTINUE" = 1 ] && [ -f "$RUNS/$s/$m.train.log" ]; then STARTED_ELSEWHERE+=("$sm"); continue; fi
+  [ "$m" = lungcrop ] && [ -n "$MASK_PID" ] && { wait "$MASK_PID" 2>/dev/null || true; }
+  pool; train_eval "$s" "$m" &
+done
+wait
+for sm in "${STARTED_ELSEWHERE[@]}"; do   # CONTINUE=1: results of trainings the interrupted run had started
+  until grep -q "^${sm%/*}	${sm#*/}	" "$RUNS/status.tsv"; do sleep 20; done
+done
+until [ -f "$RUNS/split/manifest-lungs.csv" ]; do sleep 20; done
+
+# ------------------------------------------------------------------ 3. paired differences (+ audits and severity not yet run)
+t0=$(elapsed)
+for s in split holdout; do
+  neg=(); [ "$s" = holdout ] && neg=(--negatives normal)   # actualmed: COVID-19 vs normal, one hospital
+  for m in $(models_of $s); do
+    [ -f "$RUNS/$s/$m-report/predictions.csv" ] && [ -f "$RUNS/$s/scratch-report/predictions.csv" ] || continue
+    $PY -m covidcxr.evaluate.paired "$RUNS/$s/scratch-report" "$RUNS/$s/$m-report" "${neg[@]}" --bootstrap "$BOOT" \
+      --out "$RUNS/$s/$m-paired.json" > "$RUNS/$s/$m-paired.log" 2>&1 || echo "paired $s/$m failed: $(tail -1 "$RUNS/$s/$m-paired.log")"
+  done
+  # twice transfer against once transfer (the fine-tuned MobileNetV2), same test images
+  if [ -f "$RUNS/$s/twice-report/predictions.csv" ] && [ -f "$RUNS/$s/mnv2-report/predictions.csv" ]; then
+    $PY -m covidcxr.evaluate.paired "$RUNS/$s/mnv2-report" "$RUNS/$s/twice-report" "${neg[@]}" --bootstrap "$BOOT" \
+      --out "$RUNS/$s/twice-vs-mnv2-paired.json" > "$RUNS/$s/twice-vs-mnv2-paired.log" 2>&1 \
+      || echo "paired $s/twice vs mnv2 failed: $(tail -1 "$RUNS/$s/twice-vs-mnv2-paired.log")"
+  fi
+done
+timing "paired bootstrap (all models, both settings)" $(( $(elapsed) - t0 ))
+
+# what the training jobs did not chain (e.g. CONTINUE=1 of a run whose trainings were done elsewhere)
+[ -f "$RUNS/severity/cv.log" ] || { pool; severity & }
 for m in $AUDIT_MODELS; do
   [ -f "$RUNS/split/$m/best.ckpt" ] && grep -q "^split	$m	ok" "$RUNS/status.tsv" || continue
+  [ -f "$RUNS/split/$m-audit.log" ] && continue
   pool; audit "$m" &
 done
 wait

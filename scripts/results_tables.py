@@ -146,9 +146,16 @@ def paired_table(runs: Path, setting: str, models: list[dict]) -> list[str]:
         n_boot = p["bootstrap"]["n_boot"]
         lines.append(f"| {mod['label']} | {diff(pm['auc'])} | {diff(pm['accuracy'])} | {diff(pm['macro_sensitivity'])} "
                      f"| {pm['auc']['n_replicates']} |")
-    return lines + ["", "Δ = model − scratch ResNet-18 on the same test images; 95 % CI from a paired patient "
-                    "bootstrap (both models scored on each resample; patients resampled within their class; "
-                    f"{n_boot} replicates; `python -m covidcxr.evaluate.paired`). * = CI excludes 0.", ""]
+    lines += ["", "Δ = model − scratch ResNet-18 on the same test images; 95 % CI from a paired patient "
+              "bootstrap (both models scored on each resample; patients resampled within their class; "
+              f"{n_boot} replicates; `python -m covidcxr.evaluate.paired`). * = CI excludes 0.", ""]
+    p = load(runs / setting / "twice-vs-mnv2-paired.json")  # twice against once transfer, same test images
+    if p is not None:
+        pm = p["metrics"]
+        lines += [f"Twice transfer − once transfer (fine-tuned MobileNetV2), paired, same test images: Δ {what} "
+                  f"{diff(pm['auc'])}, Δ accuracy {diff(pm['accuracy'])}, Δ macro sensitivity "
+                  f"{diff(pm['macro_sensitivity'])} ({pm['auc']['n_replicates']} replicates).", ""]
+    return lines
 
 
 def audit_table(runs: Path, setting: str, models: list[dict]) -> list[str]:
