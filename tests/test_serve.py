@@ -142,33 +142,47 @@ def test_401_api_key(ckpt: Path, jpeg: bytes, monkeypatch: pytest.MonkeyPatch) -
 
 
 def test_503_when_queue_full_and_on_queue_timeout(ckpt: Path, jpeg: bytes) -> None:
+    import threading
     import time
 
     import httpx
 
-    async def burst(app, n: int) -> list[httpx.Response]:
+    # The running request holds its slot until the test has seen the others answered (no sleep decides who
+    # is inside when: a loaded machine must not change the outcome); a regression that makes the others
+    # wait for it instead still fails, after the bound.
+    async def burst(app, n: int, answered_while_held: int, gate: threading.Event) -> list[httpx.Response]:
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
-            return await asyncio.gather(*[c.post("/v1/predict", files={"file": ("x.jpg", jpeg)}) for _ in range(n)])
+            tasks = [asyncio.create_task(c.post("/v1/predict", files={"file": ("x.jpg", jpeg)})) for _ in range(n)]
+            deadline = time.monotonic() + 120
+            while sum(t.done() for t in tasks) < answered_while_held and time.monotonic() < deadline:
+                await asyncio.sleep(0.02)
+            gate.set()
+            return await asyncio.gather(*tasks)
 
-    def slow(real):
+    def held(real, gate: threading.Event):
         def infer(*a, **k):
-            time.sleep(0.4)
+            assert gate.wait(300), "the test never released the running request"
             return real(*a, **k)
         return infer
 
     # 1 running + 1 waiting: of 4 simultaneous requests, 2 are answered 503 at once
     app = create_app(ckpt, api_key="", max_concurrency=1, queue=1, max_batch=1)  # the unbatched path
-    app.state.service.infer = slow(app.state.service.infer)
-    codes = sorted(r.status_code for r in asyncio.run(burst(app, 4)))
+    real = app.state.service.infer
+    gate = threading.Event()
+    app.state.service.infer = held(real, gate)
+    codes = sorted(r.status_code for r in asyncio.run(burst(app, 4, 2, gate)))
     assert codes == [200, 200, 503, 503]
-    busy = [r for r in asyncio.run(burst(app, 4)) if r.status_code == 503][0]
+    gate = threading.Event()
+    app.state.service.infer = held(real, gate)
+    busy = [r for r in asyncio.run(burst(app, 4, 2, gate)) if r.status_code == 503][0]
     assert busy.headers["retry-after"] == "2" and "server busy" in busy.json()["detail"]
 
     # a long queue but a short wait: waiting too long is also a 503, not a hang
     app = create_app(ckpt, api_key="", max_concurrency=1, queue=10, queue_timeout=0.1, max_batch=1)
-    app.state.service.infer = slow(app.state.service.infer)
-    codes = sorted(r.status_code for r in asyncio.run(burst(app, 3)))
+    gate = threading.Event()
+    app.state.service.infer = held(app.state.service.infer, gate)
+    codes = sorted(r.status_code for r in asyncio.run(burst(app, 3, 2, gate)))
     assert codes == [200, 503, 503]
 
 
