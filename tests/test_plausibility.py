@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -60,6 +61,35 @@ def test_rules_on_drawn_masks():
     assert set(d) == {"plausible", "verdict", "flag", "reason", "rule", "measurements", "segmenter"}
 
 
+def test_intensity_rules_on_a_real_film(samples_dir):
+    """Up from down and upright from on-its-side by where the film is bright; an upright frontal film's
+    own pattern waives the mask-shape rules (a whited-out or merged lung) but not the size rules."""
+    from covidcxr.io import read_image
+    from covidcxr.segment.plausibility import intensity_signature
+
+    film = read_image(samples_dir / "nih-00000001_000.png")
+    h, w = film.shape
+    lungs = cv2.resize(_lungs().astype(np.uint8), (w, h), interpolation=cv2.INTER_NEAREST).astype(bool)
+    sig = intensity_signature(film, lungs)
+    assert sig["bottom_minus_top"] > 0.5 and sig["below_minus_above"] > 0.3 and sig["frontal_signature"]
+    assert sig["on_its_side"] < 0
+    v = assess(lungs, film)
+    assert v.plausible and "shape_rule_waived" not in v.measurements
+    # the same film and mask turned upside down: the shape rules pass a mirrored mask, the intensity does not
+    v = assess(lungs[::-1], np.ascontiguousarray(film[::-1]))
+    assert v.rule == "upside_down" and not v.plausible and "upside down" in v.reason
+    turned = np.ascontiguousarray(np.rot90(film))
+    assert intensity_signature(turned)["on_its_side"] > intensity_signature(film)["on_its_side"] + 2
+    # one wide region (lungs merged by the segmenter) on this upright film: waived, and the reason says so
+    one = np.zeros((h, w), np.uint8)
+    cv2.ellipse(one, (w // 2, int(0.45 * h)), (int(0.35 * w), int(0.3 * h)), 0, 0, 360, 1, -1)
+    v = assess(one.astype(bool), film)
+    assert v.plausible and v.measurements["shape_rule_waived"] == "two_lungs" and "unusual" in v.reason
+    noise = np.random.default_rng(0).random((h, w)).astype(np.float32)
+    assert assess(one.astype(bool), noise).rule == "two_lungs"  # no frontal pattern, no waiver
+    assert assess(_lungs(scale=0.15), film).rule == "lung_fraction"  # size rules are never waived
+
+
 def test_module_imports_without_torch():
     code = "import sys, covidcxr.segment.plausibility; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
@@ -101,3 +131,96 @@ def test_real_films_pass(real_films):
     # the second call is answered from the mask cache
     again = check_plausibility(real_films[0])
     assert again.plausible and again.measurements["fraction"] == verdicts[0].measurements["fraction"]
+
+
+# --------------------------------------------------------------------------- the ONNX predictors (issue 11 §7)
+
+_ONNX_PREDICT = (
+    "import sys\n"
+    "from covidcxr.cli import main\n"
+    "rc = main(['predict', *sys.argv[1:], '-q', '--workers', '0', '--threads', '1'])\n"
+    "print('TORCH', 'torch' in sys.modules, 'RC', rc, file=sys.stderr)\n"
+)
+
+
+@pytest.fixture(scope="module")
+def onnx_case(tmp_path_factory, weights_dir, samples_dir):
+    """A tiny random ONNX classifier, a lung U-Net export in its own cache folder, and three inputs."""
+    import os
+
+    import torch
+
+    from covidcxr import models
+    from covidcxr.export import export_onnx
+    from covidcxr.preprocess import get_preset
+    from covidcxr.segment.inference import PRETRAINED_SHA256, cache_dir, onnx_file
+    from covidcxr.segment.negatives import synthetic
+
+    d = tmp_path_factory.mktemp("onnx_gate")
+    torch.manual_seed(0)
+    ckpt = d / "tiny.ckpt"
+    models.save(ckpt, models.build("resnet18", num_classes=3), arch="resnet18",
+                classes=["normal", "pneumonia", "COVID-19"], preset=get_preset("deepcovid", size=64), threshold=0.5)
+    film = samples_dir / "nih-00000001_000.png"
+    export_onnx(ckpt, d / "tiny.onnx", parity_images=[film], parity_count=1)
+    noise = d / "noise.png"
+    cv2.imwrite(str(noise), (synthetic("uniform_noise", 0) * 255).astype(np.uint8))
+    black = d / "black.png"
+    cv2.imwrite(str(black), np.zeros((300, 300), np.uint8))
+    cache = d / "cache"
+    old = os.environ.get("COVIDCXR_CACHE")
+    os.environ["COVIDCXR_CACHE"] = str(cache)
+    try:
+        have = onnx_file(PRETRAINED_SHA256, 256).name
+        mine = Path(old or Path.home() / ".cache" / "covidcxr") / "segment" / have
+        if mine.is_file():  # the user's export, linked: writing it again costs a torch load and an export
+            (cache / "segment").mkdir(parents=True)
+            (cache / "segment" / have).symlink_to(mine)
+        else:
+            from covidcxr.segment.inference import export_onnx as export_unet
+
+            export_unet(size=256)
+        assert onnx_file(PRETRAINED_SHA256, 256).is_file() and cache_dir() == cache
+    finally:
+        if old is None:
+            os.environ.pop("COVIDCXR_CACHE", None)
+        else:
+            os.environ["COVIDCXR_CACHE"] = old
+    return {"model": d / "tiny.onnx", "inputs": [film, noise, black], "cache": cache, "empty": d / "empty"}
+
+
+def _run_onnx_predict(case: dict, cache: Path) -> tuple[list[dict], str]:
+    import json
+    import os
+
+    res = subprocess.run([sys.executable, "-c", _ONNX_PREDICT, *map(str, case["inputs"]), "--model",
+                          str(case["model"])], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "OMP_NUM_THREADS": "1", "COVIDCXR_CACHE": str(cache)})
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "TORCH False RC 0" in res.stderr, res.stderr[-2000:]
+    return [json.loads(line) for line in res.stdout.splitlines() if line.strip()], res.stderr
+
+
+def test_onnx_predictor_records_carry_lung_rule_verdicts(onnx_case):
+    """With the U-Net's ONNX export at hand, the ONNX predictor runs the lung rules, torch-free."""
+    recs, _ = _run_onnx_predict(onnx_case, onnx_case["cache"])
+    by = {Path(r["path"]).name: r for r in recs}
+    film, noise, black = (by[p.name] for p in onnx_case["inputs"])
+    assert film["plausibility"]["verdict"] == FRONTAL and film["plausibility"]["plausible"] is True
+    assert film["flag"] is None and film["label"] in ("normal", "pneumonia", "COVID-19")
+    # noise passes the mask-free rules; only the U-Net's mask can fail it
+    assert noise["plausibility"]["rule"] == "lung_fraction" and noise["flag"] == NOT_FRONTAL
+    assert noise["label"] == NOT_FRONTAL
+    assert black["plausibility"]["rule"] == "uniform" and black["label"] == NOT_FRONTAL
+
+
+def test_onnx_predictor_without_unet_export_says_what_to_run(onnx_case):
+    """No export: the torch-free rules still run, the lung rules are 'unchecked', and one warning says what to run."""
+    recs, err = _run_onnx_predict(onnx_case, onnx_case["empty"])
+    by = {Path(r["path"]).name: r for r in recs}
+    film, noise, black = (by[p.name] for p in onnx_case["inputs"])
+    for r in (film, noise):
+        assert r["plausibility"]["verdict"] == "unchecked" and r["plausibility"]["plausible"] is None
+        assert "export_onnx(size=256)" in r["plausibility"]["reason"] and r["flag"] is None
+    assert black["plausibility"]["rule"] == "uniform" and black["label"] == NOT_FRONTAL
+    assert err.count("export_onnx(size=256)") == 1, err[-2000:]

@@ -5,8 +5,10 @@ that failed) from :mod:`covidcxr.segment.plausibility` (the pretrained lung U-Ne
 input -- a blank picture, noise, a strip, a lateral view, a photo -- is flagged
 ``not_a_frontal_cxr`` and by default gets that as its label instead of a disease label; its class
 probabilities stay in the record for transparency. ``label_implausible=True`` (``--label-implausible``)
-keeps the disease label, still flagged. When the check cannot run (no segmenter weights), records
-say ``"verdict": "unchecked"`` and why, and labels are given as before.
+keeps the disease label, still flagged. When the check cannot run (no segmenter weights; on the
+ONNX backend, no ONNX export of the U-Net -- it never imports torch), records say
+``"verdict": "unchecked"`` and why after the mask-free rules, a warning says once what to run, and
+labels are given as before.
 """
 
 from __future__ import annotations
@@ -52,8 +54,9 @@ class PlausibilityGate:
         self.label_implausible = label_implausible
         self.segmenter = segmenter
         self.backend = backend
-        #: the ONNX paths must not import torch, and loading the lung U-Net does: there only the rules that
-        #: need no mask (aspect ratio, a uniform picture) run, and the records say so
+        #: the ONNX paths must not import torch: they run the lung U-Net's ONNX export with onnxruntime alone
+        #: (``covidcxr.segment.inference.export_onnx`` writes it once); without the export only the rules that
+        #: need no mask (aspect ratio, a uniform picture) run, the records say so, and a warning says what to run
         self.torch_free = torch_free
         self.unavailable: str | None = None if enabled else "plausibility check turned off (--no-plausibility)"
         self.flagged = 0
@@ -62,7 +65,7 @@ class PlausibilityGate:
     def for_predictor(cls, predictor: Any, enabled: bool = True, label_implausible: bool = False
                       ) -> "PlausibilityGate":
         onnx = getattr(predictor, "backend_name", "torch") == "onnx"
-        return cls(enabled, label_implausible, backend="auto" if onnx else "torch", torch_free=onnx)
+        return cls(enabled, label_implausible, backend="onnx" if onnx else "torch", torch_free=onnx)
 
     def extra_presets(self) -> dict[str, Any]:
         return {"plausibility": PlausibilityInput()} if self.enabled else {}
@@ -77,15 +80,11 @@ class PlausibilityGate:
         v = precheck(img)
         if v is not None:
             return {"verdict": v.verdict, "plausible": False, "reason": v.reason, "rule": v.rule}
-        if self.torch_free:
-            return {"verdict": "unchecked", "plausible": None, "rule": None,
-                    "reason": "partly checked: aspect ratio and contrast pass; the lung rules need the lung U-Net, "
-                              "which the ONNX backend does not load (use --backend torch for the full check)"}
         if self.unavailable is None:
             try:
                 from covidcxr.segment.plausibility import check_plausibility
 
-                v = check_plausibility(img, segmenter=self.segmenter, backend=self.backend)
+                v = check_plausibility(img, segmenter=self.segmenter, backend=self.backend, torch_free=self.torch_free)
                 return {"verdict": v.verdict, "plausible": bool(v.plausible), "reason": v.reason, "rule": v.rule}
             except Exception as err:  # no weights, no segmenter: say so in every record, keep predicting
                 self.unavailable = f"plausibility check unavailable: {type(err).__name__}: {err}".splitlines()[0]

@@ -46,6 +46,11 @@ def _segmenter_error():
     return SegmenterError
 
 
+class NoTorchFreeSegmenter(RuntimeError):
+    """No segmenter can be loaded without torch (``load_segmenter(torch_free=True)``); the message says
+    what to run. Not a SegmenterError, whose module imports torch."""
+
+
 def default_segmenter() -> str:
     """The segmenter used when none is named: ``$COVIDCXR_LUNG_MODEL`` or the pretrained U-Net."""
     return os.environ.get(ENV_MODEL, "").strip() or PRETRAINED
@@ -179,13 +184,15 @@ _LOADED: dict[tuple, LungSegmenter] = {}
 
 
 def load_segmenter(spec: str | os.PathLike | LungSegmenter | None = None, *, size: int | None = None,
-                   backend: str = "torch", threshold: float = 0.5) -> LungSegmenter:
+                   backend: str = "torch", threshold: float = 0.5, torch_free: bool = False) -> LungSegmenter:
     """A :class:`LungSegmenter` by catalogue name or file (``None``: :func:`default_segmenter`).
 
     ``size`` overrides the input size of preset-based segmenters (e.g. ``lung-unet-vgg11`` at 256 px
     for a cheaper, coarser mask). ``backend="onnx"`` runs onnxruntime on an ONNX export kept in
     :func:`cache_dir` (written on first use); ``"auto"`` picks onnx when onnxruntime is installed.
-    Loaded segmenters are kept per process.
+    ``torch_free=True`` (the ONNX predictors): only an existing export of the pretrained U-Net is
+    loaded, with onnxruntime alone; when there is none, :class:`NoTorchFreeSegmenter` says what to run
+    instead of importing torch to write it. Loaded segmenters are kept per process.
     """
     if isinstance(spec, LungSegmenter):
         return spec
@@ -202,6 +209,9 @@ def load_segmenter(spec: str | os.PathLike | LungSegmenter | None = None, *, siz
     key = (spec, size, backend, threshold)
     if key in _LOADED:
         return _LOADED[key]
+    if torch_free and (backend != "onnx" or spec != PRETRAINED):
+        raise NoTorchFreeSegmenter(f"{spec}: only the ONNX export of {PRETRAINED} loads without torch "
+                                 f"(backend {backend!r}; onnxruntime installed?)")
     if backend == "onnx" and spec == PRETRAINED:
         # torch-free: the pretrained U-Net's export, once written, runs without torch or the .pth
         from covidcxr.preprocess import get_preset
@@ -214,6 +224,11 @@ def load_segmenter(spec: str | os.PathLike | LungSegmenter | None = None, *, siz
                                 threshold=threshold)
             _LOADED[key] = seg
             return seg
+        if torch_free:
+            raise NoTorchFreeSegmenter(
+                f"no ONNX export of {PRETRAINED} at {preset.size} px ({onnx_path}); write it once (needs torch and "
+                f"the weights) with: python -c 'from covidcxr.segment.inference import export_onnx; "
+                f"export_onnx(size={preset.size})'")
     seg = _load(spec, size, threshold)
     if backend == "onnx":
         onnx_path = onnx_file(seg.digest, seg.size)
