@@ -37,6 +37,8 @@ import numpy as np
 import pandas as pd
 
 SOURCES = ("cohen", "figure1", "actualmed", "nih", "hannover")
+#: the plausibility check's intensity measurements, kept per image next to the mask's
+INTENSITY = ("bottom_minus_top", "below_minus_above", "on_its_side", "frontal_signature", "shape_rule_waived")
 
 
 def list_images(shared: Path) -> pd.DataFrame:
@@ -113,7 +115,7 @@ def step_sources(args, segs, out: Path) -> None:
 
     images = list_images(Path(args.shared))
     keep = ("fraction", "components", "balance", "left_fraction", "right_fraction", "cx", "cy", "side_by_side",
-            "apex_base_ratio", "aspect", "intensity_std")
+            "apex_base_ratio", "aspect", "intensity_std", *INTENSITY)
     for name, (spec, size) in segs.items():
         # a seeded shuffle: stopped at any point, the images done so far are a random sample of each source
         sel = images.sample(frac=1.0, random_state=0)
@@ -155,7 +157,7 @@ def step_reassess(args, segs, out: Path) -> None:
     from covidcxr.segment.plausibility import assess
 
     keep = ("fraction", "components", "balance", "left_fraction", "right_fraction", "cx", "cy", "side_by_side",
-            "apex_base_ratio", "aspect", "intensity_std")
+            "apex_base_ratio", "aspect", "intensity_std", *INTENSITY)
     for name, (spec, size) in segs.items():
         f = out / f"per_image_{name.replace('@', '_')}.csv"
         if not f.is_file():
@@ -183,7 +185,13 @@ def step_generated(args, out: Path) -> None:
     lateral = Path(args.shared) / "source-samples" / "cohen" / "images" / "000002-7.png"  # a real lateral view
     if lateral.is_file():
         gen.append(("real_lateral", read_image(lateral)))
-    verdicts = check_many([im for _, im in gen])
+    # the check's own segmenter (pretrained at 256 px, onnxruntime when installed), masks cached under --out
+    from covidcxr.segment.inference import CachedSegmenter, MaskCache, load_segmenter
+    from covidcxr.segment.plausibility import SIZE
+
+    seg = CachedSegmenter(load_segmenter("lung-unet-vgg11", size=SIZE, backend="auto"), MaskCache(out / "masks"))
+    verdicts = check_many([im for _, im in gen], segmenter=seg)
+    print(f"generated: {seg.calls} of {len(gen)} images segmented (the rest from the mask cache)", flush=True)
     rows = [{"kind": k, "caught": not v.plausible, "rule": v.rule or "", "reason": v.reason}
             for (k, _), v in zip(gen, verdicts)]
     pd.DataFrame(rows).to_csv(out / "generated.csv", index=False)

@@ -2,8 +2,12 @@
 
 A frontal (PA/AP) chest film shows two lungs, side by side, of similar size, near the middle of the
 image, covering a plausible share of it, wider at the bases than at the apices; the film itself has
-a chest-like aspect and is not uniform. A blank picture, noise, a gradient, a photograph, a lateral
-view, a strip or a film turned on its side breaks at least one of these.
+a chest-like aspect, is not uniform, is brighter at the bottom (abdomen, diaphragm) than at the top
+(neck), and is more nearly mirror-symmetric left-right than top-bottom. A blank picture, noise, a
+gradient, a photograph, a lateral view, a strip, or a film upside down or on its side breaks at
+least one of these. A film whose intensity pattern is clearly that of an upright frontal film
+passes even when the lung mask's shape is odd (a whited-out or merged lung: severe disease is what
+the classifier must still read).
 
     >>> from covidcxr.segment.plausibility import check_plausibility
     >>> v = check_plausibility(image)          # image: H x W float in [0, 1]
@@ -22,6 +26,7 @@ import os
 from dataclasses import asdict, dataclass, field
 from typing import Any, Sequence
 
+import cv2
 import numpy as np
 
 from covidcxr.segment.masks import measure
@@ -44,6 +49,14 @@ LIMITS: dict[str, Any] = {
     "cx": (0.2, 0.8),  # centroid of the lung pixels, x
     "cy": (0.15, 0.80),  # centroid of the lung pixels, y
     "apex_base_ratio": 5.0,  # lung width near the top / near the bottom of the lung box (real films reach 4)
+    # intensity cues (z-scores of the film at 256 x 256; see intensity_signature), set on the 1280 real images of
+    # the shared data and 120 turned copies of 60 of them (docs/explain.md):
+    "upside_down": (-0.15, 0.3),  # bottom band - top band below this, and band below the lungs - band above them
+    # not above this: the bright abdomen and diaphragm sit above the lungs, the dark neck below them
+    "on_its_side": 1.6,  # (top-bottom - left-right mirror symmetry) + (horizontal - vertical bright midline)
+    "frontal_signature": (0.3, 0.3, 0.5),  # left-right symmetry minus top-bottom, midline brightness, bottom - top:
+    # all at least these: the film's own pattern is that of an upright frontal film, so an odd lung mask (a
+    # whited-out lung, both lungs merged) fails none of the shape rules side_by_side|two_lungs|balance|orientation
 }
 
 
@@ -92,6 +105,51 @@ def precheck(image: np.ndarray) -> Plausibility | None:
     return None
 
 
+def _z(a: np.ndarray, side: int) -> np.ndarray:
+    small = cv2.resize(np.asarray(a, np.float32), (side, side), interpolation=cv2.INTER_AREA)
+    return (small - small.mean()) / (small.std() + 1e-6)
+
+
+def _corr(u: np.ndarray, v: np.ndarray) -> float:
+    return float(np.corrcoef(u.ravel(), v.ravel())[0, 1]) if u.std() > 1e-6 and v.std() > 1e-6 else 0.0
+
+
+def intensity_signature(image: np.ndarray, mask: np.ndarray | None = None) -> dict:
+    """Where the film is bright, which tells up from down and a film turned on its side.
+
+    On the film squashed to 256 x 256 and standardised (z-scores): ``bottom_minus_top``: mean of the
+    bottom 15 % of rows minus the top 15 % (abdomen and diaphragm below, neck and air above:
+    positive on upright films); ``below_minus_above``: the band (10 % of the height) below the lung
+    box minus the band above it, over the lung box's columns (NaN without a mask or room for a band);
+    at 64 x 64, lightly blurred: ``symmetry_lr`` / ``symmetry_tb``: correlation of the film with its
+    left-right / top-bottom mirror image; ``midline_v`` / ``midline_h``: brightness of the central
+    vertical / horizontal band (spine, mediastinum) over the bands either side of it.
+    """
+    z = _z(image, 256)
+    q = int(0.15 * 256)
+    out = {"bottom_minus_top": float(z[-q:].mean() - z[:q].mean()), "below_minus_above": float("nan")}
+    if mask is not None and np.any(mask):
+        m = cv2.resize(np.asarray(mask, np.uint8), (256, 256), interpolation=cv2.INTER_NEAREST)
+        ys, xs = np.nonzero(m)
+        if len(ys):
+            y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
+            band = int(0.1 * 256)
+            above, below = z[max(0, y0 - band) : y0, x0:x1], z[y1 : y1 + band, x0:x1]
+            if above.size and below.size:
+                out["below_minus_above"] = float(below.mean() - above.mean())
+    s = cv2.GaussianBlur(cv2.resize(z, (64, 64), interpolation=cv2.INTER_AREA), (0, 0), 1.0)
+    s = (s - s.mean()) / (s.std() + 1e-6)
+    out["symmetry_lr"], out["symmetry_tb"] = _corr(s, s[:, ::-1]), _corr(s, s[::-1])
+    mid, mid_t = s[16:48], s[:, 16:48]
+    out["midline_v"] = float(mid[:, 29:35].mean() - 0.5 * (mid[:, 13:22].mean() + mid[:, 42:51].mean()))
+    out["midline_h"] = float(mid_t[29:35].mean() - 0.5 * (mid_t[13:22].mean() + mid_t[42:51].mean()))
+    out["on_its_side"] = (out["symmetry_tb"] - out["symmetry_lr"]) + (out["midline_h"] - out["midline_v"])
+    lr, mv, bt = LIMITS["frontal_signature"]
+    out["frontal_signature"] = bool(out["symmetry_lr"] - out["symmetry_tb"] >= lr and out["midline_v"] >= mv
+                                    and out["bottom_minus_top"] >= bt)
+    return out
+
+
 def assess(mask: np.ndarray, image: np.ndarray | None = None, segmenter: str | None = None) -> Plausibility:
     """Apply the rules to a lung mask (and the image's aspect/intensity when given)."""
     stats = image_stats(image) if image is not None else {}
@@ -111,31 +169,52 @@ def assess(mask: np.ndarray, image: np.ndarray | None = None, segmenter: str | N
     if m["border"] > LIMITS["border"]:
         return _fail("border", f"{100 * m['border']:.0f}% of the image's edge lies inside the lung-like region "
                      f"(lungs sit inside the thorax; at most {100 * LIMITS['border']:.0f}%)", m, segmenter)
+    if image is not None:  # up from down and upright from on-its-side, by where the film is bright
+        m.update(intensity_signature(image, mask))
+        bt, ba = LIMITS["upside_down"]
+        if m["bottom_minus_top"] < bt and not m["below_minus_above"] >= ba:
+            return _fail("upside_down", "the film is darker at the bottom than at the top, and below the lungs than "
+                         "above them (abdomen and diaphragm belong below the lungs): film upside down or turned?", m, segmenter)
+        if m["on_its_side"] > LIMITS["on_its_side"]:
+            return _fail("on_its_side", "the film is more symmetric top-to-bottom than left-to-right, with a "
+                         "horizontal bright midline: film turned on its side?", m, segmenter)
+    shape_fail = _shape_rules(m)
+    if shape_fail is not None:
+        if not m.get("frontal_signature"):
+            return _fail(*shape_fail, m, segmenter)
+        m["shape_rule_waived"] = shape_fail[0]
+    (x_lo, x_hi), (y_lo, y_hi) = LIMITS["cx"], LIMITS["cy"]
+    if not (x_lo <= m["cx"] <= x_hi and y_lo <= m["cy"] <= y_hi):
+        return _fail("position", f"lungs centred at ({m['cx']:.2f}, {m['cy']:.2f}) of the width/height, expected "
+                     f"x {x_lo}-{x_hi}, y {y_lo}-{y_hi}", m, segmenter)
+    if shape_fail is not None:
+        return Plausibility(True, FRONTAL, f"an upright frontal film by its intensity pattern (mirror-symmetric, "
+                            f"bright midline, brighter below); the lung mask's shape is unusual ({shape_fail[0]}: "
+                            f"a whited-out or merged lung?)", None, m, segmenter)
+    return Plausibility(True, FRONTAL, "two lungs of plausible size and place", None, m, segmenter)
+
+
+def _shape_rules(m: dict) -> tuple[str, str] | None:
+    """The first failed rule on the lung mask's shape, as (rule, reason); None when all pass."""
     y0, y1, x0, x1 = m["bbox"]
     # one aerated lung beside a whited-out one (effusion, collapse) is still a frontal film: a single
     # tall region in one half of the image passes the two-lung rules
     one_sided = (x1 - x0) <= LIMITS["one_lung_width"] and (y1 - y0) >= (x1 - x0)
     m["one_lung"] = bool(m["gap_x"] > LIMITS["gap"] and one_sided)
     if m["gap_y"] <= LIMITS["gap"] and m["gap_y"] < m["gap_x"]:
-        return _fail("side_by_side", "the lung-like regions lie above each other, not side by side "
-                     "(film turned on its side?)", m, segmenter)
+        return "side_by_side", "the lung-like regions lie above each other, not side by side (film turned on its side?)"
     if m["gap_x"] > LIMITS["gap"] and not one_sided:
-        return _fail("two_lungs", "one lung-like region without a gap for the mediastinum; a frontal film "
-                     "shows two lungs", m, segmenter)
+        return "two_lungs", "one lung-like region without a gap for the mediastinum; a frontal film shows two lungs"
     if m["balance"] < LIMITS["balance"] and not m["one_lung"]:
-        return _fail("balance", f"the smaller lung is {100 * m['balance']:.0f}% of the larger (expected at least "
-                     f"{100 * LIMITS['balance']:.0f}%)", m, segmenter)
-    (x_lo, x_hi), (y_lo, y_hi) = LIMITS["cx"], LIMITS["cy"]
-    if not (x_lo <= m["cx"] <= x_hi and y_lo <= m["cy"] <= y_hi):
-        return _fail("position", f"lungs centred at ({m['cx']:.2f}, {m['cy']:.2f}) of the width/height, expected "
-                     f"x {x_lo}-{x_hi}, y {y_lo}-{y_hi}", m, segmenter)
+        return "balance", (f"the smaller lung is {100 * m['balance']:.0f}% of the larger (expected at least "
+                           f"{100 * LIMITS['balance']:.0f}%)")
     if m["apex_base_ratio"] > LIMITS["apex_base_ratio"]:
-        return _fail("orientation", f"lungs are {m['apex_base_ratio']:.1f}x as wide near the top as near the bottom "
-                     "(film upside down?)", m, segmenter)
-    return Plausibility(True, FRONTAL, "two lungs of plausible size and place", None, m, segmenter)
+        return "orientation", (f"lungs are {m['apex_base_ratio']:.1f}x as wide near the top as near the bottom "
+                               "(film upside down?)")
+    return None
 
 
-def _segmenter(segmenter: Any = None, backend: str = "auto"):
+def _segmenter(segmenter: Any = None, backend: str = "auto", torch_free: bool = False):
     from covidcxr.segment.inference import CachedSegmenter, load_segmenter
 
     if isinstance(segmenter, CachedSegmenter):
@@ -144,7 +223,7 @@ def _segmenter(segmenter: Any = None, backend: str = "auto"):
         from covidcxr.segment.inference import PRETRAINED
 
         seg = load_segmenter(segmenter or PRETRAINED, size=SIZE if segmenter in (None, PRETRAINED) else None,
-                             backend=backend)
+                             backend=backend, torch_free=torch_free)
     else:
         seg = segmenter
     key = id(seg)
@@ -157,24 +236,27 @@ _CACHED: dict[int, Any] = {}
 
 
 def check_plausibility(image: np.ndarray, segmenter: Any = None, mask: np.ndarray | None = None,
-                       backend: str = "auto") -> Plausibility:
+                       backend: str = "auto", torch_free: bool = False) -> Plausibility:
     """Verdict for one H x W [0,1] image. ``segmenter``: a name/path, a LungSegmenter, a
     CachedSegmenter, or ``None`` (pretrained ``lung-unet-vgg11`` at :data:`SIZE` px).
     ``mask``: skip segmenting and judge this mask. ``backend``: "auto" runs onnxruntime when it is
     installed (20-30 % less CPU than torch, benchmarks/segment_speed.py), torch-free once the export
-    exists (:func:`covidcxr.segment.inference.export_onnx`)."""
-    return check_many([image], segmenter, [mask] if mask is not None else None, backend=backend)[0]
+    exists (:func:`covidcxr.segment.inference.export_onnx`). ``torch_free=True``: never import torch
+    (an image that needs the U-Net raises :class:`~covidcxr.segment.inference.NoTorchFreeSegmenter`
+    when its export is missing)."""
+    return check_many([image], segmenter, [mask] if mask is not None else None, backend=backend,
+                      torch_free=torch_free)[0]
 
 
 def check_many(images: Sequence[np.ndarray], segmenter: Any = None, masks: Sequence[np.ndarray] | None = None,
-               batch_size: int = 4, backend: str = "auto") -> list[Plausibility]:
+               batch_size: int = 4, backend: str = "auto", torch_free: bool = False) -> list[Plausibility]:
     """:func:`check_plausibility` for several images; images failing the mask-free rules are not segmented."""
     out: list[Plausibility | None] = [precheck(np.asarray(im)) for im in images]
     if masks is not None:
         return [o or assess(mk, im) for o, im, mk in zip(out, images, masks)]
     todo = [i for i, o in enumerate(out) if o is None]
     if todo:
-        seg = _segmenter(segmenter, backend)
+        seg = _segmenter(segmenter, backend, torch_free)
         found = seg.segment_many([images[i] for i in todo], batch_size=batch_size)
         for i, mk in zip(todo, found):
             out[i] = assess(mk, images[i], seg.id)
