@@ -119,7 +119,7 @@ def test_whole_dev_set_identical_labels_torch_vs_onnx(exported: dict, dev_dir: P
         out = tmp_path / f"{backend}.jsonl"
         rc = main(["predict", str(dev_dir / "metadata.csv"), "--model", str(model), "--backend", backend,
                    "--out", str(out), "--batch-size", "32", "--workers", "1", "-q",
-                   # the model's labels; the ONNX path runs only the torch-free plausibility rules (docs/deployment.md)
+                   # the model's labels, not the plausibility gate's (both backends run it; docs/deployment.md)
                    "--no-plausibility"])
         assert rc == 0
         outs[backend] = [json.loads(line) for line in out.read_text().splitlines()]
