@@ -19,17 +19,12 @@ CHROMIUM = "/usr/bin/chromium"
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 CLASSES = ["normal", "pneumonia", "COVID-19"]
+T_MS = 120_000  # bound on every wait in the page: CI runs this on 2 loaded cores (pytest -n 2)
 
 pytestmark = pytest.mark.skipif(
     not Path(CHROMIUM).exists() and shutil.which("chromium") is None,
     reason="Chromium is not installed (apt-get install -y chromium); the browser test needs it",
 )
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -46,18 +41,24 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> str:
     models.save(sev, models.build("resnet18", num_classes=2), arch="resnet18", classes=["geographic_extent", "opacity"],
                 task="severity-scores", preset=get_preset("deepcovid", size=64))
     app = create_app(ckpt, api_key="", severity_path=sev, always_severity=True)
-    port = _free_port()
+    # uvicorn serves a socket bound here to a free port (a port picked first and bound later by uvicorn
+    # could be taken by another process in between)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
     srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
+    thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
-    deadline = time.time() + 30
+    deadline = time.monotonic() + 120
     while not srv.started:
-        if time.time() > deadline or not thread.is_alive():
-            pytest.fail("uvicorn did not start within 30 s")
+        if time.monotonic() > deadline or not thread.is_alive():
+            pytest.fail("uvicorn did not start within 120 s")
         time.sleep(0.05)
     yield f"http://127.0.0.1:{port}"
     srv.should_exit = True
-    thread.join(timeout=10)
+    thread.join(timeout=30)
+    sock.close()
 
 
 @pytest.fixture(scope="module")
@@ -67,22 +68,29 @@ def page(server: str):
         browser = p.chromium.launch(executable_path=CHROMIUM if Path(CHROMIUM).exists() else shutil.which("chromium"),
                                     args=ARGS)
         pg = browser.new_page(viewport={"width": 1200, "height": 1000})
+        pg.set_default_timeout(T_MS)
         errors: list[str] = []
         pg.on("pageerror", lambda e: errors.append(str(e)))
         # JS errors only; "Failed to load resource" console lines are the expected 4xx answers
         pg.on("console", lambda m: errors.append(m.text) if m.type == "error" and "Failed to load" not in m.text else None)
         pg.goto(server + "/")
-        sync_api.expect(pg.locator("#model-info")).to_contain_text("tiny-browser")
+        sync_api.expect(pg.locator("#model-info")).to_contain_text("tiny-browser", timeout=T_MS)
         pg.errors = errors
         yield pg
         browser.close()
+
+
+def _decoded_width(pg, selector: str) -> int:
+    """The image's natural width once it is decoded: the page sets a data-URL ``src`` and then the text the
+    test waits for, and the browser decodes the image asynchronously (naturalWidth is 0 until then)."""
+    return pg.locator(selector).evaluate("el => el.decode().then(() => el.naturalWidth, () => el.naturalWidth)")
 
 
 def _check_result(pg, fmt: str) -> str:
     # locator assertions, not wait_for_function: the page's CSP forbids string eval, and the test keeps it on
     from playwright.sync_api import expect
 
-    expect(pg.locator("#input-info")).to_contain_text(fmt, timeout=30_000)
+    expect(pg.locator("#input-info")).to_contain_text(fmt, timeout=T_MS)
     assert pg.locator("#probabilities .bar-row").count() == 3
     values = [float(t.strip().rstrip("%").strip()) for t in pg.locator("#probabilities .bar-value").all_inner_texts()]
     assert abs(sum(values) - 100) < 0.5
@@ -90,14 +98,14 @@ def _check_result(pg, fmt: str) -> str:
     assert label in CLASSES
     assert pg.locator("#error").is_hidden()
     # the X-ray and the heatmap overlay are decoded images on top of each other
-    assert pg.locator("#xray").evaluate("el => el.naturalWidth") == 512
+    assert _decoded_width(pg, "#xray") == 512
     if pg.locator("#show-heatmap").is_enabled():
-        assert pg.locator("#heatmap").is_visible()
-        assert pg.locator("#heatmap").evaluate("el => el.naturalWidth") == 512
+        assert _decoded_width(pg, "#heatmap") == 512
+        expect(pg.locator("#heatmap")).to_be_visible(timeout=T_MS)
         pg.uncheck("#show-heatmap")
-        assert pg.locator("#heatmap").is_hidden()
+        expect(pg.locator("#heatmap")).to_be_hidden(timeout=T_MS)
         pg.check("#show-heatmap")
-        assert pg.locator("#heatmap").is_visible()
+        expect(pg.locator("#heatmap")).to_be_visible(timeout=T_MS)
     else:
         pytest.fail("no heatmap overlay: " + pg.inner_text("#heatmap-note"))
     assert "Research use only" in pg.inner_text("#notice")
@@ -134,7 +142,7 @@ def test_choose_jpeg_drop_dicom_and_read_errors(page, dev_dir: Path, samples_dir
     bad = tmp_path / "notes.png"
     bad.write_text("these are notes, not an X-ray")
     pg.set_input_files("#file", str(bad))
-    pg.wait_for_selector("#error:not([hidden])")
+    pg.wait_for_selector("#error:not([hidden])", timeout=T_MS)
     msg = pg.inner_text("#error")
     assert "HTTP 415" in msg and "not an image" in msg and "notes.png" in msg
     assert pg.locator("#result").is_hidden()  # the previous result is not shown next to the error
