@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -112,6 +113,12 @@ def test_worker_killed_mid_run_completes_without_duplicates(local_ray, onnx_mode
         if pids:
             os.kill(pids[0], signal.SIGKILL)  # a predictor actor dies with work in flight
             killed.append(pids[0])
+            # Ray restarts it (max_restarts) in its own time; the rest of the run may be quicker than that (the
+            # other actor takes the work) and the pool goes away at the end: hold the driver until the restarted
+            # actor has started, so that the check below does not depend on which is faster
+            deadline = time.monotonic() + 120
+            while len(pid_file.read_text().split()) <= len(pids) and time.monotonic() < deadline:
+                time.sleep(0.1)
 
     out = tmp_path / "shards"
     run = predict_ray([], onnx_model, out, files=inputs, workers=2, batch_size=4, shard_size=8, threads=1,
