@@ -224,3 +224,33 @@ def test_onnx_predictor_without_unet_export_says_what_to_run(onnx_case):
         assert "export_onnx(size=256)" in r["plausibility"]["reason"] and r["flag"] is None
     assert black["plausibility"]["rule"] == "uniform" and black["label"] == NOT_FRONTAL
     assert err.count("export_onnx(size=256)") == 1, err[-2000:]
+
+
+def test_unet_session_reuses_its_optimised_graph(onnx_case, samples_dir, tmp_path, monkeypatch):
+    """The ONNX U-Net's optimised graph is kept beside the export (0.25 s less per process), gives the same
+    mask, and a damaged copy is rebuilt rather than fatal."""
+    from covidcxr.io import read_image
+    from covidcxr.segment import inference as inf
+
+    name = inf.onnx_file(inf.PRETRAINED_SHA256, 256).name
+    (tmp_path / "segment").mkdir()
+    (tmp_path / "segment" / name).symlink_to((onnx_case["cache"] / "segment" / name).resolve())
+    monkeypatch.setenv("COVIDCXR_CACHE", str(tmp_path))
+    monkeypatch.setattr(inf, "_LOADED", {})
+    film = read_image(samples_dir / "nih-00000001_000.png")
+
+    def load():
+        inf._LOADED.clear()
+        return inf.load_segmenter(inf.PRETRAINED, size=256, backend="onnx", torch_free=True)
+
+    first = load()
+    opt = list((tmp_path / "segment").glob("*.opt-*.onnx"))
+    assert len(opt) == 1 and first.session._model_path == str(tmp_path / "segment" / name)
+    second = load()
+    assert second.session._model_path == str(opt[0])
+    reference = first(film)
+    assert reference.any() and np.array_equal(second(film), reference)
+    opt[0].write_bytes(b"not an onnx graph")
+    third = load()
+    assert third.session._model_path == str(tmp_path / "segment" / name) and np.array_equal(third(film), reference)
+    assert opt[0].stat().st_size > 1000  # written again
