@@ -100,7 +100,7 @@ _MEASURE = textwrap.dedent(
             raise RuntimeError(json.dumps({"status": r.status_code, "detail": r.json().get("detail")}))
     r0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     tracemalloc.start()
-    t = time.perf_counter()
+    t, cpu = time.perf_counter(), time.process_time()
     out = {}
     try:
         call()
@@ -110,6 +110,7 @@ _MEASURE = textwrap.dedent(
     except RuntimeError as err:
         out.update(json.loads(str(err)))
     out["seconds"] = time.perf_counter() - t
+    out["cpu_seconds"] = time.process_time() - cpu  # every thread of this process (the service's too)
     out["traced_peak_mb"] = tracemalloc.get_traced_memory()[1] / 1e6
     out["rss_growth_mb"] = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - r0) / 1024
     print(json.dumps(out))
@@ -125,10 +126,12 @@ def _measure(*args: str) -> dict:
 
 
 def _assert_cheap(res: dict) -> None:
-    # measured: ~0.003 s and ~2 MB on this machine; the old reader took 5.5 s and 900 MB
+    # measured: ~0.003 s and ~2 MB on this machine; the old reader took 5.5 s and 900 MB. The time bound is on
+    # the CPU time the refusal took, not the wall clock: on 2 loaded cores (CI, pytest -n 2) the scheduler
+    # can hold this process off the CPU for longer than the bound, which says nothing about the reader.
     assert res["traced_peak_mb"] < 100, res
     assert res["rss_growth_mb"] < 100, res
-    assert res["seconds"] < 0.3, res
+    assert res["cpu_seconds"] < 0.3, res
 
 
 @pytest.mark.parametrize("mode", ["path", "bytes"])
