@@ -14,6 +14,7 @@ labels are given as before.
 from __future__ import annotations
 
 import logging
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -60,6 +61,9 @@ class PlausibilityGate:
         self.torch_free = torch_free
         self.unavailable: str | None = None if enabled else "plausibility check turned off (--no-plausibility)"
         self.flagged = 0
+        # the service finishes requests on several threads: one loads the U-Net, one mask at a time (the
+        # mask cache is not thread-safe, and two U-Net runs at once would only share the same cores)
+        self._lock = threading.Lock()
 
     @classmethod
     def for_predictor(cls, predictor: Any, enabled: bool = True, label_implausible: bool = False
@@ -84,7 +88,9 @@ class PlausibilityGate:
             try:
                 from covidcxr.segment.plausibility import check_plausibility
 
-                v = check_plausibility(img, segmenter=self.segmenter, backend=self.backend, torch_free=self.torch_free)
+                with self._lock:
+                    v = check_plausibility(img, segmenter=self.segmenter, backend=self.backend,
+                                           torch_free=self.torch_free)
                 return {"verdict": v.verdict, "plausible": bool(v.plausible), "reason": v.reason, "rule": v.rule}
             except Exception as err:  # no weights, no segmenter: say so in every record, keep predicting
                 self.unavailable = f"plausibility check unavailable: {type(err).__name__}: {err}".splitlines()[0]

@@ -176,6 +176,9 @@ def _onnx_session(path: Path, threads: int | None = None):
         so = ort.SessionOptions()
         so.intra_op_num_threads = int(threads or os.environ.get("OMP_NUM_THREADS") or 0)
         so.log_severity_level = 3
+        # no memory arena: it keeps the peak of every run resident (+125 MB after five 256-px masks, measured)
+        # for about 5 % more time per mask; the service and the batch jobs hold this session for long
+        so.enable_cpu_mem_arena = False
         return so
 
     providers = ["CPUExecutionProvider"]
