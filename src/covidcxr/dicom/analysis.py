@@ -88,7 +88,8 @@ class Engine:
             try:
                 from covidcxr.predict.plausible import PlausibilityGate
 
-                self.gate = PlausibilityGate(enabled=True, label_implausible=label_implausible)
+                # for_predictor: an ONNX model's node runs the U-Net's ONNX export too, never torch
+                self.gate = PlausibilityGate.for_predictor(predictor, enabled=True, label_implausible=label_implausible)
             except ImportError as err:
                 self.plausibility_note = f"plausibility check not available in this installation ({err})"
         self.sha256 = file_sha256(predictor.path) if predictor.path else "unknown"
