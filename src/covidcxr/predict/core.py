@@ -216,16 +216,20 @@ class Predictor:
         ({name: preset}) adds ``"tensors"`` {name: array} made in the workers too (the severity model
         may use another preset than the classifier). ``files``: an already collected input list.
         """
-        from tqdm.auto import tqdm
-
         files = list(files) if files is not None else collect_inputs(paths)
-        bar = tqdm(total=len(files), unit="img", desc="predict", disable=not progress, dynamic_ncols=True)
+        bar = None
+        if progress:  # tqdm.auto imports asyncio: 30 ms that a quiet one-image run need not pay
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(files), unit="img", desc="predict", dynamic_ncols=True)
         try:
             for items in iter_batches(files, self.loader(extra_presets), batch_size, num_workers):
                 yield from self.predict_items(items, with_tensors=with_tensors)
-                bar.update(len(items))
+                if bar is not None:
+                    bar.update(len(items))
         finally:
-            bar.close()
+            if bar is not None:
+                bar.close()
 
     def model_card(self) -> dict[str, Any]:
         """What the service's ``GET /v1/model`` returns: no weights, no patient data."""
