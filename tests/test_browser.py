@@ -66,7 +66,7 @@ def page(server: str):
     sync_api = pytest.importorskip("playwright.sync_api")
     with sync_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM if Path(CHROMIUM).exists() else shutil.which("chromium"),
-                                    args=ARGS)
+                                    args=ARGS, timeout=T_MS)
         pg = browser.new_page(viewport={"width": 1200, "height": 1000})
         pg.set_default_timeout(T_MS)
         errors: list[str] = []
