@@ -251,7 +251,9 @@ def test_workers_with_a_live_lung_hook_and_thread_pools_do_not_hang(ckpt: Path, 
     files = [inputs["root"] / "a" / "b" / "x2.png", inputs["root"] / "a" / "x1.jpg"]
     base = [r["probabilities"] for r in p.predict_paths(files, batch_size=2, num_workers=0)]
     old = preprocess.LUNG_SEGMENTER
-    signal.alarm(120)  # a hang fails this test instead of stalling the suite
+    # a hang fails this test instead of stalling the suite; generous: spawning 2 workers that import the
+    # package can take tens of seconds on 2 loaded cores (CI runs pytest -n 2)
+    signal.alarm(300)
     try:
         for hook in (None, lambda img: img > 0.5):
             preprocess.LUNG_SEGMENTER = hook
