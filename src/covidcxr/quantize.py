@@ -5,8 +5,11 @@ manifest, and writes a statically quantized model (onnxruntime's QDQ format, int
 uint8 activations, which is what onnxruntime's x86 VNNI kernels take):
 
 * **calibration** reads images of the manifest's ``train`` split only, never ``val`` or ``test``;
+* the logits (the final Gemm's output) stay fp32, and with ``keep_fp32="auto"`` (the default) the first
+  convolutions stay fp32 when the INT8 logits measured on the calibration images are far from fp32's (an
+  ImageNet MobileNetV2's first blocks: see :func:`quantize_file`); which layers, and the attempts, are stored;
 * the fp32 file's metadata (preset, classes, threshold, temperature, checksums) is copied unchanged,
-  plus ``covidcxr.quantization`` (mode, method, calibration images, the fp32 file's SHA-256) and
+  plus ``covidcxr.quantization`` (mode, method, calibration images, the fp32 file's SHA-256, the fp32 layers) and
   ``covidcxr.parity_gate``;
 * **the parity gate**: on held-out splits (default ``val`` and ``test``) the INT8 model's COVID-19
   one-vs-rest AUC may differ from fp32's by at most ``max_auc_change`` (0.01) and at least
@@ -25,7 +28,7 @@ import os
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -37,6 +40,8 @@ log = logging.getLogger(__name__)
 OP_TYPES = ["Conv", "Gemm", "MatMul", "Add", "Mul", "Relu", "Clip", "MaxPool", "AveragePool",
             "GlobalAveragePool", "Concat", "Flatten", "Reshape", "Transpose", "Sigmoid", "HardSigmoid"]
 CALIBRATION_METHODS = ("minmax", "percentile", "entropy")
+#: calibration-set logit error (:func:`logit_error`) at which ``keep_fp32="auto"`` stops keeping layers fp32
+MAX_LOGIT_ERROR = 0.05
 
 
 class QuantizeError(RuntimeError):
@@ -87,6 +92,7 @@ class QuantizeReport:
     size_fp32_mb: float = 0.0
     size_int8_mb: float = 0.0
     failed_calibration: list[str] = field(default_factory=list)
+    fp32_nodes: list[str] = field(default_factory=list)
 
 
 def _manifest_rows(manifest: str | os.PathLike, splits: Sequence[str]) -> tuple[list[str], list[str]]:
@@ -108,28 +114,44 @@ def _spread(items: Sequence[Any], n: int | None) -> list[int]:
 
 
 class _Calibration:
-    """onnxruntime CalibrationDataReader over preprocessed train images, in small batches."""
+    """onnxruntime CalibrationDataReader over preprocessed train images, in small batches.
+
+    The images are decoded once and kept (128 images at 224 px: 77 MB), so that each quantization attempt
+    and the fidelity check of :func:`quantize_file` reuse them (:meth:`rewind`).
+    """
 
     def __init__(self, predictor: Predictor, files: list[str], batch_size: int = 8, workers: int = 0):
         self.input_name = predictor.backend.input_name
         self.failed: list[str] = []
-        self.used = 0
-        self._it = self._batches(predictor, files, batch_size, workers)
-
-    def _batches(self, predictor: Predictor, files: list[str], bs: int, workers: int) -> Iterator[np.ndarray]:
-        for items in iter_batches(files, predictor.loader(), bs, workers):
+        self.batches: list[np.ndarray] = []
+        for items in iter_batches(files, predictor.loader(), batch_size, workers):
             good = [it.array for it in items if it.array is not None]
             self.failed += [f"{it.path}: {it.error}" for it in items if it.array is None]
             if good:
-                self.used += len(good)
-                yield np.stack(good).astype(np.float32)
+                self.batches.append(np.stack(good).astype(np.float32))
+        self.used = sum(len(b) for b in self.batches)
+        self._next = 0
 
     def get_next(self) -> dict[str, np.ndarray] | None:
-        batch = next(self._it, None)
-        return None if batch is None else {self.input_name: batch}
+        if self._next >= len(self.batches):
+            return None
+        self._next += 1
+        return {self.input_name: self.batches[self._next - 1]}
 
-    def rewind(self) -> None:  # pragma: no cover - only some calibrators call it
-        pass
+    def rewind(self) -> None:
+        self._next = 0
+
+
+def logit_error(ref: np.ndarray, new: np.ndarray) -> float:
+    """How far ``new`` logits are from ``ref`` (N x classes), relative to how much ``ref`` varies between images.
+
+    Rows are centred first (softmax ignores a shift common to all classes), so this is the RMS error of the
+    class contrasts divided by their RMS spread over the images: 0 is identical, 1 is as large as the signal.
+    """
+    r = ref - ref.mean(axis=1, keepdims=True)
+    d = (new - ref) - (new - ref).mean(axis=1, keepdims=True)
+    spread = float(np.sqrt(np.mean((r - r.mean(axis=0)) ** 2)))
+    return float(np.sqrt(np.mean(d ** 2))) / spread if spread > 0 else float("inf")
 
 
 def _auc(y: np.ndarray, score: np.ndarray) -> float | None:
@@ -188,17 +210,46 @@ def _set_metadata(path: Path, extra: dict[str, Any]) -> None:
     onnx.save(model, str(path))
 
 
+def _conv_nodes(path: Path) -> list[str]:
+    import onnx
+
+    return [n.name for n in onnx.load(str(path), load_external_data=False).graph.node if n.op_type == "Conv"]
+
+
+def _run_logits(path: Path, reader: "_Calibration", threads: int | None = 1) -> np.ndarray:
+    import onnxruntime as ort
+
+    from covidcxr.predict import session_options
+
+    sess = ort.InferenceSession(str(path), session_options(threads), providers=["CPUExecutionProvider"])
+    name = sess.get_outputs()[0].name  # covidcxr exports: logits first
+    return np.concatenate([sess.run([name], {reader.input_name: b})[0] for b in reader.batches])
+
+
 def quantize_file(fp32: Predictor, out: str | os.PathLike, cal_files: Sequence[str], *, method: str = "minmax",
-                  per_channel: bool = True, workers: int = 0) -> "_Calibration":
+                  per_channel: bool = True, workers: int = 0, keep_fp32: int | str = 0,
+                  max_logit_error: float = MAX_LOGIT_ERROR) -> "_Calibration":
     """Quantize ``fp32`` (an ONNX-backed predictor) to ``out`` calibrated on ``cal_files``; no gate, no metadata.
 
-    The building block of :func:`quantize_int8` (and of the speed benchmark, where weights are random and a
-    gate means nothing). Returns the calibration reader (``used``, ``failed``).
+    ``keep_fp32``: how many of the first convolutions stay fp32 (0: quantize all). ``"auto"`` measures on the
+    calibration images themselves (train split; the held-out gate is not consulted) how far the INT8 logits
+    are from fp32 (:func:`logit_error`) and keeps the first 0, 1, 2, 4, ... convolutions in fp32 until the
+    error is at most ``max_logit_error`` (up to half of them; the best attempt otherwise). Why: an
+    ImageNet MobileNetV2's first blocks hold depthwise channels whose BatchNorm folds into gains near 100;
+    per-tensor uint8 activations feeding them amplify rounding noise into switched channels (the pooled
+    features were 44 % off). Keeping those few early layers fp32 costs little speed.
+
+    The building block of :func:`quantize_int8` (and of the speed benchmarks, where weights are random, a
+    gate means nothing and everything is quantized). Returns the calibration reader (``used``, ``failed``,
+    ``fp32_nodes``, ``logit_error``, ``attempts``).
     """
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quant_pre_process, quantize_static
 
     if method not in CALIBRATION_METHODS:
         raise QuantizeError(f"unknown calibration method {method!r}; choose {', '.join(CALIBRATION_METHODS)}")
+    if keep_fp32 != "auto" and (not isinstance(keep_fp32, int) or keep_fp32 < 0):
+        raise QuantizeError(f"keep_fp32 must be 'auto' or a count >= 0, not {keep_fp32!r}")
+    out = Path(out)
     with tempfile.TemporaryDirectory(prefix=".quantize-pre-") as tmp:
         pre = Path(tmp) / "pre.onnx"
         try:
@@ -208,17 +259,48 @@ def quantize_file(fp32: Predictor, out: str | os.PathLike, cal_files: Sequence[s
             log.warning("quantization pre-processing skipped (%s: %s)", type(err).__name__, str(err)[:200])
             pre = Path(str(fp32.path))
         reader = _Calibration(fp32, list(cal_files), workers=workers)
+        reader.fp32_nodes, reader.logit_error, reader.attempts = [], None, []
+        if reader.used == 0:
+            return reader
         cm = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
               "entropy": CalibrationMethod.Entropy}[method]
-        try:
-            quantize_static(
-                str(pre), str(out), reader, quant_format=QuantFormat.QDQ, op_types_to_quantize=OP_TYPES,
-                per_channel=per_channel, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                calibrate_method=cm, extra_options={"ActivationSymmetric": False, "WeightSymmetric": True},
-            )
-        except Exception as err:
-            raise QuantizeError(f"{fp32.path}: INT8 quantization failed ({type(err).__name__}: {str(err)[:300]})") \
-                from None
+        convs = _conv_nodes(pre)
+        if keep_fp32 == "auto":
+            counts = [0] + [k for k in (1, 2, 4, 8, 16, 32, 64) if k <= len(convs) // 2]
+        else:
+            counts = [min(int(keep_fp32), len(convs))]
+        ref = _run_logits(pre, reader) if keep_fp32 == "auto" else None
+        best: tuple[float, Path, int] | None = None
+        for k in counts:
+            target = Path(tmp) / f"int8-{k}.onnx"
+            reader.rewind()
+            try:
+                quantize_static(
+                    str(pre), str(target), reader, quant_format=QuantFormat.QDQ, op_types_to_quantize=OP_TYPES,
+                    per_channel=per_channel, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                    calibrate_method=cm, nodes_to_exclude=convs[:k],
+                    # the logits stay fp32: rounding them to 8 bits would only add error at the threshold
+                    extra_options={"ActivationSymmetric": False, "WeightSymmetric": True,
+                                   "OpTypesToExcludeOutputQuantization": ["Gemm", "MatMul"]},
+                )
+            except Exception as err:
+                raise QuantizeError(f"{fp32.path}: INT8 quantization failed ({type(err).__name__}: "
+                                    f"{str(err)[:300]})") from None
+            if ref is None:
+                best = (float("nan"), target, k)
+                break
+            err = logit_error(ref, _run_logits(target, reader))
+            reader.attempts.append({"fp32_convs": k, "logit_error": round(err, 4)})
+            log.info("INT8 with the first %d convolutions fp32: calibration-set logit error %.3f", k, err)
+            if best is None or err < best[0]:
+                best = (err, target, k)
+            if err <= max_logit_error:
+                break
+        assert best is not None
+        os.replace(best[1], out)
+        reader.fp32_nodes = convs[:best[2]]
+        reader.logit_error = None if ref is None else round(best[0], 4)
+        reader.rewind()
     return reader
 
 
@@ -235,10 +317,13 @@ def quantize_int8(
     method: str = "minmax",
     per_channel: bool = True,
     workers: int = 0,
+    keep_fp32: int | str = "auto",
 ) -> QuantizeReport:
     """Statically quantize ``fp32_path`` to ``out``; calibrate on ``calibrate``'s train split; gate on held-out splits.
 
-    Raises :class:`QuantizeError` (nothing at ``out``) when calibration or the parity gate fails.
+    ``keep_fp32``: leading convolutions kept fp32 (see :func:`quantize_file`; ``"auto"`` chooses on the
+    calibration images). Raises :class:`QuantizeError` (nothing at ``out``) when calibration or the parity
+    gate fails.
     """
     if method not in CALIBRATION_METHODS:
         raise QuantizeError(f"unknown calibration method {method!r}; choose {', '.join(CALIBRATION_METHODS)}")
@@ -262,14 +347,16 @@ def quantize_int8(
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=".quantize-") as tmp:
         staged = Path(tmp) / "int8.onnx"
-        reader = quantize_file(fp32, staged, cal_files, method=method, per_channel=per_channel, workers=workers)
+        reader = quantize_file(fp32, staged, cal_files, method=method, per_channel=per_channel, workers=workers,
+                               keep_fp32=keep_fp32)
         if reader.used == 0:
             raise QuantizeError(f"{calibrate}: none of {len(cal_files)} train images could be read for calibration")
         quant_meta = {
             "mode": "int8", "format": "QDQ", "weights": "int8 per-channel" if per_channel else "int8 per-tensor",
             "activations": "uint8", "method": method, "calibration_manifest": str(calibrate),
             "calibration_split": "train", "calibration_images": reader.used,
-            "fp32_sha256": file_sha256(fp32_path),
+            "fp32_sha256": file_sha256(fp32_path), "fp32_nodes": reader.fp32_nodes,
+            "calibration_logit_error": reader.logit_error, "attempts": reader.attempts,
         }
         _set_metadata(staged, {"quantization": quant_meta})
         int8 = Predictor.from_path(staged, backend="onnx")
@@ -280,7 +367,7 @@ def quantize_int8(
             out=str(out), fp32=str(fp32_path), method=method, calibration_images=reader.used,
             calibration_source=f"{calibrate} (train split)", gate=gate,
             size_fp32_mb=Path(fp32_path).stat().st_size / 1e6, size_int8_mb=staged.stat().st_size / 1e6,
-            failed_calibration=reader.failed,
+            failed_calibration=reader.failed, fp32_nodes=reader.fp32_nodes,
         )
         if not gate.passed:
             rejected = out.with_name(out.stem + ".rejected.onnx")

@@ -86,6 +86,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--parity-splits", default="val,test", help="held-out splits for the gate (default: val,test)")
     q.add_argument("--max-auc-change", type=float_between(0, 1), default=0.01, help="default: 0.01")
     q.add_argument("--min-agreement", type=float_between(0, 1), default=0.98, help="label agreement (default: 0.98)")
+    q.add_argument("--keep-fp32", default="auto", metavar="auto|N",
+                   help="first N convolutions kept fp32; auto (default): as few as bring the calibration-set logit "
+                        "error to <= 0.05 (MobileNetV2's high-gain first blocks need some, ResNets none)")
     e.set_defaults(func=cmd_export)
 
     s = sub.add_parser(
@@ -355,9 +358,13 @@ def _quantize(args: argparse.Namespace, fp32_out: Path, target: Path) -> int:
     from covidcxr.predict import PredictorError
     from covidcxr.quantize import QuantizeError, quantize_int8
 
+    keep = args.keep_fp32.strip().lower()
+    if keep != "auto" and not keep.isdigit():
+        raise UserError(f"--keep-fp32 must be 'auto' or a count of convolutions, not {args.keep_fp32!r}")
     try:
         rep = quantize_int8(
             fp32_out, target, args.calibrate, calibration_count=args.calibration_count,
+            keep_fp32=keep if keep == "auto" else int(keep),
             parity_splits=[s.strip() for s in args.parity_splits.split(",") if s.strip()],
             max_auc_change=args.max_auc_change, min_agreement=args.min_agreement, method=args.calibration_method,
         )
@@ -366,7 +373,8 @@ def _quantize(args: argparse.Namespace, fp32_out: Path, target: Path) -> int:
     g = rep.gate
     print(
         f"wrote {target} (INT8, {rep.size_int8_mb:.1f} MB vs {rep.size_fp32_mb:.1f} MB fp32; calibrated on "
-        f"{rep.calibration_images} images of {rep.calibration_source}, {rep.method})\n"
+        f"{rep.calibration_images} images of {rep.calibration_source}, {rep.method}; "
+        f"{len(rep.fp32_nodes)} leading convolution(s) kept fp32)\n"
         f"parity gate PASSED on {g.images} images of {'+'.join(g.splits)}: COVID-19 AUC {g.auc_fp32:.4f} -> "
         f"{g.auc_int8:.4f} (change {g.auc_change:.4f} <= {g.max_auc_change}), labels agree {g.agreement:.1%} "
         f"(>= {g.min_agreement:.0%}), max |p_int8 - p_fp32| = {g.max_prob_diff:.3f}"
