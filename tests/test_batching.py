@@ -167,3 +167,38 @@ def test_bad_uploads_never_reach_the_batch(ckpt: Path, jpegs: list[bytes]) -> No
                                       ("c.jpg", jpegs[1][: len(jpegs[1]) // 4]), ("d.jpg", jpegs[2])]))
     assert [r.status_code for r, _ in res] == [200, 415, 422, 200]
     assert app.state.batcher.images == 2
+
+
+def test_room_is_the_next_batch_while_one_runs() -> None:
+    from covidcxr.serve.batcher import MicroBatcher
+
+    b = MicroBatcher(lambda x: x, max_batch=4, max_wait_ms=5)
+    b.not_started = 7
+    assert b.has_room()  # idle: this batch and the one right after it
+    b.not_started = 8
+    assert not b.has_room()
+    b.running, b.not_started = True, 3
+    assert b.has_room()  # while a batch runs: only what the next batch takes
+    b.not_started = 4
+    assert not b.has_room()
+
+
+def test_full_batcher_refuses_before_decoding(ckpt: Path, jpegs: list[bytes]) -> None:
+    """503 + Retry-After comes before the upload is decoded, so refused clients that retry cost no decode."""
+    app = _app(ckpt, max_batch=2, max_wait_ms=5, queue=8)
+    decoded: list[str | None] = []
+    real = app.state.service.prepare
+
+    def prepare(data: bytes, filename: str | None):
+        decoded.append(filename)
+        return real(data, filename)
+
+    app.state.service.prepare = prepare
+    b = app.state.batcher
+    b.running, b.not_started = True, 2  # a batch runs and the next one is already full
+    res = asyncio.run(_post_all(app, [("refused.jpg", jpegs[0])]))
+    assert res[0][0].status_code == 503 and res[0][0].headers["retry-after"] == "2"
+    assert decoded == []
+    b.running, b.not_started = False, 0
+    res = asyncio.run(_post_all(app, [("served.jpg", jpegs[0])]))
+    assert res[0][0].status_code == 200 and decoded == ["served.jpg"]

@@ -489,6 +489,8 @@ def create_app(
     async def _batched(data: bytes, filename: str | None, heatmap: bool, image: bool) -> dict[str, Any]:
         if not decode_limiter:
             decode_limiter.append(anyio.CapacityLimiter(max(1, int(decode_workers))))
+        if not batcher.has_room():  # refuse before decoding: a client retrying at once then costs no decode
+            raise limiter._busy_error(f"{batcher.not_started} requests already wait for the next batch")
         prep = await anyio.to_thread.run_sync(service.prepare, data, filename, limiter=decode_limiter[0])
         try:
             with anyio.fail_after(queue_timeout):
