@@ -14,9 +14,16 @@ The server's limits decide what overload looks like: with ``--max-concurrency 2 
         [--engines checkpoint onnx-fp32 onnx-int8] [--max-batches 1 8] [--max-wait-ms 10]
 
 ``--engines`` serves the checkpoint, its fp32 ONNX export and/or its INT8 quantization; ``--max-batches 1 8``
-compares unbatched (1) with micro-batching. After the runs, each model file's offline throughput
-(``Predictor.probabilities`` on a preprocessed batch of 8, same threads) is measured, and each row reports
-answered/s as a fraction of it.
+compares unbatched (1) with micro-batching.
+
+Same cores for inference in both modes: unbatched, ``--max-concurrency`` slots each run with ``--threads``
+intra-op threads (2 x 1 = two cores busy); batched, one batch runs at a time, so its server gets
+``--batch-threads`` intra-op threads (default: max-concurrency x threads). Giving the batched server
+``--threads 1`` would leave it one core for inference where the unbatched one has two.
+
+After the runs, each model file's offline throughput (``Predictor.probabilities`` on a preprocessed batch of
+8, model only) is measured with ``--threads`` and with ``--batch-threads`` threads, and each row reports
+answered/s as a fraction of the one with its own thread count (unbatched: x max-concurrency slots).
 
 Without --model a random-weight resnet18 checkpoint at 224 px is made (speed does not depend on
 the weights). Prints a table and writes benchmarks/results/service_load.json.
@@ -91,7 +98,7 @@ def _onnx_models(ckpt: Path, workdir: Path) -> dict[str, Path]:
     return {"onnx-fp32": fp32, "onnx-int8": int8}
 
 
-def _offline_img_s(model: Path, batch: int, threads: int, seconds: float = 3.0) -> float:
+def _offline_img_s(model: Path, batch: int, threads: int, seconds: float = 4.0) -> float:
     """Model-only images/s of the same file through Predictor (preprocessed input, no HTTP, no decode)."""
     import numpy as np
 
@@ -184,7 +191,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--concurrency", nargs="+", type=int, default=[1, 4, 16])
     ap.add_argument("--queues", nargs="+", type=int, default=[8], help="server --queue values to sweep")
     ap.add_argument("--max-concurrency", type=int, default=2, help="server --max-concurrency")
-    ap.add_argument("--threads", type=int, default=1, help="server intra-op threads per inference")
+    ap.add_argument("--threads", type=int, default=1, help="server intra-op threads per inference (unbatched)")
+    ap.add_argument("--batch-threads", type=int, default=None,
+                    help="server intra-op threads when batching (default: --max-concurrency x --threads)")
     ap.add_argument("--queue-timeout", type=float, default=30.0)
     ap.add_argument("--timeout", type=float, default=60.0, help="client timeout per request, seconds")
     ap.add_argument("--time-limit", type=float, default=120.0, help="seconds per level; later requests are skipped")
@@ -195,6 +204,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="which model file the server loads (ONNX ones are made from the checkpoint)")
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "service_load.json")
     args = ap.parse_args(argv)
+    batch_threads = args.batch_threads or args.max_concurrency * args.threads
 
     files = sorted(DEV.glob("*.jpg"))
     if not files:
@@ -215,18 +225,19 @@ def main(argv: list[str] | None = None) -> int:
         for engine, queue, max_batch in configs:
             model = files[engine]
             port = _free_port()
-            proc = _start_server(model, port, args.max_concurrency, queue, args.threads, args.queue_timeout,
+            threads = args.threads if max_batch == 1 else batch_threads
+            proc = _start_server(model, port, args.max_concurrency, queue, threads, args.queue_timeout,
                                  max_batch, args.max_wait_ms)
             try:
                 url = f"http://127.0.0.1:{port}/v1/predict"
                 asyncio.run(_level(url, images, 4, 1, args.timeout, args.time_limit))  # warm-up
                 print(f"server: {engine} --max-batch {max_batch} --max-concurrency {args.max_concurrency} --queue "
-                      f"{queue} --threads {args.threads}; {len(images)} JPEGs, mean {mean_kb:.0f} KiB; "
+                      f"{queue} --threads {threads}; {len(images)} JPEGs, mean {mean_kb:.0f} KiB; "
                       f"load {os.getloadavg()[0]:.2f}", flush=True)
                 for conc in args.concurrency:
                     r = asyncio.run(_level(url, images, args.requests, conc, args.timeout, args.time_limit))
                     r.update({"engine": engine, "max_batch": max_batch, "queue": queue,
-                              "max_concurrency": args.max_concurrency, "threads": args.threads,
+                              "max_concurrency": args.max_concurrency, "threads": threads,
                               "loadavg": os.getloadavg()[0]})
                     runs.append(r)
                     print(f"  c={conc:3d}: {r['codes']}  p50 {r['p50_ms'] or 0:.0f} ms  p95 {r['p95_ms'] or 0:.0f} ms"
@@ -241,26 +252,35 @@ def main(argv: list[str] | None = None) -> int:
             if not alive:
                 print("SERVER DIED during the run", file=sys.stderr)
                 return 1
-        for engine in args.engines:  # model-only throughput of the same file, batch 8, same threads
-            offline[engine] = _offline_img_s(files[engine], 8, args.threads)
-            print(f"offline {engine}: {offline[engine]:.1f} img/s (batch 8, model only)", flush=True)
+        for engine in args.engines:  # model-only throughput of the same file, batch 8
+            for t in sorted({args.threads, batch_threads}):
+                offline[(engine, t)] = _offline_img_s(files[engine], 8, t)
+                print(f"offline {engine}: {offline[(engine, t)]:.1f} img/s (batch 8, {t} thread(s), model only)",
+                      flush=True)
     for r in runs:
-        r["offline_img_s"] = offline.get(r["engine"])
-        r["ratio_to_offline"] = round(r["ok_per_s"] / r["offline_img_s"], 3) if r["offline_img_s"] else None
+        # what the same cores give offline: unbatched, max-concurrency slots of --threads; batched, batch-threads
+        if r["max_batch"] == 1:
+            ref = offline.get((r["engine"], args.threads), 0) * min(args.max_concurrency, r["concurrency"])
+        else:
+            ref = offline.get((r["engine"], batch_threads), 0)
+        r["offline_img_s"] = round(ref, 2) if ref else None
+        r["ratio_to_offline"] = round(r["ok_per_s"] / ref, 3) if ref else None
 
     print()
-    print("| model | max batch | queue | concurrency | requests | 200 | 503 (busy) | other 5xx | timeouts | p50 ms | "
-          "p95 ms | answered/s | / offline |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("| model | max batch | threads | queue | concurrency | requests | 200 | 503 (busy) | other 5xx | timeouts | "
+          "p50 ms | p95 ms | answered/s | / offline |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in runs:
-        print(f"| {r['engine']} | {r['max_batch']} | {r['queue']} | {r['concurrency']} | {r['requests']} | {r['ok']} | "
+        print(f"| {r['engine']} | {r['max_batch']} | {r['threads']} | {r['queue']} | {r['concurrency']} | "
+              f"{r['requests']} | {r['ok']} | "
               f"{r['busy_503']} | {r['other_5xx']} | {r['timeouts']} | {r['p50_ms'] or 0:.0f} | {r['p95_ms'] or 0:.0f} | "
               f"{r['ok_per_s']} | {r['ratio_to_offline']} |")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({
         "command": "python benchmarks/service_load.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "model": str(args.model) if args.model else "random-weight resnet18, deepcovid preset, 224 px",
-        "logical_cores": os.cpu_count(), "image_mean_kib": round(mean_kb, 1),
+        "logical_cores": os.cpu_count(), "image_mean_kib": round(mean_kb, 1), "batch_threads": batch_threads,
+        "offline_img_s": {f"{e} x{t} threads": round(v, 2) for (e, t), v in offline.items()},
         "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "runs": runs,
     }, indent=2))
     print(f"wrote {args.out}")
