@@ -18,8 +18,9 @@ compares unbatched (1) with micro-batching.
 
 Same cores for inference in both modes: unbatched, ``--max-concurrency`` slots each run with ``--threads``
 intra-op threads (2 x 1 = two cores busy); batched, one batch runs at a time, so its server gets
-``--batch-threads`` intra-op threads (default: max-concurrency x threads). Giving the batched server
-``--threads 1`` would leave it one core for inference where the unbatched one has two.
+``--batch-threads`` intra-op threads (default: max-concurrency x threads; several values run one batched
+server each). Giving the batched server ``--threads 1`` would leave it one core for inference where the
+unbatched one has two; on a busy machine, though, a second intra-op thread may not pay (docs/benchmarks.md).
 
 After the runs, each model file's offline throughput (``Predictor.probabilities`` on a preprocessed batch of
 8, model only) is measured with ``--threads`` and with ``--batch-threads`` threads, and each row reports
@@ -192,8 +193,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--queues", nargs="+", type=int, default=[8], help="server --queue values to sweep")
     ap.add_argument("--max-concurrency", type=int, default=2, help="server --max-concurrency")
     ap.add_argument("--threads", type=int, default=1, help="server intra-op threads per inference (unbatched)")
-    ap.add_argument("--batch-threads", type=int, default=None,
-                    help="server intra-op threads when batching (default: --max-concurrency x --threads)")
+    ap.add_argument("--batch-threads", type=int, nargs="+", default=None,
+                    help="server intra-op threads when batching, one server per value "
+                         "(default: --max-concurrency x --threads)")
     ap.add_argument("--queue-timeout", type=float, default=30.0)
     ap.add_argument("--timeout", type=float, default=60.0, help="client timeout per request, seconds")
     ap.add_argument("--time-limit", type=float, default=120.0, help="seconds per level; later requests are skipped")
@@ -204,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="which model file the server loads (ONNX ones are made from the checkpoint)")
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "service_load.json")
     args = ap.parse_args(argv)
-    batch_threads = args.batch_threads or args.max_concurrency * args.threads
+    batch_threads = args.batch_threads or [args.max_concurrency * args.threads]
 
     files = sorted(DEV.glob("*.jpg"))
     if not files:
@@ -221,11 +223,11 @@ def main(argv: list[str] | None = None) -> int:
         files = {"checkpoint": ckpt}
         if any(e != "checkpoint" for e in args.engines):
             files.update(_onnx_models(ckpt, Path(tmp)))
-        configs = [(e, q, b) for e in args.engines for q in args.queues for b in args.max_batches]
-        for engine, queue, max_batch in configs:
+        configs = [(e, q, b, t) for e in args.engines for q in args.queues for b in args.max_batches
+                   for t in ([args.threads] if b == 1 else batch_threads)]
+        for engine, queue, max_batch, threads in configs:
             model = files[engine]
             port = _free_port()
-            threads = args.threads if max_batch == 1 else batch_threads
             proc = _start_server(model, port, args.max_concurrency, queue, threads, args.queue_timeout,
                                  max_batch, args.max_wait_ms)
             try:
@@ -253,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
                 print("SERVER DIED during the run", file=sys.stderr)
                 return 1
         for engine in args.engines:  # model-only throughput of the same file, batch 8
-            for t in sorted({args.threads, batch_threads}):
+            for t in sorted({args.threads, *batch_threads}):
                 offline[(engine, t)] = _offline_img_s(files[engine], 8, t)
                 print(f"offline {engine}: {offline[(engine, t)]:.1f} img/s (batch 8, {t} thread(s), model only)",
                       flush=True)
@@ -262,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
         if r["max_batch"] == 1:
             ref = offline.get((r["engine"], args.threads), 0) * min(args.max_concurrency, r["concurrency"])
         else:
-            ref = offline.get((r["engine"], batch_threads), 0)
+            ref = offline.get((r["engine"], r["threads"]), 0)
         r["offline_img_s"] = round(ref, 2) if ref else None
         r["ratio_to_offline"] = round(r["ok_per_s"] / ref, 3) if ref else None
 
