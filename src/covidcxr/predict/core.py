@@ -63,10 +63,28 @@ class Predictor:
             raise PredictorError(f"{path}: model file not found")
         backend = backend or ("onnx" if p.suffix.lower() == ".onnx" else "torch")
         if backend == "torch":
-            return cls._from_checkpoint(p, device)
-        if backend == "onnx":
-            return cls._from_onnx(p, threads, graph_opt)
-        raise PredictorError(f"unknown backend {backend!r}; choose torch or onnx")
+            predictor = cls._from_checkpoint(p, device)
+        elif backend == "onnx":
+            predictor = cls._from_onnx(p, threads, graph_opt)
+        else:
+            raise PredictorError(f"unknown backend {backend!r}; choose torch or onnx")
+        predictor._ensure_lung_masks()
+        return predictor
+
+    def _ensure_lung_masks(self) -> None:
+        """A lung-crop preset (COVID-CXNet style) needs a lung mask for every image, as in training:
+        install the default lung segmenter unless one is installed (the ONNX backend loads its ONNX
+        export with onnxruntime alone, so it stays torch-free)."""
+        if not self.preset.lung_crop:
+            return
+        from covidcxr.segment import ensure_lung_crop
+
+        kw = {"backend": "onnx", "torch_free": True} if self.backend_name == "onnx" else {}
+        try:
+            ensure_lung_crop(self.preset, **kw)
+        except Exception as err:  # no weights / no ONNX export: one line naming the model
+            raise PredictorError(f"{self.path}: its preset {self.preset.name} crops to the lungs, "
+                                 f"but no lung segmenter could be loaded: {err}") from None
 
     @classmethod
     def _from_checkpoint(cls, p: Path, device: str) -> "Predictor":

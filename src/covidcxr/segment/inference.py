@@ -460,13 +460,14 @@ def install_lung_crop(spec: str | os.PathLike | LungSegmenter | None = None, dil
     return provider
 
 
-def ensure_lung_crop(preset: Any) -> None:
+def ensure_lung_crop(preset: Any, **load_kw) -> None:
     """For callers above the segmenter (train, evaluate, explain, predict): if ``preset`` crops to
-    the lungs and no provider is installed yet, install the default segmenter."""
+    the lungs and no provider is installed yet, install the default segmenter (``load_kw`` as for
+    :func:`load_segmenter`, e.g. ``backend="onnx", torch_free=True`` for the ONNX predictors)."""
     from covidcxr import preprocess
 
     if getattr(preset, "lung_crop", False) and preprocess.LUNG_SEGMENTER is None:
-        install_lung_crop()
+        install_lung_crop(**load_kw)
 
 
 def use_model(path: str | os.PathLike | None, dilation: float = 0.03) -> LungSegmenter | None:
