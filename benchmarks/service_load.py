@@ -2,7 +2,10 @@
 
 Starts the real server (uvicorn, in a subprocess, on 127.0.0.1 and a free port), then for each
 concurrency level sends a fixed number of ``POST /v1/predict`` requests with real dev-set JPEGs,
-``concurrency`` at a time, with a per-request timeout and a time limit per level. Reports p50/p95
+``concurrency`` at a time, with a per-request timeout and a time limit per level (or, with ``--duration``,
+requests for that many seconds, at most ``--requests``). Clients retry a 503 at once, without honouring
+``Retry-After``: the harshest client. With a fixed count such clients burn the level's requests on 503s
+within the first batch, so answered/s under overload is best measured with ``--duration``. Reports p50/p95
 latency of the answered requests, counts per status code, other 5xx, timeouts and transport errors.
 
 The server's limits decide what overload looks like: with ``--max-concurrency 2 --queue 8`` at most
@@ -142,7 +145,7 @@ def _start_server(model: Path, port: int, max_conc: int, queue: int, threads: in
 
 
 async def _level(url: str, images: list[tuple[str, bytes]], n: int, conc: int, timeout: float,
-                 time_limit: float) -> dict:
+                 time_limit: float, duration: float | None = None) -> dict:
     import httpx
 
     results: list[tuple[str, float]] = []
@@ -151,6 +154,8 @@ async def _level(url: str, images: list[tuple[str, bytes]], n: int, conc: int, t
 
     async def worker(client: httpx.AsyncClient) -> None:
         for i in counter:
+            if duration is not None and time.perf_counter() - t_start > duration:
+                break  # a timed level: no new request after `duration` seconds
             if time.perf_counter() - t_start > time_limit:
                 results.append(("skipped", 0.0))
                 continue
@@ -174,7 +179,7 @@ async def _level(url: str, images: list[tuple[str, bytes]], n: int, conc: int, t
     ok = [dt * 1000 for code, dt in results if code == "200"]
     busy = [dt * 1000 for code, dt in results if code == "503"]
     return {
-        "concurrency": conc, "requests": n, "wall_s": round(wall, 2), "codes": codes,
+        "concurrency": conc, "requests": len(results), "wall_s": round(wall, 2), "codes": codes,
         "ok": len(ok), "ok_per_s": round(len(ok) / wall, 2) if wall else None,
         "p50_ms": _pct(ok, 0.5), "p95_ms": _pct(ok, 0.95), "max_ms": max(ok) if ok else None,
         "busy_503": codes.get("503", 0), "busy_503_median_ms": statistics.median(busy) if busy else None,
@@ -199,6 +204,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--queue-timeout", type=float, default=30.0)
     ap.add_argument("--timeout", type=float, default=60.0, help="client timeout per request, seconds")
     ap.add_argument("--time-limit", type=float, default=120.0, help="seconds per level; later requests are skipped")
+    ap.add_argument("--duration", type=float, default=None,
+                    help="timed levels: clients send requests (at most --requests) for this many seconds, then stop; "
+                         "the steady state then outweighs the first burst (503s retried at once end a fixed-count "
+                         "level within one batch)")
     ap.add_argument("--images", type=int, default=8, help="distinct dev-set JPEGs to cycle through")
     ap.add_argument("--max-batches", nargs="+", type=int, default=[1], help="server --max-batch values (1: unbatched)")
     ap.add_argument("--max-wait-ms", type=float, default=10.0, help="server --max-wait-ms")
@@ -237,7 +246,8 @@ def main(argv: list[str] | None = None) -> int:
                       f"{queue} --threads {threads}; {len(images)} JPEGs, mean {mean_kb:.0f} KiB; "
                       f"load {os.getloadavg()[0]:.2f}", flush=True)
                 for conc in args.concurrency:
-                    r = asyncio.run(_level(url, images, args.requests, conc, args.timeout, args.time_limit))
+                    r = asyncio.run(_level(url, images, args.requests, conc, args.timeout, args.time_limit,
+                                           args.duration))
                     r.update({"engine": engine, "max_batch": max_batch, "queue": queue,
                               "max_concurrency": args.max_concurrency, "threads": threads,
                               "loadavg": os.getloadavg()[0]})
