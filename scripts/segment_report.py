@@ -21,6 +21,8 @@ Steps:
   reassess   re-judge the per-image CSVs with the current rules from the cached masks (after a rule change)
   generated  plausibility check (pretrained U-Net at 256 px, the check's default) on generated non-CXR
              images -> generated.csv
+  rotated    the check on --rotated real films turned 90/180/270 degrees, films that neither the generated
+             set nor the threshold setting used -> rotated.csv
   sheet      contact sheet: one image per source (rows) x segmenter (columns) -> contact_sheet.png
   summary    tables -> report.md, summary.json
 """
@@ -145,7 +147,12 @@ def step_sources(args, segs, out: Path) -> None:
                 rows.append({"path": r.path, "source": r.source, "patient": r.patient, "segmenter": name,
                              "plausible": v.plausible, "rule": v.rule or "",
                              **{k: v.measurements.get(k) for k in keep}})
-            pd.DataFrame(rows).to_csv(f, mode="a", header=not f.is_file(), index=False)
+            new = pd.DataFrame(rows)
+            if f.is_file() and list(pd.read_csv(f, nrows=0).columns) != list(new.columns):
+                new = pd.concat([pd.read_csv(f), new], ignore_index=True)  # columns changed: rewrite the file
+                new.to_csv(f, index=False)
+            else:
+                new.to_csv(f, mode="a", header=not f.is_file(), index=False)
             n = start + len(chunk)
             print(f"  {name}: {n}/{len(todo)} ({(time.time() - t0) / n:.2f} s/image)", flush=True)
 
@@ -197,6 +204,33 @@ def step_generated(args, out: Path) -> None:
     pd.DataFrame(rows).to_csv(out / "generated.csv", index=False)
     d = pd.DataFrame(rows)
     print(f"generated: {d['caught'].mean():.3f} caught of {len(d)}", flush=True)
+    print(d.groupby("kind")["caught"].mean().to_string(), flush=True)
+
+
+def step_rotated(args, out: Path) -> None:
+    """Films turned by 90, 180 and 270 degrees, from --rotated real films that neither the generated set
+    nor the 60 films looked at while setting the intensity thresholds (seeded draw 7) used -> rotated.csv."""
+    from covidcxr.io import read_image
+    from covidcxr.segment.inference import CachedSegmenter, MaskCache, load_segmenter
+    from covidcxr.segment.negatives import from_cxr
+    from covidcxr.segment.plausibility import SIZE, check_many
+
+    images = list_images(Path(args.shared))
+    measured = set(images.groupby("source").head(2)["path"])
+    pool = [p for p in images["path"] if p not in measured]
+    design = set(np.random.default_rng(7).choice(pool, 60, replace=False))
+    fresh = [p for p in pool if p not in design]
+    picks = np.random.default_rng(11).choice(fresh, min(args.rotated, len(fresh)), replace=False)
+    seg = CachedSegmenter(load_segmenter("lung-unet-vgg11", size=SIZE, backend="auto"), MaskCache(out / "masks"))
+    rows = []
+    for path in picks:
+        film = read_image(path)
+        kinds = ("rot90", "rot180", "rot270")
+        for kind, v in zip(kinds, check_many([from_cxr(film, k) for k in kinds], segmenter=seg)):
+            rows.append({"path": path, "kind": kind, "caught": not v.plausible, "rule": v.rule or ""})
+    d = pd.DataFrame(rows)
+    d.to_csv(out / "rotated.csv", index=False)
+    print(f"rotated: {d['caught'].mean():.3f} caught of {len(d)} ({seg.calls} segmented)", flush=True)
     print(d.groupby("kind")["caught"].mean().to_string(), flush=True)
 
 
@@ -297,6 +331,16 @@ def step_summary(args, segs, out: Path) -> None:
                      f"{', '.join(f'{a} {b}' for a, b in h['rule'].value_counts().items() if a) or '-'} |")
         summary["generated"] = {"n": len(g), "caught": k}
         L.append("")
+    if (out / "rotated.csv").is_file():
+        g = pd.read_csv(out / "rotated.csv")
+        k = int(g["caught"].sum())
+        L += [f"## Turned films ({g['path'].nunique()} real films not used to set thresholds): caught "
+              f"{_wilson(k, len(g))}", "", "| kind | n | caught (95% Wilson CI) | rules |", "|---|---|---|---|"]
+        for kind, h in g.groupby("kind"):
+            L.append(f"| {kind} | {len(h)} | {_wilson(int(h['caught'].sum()), len(h))} | "
+                     f"{', '.join(f'{a} {b}' for a, b in h['rule'].value_counts().items() if isinstance(a, str) and a) or '-'} |")
+        summary["rotated"] = {"n": len(g), "caught": k}
+        L.append("")
     (out / "report.md").write_text("\n".join(L) + "\n")
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     print("\n".join(L))
@@ -314,6 +358,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sample-512", type=int, default=30, help="images per source for the 512-px pretrained U-Net (0: all)")
     ap.add_argument("--per-source", type=int, default=0, help="at most this many images per source (0: all)")
     ap.add_argument("--tile", type=int, default=180, help="contact-sheet tile side in px")
+    ap.add_argument("--rotated", type=int, default=40, help="real films turned 90/180/270 degrees (step rotated)")
     args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -327,6 +372,8 @@ def main(argv: list[str] | None = None) -> int:
         step_reassess(args, segs, out)
     if "generated" in steps:
         step_generated(args, out)
+    if "rotated" in steps:
+        step_rotated(args, out)
     if "sheet" in steps:
         step_sheet(args, segs, out)
     if "summary" in steps:
