@@ -105,6 +105,7 @@ class LungSegmenter:
         """N x S x S lung probability at the network's resolution."""
         if self.backend == "onnx":
             (logit,) = self.session.run(None, {"image": x})
+            _trim_heap()
             return 1.0 / (1.0 + np.exp(-logit[:, 0]))
         import torch
 
@@ -160,6 +161,27 @@ class LungSegmenter:
         tmp.write_bytes(buf.getvalue())
         os.replace(tmp, out)  # two processes exporting at once never leave half a file
         return out
+
+
+_TRIM: Any = None
+
+
+def _trim_heap() -> None:
+    """Hand the U-Net's freed activations back to the OS (glibc ``malloc_trim``; elsewhere nothing).
+
+    Without a memory arena onnxruntime frees them after each run, but glibc keeps the pages: 60 MB more
+    resident after five 256-px masks (measured). Trimming costs well under a millisecond here.
+    """
+    global _TRIM
+    if _TRIM is None:
+        try:
+            import ctypes
+
+            _TRIM = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _TRIM = False
+    if _TRIM:
+        _TRIM(0)
 
 
 def _onnx_session(path: Path, threads: int | None = None):
