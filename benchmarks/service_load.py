@@ -120,13 +120,15 @@ def _offline_img_s(model: Path, batch: int, threads: int, seconds: float = 4.0) 
 
 
 def _start_server(model: Path, port: int, max_conc: int, queue: int, threads: int, queue_timeout: float,
-                  max_batch: int = 1, max_wait_ms: float = 10.0):
+                  max_batch: int = 1, max_wait_ms: float = 10.0, plausibility: bool = True):
     exe = Path(sys.executable).parent / "covidcxr"
     cmd = [str(exe)] if exe.exists() else [sys.executable, "-c", "import sys; from covidcxr.cli import main; sys.exit(main())"]
     cmd += ["serve", "--model", str(model), "--host", "127.0.0.1", "--port", str(port),
             "--max-concurrency", str(max_conc), "--queue", str(queue), "--threads", str(threads),
             "--queue-timeout", str(queue_timeout), "--log-level", "warning",
             "--max-batch", str(max_batch), "--max-wait-ms", str(max_wait_ms)]
+    if not plausibility:
+        cmd.append("--no-plausibility")
     env = {**os.environ, "COVIDCXR_API_KEY": ""}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     import httpx
@@ -211,6 +213,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--images", type=int, default=8, help="distinct dev-set JPEGs to cycle through")
     ap.add_argument("--max-batches", nargs="+", type=int, default=[1], help="server --max-batch values (1: unbatched)")
     ap.add_argument("--max-wait-ms", type=float, default=10.0, help="server --max-wait-ms")
+    ap.add_argument("--no-plausibility", action="store_true",
+                    help="serve without the frontal-CXR check (its lung U-Net caches masks by image hash, so with "
+                         "a few repeated JPEGs it costs little here but ~0.5 CPU-s per new image in real traffic)")
     ap.add_argument("--engines", nargs="+", default=["checkpoint"], choices=["checkpoint", "onnx-fp32", "onnx-int8"],
                     help="which model file the server loads (ONNX ones are made from the checkpoint)")
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "service_load.json")
@@ -238,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
             model = files[engine]
             port = _free_port()
             proc = _start_server(model, port, args.max_concurrency, queue, threads, args.queue_timeout,
-                                 max_batch, args.max_wait_ms)
+                                 max_batch, args.max_wait_ms, plausibility=not args.no_plausibility)
             try:
                 url = f"http://127.0.0.1:{port}/v1/predict"
                 asyncio.run(_level(url, images, 4, 1, args.timeout, args.time_limit))  # warm-up
@@ -249,6 +254,7 @@ def main(argv: list[str] | None = None) -> int:
                     r = asyncio.run(_level(url, images, args.requests, conc, args.timeout, args.time_limit,
                                            args.duration))
                     r.update({"engine": engine, "max_batch": max_batch, "queue": queue,
+                              "plausibility": not args.no_plausibility,
                               "max_concurrency": args.max_concurrency, "threads": threads,
                               "loadavg": os.getloadavg()[0]})
                     runs.append(r)
