@@ -278,7 +278,8 @@ def load_segmenter(spec: str | os.PathLike | LungSegmenter | None = None, *, siz
             backend = "torch"
     if backend not in ("torch", "onnx"):
         raise _segmenter_error()(f"unknown segmenter backend {backend!r}; choose torch, onnx or auto")
-    key = (spec, size, backend, threshold)
+    # an ONNX session belongs to the export it was loaded from: another COVIDCXR_CACHE is another session
+    key = (spec, size, backend, threshold, str(cache_dir()) if backend == "onnx" else None)
     if key in _LOADED:
         return _LOADED[key]
     if torch_free and (backend != "onnx" or spec != PRETRAINED):
