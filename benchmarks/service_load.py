@@ -130,13 +130,18 @@ def _start_server(model: Path, port: int, max_conc: int, queue: int, threads: in
     if not plausibility:
         cmd.append("--no-plausibility")
     env = {**os.environ, "COVIDCXR_API_KEY": ""}
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    # The server's log goes to a file, never to a pipe nobody reads: it logs a line per request, and once a
+    # pipe's 64 KiB buffer is full (~650 requests) every logging thread blocks and the server wedges.
+    log = tempfile.TemporaryFile(mode="w+")
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=log, text=True)
+    proc.log = log  # closed with the process object
     import httpx
 
     deadline = time.time() + 120
     while time.time() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"server exited: {proc.stderr.read()[-2000:]}")
+            log.seek(0)
+            raise RuntimeError(f"server exited: {log.read()[-2000:]}")
         try:
             if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
                 return proc
@@ -215,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-wait-ms", type=float, default=10.0, help="server --max-wait-ms")
     ap.add_argument("--no-plausibility", action="store_true",
                     help="serve without the frontal-CXR check (its lung U-Net caches masks by image hash, so with "
-                         "a few repeated JPEGs it costs little here but ~0.5 CPU-s per new image in real traffic)")
+                         "a few repeated JPEGs it costs little here, unlike traffic of new images)")
     ap.add_argument("--engines", nargs="+", default=["checkpoint"], choices=["checkpoint", "onnx-fp32", "onnx-int8"],
                     help="which model file the server loads (ONNX ones are made from the checkpoint)")
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "service_load.json")
