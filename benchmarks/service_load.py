@@ -15,6 +15,7 @@ The server's limits decide what overload looks like: with ``--max-concurrency 2 
     .venv/bin/python benchmarks/service_load.py [--model CKPT] [--requests 64]
         [--concurrency 1 4 16] [--queues 8 32] [--max-concurrency 2] [--threads 1] [--time-limit 120]
         [--engines checkpoint onnx-fp32 onnx-int8] [--max-batches 1 8] [--max-wait-ms 10]
+        [--duration 20] [--batch-threads 1 2] [--no-plausibility] [--out FILE.json]
 
 ``--engines`` serves the checkpoint, its fp32 ONNX export and/or its INT8 quantization; ``--max-batches 1 8``
 compares unbatched (1) with micro-batching.
@@ -27,7 +28,8 @@ unbatched one has two; on a busy machine, though, a second intra-op thread may n
 
 After the runs, each model file's offline throughput (``Predictor.probabilities`` on a preprocessed batch of
 8, model only) is measured with ``--threads`` and with ``--batch-threads`` threads, and each row reports
-answered/s as a fraction of the one with its own thread count (unbatched: x max-concurrency slots).
+answered/s as a fraction of the one with its own thread count (unbatched: x max-concurrency slots, at most
+the concurrency). The server's log goes to a temporary file (an unread pipe would fill and wedge it).
 
 Without --model a random-weight resnet18 checkpoint at 224 px is made (speed does not depend on
 the weights). Prints a table and writes benchmarks/results/service_load.json.
