@@ -6,6 +6,7 @@ Requests go through httpx's ASGI transport in one event loop, concurrently, as u
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from pathlib import Path
 
@@ -53,6 +54,24 @@ async def _post_all(app, uploads: list[tuple[str, bytes]], stagger_s: float = 0.
             return r, time.monotonic()
 
         return await asyncio.gather(*[one(i, n, d) for i, (n, d) in enumerate(uploads)])
+
+
+async def _post_all_holding(app, uploads: list[tuple[str, bytes]], gate: "threading.Event",
+                            answered_while_held: int) -> list[tuple[httpx.Response, float]]:
+    """POST every upload concurrently; set ``gate`` (which the test's stand-in holds work on) once
+    ``answered_while_held`` requests are answered, or after 120 s (a regression then fails the asserts)."""
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://t", timeout=300) as c:
+        async def one(name: str, data: bytes) -> tuple[httpx.Response, float]:
+            r = await c.post("/v1/predict", files={"file": (name, data)})
+            return r, time.monotonic()
+
+        tasks = [asyncio.create_task(one(n, d)) for n, d in uploads]
+        deadline = time.monotonic() + 120
+        while sum(t.done() for t in tasks) < answered_while_held and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        gate.set()
+        return list(await asyncio.gather(*tasks))
 
 
 def _slow(real, seconds: float):
@@ -119,8 +138,14 @@ def test_fairness_no_request_waits_longer_than_t_plus_one_batch(ckpt: Path, jpeg
 
 def test_queue_is_bounded_503_with_retry_after(ckpt: Path, jpegs: list[bytes]) -> None:
     app = _app(ckpt, max_batch=2, max_wait_ms=5, queue=1)  # at most 3 inside
-    app.state.service.predict_batch = _slow(app.state.service.predict_batch, 0.5)
-    res = asyncio.run(_post_all(app, [(f"x{i}.jpg", jpegs[0]) for i in range(6)]))
+    real, gate = app.state.service.predict_batch, threading.Event()
+
+    def held(batch):  # the first batch runs until the three refusals are answered: no sleep decides who is inside
+        assert gate.wait(300)
+        return real(batch)
+
+    app.state.service.predict_batch = held
+    res = asyncio.run(_post_all_holding(app, [(f"x{i}.jpg", jpegs[0]) for i in range(6)], gate, 3))
     codes = sorted(r.status_code for r, _ in res)
     assert codes == [200, 200, 200, 503, 503, 503]
     busy = [r for r, _ in res if r.status_code == 503][0]
@@ -130,16 +155,16 @@ def test_queue_is_bounded_503_with_retry_after(ckpt: Path, jpegs: list[bytes]) -
 def test_slow_decode_does_not_stall_others(ckpt: Path, jpegs: list[bytes]) -> None:
     """A slow upload occupies one decode worker; the others are decoded, batched and answered meanwhile."""
     app = _app(ckpt, max_batch=4, max_wait_ms=5, decode_workers=2)
-    real = app.state.service.prepare
+    real, gate = app.state.service.prepare, threading.Event()
 
     def prepare(data: bytes, filename: str | None):
-        if filename == "slow.jpg":
-            time.sleep(1.5)
+        if filename == "slow.jpg":  # held until the other four are answered (or 120 s: then the assert fails)
+            assert gate.wait(300)
         return real(data, filename)
 
     app.state.service.prepare = prepare
     uploads = [("slow.jpg", jpegs[0])] + [(f"x{i}.jpg", jpegs[i]) for i in range(1, 5)]
-    res = asyncio.run(_post_all(app, uploads))
+    res = asyncio.run(_post_all_holding(app, uploads, gate, 4))
     assert [r.status_code for r, _ in res] == [200] * 5
     slow_done = res[0][1]
     assert all(done < slow_done for _, done in res[1:])
