@@ -34,6 +34,8 @@ import threading
 import time
 from pathlib import Path
 
+from _models import random_resnet18  # benchmarks/ is the script's folder: sys.path[0]
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
@@ -50,20 +52,6 @@ def _pct(values: list[float], q: float) -> float | None:
 def _summary(values: list[float]) -> dict[str, float | None]:
     return {"n": len(values), "p50_ms": _pct(values, 0.5), "p95_ms": _pct(values, 0.95),
             "mean_ms": statistics.fmean(values) if values else None, "max_ms": max(values) if values else None}
-
-
-def _make_model(workdir: Path) -> Path:
-    import torch
-
-    from covidcxr import models
-    from covidcxr.preprocess import get_preset
-
-    torch.manual_seed(0)
-    ckpt = workdir / "resnet18-random.ckpt"
-    models.save(ckpt, models.build("resnet18", num_classes=3), arch="resnet18",
-                classes=["normal", "pneumonia", "COVID-19"], preset=get_preset("deepcovid"), threshold=0.5,
-                training={"run_name": "resnet18-random-weights"})
-    return ckpt
 
 
 class SrWatcher(threading.Thread):
@@ -133,7 +121,7 @@ def main() -> int:
     ts = str(source.file_meta.TransferSyntaxUID)
 
     tmp = Path(tempfile.mkdtemp(prefix="covidcxr-dicom-bench-"))
-    model = args.model or _make_model(tmp)
+    model = args.model or random_resnet18(tmp)
     sha = file_sha256(model)
     pacs = Orthanc(tmp / "orthanc").start()
     port = free_port()

@@ -22,6 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from _models import random_resnet18  # benchmarks/ is the script's folder: sys.path[0]
+
 REPO = Path(__file__).resolve().parents[1]
 CLI = [sys.executable, "-c", "import sys; from covidcxr.cli import main; sys.exit(main())"]
 
@@ -103,19 +105,12 @@ def _predict_and_serve(image: Path, onnx: Path, env: dict, extra: list[str]) -> 
 
 
 def main() -> int:
-    import torch
-
-    from covidcxr import models
     from covidcxr.export import _shared_dev_images, export_onnx
-    from covidcxr.preprocess import get_preset
 
     image = sorted(_shared_dev_images().glob("*.jpg"))[0]
     res: dict = {"image": image.name, "loadavg_start": os.getloadavg()}
     with tempfile.TemporaryDirectory() as tmp:
-        torch.manual_seed(0)
-        ckpt = Path(tmp) / "r18.ckpt"
-        models.save(ckpt, models.build("resnet18", num_classes=3), arch="resnet18",
-                    classes=["normal", "pneumonia", "COVID-19"], preset=get_preset("deepcovid"), threshold=0.5)
+        ckpt = random_resnet18(Path(tmp))
         onnx = Path(tmp) / "r18.onnx"
         export_onnx(ckpt, onnx, parity_count=2)
         res["unet_onnx_export"] = _unet_export()

@@ -25,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
+from _models import random_resnet18  # benchmarks/ is the script's folder: sys.path[0]
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -36,22 +38,15 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-    import torch
-
-    from covidcxr import models
     from covidcxr.export import _shared_dev_images, export_onnx
     from covidcxr.predict import Predictor, collect_inputs
     from covidcxr.predict.distributed import predict_ray, shutdown
-    from covidcxr.preprocess import get_preset
 
     files = sorted(collect_inputs([_shared_dev_images()]))[: args.images]
     mean_kb = sum(Path(f).stat().st_size for f in files) / len(files) / 1024
     res: dict = {"images": len(files), "mean_file_kib": round(mean_kb, 1), "loadavg_start": os.getloadavg()}
     with tempfile.TemporaryDirectory() as tmp:
-        torch.manual_seed(0)
-        ckpt = Path(tmp) / "r18.ckpt"
-        models.save(ckpt, models.build("resnet18", num_classes=3), arch="resnet18",
-                    classes=["normal", "pneumonia", "COVID-19"], preset=get_preset("deepcovid"), threshold=0.5)
+        ckpt = random_resnet18(Path(tmp))
         onnx = Path(tmp) / "r18.onnx"
         export_onnx(ckpt, onnx, parity_count=2)
         p = Predictor.from_path(onnx, threads=1)

@@ -49,6 +49,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from _models import random_resnet18  # benchmarks/ is the script's folder: sys.path[0]
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -74,20 +76,6 @@ def _pct(values: list[float], q: float) -> float | None:
     k = (len(v) - 1) * q
     lo, hi = int(k), min(int(k) + 1, len(v) - 1)
     return v[lo] + (v[hi] - v[lo]) * (k - lo)
-
-
-def _make_model(workdir: Path) -> Path:
-    import torch
-
-    from covidcxr import models
-    from covidcxr.preprocess import get_preset
-
-    torch.manual_seed(0)
-    ckpt = workdir / "resnet18-random.ckpt"
-    models.save(ckpt, models.build("resnet18", num_classes=3), arch="resnet18",
-                classes=["normal", "pneumonia", "COVID-19"], preset=get_preset("deepcovid"), threshold=0.5,
-                training={"run_name": "resnet18-random-weights"})
-    return ckpt
 
 
 def _onnx_models(ckpt: Path, workdir: Path) -> dict[str, Path]:
@@ -240,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     runs = []
     offline: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        ckpt = args.model or _make_model(Path(tmp))
+        ckpt = args.model or random_resnet18(Path(tmp))
         files = {"checkpoint": ckpt}
         if any(e != "checkpoint" for e in args.engines):
             files.update(_onnx_models(ckpt, Path(tmp)))
