@@ -131,6 +131,10 @@ class _Calibration:
                 self.batches.append(np.stack(good).astype(np.float32))
         self.used = sum(len(b) for b in self.batches)
         self._next = 0
+        #: what :func:`quantize_file` chose: the convolutions kept fp32, its calibration-set logit error, the attempts
+        self.fp32_nodes: list[str] = []
+        self.logit_error: float | None = None
+        self.attempts: list[dict[str, Any]] = []
 
     def get_next(self) -> dict[str, np.ndarray] | None:
         if self._next >= len(self.batches):
@@ -259,7 +263,6 @@ def quantize_file(fp32: Predictor, out: str | os.PathLike, cal_files: Sequence[s
             log.warning("quantization pre-processing skipped (%s: %s)", type(err).__name__, str(err)[:200])
             pre = Path(str(fp32.path))
         reader = _Calibration(fp32, list(cal_files), workers=workers)
-        reader.fp32_nodes, reader.logit_error, reader.attempts = [], None, []
         if reader.used == 0:
             return reader
         cm = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,

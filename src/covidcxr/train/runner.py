@@ -180,12 +180,9 @@ def prepare(cfg: dict, data: str | os.PathLike) -> tuple[Any, Any, list[str], di
     get_spec(cfg["model"]["arch"])  # unknown architecture: fail before reading data
     preset = get_preset(cfg["data"]["preset"] or _default_preset(cfg), size=cfg["data"]["size"])
     if preset.lung_crop:  # COVID-CXNet-style lung crop: the pretrained lung U-Net unless one is installed
-        try:
-            from covidcxr.segment import ensure_lung_crop
-        except ImportError:  # an older segment module: the preset then says what is missing
-            ensure_lung_crop = None
-        if ensure_lung_crop is not None:
-            ensure_lung_crop(preset)
+        from covidcxr.segment import ensure_lung_crop
+
+        ensure_lung_crop(preset)
     d = cfg["data"]
     if d.get("task") == "findings":
         return _prepare_findings(cfg, data, preset)
