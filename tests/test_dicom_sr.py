@@ -150,7 +150,7 @@ def test_severity_scores_reach_the_sr(ckpt: Path, rsna: bytes, tmp_path: Path) -
 
 
 def test_implausible_or_lateral_input_gets_a_flagged_sr_without_a_label(engine: Engine, rsna: bytes) -> None:
-    # the verdict of predict's plausibility gate in the record (covidcxr.predict.plausible) ...
+    # the verdict of predict's plausibility gate in the record (covidcxr.predict.gate) ...
     header = read_header(rsna)
     image, _ = decode(rsna)
     probs = {"normal": 0.1, "pneumonia": 0.1, "COVID-19": 0.8}

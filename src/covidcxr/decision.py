@@ -11,6 +11,9 @@ checkpoint and label with it, and each states the rule and the threshold's value
 Where the threshold came from travels with it (``chosen_on``): a threshold chosen on the very data
 being evaluated (a test split, say) is labelled as such, because its figures are optimistic.
 
+This module also holds the step before the rule, temperature-scaled softmax (formerly
+``covidcxr.predict.rules``), so that probabilities and labels come from one place.
+
 Numpy only: the ONNX paths import this without torch.
 """
 
@@ -109,3 +112,31 @@ class DecisionRule:
             classes is None or self.positive in list(classes)) else "argmax"
         d["text"] = self.describe(classes, evaluated_split)
         return d
+
+
+def softmax_with_temperature(logits: Any, temperature: float = 1.0) -> np.ndarray:
+    """Row-wise softmax of ``logits / temperature`` in float64 (stable), returned as float64.
+
+    A row with a NaN or infinite logit comes out non-finite (NaN): :func:`finite_rows` tells the
+    caller, who must turn it into an error, never a label.
+    """
+    if hasattr(logits, "detach"):  # a torch tensor (tests and callers holding torch outputs)
+        logits = logits.detach().float().cpu().numpy()
+    z = np.asarray(logits, dtype=np.float64) / float(temperature or 1.0)
+    with np.errstate(invalid="ignore", over="ignore"):
+        z = z - z.max(axis=1, keepdims=True)
+        e = np.exp(z)
+        return e / e.sum(axis=1, keepdims=True)
+
+
+def finite_rows(probs: Any) -> np.ndarray:
+    """N booleans: which rows of probabilities are all finite (a NaN/inf row must never get a label)."""
+    p = np.asarray(probs, dtype=np.float64)
+    if p.ndim == 1:
+        p = p[None]
+    return np.isfinite(p).all(axis=1)
+
+
+def decide_label(probs: Sequence[float], classes: Sequence[str], threshold: float | None) -> str:
+    """COVID-19 when its probability reaches ``threshold``, else argmax of the other classes."""
+    return DecisionRule(threshold, POSITIVE_CLASS).label(probs, classes)

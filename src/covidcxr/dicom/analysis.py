@@ -86,7 +86,7 @@ class Engine:
         self._gate_lock = threading.Lock()
         if plausibility:
             try:
-                from covidcxr.predict.plausible import PlausibilityGate
+                from covidcxr.predict.gate import PlausibilityGate
 
                 # for_predictor: an ONNX model's node runs the U-Net's ONNX export too, never torch
                 self.gate = PlausibilityGate.for_predictor(predictor, enabled=True, label_implausible=label_implausible)

@@ -9,14 +9,15 @@
 
 Modules, one concern each (none imports torch at import time; none imports FastAPI or Ray):
 
-* :mod:`.rules`          decision rule: temperature softmax, threshold label, ``PredictorError``
+* :mod:`covidcxr.decision` (not in this package: evaluate uses it too) temperature softmax, the decision rule
 * :mod:`.inputs`         files/folders/manifests -> paths; decode + preprocess in worker processes
 * :mod:`.backend_torch`  PyTorch eager backend (imported only for checkpoints)
 * :mod:`.backend_onnx`   onnxruntime backend, session options, ONNX metadata
 * :mod:`.core`           :class:`Predictor`
 * :mod:`.heatmap`        Grad-CAM overlays (torch backend)
 * :mod:`.severity`       severity scorer gated by the operating threshold
-* :mod:`.records`        :class:`Summary` of a batch run
+* :mod:`.records`        ``PredictorError``, ``jsonable``, :class:`Summary` of a batch run
+* :mod:`.gate`           the plausibility gate: applies :mod:`covidcxr.segment.plausibility`'s check to records
 * :mod:`.writers`        JSONL/CSV record writers
 
 The label rule: with a threshold ``t`` for COVID-19, an image is COVID-19 when its COVID-19
@@ -35,15 +36,8 @@ from covidcxr.predict.backend_onnx import (
 from covidcxr.predict.core import Predictor
 from covidcxr.predict.heatmap import HeatmapUnavailable, Heatmapper, heat_rgba, overlay_rgb
 from covidcxr.predict.inputs import Item, Loader, collect_inputs, iter_batches
-from covidcxr.predict.records import Summary, strip_transient
-from covidcxr.predict.rules import (
-    POSITIVE_CLASS,
-    RESEARCH_NOTICE,
-    PredictorError,
-    decide_label,
-    jsonable,
-    softmax_with_temperature,
-)
+from covidcxr.decision import POSITIVE_CLASS, decide_label, softmax_with_temperature
+from covidcxr.predict.records import RESEARCH_NOTICE, PredictorError, Summary, jsonable, strip_transient
 from covidcxr.predict.severity import SeverityScorer, SeverityUnavailable
 from covidcxr.predict.writers import RecordWriter
 

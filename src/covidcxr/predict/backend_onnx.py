@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from covidcxr.io import file_sha256  # noqa: F401  (re-exported: covidcxr.predict.file_sha256)
-from covidcxr.predict.rules import PredictorError
+from covidcxr.predict.records import PredictorError
 
 #: ONNX metadata_props keys written by covidcxr.export (values are JSON).
 ONNX_META_PREFIX = "covidcxr."

@@ -19,7 +19,8 @@ import numpy as np
 from covidcxr.predict.backend_onnx import OnnxBackend, decode_meta, file_sha256
 from covidcxr.predict.inputs import Item, Loader, as_extra_presets, collect_inputs, iter_batches, stack
 from covidcxr.decision import DecisionRule
-from covidcxr.predict.rules import RESEARCH_NOTICE, PredictorError, jsonable, softmax_with_temperature
+from covidcxr.decision import softmax_with_temperature
+from covidcxr.predict.records import RESEARCH_NOTICE, PredictorError, jsonable
 from covidcxr.preprocess import Preset, PresetError
 
 

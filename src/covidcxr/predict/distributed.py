@@ -29,7 +29,7 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 
 from covidcxr.predict.inputs import Loader, collect_inputs
-from covidcxr.predict.rules import PredictorError
+from covidcxr.predict.records import PredictorError
 
 log = logging.getLogger(__name__)
 

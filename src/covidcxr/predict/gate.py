@@ -1,4 +1,8 @@
-"""Is the input a frontal chest X-ray at all? The gate in front of every disease label (issue 11 §6).
+"""The plausibility gate: applies the frontal-CXR check to records, in front of every disease label.
+
+Roles: :mod:`covidcxr.segment.plausibility` *assesses* one image (lung U-Net + intensity rules);
+this module *gates* predictions with that assessment (verdict in the record, relabelling, counters).
+(Issue 11 §6.)
 
 Every ``predict`` record and service response carries ``plausibility`` (verdict, reason, the rule
 that failed) from :mod:`covidcxr.segment.plausibility` (the pretrained lung U-Net). An implausible

@@ -1,10 +1,41 @@
-"""What a batch run reports at its end: counts per label and the failed inputs."""
+"""Records and what a batch run reports at its end: counts per label and the failed inputs.
+
+Also the few names every predict module shares (formerly in ``predict/rules.py``, whose decision
+rule now lives in :mod:`covidcxr.decision`): ``PredictorError``, ``RESEARCH_NOTICE``, ``jsonable``.
+"""
 
 from __future__ import annotations
 
+import json
+import sys
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
+
+import numpy as np
+
+RESEARCH_NOTICE = (
+    "For research use only. Not a medical device; not validated for clinical use. "
+    "Do not use for diagnosis or patient management."
+)
+
+
+class PredictorError(RuntimeError):
+    """A model file cannot serve predictions (wrong format, missing metadata, wrong task)."""
+
+
+def jsonable(obj: Any) -> Any:
+    """Round-trip through JSON, turning tensors/arrays/paths/numpy scalars into plain values."""
+
+    def default(o: Any) -> Any:
+        if isinstance(o, np.generic):
+            return o.item()
+        torch = sys.modules.get("torch")  # never import torch just to recognise its tensors
+        if isinstance(o, np.ndarray) or (torch is not None and isinstance(o, torch.Tensor)):
+            return np.asarray(o).tolist()
+        return str(o)
+
+    return json.loads(json.dumps(obj, default=default))
 
 #: keys that hold arrays for heatmaps/severity inside a run; never written out
 TRANSIENT_KEYS = ("tensor", "tensors")

@@ -7,7 +7,8 @@ from typing import Any
 
 import numpy as np
 
-from covidcxr.predict.rules import POSITIVE_CLASS, jsonable
+from covidcxr.decision import POSITIVE_CLASS
+from covidcxr.predict.records import jsonable
 from covidcxr.preprocess import Preset
 
 

@@ -111,7 +111,7 @@ class Service:
         self.predictor = predictor
         self.severity = severity
         self.always_severity = always_severity
-        self.gate = gate  # covidcxr.predict.plausible.PlausibilityGate: is it a frontal CXR at all?
+        self.gate = gate  # covidcxr.predict.gate.PlausibilityGate: is it a frontal CXR at all?
         try:
             self.heatmapper: Heatmapper | None = Heatmapper.for_predictor(predictor)
             self.heatmap_note: str | None = None
@@ -382,7 +382,7 @@ def create_app(
     ``max_batch`` > 1 batches concurrent requests (up to ``max_batch`` images within ``max_wait_ms``);
     ``max_batch=1`` runs each request alone in one of ``max_concurrency`` slots.
     ``cors_origins`` lists browser origins allowed to call the API; none by default.
-    ``plausibility``/``label_implausible``: the frontal-CXR gate of :mod:`covidcxr.predict.plausible`.
+    ``plausibility``/``label_implausible``: the frontal-CXR gate of :mod:`covidcxr.predict.gate`.
     """
     if predictor is None:
         if model_path is None:
@@ -393,7 +393,7 @@ def create_app(
 
         set_threads(threads)
     severity = SeverityScorer.from_path(severity_path) if severity_path else None
-    from covidcxr.predict.plausible import PlausibilityGate
+    from covidcxr.predict.gate import PlausibilityGate
 
     gate = PlausibilityGate.for_predictor(predictor, enabled=plausibility, label_implausible=label_implausible)
     service = Service(predictor, severity, always_severity, gate=gate)

@@ -1,0 +1,113 @@
+"""covidcxr export: ONNX export with a parity check, optionally static INT8."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from covidcxr.cli import float_between, int_at_least
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    e = sub.add_parser(
+        "export",
+        help="export a checkpoint to ONNX (preset in the metadata) and check parity on real images",
+        description="Export to ONNX with a dynamic batch axis; the preprocessing preset, classes, threshold and "
+        "temperature go into the metadata. The command then compares onnxruntime with PyTorch on real images "
+        "(default: 16 images of the shared dev set) and fails (exit 1) when any probability differs by more "
+        "than --atol.",
+    )
+    e.add_argument("--model", required=True, metavar="CKPT")
+    e.add_argument("--onnx", required=True, metavar="OUT.onnx")
+    e.add_argument("--parity-images", nargs="+", metavar="PATH", help="files, folders or a manifest for the parity check")
+    e.add_argument("--parity-count", type=int, default=16, help="images used for the parity check (default: 16)")
+    e.add_argument("--atol", type=float, default=1e-4, help="largest allowed probability difference (default: 1e-4)")
+    e.add_argument("--opset", type=int, default=18)
+    e.add_argument("--exporter", choices=["auto", "dynamo", "torchscript"], default="auto",
+                   help="torch.onnx exporter (auto: dynamo, then the legacy TorchScript one)")
+    q = e.add_argument_group(
+        "INT8", "--quantize int8 writes the fp32 model to OUT.fp32.onnx and a statically quantized model to OUT.onnx, "
+        "calibrated on the train split of --calibrate; a parity gate on held-out splits (COVID-19 AUC change and "
+        "label agreement vs fp32) runs at export, is stored in the metadata, and fails the export (exit 1, nothing "
+        "at OUT) when missed")
+    q.add_argument("--quantize", choices=["int8"], help="write a statically quantized model")
+    q.add_argument("--calibrate", metavar="MANIFEST", help="split manifest: calibration on 'train', gate on --parity-splits")
+    q.add_argument("--calibration-count", type=int_at_least(1), default=128, help="train images (default: 128)")
+    q.add_argument("--calibration-method", choices=["minmax", "percentile", "entropy"], default="minmax")
+    q.add_argument("--parity-splits", default="val,test", help="held-out splits for the gate (default: val,test)")
+    q.add_argument("--max-auc-change", type=float_between(0, 1), default=0.01, help="default: 0.01")
+    q.add_argument("--min-agreement", type=float_between(0, 1), default=0.98, help="label agreement (default: 0.98)")
+    q.add_argument("--keep-fp32", default="auto", metavar="auto|N",
+                   help="first N convolutions kept fp32; auto (default): as few as bring the calibration-set logit "
+                        "error to <= 0.05 (MobileNetV2's high-gain first blocks need some, ResNets none)")
+    e.set_defaults(func=cmd_export)
+
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from covidcxr.cli import UserError
+    from covidcxr.export import ExportError, export_onnx
+    from covidcxr.predict import PredictorError
+
+    if args.quantize and not args.calibrate:
+        raise UserError("--quantize int8 needs --calibrate MANIFEST (a split manifest; its train split calibrates)")
+    if args.calibrate and not args.quantize:
+        raise UserError("--calibrate is only used with --quantize int8")
+    target = Path(args.onnx)
+    fp32_out = target.with_name(target.stem + ".fp32.onnx") if args.quantize else target
+    try:
+        report = export_onnx(
+            args.model,
+            fp32_out,
+            parity_images=args.parity_images,
+            parity_count=args.parity_count,
+            atol=args.atol,
+            opset=args.opset,
+            exporter=args.exporter,
+        )
+    except (ExportError, PredictorError) as err:
+        raise UserError(str(err)) from None
+    size_mb = fp32_out.stat().st_size / 1e6
+    print(
+        f"wrote {fp32_out} ({size_mb:.1f} MB, exporter {report.exporter}, opset {report.opset}, dynamic batch)\n"
+        f"parity: max |p_onnx - p_torch| = {report.max_abs_diff:.2e} <= {report.atol:.0e} on "
+        f"{report.parity_images} images from {report.parity_source}, batch sizes {report.batch_sizes}; "
+        f"labels identical: {report.labels_equal}"
+    )
+    for f in report.failed_images:
+        print(f"  skipped unreadable parity image: {f}", file=sys.stderr)
+    if args.quantize:
+        return _quantize(args, fp32_out, target)
+    return 0
+
+
+def _quantize(args: argparse.Namespace, fp32_out: Path, target: Path) -> int:
+    from covidcxr.cli import UserError
+    from covidcxr.predict import PredictorError
+    from covidcxr.quantize import QuantizeError, quantize_int8
+
+    keep = args.keep_fp32.strip().lower()
+    if keep != "auto" and not keep.isdigit():
+        raise UserError(f"--keep-fp32 must be 'auto' or a count of convolutions, not {args.keep_fp32!r}")
+    try:
+        rep = quantize_int8(
+            fp32_out, target, args.calibrate, calibration_count=args.calibration_count,
+            keep_fp32=keep if keep == "auto" else int(keep),
+            parity_splits=[s.strip() for s in args.parity_splits.split(",") if s.strip()],
+            max_auc_change=args.max_auc_change, min_agreement=args.min_agreement, method=args.calibration_method,
+        )
+    except (QuantizeError, PredictorError) as err:
+        raise UserError(str(err)) from None
+    g = rep.gate
+    print(
+        f"wrote {target} (INT8, {rep.size_int8_mb:.1f} MB vs {rep.size_fp32_mb:.1f} MB fp32; calibrated on "
+        f"{rep.calibration_images} images of {rep.calibration_source}, {rep.method}; "
+        f"{len(rep.fp32_nodes)} leading convolution(s) kept fp32)\n"
+        f"parity gate PASSED on {g.images} images of {'+'.join(g.splits)}: COVID-19 AUC {g.auc_fp32:.4f} -> "
+        f"{g.auc_int8:.4f} (change {g.auc_change:.4f} <= {g.max_auc_change}), labels agree {g.agreement:.1%} "
+        f"(>= {g.min_agreement:.0%}), max |p_int8 - p_fp32| = {g.max_prob_diff:.3f}"
+    )
+    for f in rep.failed_calibration:
+        print(f"  skipped unreadable calibration image: {f}", file=sys.stderr)
+    return 0
