@@ -28,6 +28,28 @@ class BatcherFull(RuntimeError):
     """More requests wait than the next batch can take; answering 503 keeps every wait within T + one batch."""
 
 
+class BatcherRestarted(RuntimeError):
+    """The batching task was restarted (new event loop, or the old task ended); this request was orphaned."""
+
+
+class BatchMismatch(RuntimeError):
+    """The model returned a different number of rows than the batch had items; no row can be trusted."""
+
+
+def _fail(fut: asyncio.Future, err: BaseException) -> None:
+    """Fail ``fut`` from any thread or loop; a future whose loop is closed has nobody left to tell."""
+    if fut.done():
+        return
+    loop = fut.get_loop()
+    try:
+        if loop.is_closed():
+            fut.set_exception(err)
+        else:
+            loop.call_soon_threadsafe(lambda: fut.done() or fut.set_exception(err))
+    except RuntimeError:  # closed loop with callbacks attached: the waiter is gone with it
+        pass
+
+
 @dataclass
 class _Job:
     x: np.ndarray
@@ -53,6 +75,8 @@ class MicroBatcher:
         self.max_wait = max(0.0, float(max_wait_ms)) / 1000.0
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="covidcxr-infer")
         self._queue: asyncio.Queue[_Job] | None = None
+        #: the batch in the inference thread now (failed, not lost, if the task is restarted under it)
+        self._current: list[_Job] = []
         self._task: asyncio.Task | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self.batches = 0
@@ -70,9 +94,32 @@ class MicroBatcher:
         loop = asyncio.get_running_loop()
         # one task per event loop (test clients may run each request in a fresh loop)
         if self._loop is not loop or self._task is None or self._task.done():
+            why = "new event loop" if self._loop is not loop else "the old task ended"
+            self._orphan(f"the batching task was restarted ({why})")
             self._loop = loop
             self._queue = asyncio.Queue()
             self._task = loop.create_task(self._run(self._queue), name="covidcxr-batcher")
+
+    def _orphan(self, why: str) -> None:
+        """Fail every request of the old queue and the old running batch, instead of dropping them silently."""
+        old_task, jobs = self._task, list(self._current)
+        if old_task is not None and not old_task.done():
+            try:
+                old_task.get_loop().call_soon_threadsafe(old_task.cancel)
+            except RuntimeError:  # its loop is closed: the task can never run again
+                pass
+        if self._queue is not None:
+            while True:
+                try:
+                    jobs.append(self._queue.get_nowait())
+                    self.not_started -= 1
+                except asyncio.QueueEmpty:
+                    break
+        self._current = []
+        self.running = False
+        self.not_started = max(0, self.not_started)
+        for j in jobs:
+            _fail(j.fut, BatcherRestarted(why))
 
     def has_room(self) -> bool:
         """Whether a new item would be served by the next batch to start, or the one after an idle start.
@@ -101,19 +148,25 @@ class MicroBatcher:
     async def _collect(self, queue: asyncio.Queue[_Job]) -> list[_Job]:
         batch = [await queue.get()]
         deadline = batch[0].t_queued + self.max_wait
-        while len(batch) < self.max_batch:
-            try:
-                batch.append(queue.get_nowait())
-                continue
-            except asyncio.QueueEmpty:
-                pass
-            remaining = deadline - time.perf_counter()
-            if remaining <= 0:
-                break
-            try:
-                batch.append(await asyncio.wait_for(queue.get(), remaining))
-            except (asyncio.TimeoutError, TimeoutError):
-                break
+        try:
+            while len(batch) < self.max_batch:
+                try:
+                    batch.append(queue.get_nowait())
+                    continue
+                except asyncio.QueueEmpty:
+                    pass
+                remaining = deadline - time.perf_counter()
+                if remaining <= 0:
+                    break
+                try:
+                    batch.append(await asyncio.wait_for(queue.get(), remaining))
+                except (asyncio.TimeoutError, TimeoutError):
+                    break
+        except asyncio.CancelledError:  # taken off the queue but never run: fail them, never drop them
+            self.not_started -= len(batch)
+            for j in batch:
+                _fail(j.fut, BatcherRestarted("the batching task was stopped while forming this batch"))
+            raise
         self.not_started -= len(batch)
         return [j for j in batch if not j.fut.cancelled()]  # a client that went away costs nothing
 
@@ -125,19 +178,28 @@ class MicroBatcher:
                 continue
             t0 = time.perf_counter()
             self.running = True
+            self._current = batch
             try:
                 out = await loop.run_in_executor(self._executor, self.fn, np.stack([j.x for j in batch]))
+                if len(out) != len(batch):  # zip() would silently leave some waiters without a row
+                    raise BatchMismatch(f"the model returned {len(out)} rows for a batch of {len(batch)}")
+            except asyncio.CancelledError:
+                for j in batch:
+                    _fail(j.fut, BatcherRestarted("the batching task was stopped while this batch ran"))
+                raise
             except Exception as err:  # every waiter gets the error; the loop goes on
                 for j in batch:
                     if not j.fut.done():
                         j.fut.set_exception(err)
                 continue
             finally:
-                self.running = False
+                if self._current is batch:  # a restart may already have handed these to a new task
+                    self.running = False
+                    self._current = []
             t1 = time.perf_counter()
             self.batches += 1
             self.images += len(batch)
-            for j, row in zip(batch, out):
+            for j, row in zip(batch, out, strict=True):
                 if not j.fut.done():
                     j.fut.set_result((row, BatchTiming(round((t0 - j.t_queued) * 1000, 2), len(batch),
                                                        round((t1 - t0) * 1000, 2))))
@@ -148,6 +210,5 @@ class MicroBatcher:
 
     async def aclose(self) -> None:
         """Stop forming batches (app shutdown); the idle inference thread ends with the process."""
-        if self._task is not None and not self._task.done():
-            self._task.cancel()
+        self._orphan("the service is shutting down")
         self._task = None
