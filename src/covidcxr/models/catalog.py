@@ -110,6 +110,38 @@ CATALOG: dict[str, WeightsEntry] = {
 }
 
 
+def _reference_entries() -> dict[str, WeightsEntry]:
+    """The models shipped in the package (covidcxr/models/reference/MANIFEST.json, written when they are packed)."""
+    from covidcxr import reference_models as rm
+
+    out = {}
+    for name, row in rm.manifest().items():
+        out[name] = WeightsEntry(
+            name=name,
+            arch=str(row.get("arch") or ""),
+            kind="reference " + ("severity" if str(row.get("task", "")).startswith("severity") else "classifier"),
+            filename=row["file"],
+            sha256=row["sha256"],
+            size=int(row["size"]),
+            preset=str(row.get("preset") or ""),
+            trained_on=str(row.get("trained_on") or "see `covidcxr models show " + name + "`"),
+            license=str(row.get("license") or rm.LICENSE),
+            source_url="shipped in the covidcxr package (covidcxr/models/reference/); "
+            "re-created by scripts/train_reference.sh",
+            key_format="covidcxr checkpoint: fp16 safetensors + JSON metadata",
+            notes=f"version {row.get('version')}; {rm.RESEARCH_ONLY}; use with --model reference"
+            + (" / --severity reference" if "severity" in name else ""),
+        )
+    return out
+
+
+CATALOG.update(_reference_entries())
+
+
+def is_shipped(entry: WeightsEntry) -> bool:
+    return entry.kind.startswith("reference")
+
+
 def get_entry(name: str) -> WeightsEntry:
     try:
         return CATALOG[name]
@@ -136,6 +168,11 @@ def download_dir() -> Path:
 def find(name: str) -> Path | None:
     """The first existing file for ``name`` (not verified), or ``None``."""
     entry = get_entry(name)
+    if is_shipped(entry):  # inside the package, nowhere else
+        from covidcxr.reference_models import REFERENCE_DIR
+
+        p = REFERENCE_DIR / entry.filename
+        return p if p.is_file() else None
     for d in weights_dirs():
         p = d / entry.filename
         if p.is_file():

@@ -141,9 +141,19 @@ def save(path: str | os.PathLike, model: nn.Module, **kwargs: Any) -> dict[str, 
 
 
 def read_bundle(path: str | os.PathLike) -> dict[str, Any]:
+    from covidcxr.reference_models import ReferenceModelError, resolve_model
+
+    try:  # "reference" / "reference-severity": the shipped models (H5)
+        path = resolve_model(path)
+    except ReferenceModelError as err:
+        raise CheckpointError(str(err)) from None
     p = Path(path)
     if not p.is_file():
         raise CheckpointError(f"{path}: checkpoint not found")
+    if p.suffix.lower() == ".safetensors":  # fp16 weights + JSON metadata (covidcxr.models.reference)
+        from covidcxr.models.reference import read_safetensors_bundle
+
+        return read_safetensors_bundle(p)
     try:
         obj = torch.load(p, map_location="cpu", weights_only=False)
     except Exception as err:
