@@ -103,7 +103,7 @@ def main() -> int:
     from pynetdicom.sop_class import SecondaryCaptureImageStorage, Verification
 
     from covidcxr.dicom.common import derived_uid, quiet_dicom_libraries
-    from covidcxr.dicom.orthanc import Orthanc, OrthancUnavailable, free_port, orthanc_binary
+    from covidcxr.testing.orthanc import Orthanc, OrthancUnavailable, free_port, orthanc_binary
     from covidcxr.predict import file_sha256
     from covidcxr.shared import data_dir
 

@@ -19,7 +19,7 @@ import pytest
 
 from covidcxr.cli import main
 from covidcxr.dicom.common import AllowRule, Peer
-from covidcxr.dicom.orthanc import Orthanc, OrthancUnavailable, orthanc_binary
+from covidcxr.testing.orthanc import Orthanc, OrthancUnavailable, orthanc_binary
 from covidcxr.dicom.sr import read_result
 
 from test_dicom_node_support import CLASSES, Scu, make_classifier, renamed, to_bytes, wrap_file, wrap_image
