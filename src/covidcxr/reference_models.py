@@ -121,3 +121,27 @@ def default_notice(name: str = CLASSIFIER, *, what: str = "--model") -> str:
     except ReferenceModelError:
         v = "not installed"
     return f"model: {canonical(name)} {v} (the shipped reference model; no {what} given); {RESEARCH_ONLY}"
+
+
+def render_card(c: dict[str, Any]) -> str:
+    """A model card (Mitchell et al. 2019 sections, as stored by scripts/model_card.py) as Markdown."""
+    lines = [f"## {c.get('name', 'model')} {c.get('version', '')}".rstrip(), ""]
+    if c.get("summary"):
+        lines += [str(c["summary"]), ""]
+    for sec in c.get("sections") or []:
+        lines += [f"### {sec.get('title', '')}", ""]
+        for para in sec.get("paragraphs") or []:
+            lines += [str(para), ""]
+        for item in sec.get("items") or []:
+            lines.append(f"- {item}")
+        if sec.get("items"):
+            lines.append("")
+        for t in sec.get("tables") or []:
+            if t.get("caption"):
+                lines += [f"*{t['caption']}*", ""]
+            cols = [str(x) for x in t.get("columns") or []]
+            lines.append("| " + " | ".join(cols) + " |")
+            lines.append("|" + "|".join("---" for _ in cols) + "|")
+            lines += ["| " + " | ".join("" if v is None else str(v) for v in row) + " |" for row in t.get("rows") or []]
+            lines.append("")
+    return "\n".join(lines).rstrip() + "\n"

@@ -27,7 +27,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Print one registry entry. With --weights, the preprocessing preset those weights need "
         "(xrv for torchxrayvision weights, a checkpoint's own preset for a covidcxr checkpoint).",
     )
-    show.add_argument("name", help="registry name, e.g. covidnet-cxr-2 (see `covidcxr models list`), or a "
+    show.add_argument("name", help="registry name, e.g. covidnet-cxr-2 (see `covidcxr models list`), a shipped reference "
+                      "model (covidcxr-reference, covidcxr-reference-severity: prints its model card), or a "
                       "checkpoint (RUN/best.ckpt): its architecture, classes, preset, threshold and initial weights "
                       "(source, sha256, provenance)")
     show.add_argument("--weights", default="none",
@@ -108,6 +109,20 @@ def cmd_show(args: argparse.Namespace) -> int:
     from covidcxr.models import preset_for
     from covidcxr.models.summary import model_table
 
+    from covidcxr import reference_models as rm
+
+    if rm.is_reference(args.name):  # a shipped reference model: its model card
+        meta = rm.metadata(args.name)
+        card = rm.card(args.name)
+        if args.json:
+            print(json.dumps({**card, "checkpoint": checkpoint_card(rm.resolve_model(args.name))}, indent=2, default=str))
+            return 0
+        if not card.get("sections"):
+            card = {**card, "summary": card.get("intended_use", "no model card stored")}
+        print(rm.render_card({"name": rm.canonical(args.name), "version": rm.version(args.name), **card}), end="")
+        print(f"weights: {rm.resolve_model(args.name)} ({meta.get('stored_as', '')}); licence: "
+              f"{card.get('license', rm.LICENSE)}")
+        return 0
     if Path(args.name).is_file():
         card = checkpoint_card(args.name)
         if args.json:
