@@ -1,4 +1,4 @@
-"""covidcxr dicom listen | echo | send."""
+"""covidcxr dicom listen | status | echo | send."""
 
 from __future__ import annotations
 
@@ -56,8 +56,19 @@ def register(sub: argparse._SubParsersAction) -> None:
                      "(0xA700) (default: %(default)s)")
     lis.add_argument("--retry-max-s", type=float_between(0, low_open=True), default=60.0,
                      help="longest wait between delivery attempts while the destination is down (default: 60)")
+    lis.add_argument("--max-attempts", type=int_at_least(1), default=5,
+                     help="failure statuses from --forward for one result before it goes to STORE/dead-letter/ "
+                     "(default: %(default)s); an unreachable destination is retried without limit")
     lis.add_argument("--max-associations", type=int_at_least(1), default=8)
     lis.set_defaults(func=cmd_listen)
+
+    st = dsub.add_parser("status", help="what a node's store holds: waiting, delivered, dead letters with reasons",
+                         description="Counts of STORE/incoming (acknowledged, not yet analysed), outbox (built, not "
+                         "yet accepted by the destination), sent (with --keep-sent) and dead-letter, and one line "
+                         "per dead letter with its reason. Reads the folder only; works while the node runs.")
+    st.add_argument("--store", default="covidcxr-dicom-store", metavar="DIR",
+                    help="the node's --store folder (default: ./%(default)s)")
+    st.set_defaults(func=cmd_status)
 
     echo = dsub.add_parser("echo", help="C-ECHO a DICOM node (check that it is reachable)")
     echo.add_argument("peer", metavar="AE@HOST:PORT")
@@ -117,11 +128,16 @@ def cmd_listen(args: argparse.Namespace) -> int:
             plausibility=not args.no_plausibility, label_implausible=args.label_implausible,
             allow=[AllowRule.parse(a) for a in args.allow], allow_any=args.allow_any, workers=args.workers,
             max_pending=args.max_pending, retry_max_s=args.retry_max_s, keep_sent=args.keep_sent,
-            max_associations=args.max_associations,
+            max_associations=args.max_associations, max_attempts=args.max_attempts,
         )
         node = DicomNode(config)
     except (DicomNodeError, PredictorError, SeverityUnavailable) as err:
         raise UserError(str(err)) from None
+    if args.threads and node.engine.predictor.backend_name == "torch":
+        # only a torch model needs torch's thread count (ONNX sessions got it at load); set before the port opens
+        from covidcxr.predict.backend_torch import set_threads
+
+        set_threads(args.threads)
     stop = threading.Event()
     signals = 0
 
@@ -142,10 +158,6 @@ def cmd_listen(args: argparse.Namespace) -> int:
             node.start()
         except DicomNodeError as err:
             raise UserError(str(err)) from None
-        if args.threads:
-            import torch
-
-            torch.set_num_threads(args.threads)
         print(f"covidcxr dicom: {config.ae_title} listening on {config.host}:{node.port}, results to "
               f"{config.destination}, store {Path(config.store).resolve()}. Research use only. Ctrl-C stops "
               "(after in-flight work).", file=sys.stderr, flush=True)
@@ -158,6 +170,22 @@ def cmd_listen(args: argparse.Namespace) -> int:
     print(f"covidcxr dicom: stopped; {node.stats.analysed} images analysed, {node.sender.sent} results sent"
           + (f", {left} results wait in {Path(config.store) / 'outbox'} for the next start" if left else ""),
           file=sys.stderr)
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from covidcxr.cli import UserError
+    from covidcxr.dicom.store import ResultStore, age_text
+
+    root = Path(args.store)
+    if not (root / "incoming").is_dir() or not (root / "outbox").is_dir():
+        raise UserError(f"{root}: not a covidcxr DICOM node store (no incoming/ and outbox/ folders)")
+    store = ResultStore(root, read_only=True)
+    counts = store.summary()
+    print(f"{root}: {counts['incoming']} incoming (not yet analysed), {counts['outbox']} in the outbox (not yet "
+          f"delivered), {counts['sent']} kept in sent/, {counts['dead_letter']} dead letters")
+    for d in store.dead_letters():
+        print(f"dead letter {d.key} ({age_text(d.when)}; {', '.join(d.files) or 'no files'}): {d.reason}")
     return 0
 
 
@@ -186,6 +214,7 @@ def cmd_send(args: argparse.Namespace) -> int:
 
     from covidcxr.cli import UserError
     from covidcxr.dicom.common import quiet_dicom_libraries
+    from covidcxr.dicom.sender import describe_status, is_stored
 
     quiet_dicom_libraries()
     peer = _peer(args.peer)
@@ -212,10 +241,11 @@ def cmd_send(args: argparse.Namespace) -> int:
                 print(f"{f}: not sent ({str(err).splitlines()[0]})")
                 continue
             code = int(status.Status) if "Status" in status else None
-            comment = status.get("ErrorComment", "")
-            ok = code in (0x0000, 0xB000, 0xB006, 0xB007)
+            comment = str(status.get("ErrorComment", "") or "")
+            ok = is_stored(code)  # the sender's rule: success, or success with a warning (0x0001, 0x0107, ...)
             failed += not ok
-            print(f"{f}: " + ("stored" if ok else f"status 0x{code:04X} {comment}" if code is not None else "no answer"))
+            print(f"{f}: " + ("stored" if code == 0 else f"stored, warning {describe_status(code)} {comment}".rstrip()
+                              if ok else f"status {describe_status(code)} {comment}".rstrip()))
     finally:
         assoc.release()
     return 0 if not failed else 2

@@ -10,7 +10,12 @@ For each accepted C-STORE the node
    ``max_pending`` results already wait, so the PACS keeps it and retries),
 4. in a worker thread: predicts (operating point, severity, plausibility), builds the SR and the
    secondary capture, and moves them into ``STORE/outbox/``,
-5. the :class:`~covidcxr.dicom.sender.Sender` C-STOREs them to the destination, retrying while it is down.
+5. the :class:`~covidcxr.dicom.sender.Sender` C-STOREs them to the destination, retrying on a timer while
+   it is down or refusing; a result refused ``max_attempts`` times, or one that cannot be built (e.g. a
+   source without StudyInstanceUID), goes to ``STORE/dead-letter/`` with its reason
+   (``covidcxr dicom status`` lists them).
+
+The port opens only after the work left in ``STORE/incoming/`` by an earlier run has been queued.
 
 :meth:`DicomNode.stop` drains: no new associations, running ones finish, queued images are analysed,
 and the sender makes one last attempt; undelivered results stay on disk for the next start.
@@ -77,12 +82,16 @@ class NodeConfig:
     workers: int = 1
     max_pending: int = 500
     retry_max_s: float = 60.0
+    #: refusals (failure statuses) of one result before it goes to dead-letter
+    max_attempts: int = 5
     keep_sent: bool = False
     max_associations: int = 8
 
 
 @dataclass
 class Stats:
+    """Counters, raised from the association threads and the workers: use :meth:`add`."""
+
     received: int = 0
     duplicates: int = 0
     refused: int = 0
@@ -90,6 +99,13 @@ class Stats:
     analysed: int = 0
     flagged: int = 0
     errors: int = 0  # analysis crashed (an error SR is still sent)
+    dead_lettered: int = 0  # no result could be built: the instance went to dead-letter
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def add(self, name: str, n: int = 1) -> None:
+        """``+=`` is not atomic across threads; this is."""
+        with self._lock:
+            setattr(self, name, getattr(self, name) + n)
 
 
 class DicomNode:
@@ -102,7 +118,8 @@ class DicomNode:
                                                   always_severity=c.always_severity, threads=c.threads,
                                                   plausibility=c.plausibility, label_implausible=c.label_implausible)
         self.store = ResultStore(c.store, keep_sent=c.keep_sent)
-        self.sender = Sender(self.store, c.destination, c.ae_title, retry_max_s=c.retry_max_s)
+        self.sender = Sender(self.store, c.destination, c.ae_title, retry_max_s=c.retry_max_s,
+                             max_attempts=c.max_attempts)
         self.rules = list(c.allow) or [AllowRule(c.destination.ae_title, _resolve(c.destination.host))]
         self.stats = Stats()
         self._queue: queue.Queue[tuple[str, np.ndarray | None] | None] = queue.Queue()
@@ -125,21 +142,24 @@ class DicomNode:
         c = self.config
         handlers = [(evt.EVT_REQUESTED, self._on_requested), (evt.EVT_C_ECHO, self._on_echo),
                     (evt.EVT_C_STORE, self._on_store)]
-        try:
-            self._server = self.ae.start_server((c.host, c.port), block=False, evt_handlers=handlers)
-        except OSError as err:
-            raise DicomNodeError(f"cannot listen on {c.host}:{c.port} ({err.strerror or err})") from None
-        self._port = int(self._server.server_address[1])
+        # work acknowledged before a crash or a stop is queued before the port opens: an instance that
+        # arrives now must not be taken for (or race with) one waiting on disk
+        for key in self.store.pending_incoming():
+            self._queue.put((key, None))
         for i in range(max(1, c.workers)):
             t = threading.Thread(target=self._work, name=f"covidcxr-dicom-worker-{i}", daemon=True)
             t.start()
             self._workers.append(t)
         self.sender.start()
-        # work acknowledged before a crash or a stop: analyse it now, send what was built
-        for key in self.store.pending_incoming():
-            self._queue.put((key, None))
         if self.store.outbox():
             self.sender.notify()
+        try:
+            self._server = self.ae.start_server((c.host, c.port), block=False, evt_handlers=handlers)
+        except OSError as err:
+            self._stop_workers(time.monotonic() + 5)
+            self.sender.stop(flush_timeout_s=1)
+            raise DicomNodeError(f"cannot listen on {c.host}:{c.port} ({err.strerror or err})") from None
+        self._port = int(self._server.server_address[1])
         log.info("listening as %s on %s:%d; results go to %s; store %s; allowed peers: %s", c.ae_title, c.host,
                  self.port, c.destination, self.store.root,
                  "any" if c.allow_any else ", ".join(str(r) for r in self.rules))
@@ -161,16 +181,20 @@ class DicomNode:
             time.sleep(0.05)
         for assoc in self.ae.active_associations:
             assoc.abort()
+        self._stop_workers(deadline)
+        left = self.sender.stop(flush_timeout_s=max(1.0, min(10.0, deadline - time.monotonic())))
+        log.info("stopped: %d received, %d analysed (%d flagged), %d duplicates, %d failed, %d refused; "
+                 "%d results sent, %d left in %s, %d in %s", self.stats.received, self.stats.analysed,
+                 self.stats.flagged, self.stats.duplicates, self.stats.failed, self.stats.refused, self.sender.sent,
+                 left, self.store.root / "outbox", len(self.store.dead_letters()), self.store.root / "dead-letter")
+        return left
+
+    def _stop_workers(self, deadline: float) -> None:
         for _ in self._workers:
             self._queue.put(None)
         for t in self._workers:
             t.join(timeout=max(1.0, deadline - time.monotonic()))
-        left = self.sender.stop(flush_timeout_s=max(1.0, min(10.0, deadline - time.monotonic())))
-        log.info("stopped: %d received, %d analysed (%d flagged), %d duplicates, %d failed, %d refused; "
-                 "%d results sent, %d left in %s", self.stats.received, self.stats.analysed, self.stats.flagged,
-                 self.stats.duplicates, self.stats.failed, self.stats.refused, self.sender.sent, left,
-                 self.store.root / "outbox")
-        return left
+        self._workers = []
 
     def idle(self) -> bool:
         """Nothing queued, analysed or waiting to be sent (tests and benchmarks wait for this)."""
@@ -192,11 +216,11 @@ class DicomNode:
         return SUCCESS
 
     def _on_store(self, event: Any) -> Dataset | int:
-        self.stats.received += 1
+        self.stats.add('received')
         try:
             return self._store(event)
         except Exception as err:  # the listener never dies on one instance
-            self.stats.failed += 1
+            self.stats.add('failed')
             log.error("C-STORE handler failed: %s", safe_reason(err))
             return _status(CANNOT_UNDERSTAND, "internal error; see the node's log")
 
@@ -208,7 +232,7 @@ class DicomNode:
             header = read_header(data)
             uid = str(header.SOPInstanceUID)
         except Exception as err:
-            self.stats.failed += 1
+            self.stats.add('failed')
             log.warning("instance refused: unreadable DICOM header (%s)", type(err).__name__)
             return _status(CANNOT_UNDERSTAND, "unreadable DICOM header")
         key = instance_key(uid, self.engine.sha256)
@@ -216,23 +240,23 @@ class DicomNode:
             log.info("instance %s: a covidcxr result sent back to the node; ignored", key)
             return SUCCESS
         if self.store.seen(key):
-            self.stats.duplicates += 1
+            self.stats.add('duplicates')
             log.info("instance %s: already taken in; duplicate not processed again", key)
             return SUCCESS
         if self.store.pending() >= self.config.max_pending:
-            self.stats.refused += 1
+            self.stats.add('refused')
             log.warning("instance %s refused: %d results wait (max_pending); the sender retries %s",
                         key, self.store.pending(), self.config.destination)
             return _status(OUT_OF_RESOURCES, "result queue full; send again later")
         if not self.store.claim(key):
-            self.stats.duplicates += 1
+            self.stats.add('duplicates')
             log.info("instance %s: already taken in; duplicate not processed again", key)
             return SUCCESS
         try:
             image, _ = decode(data, f"instance {key}")
         except CXRReadError as err:
             self.store.release(key)
-            self.stats.failed += 1
+            self.stats.add('failed')
             log.warning("instance %s refused: %s", key, err.reason)
             missing = "no pixel data" in err.reason or "truncated" in err.reason  # the data set is incomplete
             return _status(DOES_NOT_MATCH if missing else CANNOT_UNDERSTAND, err.reason)
@@ -243,7 +267,7 @@ class DicomNode:
             self.store.put_incoming(key, data)
         except OSError as err:  # disk full or gone: not taken in, so the PACS must keep it and retry
             self.store.release(key)
-            self.stats.refused += 1
+            self.stats.add('refused')
             log.error("instance %s refused: cannot write to %s (%s)", key, self.store.root, err.strerror or err)
             return _status(OUT_OF_RESOURCES, "cannot store the instance on disk; send again later")
         # hand the decoded pixels on only while the queue is short: hundreds of waiting full-size images
@@ -279,22 +303,35 @@ class DicomNode:
             except Exception as err:  # a model failure becomes a flagged SR, not a silent loss
                 from covidcxr.dicom.analysis import Analysis
 
-                self.stats.errors += 1
+                self.stats.add('errors')
                 log.error("instance %s: analysis failed (%s); sending a 'not assessed' SR", key, safe_reason(err))
                 analysis = Analysis(threshold=self.engine.predictor.threshold, flag="analysis_failed",
                                     flag_reason=f"analysis failed ({type(err).__name__})",
                                     overlay=self.engine._overlay(image, None))
             results = build_results(header, analysis, self.engine)
-            self.store.put_results(key, {k: to_bytes(ds) for k, ds in results.items()})
-        except Exception as err:
-            self.stats.errors += 1
-            log.error("instance %s: no result built (%s); the instance stays in %s", key, safe_reason(err),
-                      path.parent)
+            files = {k: to_bytes(ds) for k, ds in results.items()}
+        except Exception as err:  # e.g. no StudyInstanceUID, a non-integer InstanceNumber: never will be built
+            self.stats.add('errors')
+            self.stats.add('dead_lettered')
+            reason = f"no result could be built: {safe_reason(err)}"
+            try:
+                self.store.dead_letter(key, reason)
+            except OSError as io_err:
+                log.error("instance %s: %s; cannot move it to dead-letter (%s)", key, reason, io_err.strerror)
+                return
+            log.error("instance %s: %s; moved to %s", key, reason, self.store.root / "dead-letter")
+            return
+        try:
+            self.store.put_results(key, files)
+        except OSError as err:  # disk trouble: the instance stays in incoming/ for the next start
+            self.stats.add('errors')
+            log.error("instance %s: cannot write its results (%s); the instance stays in %s", key,
+                      err.strerror or err, path.parent)
             return
         self.store.drop_incoming(key)
-        self.stats.analysed += 1
+        self.stats.add('analysed')
         if analysis.flagged:
-            self.stats.flagged += 1
+            self.stats.add('flagged')
             log.info("instance %s: flagged %s (%.0f ms)", key, analysis.flag, (time.perf_counter() - t0) * 1e3)
         else:
             p = (analysis.probabilities or {}).get("COVID-19")

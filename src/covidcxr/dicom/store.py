@@ -1,17 +1,20 @@
-"""The node's disk: what was acknowledged, what waits to be sent, which instances were seen.
+"""The node's disk: what was acknowledged, what waits to be sent, what was given up, which instances were seen.
 
 ::
 
-    STORE/incoming/<key>.dcm      received and acknowledged (C-STORE success), not yet analysed
-    STORE/outbox/<key>/sr.dcm     results built, not yet accepted by the destination
+    STORE/incoming/<key>.dcm           received and acknowledged (C-STORE success), not yet analysed
+    STORE/outbox/<key>/sr.dcm          results built, not yet accepted by the destination
     STORE/outbox/<key>/sc.dcm
-    STORE/sent/<key>/             delivered results (only with keep_sent)
-    STORE/rejected/<key>/         results the destination refused max_attempts times
-    STORE/seen.txt                keys of every instance taken in (duplicates are answered, not redone)
+    STORE/sent/<key>/                  delivered results (only with keep_sent)
+    STORE/dead-letter/<key>/           given up: refused max_attempts times, or no result could be built
+    STORE/dead-letter/<key>/reason.txt   why, one line (``covidcxr dicom status`` lists it)
+    STORE/seen.txt                     keys of the instances taken in (the newest MAX_SEEN; duplicates are
+                                       answered, not redone)
 
 An instance is written to ``incoming/`` before the node answers success, and results reach ``outbox/``
 (by rename) before the incoming file is removed, so after a crash or a restart nothing acknowledged is
-lost: :meth:`ResultStore.pending_incoming` and :meth:`ResultStore.outbox` give the work back.
+lost: :meth:`ResultStore.pending_incoming` and :meth:`ResultStore.outbox` give the work back. What lies
+in ``dead-letter/`` no longer counts towards ``max_pending``.
 """
 
 from __future__ import annotations
@@ -20,26 +23,53 @@ import os
 import shutil
 import stat
 import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
 from pathlib import Path
 
 from covidcxr.dicom.results import write_atomic
 
+#: How many instance keys seen.txt remembers (the newest): enough for months of one PACS's chest
+#: X-rays, and bounded, so neither the file nor the set grows for ever.
+MAX_SEEN = 200_000
+DEAD_LETTER = "dead-letter"
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    key: str
+    reason: str
+    when: float  # seconds since the epoch
+    files: tuple[str, ...]
+
 
 class ResultStore:
-    def __init__(self, root: str | os.PathLike, keep_sent: bool = False) -> None:
+    def __init__(self, root: str | os.PathLike, keep_sent: bool = False, max_seen: int = MAX_SEEN,
+                 read_only: bool = False) -> None:
+        """``read_only``: look at a store a running node owns (``dicom status``): create and rewrite nothing."""
         self.root = Path(root)
         self.keep_sent = keep_sent
-        for sub in ("incoming", "outbox", "sent", "rejected", "tmp"):
-            (self.root / sub).mkdir(parents=True, exist_ok=True)
-        os.chmod(self.root, 0o700)  # results carry patient attributes
+        self.max_seen = max(1, int(max_seen))
+        if not read_only:
+            for sub in ("incoming", "outbox", "sent", DEAD_LETTER, "tmp"):
+                (self.root / sub).mkdir(parents=True, exist_ok=True)
+            os.chmod(self.root, 0o700)  # results carry patient attributes
         self._lock = threading.Lock()
         self._seen_path = self.root / "seen.txt"
-        self._seen: set[str] = set()
+        self._seen: OrderedDict[str, None] = OrderedDict()  # insertion order = age: the oldest go first
         if self._seen_path.is_file():
-            self._seen = {line.strip() for line in self._seen_path.read_text().splitlines() if line.strip()}
+            for line in self._seen_path.read_text().splitlines():
+                if line.strip():
+                    self._seen[line.strip()] = None
         # a restart must not forget instances still waiting on disk
-        self._seen.update(p.stem for p in (self.root / "incoming").glob("*.dcm"))
-        self._seen.update(self.outbox())
+        for key in [p.stem for p in (self.root / "incoming").glob("*.dcm")] + self.outbox():
+            self._seen[key] = None
+        self._seen_lines = len(self._seen)
+        if not read_only:
+            with self._lock:
+                self._trim()
+                self._rewrite_seen()  # also records the keys found on disk, and drops the oldest beyond max_seen
 
     # ------------------------------------------------------------------ dedupe
     def seen(self, key: str) -> bool:
@@ -51,9 +81,11 @@ class ResultStore:
         with self._lock:
             if key in self._seen:
                 return False
-            self._seen.add(key)
+            self._seen[key] = None
             with open(self._seen_path, "a") as f:
                 f.write(key + "\n")
+            self._seen_lines += 1
+            self._trim()
             return True
 
     def release(self, key: str) -> None:
@@ -61,9 +93,19 @@ class ResultStore:
         with self._lock:
             if key not in self._seen:
                 return
-            self._seen.discard(key)
-            lines = [k for k in self._seen_path.read_text().splitlines() if k.strip() and k != key]
-            write_atomic(self._seen_path, ("\n".join(lines) + "\n" if lines else "").encode())
+            del self._seen[key]
+            self._rewrite_seen()
+
+    def _trim(self) -> None:
+        """Keep the newest ``max_seen`` keys; rewrite the file once it holds twice that (amortised O(1))."""
+        while len(self._seen) > self.max_seen:
+            self._seen.popitem(last=False)
+        if self._seen_lines > 2 * self.max_seen:
+            self._rewrite_seen()
+
+    def _rewrite_seen(self) -> None:
+        write_atomic(self._seen_path, "".join(k + "\n" for k in self._seen).encode())
+        self._seen_lines = len(self._seen)
 
     # ------------------------------------------------------------------ incoming
     def incoming_path(self, key: str) -> Path:
@@ -75,8 +117,13 @@ class ResultStore:
         return path
 
     def pending_incoming(self) -> list[str]:
-        files = sorted((self.root / "incoming").glob("*.dcm"), key=lambda p: p.stat().st_mtime)
-        return [p.stem for p in files]
+        found = []
+        for p in (self.root / "incoming").glob("*.dcm"):
+            try:
+                found.append((p.stat().st_mtime, p.stem))
+            except FileNotFoundError:  # analysed meanwhile
+                continue
+        return [k for _, k in sorted(found)]
 
     def drop_incoming(self, key: str) -> None:
         self.incoming_path(key).unlink(missing_ok=True)
@@ -109,21 +156,63 @@ class ResultStore:
     def result_files(self, key: str) -> list[Path]:
         return sorted((self.root / "outbox" / key).glob("*.dcm"))
 
-    def _move(self, key: str, where: str) -> None:
+    def mark_sent(self, key: str) -> None:
         src = self.root / "outbox" / key
-        if where == "sent" and not self.keep_sent:
+        if not self.keep_sent:
             shutil.rmtree(src, ignore_errors=True)
             return
-        dst = self.root / where / key
+        dst = self.root / "sent" / key
         shutil.rmtree(dst, ignore_errors=True)
         os.replace(src, dst)
 
-    def mark_sent(self, key: str) -> None:
-        self._move(key, "sent")
+    # ------------------------------------------------------------------ dead letters
+    def dead_letter(self, key: str, reason: str) -> Path:
+        """Give up on ``key``: its results (or, when none could be built, its incoming instance) move to
+        ``dead-letter/<key>/`` with ``reason.txt``; it no longer counts towards ``max_pending``."""
+        dst = self.root / DEAD_LETTER / key
+        shutil.rmtree(dst, ignore_errors=True)
+        tmp = self.root / "tmp" / f"dead-{key}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        src = self.root / "outbox" / key
+        if src.is_dir():
+            os.replace(src, tmp)
+        else:
+            tmp.mkdir(parents=True)
+        incoming = self.incoming_path(key)
+        if incoming.is_file():
+            os.replace(incoming, tmp / "source.dcm")
+        write_atomic(tmp / "reason.txt", (" ".join(reason.split()) + "\n").encode())
+        os.replace(tmp, dst)
+        return dst
 
-    def mark_rejected(self, key: str) -> None:
-        self._move(key, "rejected")
+    def dead_letters(self) -> list[DeadLetter]:
+        """What was given up, oldest first, each with its reason."""
+        out = []
+        folder = self.root / DEAD_LETTER
+        for d in folder.iterdir() if folder.is_dir() else []:
+            reason_file = d / "reason.txt"
+            try:
+                reason = reason_file.read_text().strip()
+                when = reason_file.stat().st_mtime
+            except OSError:
+                continue
+            out.append(DeadLetter(d.name, reason, when, tuple(sorted(p.name for p in d.glob("*.dcm")))))
+        return sorted(out, key=lambda x: x.when)
 
     def pending(self) -> int:
         """Instances taken in and not yet delivered: the node refuses new ones above its limit."""
         return len(list((self.root / "incoming").glob("*.dcm"))) + len(self.outbox())
+
+    def summary(self) -> dict[str, int]:
+        def count(sub: str) -> int:
+            d = self.root / sub
+            return sum(1 for _ in d.iterdir()) if d.is_dir() else 0
+
+        return {"incoming": len(list((self.root / "incoming").glob("*.dcm"))), "outbox": len(self.outbox()),
+                "sent": count("sent"), "dead_letter": count(DEAD_LETTER), "seen": len(self._seen)}
+
+
+def age_text(when: float) -> str:
+    """'3 min ago' style text for a dead letter's time."""
+    s = max(0.0, time.time() - when)
+    return f"{s:.0f} s ago" if s < 120 else f"{s / 60:.0f} min ago" if s < 7200 else f"{s / 3600:.1f} h ago"
