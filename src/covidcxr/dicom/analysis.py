@@ -37,6 +37,9 @@ class Analysis:
     flag_reason: str | None = None
     overlay: np.ndarray | None = None  # H x W x 3 uint8: the model's crop with the heatmap blended on
     notes: list[str] = field(default_factory=list)
+    error: str | None = None  # the analysis failed (a software error, not bad input): the SR says so
+    prediction_set: list[str] | None = None  # a site-calibrated model's conformal set (issue 18)
+    model: dict[str, Any] | None = None  # {name, version, sha256} of the model that made the record
 
     @property
     def flagged(self) -> bool:
@@ -133,12 +136,18 @@ class Engine:
         pflag = plausibility_flag(rec)
         labelled = rec.get("label") in p.classes  # a disease label (kept for a flagged input: --label-implausible)
         if not labelled:
-            flag, reason = pflag or ("not_a_frontal_cxr", str(rec.get("error") or "no label"))
+            error = str(rec["error"]) if rec.get("error") else None
+            if error and not pflag:  # a software failure is not bad input (issue 21 §2.5): the SR says which
+                flag, reason = "analysis_failed", f"analysis failed: {error}"
+            else:
+                flag, reason = pflag or ("not_assessed", f"no disease label ({rec.get('label')})")
             return Analysis(threshold=p.threshold, plausibility=rec.get("plausibility"), flag=flag,
-                            flag_reason=reason, overlay=self._overlay(image, None))
+                            flag_reason=reason, overlay=self._overlay(image, None), error=error,
+                            model=rec.get("model"))
         a = Analysis(label=rec["label"], probabilities=dict(rec["probabilities"]), threshold=rec.get("threshold"),
                      plausibility=rec.get("plausibility"), flag=pflag[0] if pflag else None,
-                     flag_reason=pflag[1] if pflag else None)
+                     flag_reason=pflag[1] if pflag else None, prediction_set=rec.get("prediction_set"),
+                     model=rec.get("model"))
         if "severity" in rec:  # predicted already (predict --severity): the SR says what the record says
             a.severity = rec["severity"]
         elif self.severity is not None and self.severity.should_score(rec, p.threshold, always=self.always_severity):

@@ -306,7 +306,7 @@ class DicomNode:
                 self.stats.add('errors')
                 log.error("instance %s: analysis failed (%s); sending a 'not assessed' SR", key, safe_reason(err))
                 analysis = Analysis(threshold=self.engine.predictor.threshold, flag="analysis_failed",
-                                    flag_reason=f"analysis failed ({type(err).__name__})",
+                                    flag_reason=f"analysis failed ({type(err).__name__})", error=safe_reason(err),
                                     overlay=self.engine._overlay(image, None))
             results = build_results(header, analysis, self.engine)
             files = {k: to_bytes(ds) for k, ds in results.items()}
