@@ -345,6 +345,9 @@ def finalize_best(best: Path, module: Any, dm: Any, cfg: dict[str, Any]) -> dict
             log.info("COVID-19 threshold %.4f (sensitivity >= %s on val) stored in %s", op["threshold"], target, best)
         else:
             log.warning("%s: no %s image in the val split; best.ckpt keeps argmax", best, positive)
+    from covidcxr.models.features import attach_feature_summary  # site check's reference; a failure only warns
+
+    attach_feature_summary(bundle, best, dm)
     atomic_torch_save(bundle, best)
     return stored
 
