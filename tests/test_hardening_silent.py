@@ -57,3 +57,77 @@ def test_batcher_restart_fails_orphaned_requests() -> None:
     row, timing = new
     assert row.shape == (3,) and timing.batch_size == 1
     assert b.not_started == 0
+
+
+# --------------------------------------------------------------------------- §2.8 service admission
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory: pytest.TempPathFactory):
+    torch = pytest.importorskip("torch")
+    from covidcxr import models
+    from covidcxr.preprocess import get_preset
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("h4c") / "tiny.ckpt"
+    models.save(path, models.build("resnet18", num_classes=3), arch="resnet18",
+                classes=["normal", "pneumonia", "COVID-19"], preset=get_preset("deepcovid", size=64))
+    return path
+
+
+def _multipart(payload: bytes, boundary: str = "b0undary") -> tuple[bytes, bytes]:
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"x.png\"\r\n"
+            f"Content-Type: application/octet-stream\r\n\r\n").encode() + payload + f"\r\n--{boundary}--\r\n".encode()
+    return body, f"multipart/form-data; boundary={boundary}".encode()
+
+
+def _call(app, body: bytes, ctype: bytes, chunk: int, content_length: bool = True) -> tuple[int, int]:
+    """Drive the ASGI app by hand: (status, body bytes the app pulled from the client)."""
+    chunks = [body[i:i + chunk] for i in range(0, len(body), chunk)]
+    pulled = 0
+    sent: list[dict] = []
+
+    async def receive() -> dict:
+        nonlocal pulled
+        if not chunks:
+            return {"type": "http.disconnect"}
+        part = chunks.pop(0)
+        pulled += len(part)
+        return {"type": "http.request", "body": part, "more_body": bool(chunks)}
+
+    async def send(msg: dict) -> None:
+        sent.append(msg)
+
+    headers = [(b"content-type", ctype), (b"host", b"test")]
+    if content_length:
+        headers.append((b"content-length", str(len(body)).encode()))
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+             "path": "/v1/predict", "raw_path": b"/v1/predict", "query_string": b"", "headers": headers,
+             "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80), "root_path": ""}
+    asyncio.run(app(scope, receive, send))
+    return next(m["status"] for m in sent if m["type"] == "http.response.start"), pulled
+
+
+@pytest.mark.parametrize("max_batch", [1, 4])
+def test_refused_upload_is_never_read(tiny_ckpt, max_batch: int) -> None:
+    """A request refused with 503 is refused before its body is read: no upload sits in RAM for a 503."""
+    pytest.importorskip("fastapi")
+    from covidcxr.serve import create_app
+
+    app = create_app(tiny_ckpt, api_key="", max_batch=max_batch, max_concurrency=1, queue=0, plausibility=False)
+    limiter = app.state.limiter
+    limiter.busy = limiter.capacity  # the service is full
+    body, ctype = _multipart(b"\x89PNG" + bytes(300_000))
+    status, pulled = _call(app, body, ctype, chunk=65536)
+    assert status == 503 and pulled == 0
+
+
+def test_upload_read_stops_at_the_limit(tiny_ckpt) -> None:
+    """A chunked upload without Content-Length is cut off (413) once it passes the limit, not read whole."""
+    pytest.importorskip("fastapi")
+    from covidcxr.serve import create_app
+
+    app = create_app(tiny_ckpt, api_key="", max_upload_mb=0.1, plausibility=False)
+    body, ctype = _multipart(bytes(2_000_000))
+    status, pulled = _call(app, body, ctype, chunk=16384, content_length=False)
+    assert status == 413 and pulled <= 100_000 + 2 * 16384

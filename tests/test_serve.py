@@ -237,7 +237,10 @@ def test_model_card_health_openapi_and_page(client: TestClient) -> None:
 
     spec = client.get("/openapi.json").json()
     op = spec["paths"]["/v1/predict"]["post"]
-    assert {"200", "401", "413", "415", "422", "503"} <= set(op["responses"])
+    assert {"200", "413", "415", "422", "503"} <= set(op["responses"])
+    # no key configured: the schema declares no API-key security and no 401 (it must tell the truth)
+    assert "401" not in op["responses"] and "security" not in op and "securitySchemes" not in spec.get("components", {})
+    assert op["requestBody"]["content"]["multipart/form-data"]["schema"]["properties"]["file"]["minLength"] == 1
     assert "multipart/form-data" in op["requestBody"]["content"]
     assert "PredictResponse" in spec["components"]["schemas"]
 
@@ -361,7 +364,11 @@ def test_api_key_file_and_openapi_behind_the_key(ckpt: Path, jpeg: bytes, tmp_pa
         assert c.get("/healthz").json()["auth_required"] is True
         assert c.get("/openapi.json").status_code == 401  # the document follows the API's auth rule
         assert c.get("/docs").status_code == 404          # Swagger UI cannot send the key: off with a key
-        assert c.get("/openapi.json", headers={"X-API-Key": "file-key-123"}).json()["info"]["title"] == "covidcxr"
+        spec = c.get("/openapi.json", headers={"X-API-Key": "file-key-123"}).json()
+        assert spec["info"]["title"] == "covidcxr"
+        for path, method in (("/v1/predict", "post"), ("/v1/model", "get")):  # with a key, the schema says so
+            op = spec["paths"][path][method]
+            assert "401" in op["responses"] and op["security"] == [{"APIKeyHeader": []}]
         r = c.post("/v1/predict", files={"file": ("x.jpg", jpeg)}, headers={"X-API-Key": "file-key-123"})
         assert r.status_code == 200
     # without a key: the document and the Swagger page are open, as before

@@ -2,7 +2,9 @@
 
 Safety rules this module keeps:
 
-* the upload limit is enforced while the body streams in (413), before any decoding;
+* admission comes first: a request is counted in (or refused with 503) before its body is read, so a
+  refused upload never sits in memory; the body is then read with the upload limit (413 as soon as the
+  stream passes it), into memory only (never a temp file), before any decoding;
 * content is identified by decoding it with :func:`covidcxr.io.decode`, never by its file name:
   415 when it is no image format at all, 422 when it is one but cannot be decoded or used;
 * decoding and preprocessing run in ``decode_workers`` threads; inference runs in micro-batches of up to
@@ -31,7 +33,7 @@ from typing import Any, AsyncIterator, Sequence
 
 import anyio
 import numpy as np
-from fastapi import Depends, FastAPI, File, HTTPException, Query, Request, UploadFile
+from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.security import APIKeyHeader
@@ -249,20 +251,62 @@ class _Limiter:
             self.busy -= 1
 
     @asynccontextmanager
-    async def slot(self) -> AsyncIterator[None]:
-        """:meth:`admit`, then one of ``concurrency`` inference slots (unbatched path)."""
+    async def worker(self) -> AsyncIterator[None]:
+        """One of ``concurrency`` inference slots, for an admitted request (unbatched path); 503 on timeout."""
         if self._limiter is None:
             self._limiter = anyio.CapacityLimiter(self.concurrency)
-        async with self.admit():
-            try:
-                with anyio.fail_after(self.timeout):
-                    await self._limiter.acquire()
-            except TimeoutError:
-                raise self._busy_error(f"waited {self.timeout:.0f} s for a free worker") from None
-            try:
-                yield
-            finally:
-                self._limiter.release()
+        try:
+            with anyio.fail_after(self.timeout):
+                await self._limiter.acquire()
+        except TimeoutError:
+            raise self._busy_error(f"waited {self.timeout:.0f} s for a free worker") from None
+        try:
+            yield
+        finally:
+            self._limiter.release()
+
+    @asynccontextmanager
+    async def slot(self) -> AsyncIterator[None]:
+        """:meth:`admit`, then :meth:`worker`."""
+        async with self.admit(), self.worker():
+            yield
+
+
+async def read_upload(request: Request, limit_bytes: int, field: str = "file") -> tuple[bytes, str | None]:
+    """The multipart ``field`` of an admitted request, streamed in and stopped at ``limit_bytes`` (413).
+
+    Parts stay in memory (this parser's spool limit is above the upload limit, so an X-ray never lands in a
+    temp file); no other request's parser is affected. 422 when the body is no multipart form with ``field``.
+    """
+    from starlette.datastructures import UploadFile as FormFile
+    from starlette.formparsers import MultiPartException, MultiPartParser
+
+    if not request.headers.get("content-type", "").lower().startswith("multipart/form-data"):
+        raise HTTPException(422, detail=f"invalid request: {field}: expected a multipart/form-data upload")
+    seen = 0
+
+    async def limited() -> AsyncIterator[bytes]:
+        nonlocal seen
+        async for chunk in request.stream():
+            seen += len(chunk)
+            if seen > limit_bytes:  # stop reading: the rest of the body is never held
+                raise HTTPException(413, detail=f"upload too large: the limit is {limit_bytes / 1e6:g} MB "
+                                               "(covidcxr serve --max-upload-mb)")
+            yield chunk
+
+    parser = MultiPartParser(request.headers, limited(), max_files=1, max_fields=16)
+    parser.spool_max_size = limit_bytes + 1
+    try:
+        form = await parser.parse()
+    except MultiPartException as err:
+        raise HTTPException(422, detail=f"invalid request: {err.message}") from None
+    try:
+        item = form.get(field)
+        if not isinstance(item, FormFile):
+            raise HTTPException(422, detail=f"invalid request: {field}: Field required (a file upload)")
+        return await item.read(), item.filename
+    finally:
+        await form.close()
 
 
 class _UploadLimit:
@@ -397,11 +441,6 @@ def create_app(
 
     gate = PlausibilityGate.for_predictor(predictor, enabled=plausibility, label_implausible=label_implausible)
     service = Service(predictor, severity, always_severity, gate=gate)
-    # Keep uploads up to the limit in memory: Starlette otherwise spools parts above 1 MB to a temp file,
-    # and X-rays should not touch the disk. (A class attribute: it applies to this whole process.)
-    from starlette.formparsers import MultiPartParser
-
-    MultiPartParser.spool_max_size = max(MultiPartParser.spool_max_size, int(max_upload_mb * 1e6) + 1)
     if api_key is not None:
         key = api_key
     elif api_key_file is not None:
@@ -454,7 +493,11 @@ def create_app(
             raise HTTPException(401, detail="missing or wrong API key (send it in the X-API-Key header)",
                                 headers={"WWW-Authenticate": "APIKey"})
 
-    @app.get("/openapi.json", include_in_schema=False, dependencies=[Depends(require_key)])
+    # the schema declares the key (and 401) only when there is one: it must tell the truth (schemathesis)
+    auth = [Depends(require_key)] if key else []
+    auth_errors = {401: _ERRORS[401]} if key else {}
+
+    @app.get("/openapi.json", include_in_schema=False, dependencies=auth)
     async def openapi() -> JSONResponse:
         return JSONResponse(app.openapi())
 
@@ -474,7 +517,7 @@ def create_app(
         )
 
     @app.get("/v1/model", response_model=ModelCard, tags=["model"],
-             responses={401: _ERRORS[401]}, dependencies=[Depends(require_key)])
+             responses=auth_errors, dependencies=auth)
     async def model_card() -> ModelCard:
         """The model card: architecture, classes, preset, threshold, training summary and metrics."""
         return ModelCard(
@@ -489,8 +532,6 @@ def create_app(
     async def _batched(data: bytes, filename: str | None, heatmap: bool, image: bool) -> dict[str, Any]:
         if not decode_limiter:
             decode_limiter.append(anyio.CapacityLimiter(max(1, int(decode_workers))))
-        if not batcher.has_room():  # refuse before decoding: a client retrying at once then costs no decode
-            raise limiter._busy_error(f"{batcher.not_started} requests already wait for the next batch")
         prep = await anyio.to_thread.run_sync(service.prepare, data, filename, limiter=decode_limiter[0])
         try:
             with anyio.fail_after(queue_timeout):
@@ -506,25 +547,30 @@ def create_app(
         "/v1/predict",
         response_model=PredictResponse,
         tags=["model"],
-        responses={k: v for k, v in _ERRORS.items()},
-        dependencies=[Depends(require_key)],
+        responses={k: v for k, v in _ERRORS.items() if k != 401 or key},
+        dependencies=auth,
+        # the body is read by hand after admission (read_upload), so the schema is declared here
+        openapi_extra={"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
+            "type": "object", "required": ["file"], "properties": {"file": {
+                "type": "string", "format": "binary", "minLength": 1,
+                "description": "One PNG, JPEG, TIFF or DICOM file (not empty; content checked by decoding)"}}}}}}},
     )
     async def predict(
-        file: UploadFile = File(..., description="One PNG, JPEG, TIFF or DICOM file"),
+        request: Request,
         heatmap: bool = Query(False, description="add a Grad-CAM heatmap as base64 PNG"),
         image: bool = Query(False, description="add the model's view of the image as base64 PNG"),
     ) -> PredictResponse:
         """Predict one chest X-ray. Research use only."""
-        data = await file.read()
-        if len(data) > limits.max_upload_mb * 1e6:  # belt and braces: the middleware stops most earlier
-            raise HTTPException(413, detail=f"upload too large: the limit is {limits.max_upload_mb:g} MB")
-        gate = limiter.admit() if batched else limiter.slot()
-        async with gate:
+        async with limiter.admit():  # count in (or 503) before a byte of the body is read
+            if batched and not batcher.has_room():  # a client retrying at once then costs no read, no decode
+                raise limiter._busy_error(f"{batcher.not_started} requests already wait for the next batch")
+            data, filename = await read_upload(request, int(limits.max_upload_mb * 1e6))
             try:
                 if batched:
-                    out = await _batched(data, file.filename, heatmap, image)
+                    out = await _batched(data, filename, heatmap, image)
                 else:
-                    out = await anyio.to_thread.run_sync(service.infer, data, file.filename, heatmap, image)
+                    async with limiter.worker():
+                        out = await anyio.to_thread.run_sync(service.infer, data, filename, heatmap, image)
             except _Http as err:
                 log.info("predict rejected with %d", err.status)
                 raise HTTPException(err.status, detail=err.detail) from None
