@@ -156,6 +156,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
           f"accuracy {_fmt_ci(m['accuracy'])}" + (" [95% CI, bootstrap over patients]" if args.n_boot else ""))
     for cname, pc in m["per_class"].items():
         print(f"  {cname:>10}: sensitivity {_fmt_ci(pc['sensitivity'])}  AUC {_fmt_ci(pc.get('auc'))}")
+    from covidcxr.evaluate.report import summary_lines
+
+    for line in summary_lines(res):  # worst-group sensitivity, non-dominant-source specificity, source x class
+        print(line)
     if res.get("failures"):
         print(f"skipped {len(res['failures'])} unreadable image(s):")
         for f in res["failures"]:

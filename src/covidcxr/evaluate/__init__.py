@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from covidcxr.evaluate.compare import compare, count_macs, cpu_latency_ms
 from covidcxr.evaluate.core import SPLIT_CHOICES, evaluate_checkpoint, evaluate_predictions, select_split
+from covidcxr.evaluate.groups import group_report, group_table, non_dominant_specificity, worst_group_sensitivity
 from covidcxr.evaluate.metrics import (
     MetricsError,
     apply_temperature,
@@ -37,6 +38,10 @@ __all__ = [
     "expected_calibration_error",
     "fit_temperature",
     "group_breakdown",
+    "group_report",
+    "group_table",
+    "non_dominant_specificity",
+    "worst_group_sensitivity",
     "predict_labels",
     "select_split",
     "weighted_ap",

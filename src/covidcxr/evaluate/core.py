@@ -7,7 +7,7 @@ import json
 import logging
 import math
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -22,7 +22,9 @@ from covidcxr.evaluate.metrics import (
     group_breakdown,
     nll,
     operating_point,
+    predict_labels,
 )
+from covidcxr.evaluate.groups import group_report, training_dominant_sources
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +88,8 @@ def evaluate_predictions(
     split: str | None = None,
     same_data: bool = False,
     label_after_calibration: bool = False,
+    dominant: Mapping[str, str] | None = None,
+    dominant_from: str = "the evaluated images",
 ) -> dict[str, Any]:
     """Every figure of the report from a frame (label, patient_id, source, view) and its probabilities.
 
@@ -96,6 +100,11 @@ def evaluate_predictions(
     patients is scaled with a temperature fitted on the other half, never on itself. With
     ``label_after_calibration`` the headline figures use the probabilities after the fitted temperature
     (what the checkpoint will give once that temperature is stored in it).
+
+    ``groups`` (:func:`covidcxr.evaluate.groups.group_report`) holds the source x class table, the
+    worst-group sensitivity and the non-dominant-source specificity at the same labels, with the
+    dominant source of each class from ``dominant`` (``dominant_from`` names where it was counted),
+    else from the evaluated images.
     """
     classes = list(classes)
     if rule is None:
@@ -143,9 +152,15 @@ def evaluate_predictions(
         op["fitted_on"] = split or "the evaluated data"
         op["note"] = (f"fitted on this {split or 'evaluated'} split itself, for reference: optimistic, "
                       "and not the decision rule")
+    # the per-group figures use the labels of the headline figures (same rule, same probabilities)
+    pred = predict_labels(head, threshold, classes.index(positive) if positive in classes else None)
+    groups = group_report(y, pred, list(frame["source"]) if "source" in frame.columns else None, pats, classes,
+                          positive=positive, dominant=dominant, dominant_from=dominant_from, n_boot=n_boot,
+                          seed=seed)
     return {
         "decision_rule": rule.to_dict(classes, split),
         "metrics": metrics,
+        "groups": groups,
         "calibration": calib,
         "by_source": group_breakdown(y, head, pats, classes, _col(frame, "source"), n_boot=nb, **kw),
         "by_view": group_breakdown(y, head, pats, classes, _col(frame, "view"), n_boot=nb, **kw),
@@ -310,9 +325,11 @@ def evaluate_checkpoint(
                     "one; add --set-threshold to choose it again on val", model, rule.threshold)
     thr = rule.threshold if rule.uses_threshold(classes) else None
     val = (vp.frame, vp.probs) if calibrate else None
+    dominant, dominant_from = training_dominant_sources(df, classes, manifest)
     res = evaluate_predictions(pr.frame, pr.probs, classes, positive=pos, n_boot=n_boot, seed=seed,
                                target_sensitivity=target_sensitivity, temperature=predictor.temperature, val=val,
-                               rule=rule, split=split, same_data=split == "val", label_after_calibration=True)
+                               rule=rule, split=split, same_data=split == "val", label_after_calibration=True,
+                               dominant=dominant, dominant_from=dominant_from)
     # the probabilities the checkpoint gives after this command (its new temperature, when calibrating)
     head = apply_temperature(pr.probs, res["calibration"]["temperature_relative"]) if calibrate else pr.probs
     training = {k: v for k, v in predictor.training.items() if k != "config"}

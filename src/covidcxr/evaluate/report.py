@@ -141,15 +141,20 @@ def _tables(r: dict) -> list[tuple[str, list[str], list[list[str]], str]]:
     m = r["metrics"]
     classes = m["classes"]
     out = []
+    overall = [["accuracy", _fmt_ci(m["accuracy"]), _n(m["accuracy"])],
+               ["balanced accuracy (mean sensitivity)", _fmt_ci(m["balanced_accuracy"]), _n(m["balanced_accuracy"])]]
+    overall += headline_rows(r)
+    warn = "; ".join(w["text"] for w in (r.get("groups") or {}).get("warnings", []))
     out.append((
         "Overall",
         ["figure", "value [95% CI]", "images / patients"],
-        [["accuracy", _fmt_ci(m["accuracy"]), _n(m["accuracy"])],
-         ["balanced accuracy (mean sensitivity)", _fmt_ci(m["balanced_accuracy"]), _n(m["balanced_accuracy"])]],
-        f"decision rule: {m['decision']}; CIs: {m['bootstrap']['n_boot']} bootstrap replicates over patients, "
-        "resampled within classes; † = Clopper-Pearson over patients where every replicate gave 0 or 1; "
-        "(k/B replicates) = a figure defined in only k of them",
+        overall,
+        (f"WARNING: {warn}. " if warn else "")
+        + f"decision rule: {m['decision']}; CIs: {m['bootstrap']['n_boot']} bootstrap replicates over patients, "
+        "resampled within classes (the per-group figures: within (source, class) cells); † = Clopper-Pearson over "
+        "patients where every replicate gave 0 or 1; (k/B replicates) = a figure defined in only k of them",
     ))
+    out += group_tables(r)
     head = ["class", "sensitivity", "specificity", "PPV", "NPV", "F1", "AUC", "AP"]
     rows, nrows = [], []
     for c in classes:
@@ -205,6 +210,73 @@ def _tables(r: dict) -> list[tuple[str, list[str], list[list[str]], str]]:
                         + [_fmt_ci(v["per_class"][pos]["auc"])])
         out.append((title, head, rows, "n/a: the group has no image of that class (or no negatives for AUC)"))
     return out
+
+
+def headline_rows(r: dict) -> list[list[str]]:
+    """COVID-19 AUC, worst-group sensitivity and non-dominant-source specificity: [figure, value, n]."""
+    m = r["metrics"]
+    g = r.get("groups") or {}
+    pos = (g.get("non_dominant_specificity") or {}).get("positive", "COVID-19")
+    rows = []
+    auc = m["per_class"].get(pos, {}).get("auc")
+    if auc is not None:
+        rows.append([f"{pos} AUC (vs rest)", _fmt_ci(auc), _n(auc)])
+    if not g.get("available"):
+        return rows
+    wg = g["worst_group_sensitivity"]
+    where = f" ({wg['cell']})" if wg.get("cell") else f" ({wg.get('note', '')})"
+    rows.append([f"worst-group sensitivity: lowest over (source, class) cells of >= {wg['min_images']} images{where}",
+                 _fmt_ci(wg), _n(wg) if wg.get("value") is not None else ""])
+    nd = g.get("non_dominant_specificity")
+    if nd:
+        doms = ", ".join(f"{c}: {s}" for c, s in nd.get("dominant", {}).items())
+        rows.append([f"non-dominant-source specificity: {', '.join(nd.get('per_class', {})) or 'non-' + pos} films "
+                     f"from other than the dominant source ({doms or 'none'}; from {nd.get('dominant_from', '?')}) "
+                     f"not called {pos}", _fmt_ci(nd), _n(nd) if nd.get("value") is not None else nd.get("note", "")])
+    return rows
+
+
+def group_tables(r: dict) -> list[tuple[str, list[str], list[list[str]], str]]:
+    """The source x class table (or one line saying why it is missing) and the non-dominant breakdown."""
+    g = r.get("groups") or {}
+    if not g:
+        return []
+    if not g.get("available"):
+        return [("Source x class", ["note"], [[g.get("note", "not available")]], "")]
+    rows = [[c["source"], c["class"], f"{c['n_images']} / {c['n_patients']}", f"{c['n_correct']}",
+             _fmt_ci(c["sensitivity"]), "yes" if c["eligible"] else "no"] for c in g["table"]]
+    st = g["settings"]
+    out = [("Source x class: sensitivity at the decision rule, value [95% CI]",
+            ["source", "class", "images / patients", "called their class", "sensitivity",
+             f">= {st['min_images']} images (worst-group)"], rows,
+            "sensitivity = share of the cell's images labelled as their true class by the decision rule; CIs: "
+            f"{st['n_boot']} patient-bootstrap replicates, each patient resampled within the (source, class) cell "
+            "holding most of their images")]
+    nd = g.get("non_dominant_specificity")
+    if nd and nd.get("per_class"):
+        rows = [[c, v.get("dominant_source") or "none", _fmt_ci(v), _n(v) if v.get("value") is not None else "none"]
+                for c, v in nd["per_class"].items()]
+        rows.append(["all", "", _fmt_ci(nd), _n(nd) if nd.get("value") is not None else "none"])
+        out.append((f"Non-dominant-source specificity (not called {nd['positive']})",
+                    ["true class", "dominant source (excluded)", "share not called " + nd["positive"],
+                     "images / patients"], rows, nd["definition"]))
+    return out
+
+
+def summary_lines(r: dict) -> list[str]:
+    """The per-group lines ``covidcxr evaluate`` prints under the per-class figures."""
+    g = r.get("groups") or {}
+    if not g:
+        return []
+    if not g.get("available"):
+        return [g.get("note", "no source x class table")]
+    lines = [f"{name}: {value}" + (f" ({n})" if n else "") for name, value, n in headline_rows(r)
+             if not name.endswith("AUC (vs rest)")]  # the per-class lines above print the AUC
+    lines += [f"WARNING: {w['text']}" for w in g.get("warnings", [])]
+    lines.append("source x class sensitivity:")
+    for c in g["table"]:
+        lines.append(f"  {c['source']:>12} {c['class']:>10}: n {c['n_images']:>4}  {_fmt_ci(c['sensitivity'])}")
+    return lines
 
 
 def _provenance(rule: dict, r: dict) -> str:
