@@ -1,0 +1,123 @@
+#!/usr/bin/env bash
+# Re-trains the two reference models shipped in covidcxr/models/reference/ and writes their model cards:
+#
+#   1. the merged benchmark (covid-cxr-dev + NIH ChestX-ray14 subset + Hannover; seed 62), split by linked
+#      person as in scripts/results_classification.sh; every person with an Actualmed image is then taken
+#      out of train/val, so Actualmed (one hospital the model never sees) is a true hold-out;
+#   2. the reference classifier: RECIPE (the group-robust recipe when present, else the transfer recipe) on
+#      that train split, best epoch and COVID-19 threshold chosen on val, temperature fitted on val;
+#   3. evaluation with patient-bootstrap CIs: the patient split's test split (per source) and the Actualmed
+#      hold-out; ONNX export and the INT8 parity gate; the shortcut audit (Grad-CAM inside the lungs) on
+#      AUDIT_LIMIT test images;
+#   4. the reference severity model (geographic extent, opacity) fine-tuned from the classifier, evaluated
+#      on the test split;
+#   5. scripts/model_card.py: the cards (figures read from the outputs above, never typed), docs/model-card.md,
+#      and the fp16 weights packed into the package (<= 12 MB together).
+#
+#   bash scripts/train_reference.sh                 # the real run (~20-30 min of this 2-core CPU)
+#   SMOKE=1 bash scripts/train_reference.sh         # plumbing check: 64 px, 1 epoch, few batches; packs nothing
+#   STAGE=card bash scripts/train_reference.sh      # only step 5, on an existing RUNS folder
+#
+# Environment: RUNS (default reference-out/), RECIPE, SEED (0), EPOCHS (3), SIZE (224), THREADS (2), BOOT (1000),
+# SEV_EPOCHS (4), AUDIT_LIMIT (60), VERSION (the release number written into the model), PRECISION (e.g.
+# bf16-mixed, when the trainer supports it), COVIDCXR_SHARED (../shared), COVIDCXR_WEIGHTS_DIR (<shared>/weights).
+# Research use only: nothing here is a clinical performance claim.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+SHARED=${COVIDCXR_SHARED:-../shared}
+export COVIDCXR_WEIGHTS_DIR=${COVIDCXR_WEIGHTS_DIR:-$SHARED/weights}
+RUNS=${RUNS:-reference-out}
+SMOKE=${SMOKE:-0}
+SEED=${SEED:-0}
+STAGE=${STAGE:-all}
+VERSION=${VERSION:-1.0.0}
+CX=".venv/bin/covidcxr"
+PY=".venv/bin/python"
+if [ -z "${RECIPE:-}" ]; then
+  RECIPE=configs/transfer-mobilenet_v2.yaml
+  [ -f configs/robust-mobilenet_v2.yaml ] && RECIPE=configs/robust-mobilenet_v2.yaml
+fi
+if [ "$SMOKE" = 1 ]; then
+  EPOCHS=${EPOCHS:-1}; SIZE=${SIZE:-64}; BOOT=${BOOT:-50}; SEV_EPOCHS=${SEV_EPOCHS:-1}; AUDIT_LIMIT=${AUDIT_LIMIT:-4}
+  LIMIT=(--set trainer.limit_train_batches=2 --set trainer.limit_val_batches=2)
+else
+  EPOCHS=${EPOCHS:-3}; SIZE=${SIZE:-224}; BOOT=${BOOT:-1000}; SEV_EPOCHS=${SEV_EPOCHS:-4}; AUDIT_LIMIT=${AUDIT_LIMIT:-60}
+  LIMIT=()
+fi
+THREADS=${THREADS:-2}
+export OMP_NUM_THREADS=$THREADS MKL_NUM_THREADS=$THREADS
+mkdir -p "$RUNS"
+START=$(date +%s)
+echo "covidcxr reference models: research use only, not a clinical performance claim."
+echo "recipe $RECIPE, seed $SEED, $EPOCHS epochs at $SIZE px, $THREADS threads; runs in $RUNS; smoke=$SMOKE"
+step() { echo "== [$(( ($(date +%s) - START) / 60 )) min] $*"; }
+
+if [ "$STAGE" = all ]; then
+  # ---------------------------------------------------------------- 1. data
+  step "data build (merged benchmark, seed 62)"
+  $CX data build --source "csv=$SHARED/data/covid-cxr-dev/metadata.csv" --source "nih=$SHARED/data/nih-cxr14-subset" \
+    --source "hannover=$SHARED/data/hannover-covid" --out "$RUNS/data" --seed 62 > "$RUNS/data.build.log" 2>&1 \
+    || { tail -3 "$RUNS/data.build.log"; exit 1; }
+  # every person with an Actualmed image leaves train/val (linked persons stay whole): the hold-out manifest holds
+  # all their images as 'test'; the training manifest keeps the patient split's test split as it is
+  $PY - "$RUNS/data/manifest.csv" "$RUNS/reference-manifest.csv" "$RUNS/actualmed-holdout.csv" <<'PY'
+import sys
+from pathlib import Path
+import pandas as pd
+src, train_out, hold_out = map(Path, sys.argv[1:])
+m = pd.read_csv(src)
+m["path"] = [p if Path(p).is_absolute() else str((src.parent / p).resolve()) for p in m["path"]]
+held = set(m.loc[m["source"] == "actualmed", "patient_id"])
+is_held = m["patient_id"].isin(held)
+ref = m[~(is_held & m["split"].isin(["train", "val"]))]
+ref.to_csv(train_out, index=False)
+hold = m[is_held].assign(split="test")
+hold.to_csv(hold_out, index=False)
+print(f"reference manifest: {len(ref)} images ({(ref.split == 'train').sum()} train, {(ref.split == 'val').sum()} val, "
+      f"{(ref.split == 'test').sum()} test); actualmed hold-out: {len(hold)} images of {len(held)} persons "
+      f"({int((is_held & m.split.isin(['train', 'val'])).sum())} moved out of train/val)")
+PY
+
+  # ---------------------------------------------------------------- 2. classifier
+  step "train the reference classifier ($RECIPE)"
+  SETS=(--set "seed=$SEED" --set "data.size=$SIZE" --set "trainer.max_epochs=$EPOCHS" --set "trainer.num_threads=$THREADS"
+        --set trainer.accelerator=cpu --set "data.cache_dir=$RUNS/cache" --set trainer.channels_last=true
+        --set trainer.progress_bar=false)
+  [ -n "${PRECISION:-}" ] && SETS+=(--set "trainer.precision=$PRECISION")
+  $CX train --config "$RECIPE" --data "$RUNS/reference-manifest.csv" --out "$RUNS/run" --overwrite "${SETS[@]}" "${LIMIT[@]}" \
+    > "$RUNS/train.log" 2>&1 || { tail -5 "$RUNS/train.log"; exit 1; }
+  cp "$RECIPE" "$RUNS/recipe.yaml"
+
+  # ---------------------------------------------------------------- 3. evaluation
+  step "evaluate: temperature on val, patient-split test (per source)"
+  $CX evaluate --model "$RUNS/run/best.ckpt" --data "$RUNS/reference-manifest.csv" --split test --calibrate \
+    --out "$RUNS/eval-test" --n-boot "$BOOT" > "$RUNS/eval-test.log" 2>&1 || { tail -3 "$RUNS/eval-test.log"; exit 1; }
+  step "evaluate: Actualmed hold-out"
+  $CX evaluate --model "$RUNS/run/best.ckpt" --data "$RUNS/actualmed-holdout.csv" --split test \
+    --out "$RUNS/eval-actualmed" --n-boot "$BOOT" > "$RUNS/eval-actualmed.log" 2>&1 || { tail -3 "$RUNS/eval-actualmed.log"; exit 1; }
+  step "ONNX export and the INT8 parity gate"
+  if $CX export --model "$RUNS/run/best.ckpt" --onnx "$RUNS/onnx/model.int8.onnx" --quantize int8 \
+       --calibrate "$RUNS/reference-manifest.csv" --parity-images "$RUNS/reference-manifest.csv" \
+       > "$RUNS/int8.log" 2>&1; then echo ok > "$RUNS/int8.status"; else tail -2 "$RUNS/int8.log" | tee "$RUNS/int8.status"; fi
+  step "shortcut audit (Grad-CAM inside the lungs) on $AUDIT_LIMIT test images"
+  if $CX audit-model --model "$RUNS/run/best.ckpt" --data "$RUNS/reference-manifest.csv" --split test --methods gradcam \
+       --limit "$AUDIT_LIMIT" --bootstrap "$BOOT" --no-progress --out "$RUNS/audit" > "$RUNS/audit.log" 2>&1; then :; \
+  else echo "shortcut audit failed: see $RUNS/audit.log"; fi
+
+  # ---------------------------------------------------------------- 4. severity
+  step "train + evaluate the reference severity model (scores, from the classifier)"
+  SEV_LIMIT=(); [ "$SMOKE" = 1 ] && SEV_LIMIT=(--size "$SIZE")
+  $CX severity train --task scores --data "$RUNS/reference-manifest.csv" --init "$RUNS/run/best.ckpt" --out "$RUNS/severity" \
+    --max-epochs "$SEV_EPOCHS" --seed "$SEED" --accelerator cpu "${SEV_LIMIT[@]}" > "$RUNS/severity.log" 2>&1 \
+    || { tail -3 "$RUNS/severity.log"; exit 1; }
+  $CX severity evaluate --model "$RUNS/severity/best.ckpt" --data "$RUNS/reference-manifest.csv" --split test \
+    --out "$RUNS/severity-eval" --bootstrap "$BOOT" > "$RUNS/severity-eval.log" 2>&1 || { tail -3 "$RUNS/severity-eval.log"; exit 1; }
+  echo $(( $(date +%s) - START )) > "$RUNS/seconds"
+fi
+
+# ---------------------------------------------------------------- 5. cards + packing
+step "model cards and packing"
+PACK=(--pack); [ "$SMOKE" = 1 ] && PACK=(--no-pack)
+$PY scripts/model_card.py "$RUNS" --version "$VERSION" --recipe "$RECIPE" --seed "$SEED" "${PACK[@]}" \
+  $( [ "$SMOKE" = 1 ] && echo "--doc $RUNS/model-card.md" )
+step "done"
