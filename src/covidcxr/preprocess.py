@@ -653,6 +653,185 @@ class Augment:
         return torch.from_numpy(np.ascontiguousarray(np.clip(out, 0.0, 1.0), dtype=np.float32)).unsqueeze(0)
 
 
+# --------------------------------------------------------------------------- source-randomising augmentation
+# What differs between hospitals besides the patients: detector response (gamma, contrast), sharpness,
+# noise, the export (bit depth, JPEG), collimation borders and burnt-in text. Randomising all of them in
+# training takes away the cues a network can use to tell the source (Zech et al. 2018; DeGrave et al.
+# 2021). Each op maps a H x W float32 image in [0, 1] to one of the same shape, dtype and range.
+
+
+def apply_gamma(img: np.ndarray, gamma: float) -> np.ndarray:
+    """``img ** gamma``: > 1 darkens the mid-tones, < 1 brightens them; 0 and 1 stay put."""
+    return np.power(np.clip(img, 0.0, 1.0), np.float32(gamma)).astype(np.float32)
+
+
+def apply_contrast(img: np.ndarray, factor: float) -> np.ndarray:
+    """Stretch (> 1) or flatten (< 1) the gray levels about the image mean, clipped to [0, 1]."""
+    m = np.float32(img.mean())
+    return np.clip((img - m) * np.float32(factor) + m, 0.0, 1.0).astype(np.float32)
+
+
+def gaussian_blur(img: np.ndarray, sigma: float) -> np.ndarray:
+    """Gaussian blur of standard deviation ``sigma`` pixels (a softer detector or a resampled export)."""
+    return np.clip(cv2.GaussianBlur(np.ascontiguousarray(img, dtype=np.float32), (0, 0), float(sigma)), 0.0, 1.0)
+
+
+def add_noise(img: np.ndarray, std: float, rng: np.random.Generator) -> np.ndarray:
+    """Additive Gaussian noise of ``std`` (quantum and electronic noise), clipped to [0, 1]."""
+    noise = rng.standard_normal(img.shape).astype(np.float32) * np.float32(std)
+    return np.clip(img + noise, 0.0, 1.0).astype(np.float32)
+
+
+def jpeg_recompress(img: np.ndarray, quality: int) -> np.ndarray:
+    """Encode as 8-bit JPEG at ``quality`` (1..100) and decode again: block artefacts of a lossy export."""
+    u8 = np.clip(img * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    ok, buf = cv2.imencode(".jpg", u8, [int(cv2.IMWRITE_JPEG_QUALITY), int(quality)])
+    if not ok:  # pragma: no cover - OpenCV always encodes a uint8 image
+        return img.astype(np.float32)
+    return cv2.imdecode(buf, cv2.IMREAD_GRAYSCALE).astype(np.float32) / np.float32(255.0)
+
+
+def reduce_bit_depth(img: np.ndarray, bits: int) -> np.ndarray:
+    """Quantise to ``2**bits`` gray levels (a low-bit-depth export or a screenshot)."""
+    levels = np.float32(2 ** int(bits) - 1)
+    return (np.round(np.clip(img, 0.0, 1.0) * levels) / levels).astype(np.float32)
+
+
+def add_borders(img: np.ndarray, widths: tuple[int, int, int, int], value: float) -> np.ndarray:
+    """Constant bars of ``widths`` = (top, bottom, left, right) pixels in gray ``value`` (collimation, padding)."""
+    out = np.array(img, dtype=np.float32, copy=True)
+    h, w = out.shape
+    t, b, le, r = (max(0, int(x)) for x in widths)
+    if t:
+        out[: min(t, h)] = value
+    if b:
+        out[max(0, h - b):] = value
+    if le:
+        out[:, : min(le, w)] = value
+    if r:
+        out[:, max(0, w - r):] = value
+    return out
+
+
+def burn_text(img: np.ndarray, text: str, origin: tuple[int, int], value: float, scale: float = 0.4) -> np.ndarray:
+    """Draw ``text`` at ``origin`` (x, y of the baseline start) in gray ``value``: burnt-in markers and labels."""
+    out = np.ascontiguousarray(img, dtype=np.float32)
+    ink = np.zeros(out.shape, dtype=np.uint8)  # OpenCV draws text on 8-bit images only: draw the coverage
+    thick = max(1, int(round(scale * 2)))
+    cv2.putText(ink, text, (int(origin[0]), int(origin[1])), cv2.FONT_HERSHEY_SIMPLEX, float(scale), 255, thick,
+                cv2.LINE_AA)
+    a = ink.astype(np.float32) / np.float32(255.0)
+    return np.clip(out * (1.0 - a) + np.float32(value) * a, 0.0, 1.0).astype(np.float32)
+
+
+#: the order the source ops are applied in: acquisition, burnt-in marks, then the export
+SOURCE_OPS = ("gamma", "contrast", "blur", "noise", "borders", "text", "bits", "jpeg")
+
+
+@dataclass(frozen=True)
+class SourceAugment(Augment):
+    """:class:`Augment`'s geometry and brightness, then source-randomising ops, each with probability ``p_op``.
+
+    The ops (:data:`SOURCE_OPS`): gamma (log-uniform in ``gamma``), contrast (``contrast`` factor), Gaussian
+    blur (``blur_sigma`` px), Gaussian noise (``noise_std``), constant borders (up to ``border`` of each side,
+    black or white), burnt-in text (random letters and digits in a corner), bit-depth reduction (``bits``
+    levels, inclusive) and JPEG re-compression (``jpeg_quality``, inclusive). Seeded by ``(seed, epoch,
+    index)`` like the geometry, with every draw made whatever is switched on.
+    """
+
+    p_op: float = 0.5
+    gamma: tuple[float, float] = (0.6, 1.6)
+    contrast: tuple[float, float] = (0.7, 1.3)
+    blur_sigma: tuple[float, float] = (0.3, 1.5)
+    noise_std: tuple[float, float] = (0.005, 0.03)
+    border: float = 0.08
+    bits: tuple[int, int] = (4, 7)
+    jpeg_quality: tuple[int, int] = (15, 75)
+
+    def source_params(self, index: int = 0, epoch: int = 0, shape: tuple[int, int] = (224, 224)) -> dict[str, Any]:
+        """The ops switched on for ``(seed, epoch, index)`` and their draws (a fixed number of draws)."""
+        rng = np.random.default_rng([int(self.seed) & 0xFFFFFFFF, int(epoch) & 0xFFFFFFFF,
+                                     int(index) & 0xFFFFFFFF, 0x50C])
+        h, w = shape
+        on = rng.random(len(SOURCE_OPS)) < self.p_op
+        lg = np.log(self.gamma)
+        bw = rng.integers(0, max(1, int(self.border * min(h, w))) + 1, size=4) * (rng.random(4) < 0.5)
+        chars = "".join(rng.choice(list("ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 "), size=6))
+        corner = int(rng.integers(0, 4))
+        p = {
+            "gamma": float(np.exp(rng.uniform(*lg))),
+            "contrast": float(rng.uniform(*self.contrast)),
+            "blur": float(rng.uniform(*self.blur_sigma)),
+            "noise": float(rng.uniform(*self.noise_std)),
+            "noise_seed": int(rng.integers(0, 2**31 - 1)),
+            "borders": tuple(int(x) for x in bw),
+            "border_value": float(rng.random() < 0.5),
+            "text": chars.strip() or "L",
+            "text_value": float(rng.random() < 0.8),  # mostly white, as burnt-in markers are
+            "text_corner": corner,
+            "text_scale": float(rng.uniform(0.3, 0.6)) * min(h, w) / 224.0,
+            "bits": int(rng.integers(self.bits[0], self.bits[1] + 1)),
+            "jpeg": int(rng.integers(self.jpeg_quality[0], self.jpeg_quality[1] + 1)),
+        }
+        p["on"] = [op for op, flag in zip(SOURCE_OPS, on) if flag]
+        return p
+
+    def apply_source(self, img: np.ndarray, p: dict[str, Any]) -> np.ndarray:
+        """Apply the switched-on ops of a draw ``p`` (from :meth:`source_params`) to a H x W [0, 1] image."""
+        out = np.ascontiguousarray(img, dtype=np.float32)
+        h, w = out.shape
+        for op in SOURCE_OPS:
+            if op not in p["on"]:
+                continue
+            if op == "gamma":
+                out = apply_gamma(out, p["gamma"])
+            elif op == "contrast":
+                out = apply_contrast(out, p["contrast"])
+            elif op == "blur":
+                out = gaussian_blur(out, p["blur"])
+            elif op == "noise":
+                out = add_noise(out, p["noise"], np.random.default_rng(p["noise_seed"]))
+            elif op == "borders":
+                out = add_borders(out, p["borders"], p["border_value"])
+            elif op == "text":
+                m = max(2, int(0.04 * min(h, w)))
+                x = m if p["text_corner"] % 2 == 0 else max(m, w // 2)
+                y = max(m + 8, int(0.08 * h)) if p["text_corner"] < 2 else h - m
+                out = burn_text(out, p["text"], (x, y), p["text_value"], p["text_scale"])
+            elif op == "bits":
+                out = reduce_bit_depth(out, p["bits"])
+            elif op == "jpeg":
+                out = jpeg_recompress(out, p["jpeg"])
+        return np.clip(out, 0.0, 1.0).astype(np.float32, copy=False)
+
+    def __call__(self, image: np.ndarray | torch.Tensor, index: int = 0, epoch: int = 0) -> torch.Tensor:
+        import torch
+
+        geo = super().__call__(image, index=index, epoch=epoch)[0].numpy()
+        out = self.apply_source(geo, self.source_params(index, epoch, geo.shape))
+        return torch.from_numpy(np.ascontiguousarray(out)).unsqueeze(0)
+
+
+def standardized(preset: Preset, mode: str | None) -> Preset:
+    """``preset`` with histogram standardisation switched on (recipe key ``data.hist_standardize``).
+
+    ``film``: every prepared image's gray levels are matched to the NIH ChestX-ray14 reference quantiles
+    (:data:`NIH_CXR14_TEMPLATE`, the COVID-CXNet matching, Nyul & Udupa-style standardisation over the
+    whole film), so that films from different sources share one histogram. The template is a preset
+    field, so it travels inside checkpoints and inference applies it too. A preset that already matches
+    to a template keeps its own.
+    """
+    if mode in (None, "", "none"):
+        return preset
+    if mode != "film":
+        raise PresetError(f"histogram standardisation {mode!r}; choose film or none")
+    if preset.hist_template:
+        return preset
+    return dataclasses.replace(preset, hist_template=NIH_CXR14_TEMPLATE,
+                               description=(preset.description + "; " if preset.description else "")
+                               + "histogram-standardised to the NIH ChestX-ray14 reference quantiles (whole film)")
+
+
 AUGMENT_RECIPES: dict[str, Augment | None] = {
     # COVID-Net data.py: random_ratio_resize(p=0.3, delta=0.1), then Keras ImageDataGenerator(rotation 10,
     # width/height shift 0.1, horizontal flip, brightness (0.9, 1.1), zoom_range (0.85, 1.15), black fill)
@@ -667,4 +846,8 @@ AUGMENT_RECIPES: dict[str, Augment | None] = {
                      brightness=(0.5, 1.3), zoom_xy=True),
     "none": None,
     "light": Augment(rotation=5.0, translate=0.05, zoom=(0.95, 1.05), hflip=False, brightness=(0.95, 1.05)),
+    # the light geometry plus source randomisation (gamma, contrast, blur, noise, borders, burnt-in text,
+    # bit depth, JPEG), each op on half the images: see SourceAugment and docs/recipes.md
+    "source-random": SourceAugment(rotation=5.0, translate=0.05, zoom=(0.95, 1.05), hflip=False,
+                                   brightness=(0.9, 1.1)),
 }

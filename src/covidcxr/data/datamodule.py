@@ -14,7 +14,10 @@ from torch.utils.data import DataLoader
 from covidcxr.data.dataset import CXRDataset
 from covidcxr.data.labels import CLASSES
 from covidcxr.data.manifest import ManifestError, keep_labels, read_manifest
-from covidcxr.data.sampling import ShuffleSampler, WeightedSampler, class_weights, rebalancing_sampler
+import numpy as np
+
+from covidcxr.data.sampling import (GroupBalancedSampler, ShuffleSampler, WeightedSampler, class_weights,
+                                    merge_small_groups, rebalancing_sampler)
 from covidcxr.preprocess import Augment, Preset, get_preset
 
 log = logging.getLogger(__name__)
@@ -24,22 +27,27 @@ class CXRDataModule(L.LightningDataModule):
     """Train/val/test loaders from one manifest (``split`` column) and one preprocessing preset.
 
     ``sampler``: None (shuffle), ``"rebalance"`` (COVID-Net: ``minority_fraction`` of every batch from
-    the minority class: the rarest training label, or ``minority_label``, e.g. ``"COVID-19"``) or ``"weighted"`` (sample with balanced class weights). Each is sharded per
-    rank under DDP and re-seeded per epoch. ``label_filter``: labels to keep (a list) or a function
+    the minority class: the rarest training label, or ``minority_label``, e.g. ``"COVID-19"``), ``"weighted"``
+    (sample with balanced class weights) or ``"group_balanced"`` (every (source, class) cell of the train split
+    equally often; ``group_max_repeat`` and ``group_min_size`` set its limits, see
+    :class:`~covidcxr.data.sampling.GroupBalancedSampler`). Each is sharded per rank under DDP and re-seeded
+    per epoch. Batches carry ``source`` and ``group`` indices, numbered by :attr:`sources` (all splits'). ``label_filter``: labels to keep (a list) or a function
     ``frame -> boolean mask``. Augmentation applies to the training split only.
     """
 
     def __init__(self, manifest: str | os.PathLike | pd.DataFrame, preset: str | Preset | dict = "covidnet",
                  batch_size: int = 8, num_workers: int = 0, augment: Augment | str | None = None,
                  cache_dir: str | os.PathLike | None = None,
-                 sampler: Literal["rebalance", "weighted"] | None = None, minority_fraction: float = 0.5,
+                 sampler: Literal["rebalance", "weighted", "group_balanced"] | None = None,
+                 minority_fraction: float = 0.5,
                  seed: int = 0, train_split: str = "train", val_split: str = "val", test_split: str = "test",
                  label_filter: Sequence[str] | Callable[[pd.DataFrame], pd.Series] | None = None,
                  classes: Sequence[str] | Mapping[str, int] = CLASSES, pin_memory: bool = False,
-                 minority_label: str | None = None):
+                 minority_label: str | None = None, group_max_repeat: float = 4.0, group_min_size: int = 5):
         super().__init__()
-        if sampler not in (None, "rebalance", "weighted"):
-            raise ValueError(f"sampler must be None, 'rebalance' or 'weighted', not {sampler!r}")
+        if sampler not in (None, "rebalance", "weighted", "group_balanced"):
+            raise ValueError(f"sampler must be None, 'rebalance', 'weighted' or 'group_balanced', not {sampler!r}")
+        self.group_max_repeat, self.group_min_size = float(group_max_repeat), int(group_min_size)
         self.manifest = manifest
         self.preset = get_preset(preset)
         self.batch_size, self.num_workers = int(batch_size), int(num_workers)
@@ -50,6 +58,7 @@ class CXRDataModule(L.LightningDataModule):
         self.minority_label = minority_label
         self.datasets: dict[str, CXRDataset] = {}
         self.frame: pd.DataFrame | None = None
+        self.sources: list[str] = []
 
     # ------------------------------------------------------------------ setup
     def _load(self) -> pd.DataFrame:
@@ -71,6 +80,9 @@ class CXRDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.frame is None:
             self.frame = self._load()
+            # one source numbering for every split, so a group index means the same cell in train and val
+            col = self.frame["source"] if "source" in self.frame.columns else pd.Series(dtype=str)
+            self.sources = sorted({str(v) for v in col.dropna() if str(v).strip()})
         for role, split in self.splits.items():
             if role in self.datasets:
                 continue
@@ -78,7 +90,8 @@ class CXRDataModule(L.LightningDataModule):
             if part.empty:
                 continue
             self.datasets[role] = CXRDataset(part, self.preset, augment=self.augment if role == "train" else None,
-                                             cache_dir=self.cache_dir, classes=self.classes)
+                                             cache_dir=self.cache_dir, classes=self.classes,
+                                             sources=self.sources)
 
     def dataset(self, role: str) -> CXRDataset:
         if role not in self.datasets:
@@ -107,6 +120,11 @@ class CXRDataModule(L.LightningDataModule):
                                        minority_class=minority)
         if self.sampler == "weighted":
             return WeightedSampler(ds.labels, seed=self.seed, dataset=ds)
+        if self.sampler == "group_balanced":
+            if (ds.groups < 0).all():
+                raise ManifestError("group_balanced sampling needs a 'source' column and labels in the train split")
+            cells = merge_small_groups(ds.groups, ds.labels, self.group_min_size)
+            return GroupBalancedSampler(cells, seed=self.seed, max_repeat=self.group_max_repeat, dataset=ds)
         return ShuffleSampler(len(ds), seed=self.seed, dataset=ds)
 
     def train_dataloader(self) -> DataLoader:
@@ -125,6 +143,16 @@ class CXRDataModule(L.LightningDataModule):
     @property
     def num_classes(self) -> int:
         return len(set(self.dataset("train").class_to_index.values()))
+
+    def group_names(self) -> list[str]:
+        """``"source/class"`` per group index (what batches' ``group`` numbers)."""
+        return self.dataset("train").group_names()
+
+    def group_counts(self) -> np.ndarray:
+        """Training images per group index (0 for a cell the train split lacks)."""
+        ds = self.dataset("train")
+        g = ds.groups[ds.groups >= 0]
+        return np.bincount(g, minlength=len(ds.group_names()))
 
     def class_weights(self) -> torch.Tensor:
         """Balanced class weights of the training split, for a weighted loss."""

@@ -33,10 +33,14 @@ def _blank(v: object) -> bool:
 
 
 class CXRDataset(Dataset):
-    """Images of a manifest frame as dicts ``{"image", "label", "index", "scores", "path", "patient_id"}``.
+    """Images of a manifest frame as dicts ``{"image", "label", "index", "scores", "path", "patient_id",
+    "source", "group"}``.
 
     - ``image``: C x H x W float32 tensor from ``preset``; ``label``: class index, -1 if unlabelled;
       ``index``: row position; ``scores``: ``[geographic_extent, opacity]`` with NaN where missing.
+    - ``source``: index of the row's ``source`` in ``sources`` (default: the frame's sources, sorted), -1
+      when unknown; ``group``: ``source * num_classes + label``, the (source, class) cell that group-robust
+      training balances (-1 when either is unknown). Pass the same ``sources`` to every split.
     - ``classes``: class names (index = position) or a mapping ``{label: index}`` to merge classes
       (e.g. ``{"normal": 0, "pneumonia": 0, "COVID-19": 1}``). A label outside it is an error.
     - ``augment``: an :class:`~covidcxr.preprocess.Augment`, a recipe name, or None; it is seeded by
@@ -49,7 +53,7 @@ class CXRDataset(Dataset):
 
     def __init__(self, frame: pd.DataFrame, preset: str | Preset | dict = "covidnet",
                  augment: Augment | str | None = None, cache_dir: str | os.PathLike | None = None,
-                 classes: Sequence[str] | Mapping[str, int] = CLASSES):
+                 classes: Sequence[str] | Mapping[str, int] = CLASSES, sources: Sequence[str] | None = None):
         if "path" not in frame.columns:
             raise ManifestError("dataset frame has no 'path' column")
         self.frame = frame.reset_index(drop=True)
@@ -61,6 +65,10 @@ class CXRDataset(Dataset):
         self.augment = augment
         self.classes = classes
         self.class_to_index = _label_index(classes)
+        self.num_classes = len(set(self.class_to_index.values()))
+        if sources is None:
+            sources = sorted({str(v) for v in frame.get("source", pd.Series(dtype=str)) if not _blank(v)})
+        self.sources = [str(s) for s in sources]
         self.cache_dir = cache_dir
         self.cache = PreparedCache(cache_dir, self.preset.fingerprint()) if cache_dir else None
         self.epoch = 0
@@ -81,6 +89,18 @@ class CXRDataset(Dataset):
         self.masks = (self.frame["mask_path"].tolist() if "mask_path" in self.frame.columns else [None] * len(self.frame))
         self.patients = (self.frame["patient_id"].astype(str).tolist() if "patient_id" in self.frame.columns
                          else [""] * len(self.frame))
+        src_index = {s: i for i, s in enumerate(self.sources)}
+        srcs = self.frame["source"] if "source" in self.frame.columns else pd.Series([None] * len(self.frame))
+        self.source_index = np.array([-1 if _blank(v) else src_index.get(str(v), -1) for v in srcs], dtype=np.int64)
+        self.groups = np.where((self.source_index >= 0) & (self.labels >= 0),
+                               self.source_index * self.num_classes + self.labels, -1).astype(np.int64)
+
+    def group_names(self) -> list[str]:
+        """Name of each group id: ``"source/class"`` (group = source index x num_classes + class index)."""
+        names = {}
+        for lab, i in self.class_to_index.items():
+            names.setdefault(i, lab)  # merged classes (binary task) are named by their first label
+        return [f"{s}/{names[c]}" for s in self.sources for c in range(self.num_classes)]
 
     def __len__(self) -> int:
         return len(self.frame)
@@ -129,6 +149,8 @@ class CXRDataset(Dataset):
             "scores": torch.from_numpy(self.scores[i].copy()),
             "path": self.paths[i],
             "patient_id": self.patients[i],
+            "source": int(self.source_index[i]),
+            "group": int(self.groups[i]),
         }
 
     def check(self, skip_bad: bool = True) -> list[CXRReadError]:

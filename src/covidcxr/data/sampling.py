@@ -175,3 +175,78 @@ def rebalancing_sampler(labels: Sequence[int] | np.ndarray | torch.Tensor, batch
                         minority_fraction: float = 0.5, seed: int = 0, **kw: object) -> RebalancingSampler:
     """The COVID-Net batch re-balancing sampler (see :class:`RebalancingSampler`)."""
     return RebalancingSampler(labels, batch_size, minority_fraction=minority_fraction, seed=seed, **kw)
+
+
+def merge_small_groups(groups: Sequence[int] | np.ndarray, labels: Sequence[int] | np.ndarray,
+                       min_size: int = 5) -> np.ndarray:
+    """Cell ids for :class:`GroupBalancedSampler`: ``groups`` with every cell under ``min_size`` images merged.
+
+    A cell (one source x class) smaller than ``min_size`` joins the other small cells of its class in one
+    pooled cell ("the rare sources of this class"); a pool still under ``min_size`` joins the smallest cell of
+    its class that has ``min_size`` images (the rare sources are more like another minor source than like the
+    dominant one, which would swamp them). No image is dropped. Unlabelled rows (label or group -1) stay -1. Returns one id per row.
+    """
+    g, y = np.asarray(groups, dtype=np.int64).copy(), _labels(labels)
+    if g.shape != y.shape:
+        raise ValueError(f"{len(g)} group ids for {len(y)} labels")
+    g[(y < 0) | (g < 0)] = -1
+    out = g.copy()
+    fresh = int(g.max()) + 1 if (g >= 0).any() else 0
+    for c in np.unique(y[y >= 0]):
+        in_c = (y == c) & (g >= 0)
+        ids, counts = np.unique(g[in_c], return_counts=True)
+        small = ids[counts < min_size]
+        if len(small) == 0 or len(small) == len(ids) == 1:
+            continue
+        pool = in_c & np.isin(g, small)
+        big = ids[counts >= min_size]
+        if pool.sum() >= min_size or len(big) == 0:
+            out[pool] = fresh  # one pooled cell for the rare sources of class c
+            fresh += 1
+        else:
+            out[pool] = big[np.argmin(counts[counts >= min_size])]
+    return out
+
+
+class GroupBalancedSampler(_EpochSampler):
+    """Every (source, class) cell drawn equally often per epoch (group-balanced sampling, Sagawa et al. 2020;
+    Idrissi et al. 2022 "subsampling/upsampling" baseline).
+
+    ``groups``: one cell id per row (-1: never drawn), e.g. from :func:`merge_small_groups`. Each epoch draws
+    the same quota ``q`` from every cell: ``q = min(ceil(n / G), ceil(max_repeat * smallest cell))`` for
+    ``n`` drawable rows in ``G`` cells. So an epoch is ``q * G`` draws (at most ``n``): a cell smaller than
+    ``q`` repeats its images (each at most ``max_repeat`` times, up to one extra draw where ``q`` is not a
+    multiple), a larger cell contributes a fresh random subset each epoch. Within a cell, images are walked
+    through in shuffled order (no image repeats before all were drawn). Deterministic by ``(seed, epoch)``;
+    under DDP each rank takes every ``world``-th draw of the same global order (padded to equal length).
+    """
+
+    def __init__(self, groups: Sequence[int] | np.ndarray | torch.Tensor, seed: int = 0, max_repeat: float = 4.0,
+                 num_replicas: int | None = None, rank: int | None = None, dataset: object = None):
+        arr = np.asarray(groups.cpu() if isinstance(groups, torch.Tensor) else groups).astype(np.int64).ravel()
+        super().__init__(len(arr), seed, num_replicas, rank, dataset)
+        if max_repeat < 1:
+            raise ValueError(f"max_repeat must be >= 1, got {max_repeat}")
+        ids = np.unique(arr[arr >= 0])
+        if len(ids) == 0:
+            raise ValueError("group-balanced sampling needs at least one labelled group")
+        self.cells = [np.nonzero(arr == i)[0] for i in ids]
+        self.cell_ids = ids.tolist()
+        n, sizes = int((arr >= 0).sum()), np.array([len(c) for c in self.cells])
+        self.quota = int(max(1, min(math.ceil(n / len(ids)), math.ceil(max_repeat * sizes.min()))))
+        self.total = self.quota * len(ids)
+        self.num_samples = math.ceil(self.total / self.num_replicas)
+
+    def __iter__(self) -> Iterator[int]:
+        rng = self._rng()
+        draws: list[int] = []
+        for cell in self.cells:
+            reps = math.ceil(self.quota / len(cell))
+            # shuffled passes over the cell, cut at the quota: no image twice before every image once
+            draws.extend(np.concatenate([rng.permutation(cell) for _ in range(reps)])[: self.quota].tolist())
+        order = np.asarray(draws)[rng.permutation(len(draws))]
+        order = np.resize(order, self.num_samples * self.num_replicas)  # pad by wrapping, as DistributedSampler
+        return iter(order[self.rank :: self.num_replicas].tolist())
+
+    def __len__(self) -> int:
+        return self.num_samples

@@ -33,7 +33,15 @@ DEFAULTS: dict[str, Any] = {
         "batch_size": 16,
         "num_workers": 0,
         "augment": "light",  # a covidcxr.preprocess.AUGMENT_RECIPES name, or none
-        "sampler": None,  # null | rebalance | weighted
+        "sampler": None,  # null | rebalance | weighted | group_balanced
+        # group_balanced: every (source, class) cell of the train split drawn equally often per epoch
+        # (docs/recipes.md). A cell is repeated at most group_max_repeat times per epoch, which caps the
+        # per-cell quota (and the epoch length); cells under group_min_size images are merged per class
+        "group_max_repeat": 4.0,
+        "group_min_size": 5,
+        # histogram standardisation of the input (stored in the checkpoint's preset, so inference applies it):
+        # null (off) | film (the whole film's gray levels matched to the NIH ChestX-ray14 reference quantiles)
+        "hist_standardize": None,
         "minority_fraction": 0.5,
         # the class the rebalance sampler fills minority_fraction of each batch with (COVID-Net: COVID-19,
         # whatever its frequency); null: the rarest training class
@@ -45,6 +53,13 @@ DEFAULTS: dict[str, Any] = {
         "pin_memory": False,
     },
     "loss": {
+        # erm: mean cross-entropy | group_dro: online group DRO over (source, class) groups (Sagawa et al.,
+        # ICLR 2020): exponentiated-gradient group weights with step dro_eta; dro_adjustment C adds
+        # C / sqrt(n_group) to each group's loss (their group adjustment). ``loss: group_dro`` is short for
+        # ``loss: {kind: group_dro}``
+        "kind": "erm",
+        "dro_eta": 0.01,
+        "dro_adjustment": 0.0,
         "label_smoothing": 0.0,
         "class_weights": None,  # null | balanced | a list, one weight per class (COVID-Net: [1, 1, 4])
     },
@@ -102,6 +117,16 @@ DEFAULTS: dict[str, Any] = {
         "progress_bar": True,
         "num_threads": None,  # torch.set_num_threads per process (CPU runs)
     },
+    # A source adversary (conditional DANN: Ganin et al. 2016; Li et al. 2018): per class, a small MLP head
+    # predicts the image's source from the pooled features through a gradient-reversal layer, so the body
+    # learns features that do not tell the sources apart within a class. Training only: the head is not part
+    # of best.ckpt. ``adversary: source`` is short for ``adversary: {kind: source}``
+    "adversary": {
+        "kind": None,  # null | source
+        "weight": 0.1,  # the adversary loss's weight in the total loss
+        "hidden": 128,  # hidden units of each per-class head (0: a linear head)
+        "grl_schedule": "dann",  # dann: reversal strength 2 / (1 + exp(-10 p)) - 1 over progress p | constant: 1
+    },
     # Earlier training stages, run in order before this recipe's own training (twice transfer learning:
     # ImageNet -> ChestX-ray14 findings -> COVID). Each item is {name: NAME, overrides: {dotted.key: value}}
     # applied to this recipe; the first stage starts from model.weights, every later stage (and the final
@@ -115,7 +140,11 @@ DEFAULTS: dict[str, Any] = {
 _ENUMS = {
     ("optimizer", "name"): {"adam", "adamw", "sgd"},
     ("scheduler", "name"): {"none", "step", "plateau", "cosine"},
-    ("data", "sampler"): {None, "rebalance", "weighted"},
+    ("data", "sampler"): {None, "rebalance", "weighted", "group_balanced"},
+    ("data", "hist_standardize"): {None, "film"},
+    ("loss", "kind"): {"erm", "group_dro"},
+    ("adversary", "kind"): {None, "source"},
+    ("adversary", "grl_schedule"): {"dann", "constant"},
     # findings: multi-label over the NIH ChestX-ray14 'Finding Labels' (manifest column findings) of the rows
     # that have them -- the ChestX-ray14 step of twice transfer learning (stages:)
     ("data", "task"): {"3class", "binary", "findings"},
@@ -131,12 +160,24 @@ class ConfigError(ValueError):
     """A recipe or override is malformed; the message names the file or key."""
 
 
+#: sections that may be given as one word, short for {kind: WORD} (``loss: group_dro``, ``adversary: source``)
+_KIND_SHORTHAND = ("loss", "adversary")
+
+
+def _shorthand(key: str, base: Any, v: Any) -> Any:
+    if key in _KIND_SHORTHAND and isinstance(base, dict) and (v is None or isinstance(v, str)):
+        return {"kind": v}
+    return v
+
+
 def _merge(base: dict, over: dict, where: str, path: str = "") -> dict:
     out = copy.deepcopy(base)
     for k, v in over.items():
         key = f"{path}{k}"
         if k not in base:
             raise ConfigError(f"{where}: unknown key {key!r}; known here: {sorted(base)}")
+        if not path:
+            v = _shorthand(k, base[k], v)
         if isinstance(base[k], dict) and k != "kwargs":
             if not isinstance(v, dict):
                 raise ConfigError(f"{where}: {key!r} must be a mapping, got {v!r}")
@@ -185,6 +226,11 @@ def _set(cfg: dict, keys: list[str], value: Any, item: str) -> None:
     last = keys[-1]
     if not isinstance(node, dict) or (last not in node and keys[-2:-1] != ["kwargs"]):
         raise ConfigError(f"override {item!r}: unknown key {'.'.join(keys)!r}")
+    if len(keys) == 1 and node is cfg:
+        value = _shorthand(last, node.get(last), value)
+        if isinstance(value, dict) and isinstance(node.get(last), dict):
+            node[last] = _merge(node[last], value, f"override {item!r}", last + ".")
+            return
     if isinstance(node.get(last), dict) and keys[-1] != "kwargs":
         raise ConfigError(f"override {item!r}: {'.'.join(keys)!r} is a section; set one of {sorted(node[last])}")
     node[last] = value
@@ -205,7 +251,9 @@ def validate(cfg: dict) -> dict:
     for sec, key in (("optimizer", "lr"), ("optimizer", "momentum"), ("optimizer", "weight_decay"),
                      ("scheduler", "gamma"), ("scheduler", "factor"), ("scheduler", "min_lr"),
                      ("loss", "label_smoothing"), ("data", "minority_fraction"), ("early_stopping", "min_delta"),
-                     ("optimizer", "body_lr_mult"), ("operating_point", "target_sensitivity")):
+                     ("optimizer", "body_lr_mult"), ("operating_point", "target_sensitivity"),
+                     ("data", "group_max_repeat"), ("loss", "dro_eta"), ("loss", "dro_adjustment"),
+                     ("adversary", "weight")):
         _coerce_float(cfg, sec, key)
     for (sec, key), allowed in _ENUMS.items():
         v = cfg[sec][key]
@@ -233,6 +281,7 @@ def validate(cfg: dict) -> dict:
         raise ConfigError(f"optimizer.lr must be > 0, got {cfg['optimizer']['lr']}")
     if cfg["optimizer"]["body_lr_mult"] <= 0:
         raise ConfigError(f"optimizer.body_lr_mult must be > 0, got {cfg['optimizer']['body_lr_mult']}")
+    _validate_robust(cfg)
     wu = cfg["model"]["warmup_epochs"]
     if not isinstance(wu, int) or isinstance(wu, bool) or wu < 0:
         raise ConfigError(f"model.warmup_epochs must be an integer >= 0, got {wu!r}")
@@ -255,6 +304,29 @@ def validate(cfg: dict) -> dict:
     cfg["model"]["weights"] = "none" if w in (None, False) else str(w)
     _validate_stages(cfg)
     return cfg
+
+
+def _validate_robust(cfg: dict) -> None:
+    """The group-robust keys (docs/recipes.md): sampler limits, group DRO step, adversary head."""
+    d, lo, adv = cfg["data"], cfg["loss"], cfg["adversary"]
+    if d["group_max_repeat"] < 1:
+        raise ConfigError(f"data.group_max_repeat must be >= 1, got {d['group_max_repeat']}")
+    gm = d["group_min_size"]
+    if not isinstance(gm, int) or isinstance(gm, bool) or gm < 1:
+        raise ConfigError(f"data.group_min_size must be an integer >= 1, got {gm!r}")
+    if lo["dro_eta"] <= 0:
+        raise ConfigError(f"loss.dro_eta must be > 0, got {lo['dro_eta']}")
+    if lo["dro_adjustment"] < 0:
+        raise ConfigError(f"loss.dro_adjustment must be >= 0, got {lo['dro_adjustment']}")
+    if adv["weight"] < 0:
+        raise ConfigError(f"adversary.weight must be >= 0, got {adv['weight']}")
+    hid = adv["hidden"]
+    if not isinstance(hid, int) or isinstance(hid, bool) or hid < 0:
+        raise ConfigError(f"adversary.hidden must be an integer >= 0, got {hid!r}")
+    robust = d["sampler"] == "group_balanced" or lo["kind"] == "group_dro" or adv["kind"] is not None
+    if robust and d.get("task") == "findings":
+        raise ConfigError("data.task findings is multi-label: the group-robust options (group_balanced, group_dro, "
+                          "adversary) need single-label classes")
 
 
 def _validate_stages(cfg: dict) -> None:

@@ -49,6 +49,12 @@ class CXRClassifier(L.LightningModule):
 
     ``config`` is the full training config (see :mod:`covidcxr.train.config`); ``class_weights``
     (tensor, one per class) weights the cross-entropy when the recipe asks for it.
+
+    Group-robust options (:mod:`covidcxr.train.robust`) need the training groups: ``sources`` (source
+    names, the batches' ``source`` index) and ``group_counts`` (training images per group index
+    ``source * len(classes) + class``). ``loss.kind: group_dro`` weights the groups' losses;
+    ``adversary.kind: source`` adds per-class source heads through gradient reversal. Both stay outside
+    ``self.model``, so checkpoints hold the classifier only.
     """
 
     def __init__(
@@ -59,6 +65,8 @@ class CXRClassifier(L.LightningModule):
         model: nn.Module | None = None,
         class_weights: torch.Tensor | None = None,
         summary: dict[str, Any] | None = None,
+        sources: list[str] | None = None,
+        group_counts: Any = None,
     ) -> None:
         super().__init__()
         from covidcxr.models import get_spec
@@ -104,6 +112,54 @@ class CXRClassifier(L.LightningModule):
         self.val_auroc = torchmetrics.classification.MulticlassAUROC(num_classes=k, average=None)
         self._seen: list[int] = []
         self._record_to: Path | None = None
+        self._init_robust(sources, group_counts)
+
+    def _init_robust(self, sources: list[str] | None, group_counts: Any) -> None:
+        from covidcxr.train.robust import GroupDRO, SourceAdversary, feature_dim
+
+        lo, adv = self.config["loss"], self.config.get("adversary") or {}
+        self.sources = list(sources or [])
+        self.dro: GroupDRO | None = None
+        self.adversary: SourceAdversary | None = None
+        self._features: torch.Tensor | None = None
+        if lo.get("kind", "erm") != "group_dro" and not adv.get("kind"):
+            return
+        k = len(self.classes)
+        if not self.sources or group_counts is None:
+            # fit() always passes them (and refuses a manifest without sources); a module built by hand for a
+            # quick step (a recipe smoke test) trains as plain ERM, and says so
+            log.warning("no training sources given: group DRO and the source adversary are off for this module")
+            return
+        counts = torch.as_tensor(group_counts, dtype=torch.float32).reshape(-1)
+        if counts.numel() != len(self.sources) * k:
+            raise ValueError(f"{counts.numel()} group counts for {len(self.sources)} sources x {k} classes")
+        if lo.get("kind") == "group_dro":
+            self.dro = GroupDRO(counts.numel(), eta=float(lo["dro_eta"]), adjustment=float(lo["dro_adjustment"]),
+                                group_counts=counts.tolist())
+        if adv.get("kind") == "source":
+            per = counts.reshape(len(self.sources), k)
+            active = ((per > 0).sum(0) >= 2).tolist()  # a class with one source has nothing to confuse
+            head = self._head_module()
+            self.adversary = SourceAdversary(feature_dim(head), k, len(self.sources), hidden=int(adv["hidden"]),
+                                             active=active)
+            # the head block's input is the pooled feature vector whatever the architecture
+            head.register_forward_pre_hook(self._keep_features)
+
+    def _keep_features(self, module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
+        if self.adversary is not None and self.training:
+            self._features = inputs[0]
+
+    def grl_strength(self) -> float:
+        """Gradient-reversal strength now: 1, or DANN's schedule over the training's progress."""
+        from covidcxr.train.robust import dann_strength
+
+        if (self.config.get("adversary") or {}).get("grl_schedule") == "constant":
+            return 1.0
+        try:
+            total = max(int(self.trainer.estimated_stepping_batches), 1)
+        except (RuntimeError, AttributeError, TypeError, ValueError):
+            return 1.0  # no trainer attached (a direct call): full strength
+        return dann_strength(self.global_step / total)
 
     # ------------------------------------------------------------------ model
     def _head_module(self) -> nn.Module:
@@ -174,6 +230,22 @@ class CXRClassifier(L.LightningModule):
         return nn.functional.cross_entropy(logits.float(), y, weight=self.class_weight,
                                            label_smoothing=self.label_smoothing)
 
+    def task_loss(self, logits: torch.Tensor, y: torch.Tensor, batch: dict[str, Any],
+                  update: bool = True) -> torch.Tensor:
+        """The classification loss: mean cross-entropy, or group DRO's weighted group mean (``update``: take
+        the weights' exponentiated-gradient step with this batch)."""
+        if self.dro is None or self.multilabel:
+            return self._loss(logits, y)
+        per = nn.functional.cross_entropy(logits.float(), y, weight=self.class_weight,
+                                          label_smoothing=self.label_smoothing, reduction="none")
+        return self.dro(per, batch["group"].to(per.device), update=update)
+
+    def adversary_loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(source loss, source accuracy) of the adversary on the features of the last training forward."""
+        assert self.adversary is not None and self._features is not None
+        dev = self._features.device
+        return self.adversary(self._features, batch["label"].to(dev), batch["source"].to(dev), self.grl_strength())
+
     # ------------------------------------------------------------------ steps
     def on_fit_start(self) -> None:
         if self.config.get("debug", {}).get("record_samples"):
@@ -185,10 +257,19 @@ class CXRClassifier(L.LightningModule):
         x, y = batch["image"], batch["label"]
         if self.multilabel:
             y = self._multi_hot("train", batch)
+        self._features = None
         logits = self(x)
-        loss = self._loss(logits, y)
+        loss = self.task_loss(logits, y, batch)
         bs = len(y)
         self.log("train_loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=bs, sync_dist=True)
+        if self.dro is not None:
+            self.log("train_dro_max_weight", self.dro.q.max(), on_step=False, on_epoch=True, batch_size=bs)
+        if self.adversary is not None and self._features is not None:
+            adv, acc = self.adversary_loss(batch)
+            self.log("train_adv_loss", adv, on_step=False, on_epoch=True, batch_size=bs, sync_dist=True)
+            self.log("train_adv_acc", acc, on_step=False, on_epoch=True, batch_size=bs, sync_dist=True)
+            loss = loss + float(self.config["adversary"]["weight"]) * adv
+            self._features = None
         if self._record_to is not None:
             idx = batch["index"].tolist()
             with open(self._record_to, "a", encoding="utf-8") as fh:
@@ -244,6 +325,8 @@ class CXRClassifier(L.LightningModule):
         params: list[dict[str, Any]] = [{"params": head, "lr": o["lr"], "name": "head"}]
         if body and not self.config["model"].get("freeze_backbone"):
             params.append({"params": body, "lr": o["lr"] * float(o.get("body_lr_mult", 1.0)), "name": "body"})
+        if self.adversary is not None:  # the source heads learn at the head's rate; never exported
+            params.append({"params": list(self.adversary.parameters()), "lr": o["lr"], "name": "adversary"})
         if o["name"] == "sgd":
             opt = torch.optim.SGD(params, lr=o["lr"], momentum=o["momentum"], weight_decay=o["weight_decay"],
                                   nesterov=bool(o.get("nesterov")))
@@ -278,6 +361,9 @@ class CXRClassifier(L.LightningModule):
             "epoch": int(self.current_epoch) if self._trainer else 0,  # 0-based epoch at save time
             "global_step": int(self.global_step) if self._trainer else 0,
         }
+        if self.dro is not None:  # where group DRO's weights stood: which groups it found hardest
+            names = [f"{s}/{c}" for s in self.sources for c in self.classes]
+            training["group_dro_weights"] = {n: round(float(q), 6) for n, q in zip(names, self.dro.q.tolist())}
         return make_bundle(self.model, arch=self.arch, classes=self.classes, preset=self.preset,
                            task="findings-multilabel" if self.multilabel else "classification",
                            arch_kwargs=self.arch_kwargs, training=training, metrics={"val": metrics})

@@ -179,6 +179,10 @@ def prepare(cfg: dict, data: str | os.PathLike) -> tuple[Any, Any, list[str], di
 
     get_spec(cfg["model"]["arch"])  # unknown architecture: fail before reading data
     preset = get_preset(cfg["data"]["preset"] or _default_preset(cfg), size=cfg["data"]["size"])
+    if cfg["data"].get("hist_standardize"):
+        from covidcxr.preprocess import standardized
+
+        preset = standardized(preset, cfg["data"]["hist_standardize"])
     if preset.lung_crop:  # COVID-CXNet-style lung crop: the pretrained lung U-Net unless one is installed
         from covidcxr.segment import ensure_lung_crop
 
@@ -203,7 +207,8 @@ def prepare(cfg: dict, data: str | os.PathLike) -> tuple[Any, Any, list[str], di
     dm = CXRDataModule(df, preset, batch_size=d["batch_size"], num_workers=d["num_workers"], augment=_augment(cfg),
                        cache_dir=d["cache_dir"], sampler=d["sampler"], minority_fraction=d["minority_fraction"],
                        seed=cfg["seed"], classes=label_map, pin_memory=bool(d["pin_memory"]),
-                       minority_label=d.get("minority_label"))
+                       minority_label=d.get("minority_label"), group_max_repeat=d["group_max_repeat"],
+                       group_min_size=d["group_min_size"])
     summary = {
         "run_name": cfg["name"],
         "recipe": cfg["name"],
@@ -458,7 +463,18 @@ def fit_one(cfg: dict[str, Any], data: str | os.PathLike, out: str | os.PathLike
     cw = cfg["loss"]["class_weights"]
     weights = (dm.class_weights() if cw == "balanced"
                else torch.tensor(cw, dtype=torch.float32) if isinstance(cw, list) else None)
-    model = CXRClassifier(cfg, classes=classes, preset=preset, class_weights=weights, summary=summary)
+    robust: dict[str, Any] = {}
+    if not cfg["data"].get("task") == "findings":
+        # the (source, class) groups that group DRO and the source adversary work on, recorded in the summary
+        counts = dm.group_counts()
+        need = 2 if cfg["adversary"]["kind"] else 1
+        if (cfg["loss"]["kind"] == "group_dro" or need == 2) and len({g // len(classes) for g in
+                                                                      counts.nonzero()[0]}) < need:
+            raise ConfigError(f"{data}: loss.kind group_dro needs a 'source' column; adversary.kind source needs "
+                              "training images from at least two sources")
+        robust = {"sources": list(dm.sources), "group_counts": counts.tolist()}
+        summary["train_groups"] = {n: int(c) for n, c in zip(dm.group_names(), counts) if c}
+    model = CXRClassifier(cfg, classes=classes, preset=preset, class_weights=weights, summary=summary, **robust)
     if model.multilabel:
         for role in ("train", "val"):
             model.set_targets(role, findings_targets(dm.dataset(role).frame, classes))
