@@ -39,11 +39,19 @@ def _font(size: int) -> Any:
 
 def result_lines(analysis: Analysis, engine: Engine) -> list[str]:
     """The text burned under the image."""
+    from covidcxr.dicom.sr import NOT_ASSESSED_REASONS, not_assessed_reason
+
     if analysis.label is None:
-        return [f"NOT ASSESSED: {analysis.flag_reason}"[:90], f"model {engine.model_name} ({engine.sha256[:12]})"]
+        why = NOT_ASSESSED_REASONS[not_assessed_reason(analysis)].meaning.lower()
+        return [f"NOT ASSESSED ({why}): {analysis.flag_reason}"[:90],
+                f"model {engine.model_name} ({engine.sha256[:12]})"]
     probs = analysis.probabilities or {}
     thr = f"   (COVID-19 threshold {analysis.threshold:.2f})" if analysis.threshold is not None else ""
     lines = [f"finding: {analysis.label}{thr}", "p: " + ", ".join(f"{c} {v:.2f}" for c, v in probs.items())]
+    if analysis.prediction_set is not None:
+        from covidcxr.site.sets import describe_set
+
+        lines.append(f"prediction set: {describe_set(analysis.prediction_set)}")
     if analysis.severity:
         s = analysis.severity
         if "level" in s:
@@ -91,6 +99,21 @@ def _orientation(source: Dataset) -> tuple[str, str]:
     return DEFAULT_ORIENTATION
 
 
+def _body_part_and_laterality(sc: Dataset, source: Dataset) -> None:
+    """Body Part Examined and Laterality (General Series; Laterality is Type 2C: required for a paired
+    body part). The chest is not paired, so a chest image carries no Laterality; any other body part
+    gets the source's laterality, or an empty one (unknown). dciodvfy counts a missing one as an error."""
+    from covidcxr.dicom.analysis import _CHEST_PARTS
+
+    part = str(source.get("BodyPartExamined", "") or "").strip().upper()
+    sc.BodyPartExamined = (part or "CHEST")[:16]  # the node reads an unstated body part as chest
+    side = str(source.get("Laterality", "") or source.get("ImageLaterality", "") or "").strip().upper()
+    if side in ("R", "L"):
+        sc.Laterality = side
+    elif part not in _CHEST_PARTS:
+        sc.Laterality = ""  # paired, or not known to be unpaired: present, value unknown
+
+
 def build_sc(source: Dataset, analysis: Analysis, engine: Engine) -> hd.sc.SCImage:
     """The secondary capture for one source instance, in its study, in a new series."""
     if analysis.overlay is None:
@@ -126,6 +149,7 @@ def build_sc(source: Dataset, analysis: Analysis, engine: Engine) -> hd.sc.SCIma
     except ValueError:  # an orientation value highdicom does not accept: fall back to the convention
         sc = hd.sc.SCImage(patient_orientation=DEFAULT_ORIENTATION, **kwargs)
     sc.SpecificCharacterSet = CHARSET
+    _body_part_and_laterality(sc, source)
     sc.BurnedInAnnotation = "YES"
     sc.ConversionType = "WSD"
     sc.ImageType = ["DERIVED", "SECONDARY"]

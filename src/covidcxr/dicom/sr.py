@@ -2,14 +2,22 @@
 
 One measurement group references the source image by SOP Instance UID and holds:
 
-* the finding (TID 1501 "Finding": SNOMED CT codes for COVID-19, pneumonia, normal; a private code
-  for other classes and for "not assessed" when the image was flagged),
+* the finding (TID 1501 "Finding"), in standard codes: SNOMED CT 840539006 (COVID-19), 233604007
+  (pneumonia), 17621005 (normal); SNOMED CT 373121007 "Not Evaluated" when no disease label was given,
+  with the reason as a qualitative evaluation: DCM 111218 "Software failure" (the analysis failed),
+  "input not a frontal chest X-ray" (header or plausibility check) or SNOMED CT 74964007 "Other";
 * one NUM "Probability of <class>" per class (UCUM unit ``1``) and the operating point,
-* the algorithm (TID 4019): model name, the checkpoint's full sha256 as version, the operating point,
+* the conformal prediction set of a site-calibrated model (one CODE per class in it, standard codes, and
+  a TEXT: the class alone or "uncertain: refer (...)"),
+* the algorithm (TID 4019): the model's name and version, its file's sha256, the operating point,
   temperature and covidcxr version as parameters,
 * severity scores when present (NUM) or the severity level (CODE),
 * the plausibility verdict as a qualitative evaluation when the image was flagged,
-* a TEXT item with the research-use-only statement.
+* a TEXT DCM 121106 "Comment" with the research-use-only statement.
+
+Private codes (scheme ``99COVIDCXR``, declared in the Coding Scheme Identification Sequence) remain only
+for concepts no standard has: the class probabilities, the operating point, severity scores, the
+plausibility flag and texts, "input not a frontal chest X-ray", the prediction set's concept names.
 
 Patient and study attributes come from :func:`minimal_source`, i.e. only the Patient and General Study
 module attributes the SR IOD requires.
@@ -49,10 +57,19 @@ FINDING_CODES = {
     "pneumonia": CodedConcept("233604007", "SCT", "Pneumonia"),
     "normal": CodedConcept("17621005", "SCT", "Normal"),
 }
-NOT_ASSESSED = CodedConcept("not-assessed", SCHEME, "Not assessed: input not a frontal chest X-ray")
+#: The finding when no disease label was given; why is said by one of the NOT_ASSESSED_REASONS.
+NOT_ASSESSED = CodedConcept("373121007", "SCT", "Not Evaluated")
+REASON_NOT_ASSESSED = CodedConcept("reason-not-asmt", SCHEME, "Reason not assessed")
+NOT_ASSESSED_REASONS = {
+    "software_error": CodedConcept("111218", "DCM", "Software failure"),
+    "not_frontal_cxr": CodedConcept("not-frontal-cxr", SCHEME, "Input not a frontal chest X-ray"),
+    "other": CodedConcept("74964007", "SCT", "Other"),
+}
 PLAUSIBILITY = CodedConcept("input-plausibility", SCHEME, "Input plausibility")
 OPERATING_POINT = CodedConcept("operating-point", SCHEME, "COVID-19 operating point (probability threshold)")
-NOTICE_CONCEPT = CodedConcept("ruo-notice", SCHEME, "Research use only statement")
+NOTICE_CONCEPT = CodedConcept("121106", "DCM", "Comment")
+PREDICTION_SET = CodedConcept("prediction-set", SCHEME, "Conformal prediction set")
+IN_PREDICTION_SET = CodedConcept("in-pred-set", SCHEME, "Class in the conformal prediction set")
 PLAUSIBILITY_TEXT = CodedConcept("plausibility-txt", SCHEME, "Input plausibility check")
 FLAG_REASON = CodedConcept("flag-reason", SCHEME, "Reason the input was not assessed")
 SEVERITY_LEVEL = CodedConcept("severity-level", SCHEME, "Severity level")
@@ -61,6 +78,38 @@ UNIT_SCORE = CodedConcept("{score}", "UCUM", "score")
 PROCEDURE = CodedConcept("399208008", "SCT", "Plain chest X-ray")
 #: Sort-of stable short code values (SH: 16 chars at most).
 _MAX_CODE = 16
+
+
+def coding_scheme_identification() -> Dataset:
+    """The Coding Scheme Identification Sequence item declaring the private scheme (PS3.3 C.12.1.1.6)."""
+    item = Dataset()
+    item.CodingSchemeDesignator = SCHEME
+    item.CodingSchemeName = "covidcxr private concepts (research use only)"
+    item.CodingSchemeResponsibleOrganization = "covidcxr project"
+    return item
+
+
+def not_assessed_reason(analysis: Analysis) -> str:
+    """Why an image got no disease label: ``software_error``, ``not_frontal_cxr`` or ``other``.
+
+    Read from what the record said: an ``error`` (or the node's ``analysis_failed``) is a software
+    failure; a header flag or a failed plausibility verdict means the input is not a frontal chest X-ray.
+    """
+    if analysis.error or analysis.flag == "analysis_failed":
+        return "software_error"
+    verdict = analysis.plausibility or {}
+    if analysis.flag in ("not_a_frontal_cxr", "not_a_chest_xray") or verdict.get("verdict") == "implausible" or (
+            verdict.get("plausible") is False):
+        return "not_frontal_cxr"
+    return "other"
+
+
+def model_identity(analysis: Analysis, engine: Engine) -> dict[str, str]:
+    """{name, version, sha256} of the model: the record's own (issue 19), else the engine's."""
+    m = analysis.model if isinstance(analysis.model, dict) else {}
+    sha = str(m.get("sha256") or engine.sha256)
+    version = str(m.get("version") or getattr(engine.predictor, "version", "") or sha[:12])
+    return {"name": str(m.get("name") or engine.model_name), "version": version, "sha256": sha}
 
 
 def probability_concept(cls: str) -> CodedConcept:
@@ -83,24 +132,25 @@ def minimal_source(header: Dataset) -> Dataset:
     return ds
 
 
-def algorithm(engine: Engine) -> hd.sr.AlgorithmIdentification:
+def algorithm(engine: Engine, analysis: Analysis | None = None) -> hd.sr.AlgorithmIdentification:
     p = engine.predictor
+    model = model_identity(analysis or Analysis(), engine)
     params = [
-        f"checkpoint sha256 {engine.sha256}",
+        f"model sha256 {model['sha256']}",
         f"operating point: COVID-19 when P(COVID-19) >= {p.threshold}" if p.threshold is not None
         else "operating point: none stored (label = most probable class)",
         f"temperature {p.temperature:g}",
         f"arch {p.arch}",
         f"covidcxr {__version__}",
     ]
-    return hd.sr.AlgorithmIdentification(name=engine.model_name, version=engine.sha256, parameters=params,
+    return hd.sr.AlgorithmIdentification(name=model["name"][:64], version=model["version"][:64], parameters=params,
                                          manufacturer=MANUFACTURER)
 
 
 def build_sr(source: Dataset, analysis: Analysis, engine: Engine) -> hd.sr.ComprehensiveSR:
     """The SR for one analysed source instance (UIDs derived from source + model: retries give the same ones)."""
     src = minimal_source(source)
-    algo = algorithm(engine)
+    algo = algorithm(engine, analysis)
     measurements = []
     if analysis.probabilities:
         for cls, v in analysis.probabilities.items():
@@ -120,9 +170,16 @@ def build_sr(source: Dataset, analysis: Analysis, engine: Engine) -> hd.sr.Compr
     if isinstance(sev.get("level"), str):
         qualitative.append(hd.sr.QualitativeEvaluation(SEVERITY_LEVEL, CodedConcept(sev["level"][:_MAX_CODE], SCHEME,
                                                                                      sev["level"])))
+    if analysis.label is None:
+        qualitative.append(hd.sr.QualitativeEvaluation(REASON_NOT_ASSESSED,
+                                                       NOT_ASSESSED_REASONS[not_assessed_reason(analysis)]))
     if analysis.flagged:
         qualitative.append(hd.sr.QualitativeEvaluation(
             PLAUSIBILITY, CodedConcept(analysis.flag[:_MAX_CODE], SCHEME, analysis.flag)))  # meaning: the full flag
+    pset = analysis.prediction_set
+    if pset is not None:
+        for cls in pset:
+            qualitative.append(hd.sr.QualitativeEvaluation(IN_PREDICTION_SET, finding_code(cls)))
     group = hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(uid=derived_uid(source.SOPInstanceUID, engine.sha256, "tracking"),
                                                      identifier="covidcxr chest X-ray classification"),
@@ -136,6 +193,11 @@ def build_sr(source: Dataset, analysis: Analysis, engine: Engine) -> hd.sr.Compr
     items = group[0].ContentSequence
     if analysis.flagged:
         items.append(hd.sr.TextContentItem(name=FLAG_REASON, value=str(analysis.flag_reason)[:1024],
+                                           relationship_type="CONTAINS"))
+    if pset is not None:
+        from covidcxr.site.sets import describe_set
+
+        items.append(hd.sr.TextContentItem(name=PREDICTION_SET, value=describe_set(pset)[:1024],
                                            relationship_type="CONTAINS"))
     verdict = analysis.plausibility or {}
     if verdict.get("verdict"):
@@ -164,6 +226,7 @@ def build_sr(source: Dataset, analysis: Analysis, engine: Engine) -> hd.sr.Compr
         software_versions=f"covidcxr {__version__}",
     )
     sr.SpecificCharacterSet = CHARSET
+    sr.CodingSchemeIdentificationSequence = [coding_scheme_identification()]
     return sr
 
 
@@ -192,7 +255,13 @@ def read_result(sr: Dataset) -> dict[str, Any]:
     out["label"] = None if finding is None or finding.value == NOT_ASSESSED.value else by_code.get(
         (finding.value, finding.scheme_designator), finding.meaning)
     out["finding_code"] = (finding.value, finding.scheme_designator) if finding is not None else None
-    out["flag"] = next((q.value.meaning for q in g.get_qualitative_evaluations() if q.name == PLAUSIBILITY), None)
+    quals = g.get_qualitative_evaluations()
+    out["flag"] = next((q.value.meaning for q in quals if q.name == PLAUSIBILITY), None)
+    by_reason = {(c.value, c.scheme_designator): k for k, c in NOT_ASSESSED_REASONS.items()}
+    out["not_assessed_reason"] = next((by_reason.get((q.value.value, q.value.scheme_designator), q.value.meaning)
+                                       for q in quals if q.name == REASON_NOT_ASSESSED), None)
+    in_set = [by_code.get((q.value.value, q.value.scheme_designator), q.value.meaning) for q in quals
+              if q.name == IN_PREDICTION_SET]
     out["referenced_sop_instance_uids"] = [str(s.referenced_sop_instance_uid) for s in g.source_images]
     algo: dict[str, Any] = {"parameters": []}
     for item in g[0].ContentSequence:
@@ -205,6 +274,8 @@ def read_result(sr: Dataset) -> dict[str, Any]:
             algo[meaning.split()[-1].lower()] = str(item.TextValue)
         else:
             out["texts"][meaning] = str(item.TextValue)
+    algo["sha256"] = next((p.split()[-1] for p in algo["parameters"] if p.startswith("model sha256 ")), None)
     out["algorithm"] = algo
     out["notice"] = out["texts"].get(NOTICE_CONCEPT.meaning)
+    out["prediction_set"] = in_set if PREDICTION_SET.meaning in out["texts"] else None
     return out
