@@ -10,10 +10,14 @@ without depending on how busy the machine was between runs.
 
 Each row also measures inference (eval mode, no gradients, the same batch size) in PyTorch eager and,
 after ``covidcxr.export.export_onnx`` (with its parity check), in onnxruntime with the same thread count.
-``--no-inference`` skips that. Prints a table and writes benchmarks/results/train_throughput.json.
+``--no-inference`` skips that. ``--precision 32-true bf16-mixed`` times each model's training under each
+Lightning precision (``trainer.precision``: bf16-mixed autocasts to bfloat16 on the CPU, which pays on CPUs
+with AVX512-BF16 / AMX), ``--channels-last`` as ``trainer.channels_last``. Prints a table and writes
+benchmarks/results/train_throughput.json.
 
     .venv/bin/python benchmarks/train_throughput.py [--models mobilenet_v2:224 efficientnet_lite0:224 ...]
         [--steps 6] [--warmup 2] [--batch-size 8] [--workers 0] [--threads 1] [--no-inference]
+        [--precision 32-true bf16-mixed] [--channels-last]
 """
 
 from __future__ import annotations
@@ -84,14 +88,14 @@ class _Synthetic(torch.utils.data.Dataset):
         return {"image": self.x[i], "label": int(self.y[i]), "index": i}
 
 
-def _run(cfg: dict, preset, loader, steps: int, warmup: int) -> float:
+def _run(cfg: dict, preset, loader, steps: int, warmup: int, precision: str = "32-true") -> tuple[float, float]:
     import lightning as L
 
     from covidcxr.train import CXRClassifier
 
     module = CXRClassifier(cfg, ["normal", "pneumonia", "COVID-19"], preset)
     timer = _Timer(warmup)
-    trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=1, limit_train_batches=warmup + steps,
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=1, limit_train_batches=warmup + steps, precision=precision,
                         limit_val_batches=0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, callbacks=[timer])
     trainer.fit(module, train_dataloaders=loader)
@@ -145,6 +149,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=2, help="runs per row; the best counts (least disturbed)")
     ap.add_argument("--no-inference", action="store_true", help="skip the eager / onnxruntime inference columns")
     ap.add_argument("--infer-repeats", type=int, default=5, help="timed inference batches per backend (best counts)")
+    ap.add_argument("--precision", nargs="+", default=["32-true"],
+                    help="Lightning precisions to time (trainer.precision), e.g. 32-true bf16-mixed")
+    ap.add_argument("--channels-last", action="store_true", help="channels-last tensors (trainer.channels_last)")
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "train_throughput.json")
     args = ap.parse_args(argv)
 
@@ -170,7 +177,8 @@ def main(argv: list[str] | None = None) -> int:
         spec = get_spec(name)
         preset = get_preset(spec.preset, size=int(size) if size else None)
         cfg = load_config(None, [f"model.arch={name}", "optimizer.name=adam", "optimizer.lr=1e-4",
-                                 "operating_point.target_sensitivity=null"])
+                                 "operating_point.target_sensitivity=null",
+                                 f"trainer.channels_last={str(args.channels_last).lower()}"])
         dm = CXRDataModule(manifest, preset, batch_size=args.batch_size, num_workers=args.workers, augment="covidnet",
                            cache_dir=tmp / "cache", seed=0)
         dm.setup("fit")
@@ -178,35 +186,39 @@ def main(argv: list[str] | None = None) -> int:
         for i in range(min(len(ds), n_img * 2)):  # warm the cache (what epoch 1 does)
             ds.prepared(i)
         synth = torch.utils.data.DataLoader(_Synthetic(n_img, preset.channels, preset.size), batch_size=args.batch_size)
-        real_r, synth_r, wait = 0.0, 0.0, []
-        for _ in range(args.repeats):  # alternate, so that load changes hit both paths alike
-            synth_r = max(synth_r, _run(cfg, preset, synth, args.steps, args.warmup)[0])
-            r, w = _run(cfg, preset, dm.train_dataloader(), args.steps, args.warmup)
-            real_r, wait = max(real_r, r), wait + [w]
-        row = {"model": name, "size": preset.size, "batch_size": args.batch_size, "synthetic_img_s": synth_r,
-               "real_cached_img_s": real_r, "ratio": real_r / synth_r, "data_wait_fraction": min(wait),
-               "workers": args.workers}
-        if not args.no_inference:
-            row.update(_inference(name, preset, args.batch_size, args.threads, tmp, args.infer_repeats))
-        rows.append(row)
-        print(f"{name:>20} {preset.size:>4}px  synthetic {synth_r:7.2f} img/s   real+cache {real_r:7.2f} img/s   "
-              f"ratio {row['ratio']:.2f}   data wait {100 * row['data_wait_fraction']:.1f}%"
-              + (f"   infer eager {row['eager_infer_img_s']:.1f} / onnx {row['onnx_infer_img_s']:.1f} img/s"
-                 if "eager_infer_img_s" in row else ""), flush=True)
+        infer = None if args.no_inference else _inference(name, preset, args.batch_size, args.threads, tmp,
+                                                           args.infer_repeats)
+        for precision in args.precision:
+            real_r, synth_r, wait = 0.0, 0.0, []
+            for _ in range(args.repeats):  # alternate, so that load changes hit both paths alike
+                synth_r = max(synth_r, _run(cfg, preset, synth, args.steps, args.warmup, precision)[0])
+                r, w = _run(cfg, preset, dm.train_dataloader(), args.steps, args.warmup, precision)
+                real_r, wait = max(real_r, r), wait + [w]
+            row = {"model": name, "size": preset.size, "batch_size": args.batch_size, "precision": precision,
+                   "channels_last": args.channels_last, "synthetic_img_s": synth_r,
+                   "real_cached_img_s": real_r, "ratio": real_r / synth_r, "data_wait_fraction": min(wait),
+                   "workers": args.workers, **(infer or {})}
+            rows.append(row)
+            print(f"{name:>20} {preset.size:>4}px {precision:>10}  synthetic {synth_r:7.2f} img/s   "
+                  f"real+cache {real_r:7.2f} img/s   ratio {row['ratio']:.2f}   "
+                  f"data wait {100 * row['data_wait_fraction']:.1f}%"
+                  + (f"   infer eager {row['eager_infer_img_s']:.1f} / onnx {row['onnx_infer_img_s']:.1f} img/s"
+                     if "eager_infer_img_s" in row else ""), flush=True)
 
     meta = {"threads": args.threads, "steps": args.steps, "warmup": args.warmup, "repeats": args.repeats,
             "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "torch": torch.__version__,
-            "load_average_at_end": os.getloadavg()[0], "augment": "covidnet",
+            "load_average_at_end": os.getloadavg()[0], "augment": "covidnet", "precision": args.precision,
+            "channels_last": args.channels_last,
             "command": "python benchmarks/train_throughput.py " + " ".join(argv if argv is not None else sys.argv[1:])}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     print()
-    print("| model | size | batch | synthetic img/s | real (cached) img/s | real / synthetic | time waiting for data "
-          "| inference eager img/s | inference onnxruntime img/s |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| model | size | batch | precision | synthetic img/s | real (cached) img/s | real / synthetic "
+          "| time waiting for data | inference eager img/s | inference onnxruntime img/s |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     fmt = lambda v: "-" if v is None else f"{v:.1f}"  # noqa: E731
     for r in rows:
-        print(f"| {r['model']} | {r['size']} | {r['batch_size']} | {r['synthetic_img_s']:.2f} | "
+        print(f"| {r['model']} | {r['size']} | {r['batch_size']} | {r['precision']} | {r['synthetic_img_s']:.2f} | "
               f"{r['real_cached_img_s']:.2f} | {r['ratio']:.2f} | {100 * r['data_wait_fraction']:.1f}% | "
               f"{fmt(r.get('eager_infer_img_s'))} | {fmt(r.get('onnx_infer_img_s'))} |")
     print(f"\nwritten {args.out}")
