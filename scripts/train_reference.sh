@@ -35,7 +35,8 @@ CX=".venv/bin/covidcxr"
 PY=".venv/bin/python"
 if [ -z "${RECIPE:-}" ]; then
   RECIPE=configs/transfer-mobilenet_v2.yaml
-  [ -f configs/robust-mobilenet_v2.yaml ] && RECIPE=configs/robust-mobilenet_v2.yaml
+  # the group-robust recipe once it is committed (a provisional, uncommitted file is not a reproducible recipe)
+  git ls-files --error-unmatch configs/robust-mobilenet_v2.yaml >/dev/null 2>&1 && RECIPE=configs/robust-mobilenet_v2.yaml
 fi
 if [ "$SMOKE" = 1 ]; then
   EPOCHS=${EPOCHS:-1}; SIZE=${SIZE:-64}; BOOT=${BOOT:-50}; SEV_EPOCHS=${SEV_EPOCHS:-1}; AUDIT_LIMIT=${AUDIT_LIMIT:-4}

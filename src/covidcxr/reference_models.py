@@ -145,3 +145,18 @@ def render_card(c: dict[str, Any]) -> str:
             lines += ["| " + " | ".join("" if v is None else str(v) for v in row) + " |" for row in t.get("rows") or []]
             lines.append("")
     return "\n".join(lines).rstrip() + "\n"
+
+
+def model_or_default(value: str | None, *, what: str = "--model", stream: Any = None) -> str:
+    """The CLI's model argument: ``value``, or ``reference`` when none was given. Either way a reference
+    model is announced in one line on stderr (name, version, research use only): the default is never silent."""
+    import sys
+
+    out = stream if stream is not None else sys.stderr
+    if value and not is_reference(value):
+        return str(value)
+    name = canonical(value) if value else CLASSIFIER
+    line = default_notice(name, what=what) if not value else default_notice(name).replace(
+        f" (the shipped reference model; no --model given)", " (the shipped reference model)")
+    print(line, file=out)
+    return str(value or "reference")

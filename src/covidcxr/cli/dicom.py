@@ -29,7 +29,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "answered but not processed again. Ctrl-C / SIGTERM drains in-flight work. Logs carry instance keys "
         "(hashes), never UIDs or patient attributes.",
     )
-    lis.add_argument("--model", required=True, metavar="CKPT_OR_ONNX", help="covidcxr checkpoint or ONNX file")
+    lis.add_argument("--model", default=None, metavar="CKPT_OR_ONNX",
+                     help="covidcxr checkpoint, ONNX file, or 'reference' (default: the shipped reference classifier, "
+                     "announced in one line)")
     lis.add_argument("--backend", choices=["torch", "onnx"], default=None)
     lis.add_argument("--ae-title", default="COVIDCXR", help="this node's AE title (default: %(default)s)")
     lis.add_argument("--host", default="0.0.0.0", help="bind address (default: %(default)s)")
@@ -40,7 +42,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                      help="a peer allowed to send (repeatable; AE '*' = any title). Default: only the --forward "
                      "AE title from the --forward host")
     lis.add_argument("--allow-any", action="store_true", help="accept associations from any peer")
-    lis.add_argument("--severity", metavar="SEV_CKPT", help="severity checkpoint (scores images above the threshold)")
+    lis.add_argument("--severity", metavar="SEV_CKPT",
+                     help="severity checkpoint, or 'reference' (the shipped one); scores images above the threshold")
     lis.add_argument("--always-severity", action="store_true", help="score severity for every image")
     lis.add_argument("--no-plausibility", action="store_true",
                      help="skip the input plausibility check (lung U-Net): every image gets a disease label")
@@ -119,7 +122,9 @@ def cmd_listen(args: argparse.Namespace) -> int:
     from covidcxr.dicom.common import AllowRule, DicomNodeError, check_ae_title
     from covidcxr.dicom.node import DicomNode, NodeConfig
     from covidcxr.predict import PredictorError, SeverityUnavailable
+    from covidcxr.reference_models import model_or_default
 
+    args.model = model_or_default(args.model)  # no --model: the reference classifier, said in one line
     try:
         config = NodeConfig(
             model=args.model, destination=_peer(args.forward), ae_title=check_ae_title(args.ae_title),

@@ -36,7 +36,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "do not change are flagged. Research use only.",
     )
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files or folders")
-    p.add_argument("--model", required=True, metavar="CKPT", help="covidcxr checkpoint")
+    p.add_argument("--model", default=None, metavar="CKPT",
+                   help="covidcxr checkpoint, or 'reference' (default: the shipped reference classifier, announced "
+                   "in one line)")
     p.add_argument("--method", type=_methods, default=None, metavar="METHOD",
                    help="gradcam|lrp|occlusion|ig, a comma-separated list, or 'all' (default gradcam; "
                    "with --sanity default gradcam,lrp,ig)")
@@ -186,6 +188,9 @@ def cmd_explain(args: argparse.Namespace) -> int:
         from covidcxr.segment import use_model
 
         use_model(args.seg_model)
+    from covidcxr.reference_models import model_or_default
+
+    args.model = model_or_default(args.model)  # no --model: the reference classifier, said in one line
     loaded = load(args.model)
     if loaded.task != "classification":
         raise UserError(f"{args.model}: a {loaded.task} checkpoint; explain needs a classification checkpoint")

@@ -18,10 +18,17 @@ def register(sub: argparse._SubParsersAction) -> None:
         "(default: 16 images of the shared dev set) and fails (exit 1) when any probability differs by more "
         "than --atol.",
     )
-    e.add_argument("--model", required=True, metavar="CKPT")
-    e.add_argument("--onnx", required=True, metavar="OUT.onnx")
+    e.add_argument("--model", required=True, metavar="CKPT",
+                   help="covidcxr checkpoint, or 'reference' (the shipped reference classifier)")
+    e.add_argument("--onnx", metavar="OUT.onnx", help="write an ONNX file (this or --monai-bundle is required)")
+    e.add_argument("--monai-bundle", metavar="DIR",
+                   help="write a MONAI bundle into DIR: configs/metadata.json (MONAI's schema), configs/inference.json "
+                   "(the preset as MONAI transforms), models/model.ts (TorchScript), docs/README.md (model card); "
+                   "checked with MONAI's ConfigParser against covidcxr on --parity-count images "
+                   "(needs the extra: pip install 'covidcxr[monai]')")
     e.add_argument("--parity-images", nargs="+", metavar="PATH", help="files, folders or a manifest for the parity check")
-    e.add_argument("--parity-count", type=int, default=16, help="images used for the parity check (default: 16)")
+    e.add_argument("--parity-count", type=int_at_least(1), default=None,
+                   help="images used for the parity check (default: 16 for ONNX, 4 for a MONAI bundle)")
     e.add_argument("--atol", type=float, default=1e-4, help="largest allowed probability difference (default: 1e-4)")
     e.add_argument("--opset", type=int, default=18)
     e.add_argument("--exporter", choices=["auto", "dynamo", "torchscript"], default="auto",
@@ -50,6 +57,12 @@ def cmd_export(args: argparse.Namespace) -> int:
     from covidcxr.export import ExportError, export_onnx
     from covidcxr.predict import PredictorError
 
+    if not args.onnx and not args.monai_bundle:
+        raise UserError("give --onnx OUT.onnx and/or --monai-bundle DIR")
+    if args.monai_bundle:
+        _monai_bundle(args)
+        if not args.onnx:
+            return 0
     if args.quantize and not args.calibrate:
         raise UserError("--quantize int8 needs --calibrate MANIFEST (a split manifest; its train split calibrates)")
     if args.calibrate and not args.quantize:
@@ -61,7 +74,7 @@ def cmd_export(args: argparse.Namespace) -> int:
             args.model,
             fp32_out,
             parity_images=args.parity_images,
-            parity_count=args.parity_count,
+            parity_count=args.parity_count or 16,
             atol=args.atol,
             opset=args.opset,
             exporter=args.exporter,
@@ -111,3 +124,27 @@ def _quantize(args: argparse.Namespace, fp32_out: Path, target: Path) -> int:
     for f in rep.failed_calibration:
         print(f"  skipped unreadable calibration image: {f}", file=sys.stderr)
     return 0
+
+
+def _monai_bundle(args: argparse.Namespace) -> None:
+    from covidcxr.bundle import BundleError, export_bundle
+    from covidcxr.cli import UserError
+    from covidcxr.export import _pick, _shared_dev_images
+    from covidcxr.predict import PredictorError, collect_inputs
+
+    if args.quantize:
+        raise UserError("--quantize applies to --onnx; a MONAI bundle holds the fp32 TorchScript model")
+    src = args.parity_images or ([_shared_dev_images()] if _shared_dev_images() else [])
+    count = args.parity_count or 4  # each image runs through MONAI's parser: fewer than for ONNX
+    images = _pick(collect_inputs(src), count) if src else []
+    try:
+        rep = export_bundle(args.model, args.monai_bundle, parity_images=images, atol=args.atol)
+    except (BundleError, PredictorError) as err:
+        raise UserError(str(err)) from None
+    except ImportError as err:
+        raise UserError(f"--monai-bundle: {err}; install the extra: pip install 'covidcxr[monai]'") from None
+    check = (f"parity with covidcxr: max |p_monai - p_covidcxr| = {rep.max_abs_diff:.2e} <= {args.atol:.0e} on "
+             f"{rep.parity_images} images" if rep.parity_images else "no parity images found (pass --parity-images)")
+    print(f"wrote MONAI bundle {rep.out_dir} (preset {rep.preset}; {', '.join(rep.files)})\n{check}\n"
+          f"check it: python -m monai.bundle verify_metadata --meta_file {rep.out_dir}/configs/metadata.json "
+          f"--filepath {rep.out_dir}/configs/meta_schema_20240725.json")

@@ -18,7 +18,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "within --max-wait-ms. Set COVIDCXR_API_KEY or --api-key-file to require an X-API-Key header on /v1/* and "
         "/openapi.json. Research use only.",
     )
-    s.add_argument("--model", required=True, metavar="CKPT_OR_ONNX")
+    s.add_argument("--model", default=None, metavar="CKPT_OR_ONNX",
+                   help="covidcxr checkpoint, ONNX file, or 'reference' (default: the shipped reference classifier, "
+                   "announced in one line)")
     s.add_argument("--backend", choices=["torch", "onnx"], default=None)
     s.add_argument("--host", default="127.0.0.1", help="bind address (default: 127.0.0.1, loopback only)")
     s.add_argument("--port", type=int, default=8000)
@@ -39,7 +41,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--threads", type=int, default=None, help="intra-op threads per inference")
     s.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
                    help="allow this browser origin (repeatable); CORS is closed by default")
-    s.add_argument("--severity", metavar="SEV_CKPT", help="severity checkpoint")
+    s.add_argument("--severity", metavar="SEV_CKPT", help="severity checkpoint, or 'reference' (the shipped one)")
     s.add_argument("--always-severity", action="store_true")
     s.add_argument("--no-plausibility", action="store_true",
                    help="skip the check that each upload is a frontal chest X-ray (lung U-Net)")
@@ -55,7 +57,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from covidcxr.cli import UserError
     from covidcxr.predict import Predictor, PredictorError, SeverityScorer, SeverityUnavailable
+    from covidcxr.reference_models import model_or_default
     from covidcxr.serve import create_app
+
+    args.model = model_or_default(args.model)  # no --model: the reference classifier, said in one line
 
     api_key = None
     if args.api_key_file:

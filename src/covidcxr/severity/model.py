@@ -138,7 +138,12 @@ class SeverityModel:
         """Load a ``severity-level`` or ``severity-scores`` checkpoint; CheckpointError/SeverityError if not one."""
         from covidcxr import models
         from covidcxr.models.checkpoint import CheckpointError
+        from covidcxr.reference_models import ReferenceModelError, resolve_model
 
+        try:  # "reference" here means the shipped reference *severity* model
+            path = resolve_model(path, severity=True)
+        except ReferenceModelError as err:
+            raise CheckpointError(str(err)) from None
         lm = models.load(path, device=device)
         if lm.task not in TASKS.values():
             raise CheckpointError(f"{path}: a {lm.task!r} checkpoint, not a severity model "
