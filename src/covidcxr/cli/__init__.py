@@ -12,7 +12,7 @@ import logging
 import sys
 
 # Modules that define register(subparsers). Order sets the order in --help.
-_AREAS = ["data", "models", "weights", "train", "explain", "severity", "site", "predict", "export", "serve", "dicom"]
+_AREAS = ["data", "models", "weights", "train", "explain", "severity", "site", "predict", "export", "serve", "dicom", "federated"]
 
 
 class UserError(Exception):
