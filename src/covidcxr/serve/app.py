@@ -42,12 +42,13 @@ from fastapi.staticfiles import StaticFiles
 from covidcxr.io import CXRReadError, decode
 from covidcxr.predict import (
     RESEARCH_NOTICE,
-    HeatmapUnavailable,
-    Heatmapper,
     Predictor,
     SeverityScorer,
     heat_rgba,
+    strip_transient,
 )
+from covidcxr.predict.inputs import Item
+from covidcxr.predict.pipeline import Pipeline
 from covidcxr.preprocess import PresetError
 from covidcxr.serve.batcher import BatcherFull, BatchTiming, MicroBatcher
 from covidcxr.serve.schemas import ErrorResponse, HealthResponse, Limits, ModelCard, ModelRef, PredictResponse
@@ -63,6 +64,7 @@ DEFAULT_MAX_WAIT_MS = 10.0
 DEFAULT_DECODE_WORKERS = 2
 
 _ERRORS = {
+    400: {"model": ErrorResponse, "description": "The body is not a well-formed multipart form"},
     401: {"model": ErrorResponse, "description": "Missing or wrong API key"},
     413: {"model": ErrorResponse, "description": "Upload larger than the configured limit"},
     415: {"model": ErrorResponse, "description": "Content is not an image (checked by decoding, not by name)"},
@@ -101,24 +103,15 @@ def _png_b64(arr: np.ndarray) -> str:
 
 
 class Service:
-    """Holds the predictor and the optional heatmap/severity helpers; runs one request's inference."""
+    """Decodes uploads and answers from the one prediction pipeline (:mod:`covidcxr.predict.pipeline`)."""
 
-    def __init__(
-        self,
-        predictor: Predictor,
-        severity: SeverityScorer | None = None,
-        always_severity: bool = False,
-        gate: Any = None,
-    ):
-        self.predictor = predictor
-        self.severity = severity
-        self.always_severity = always_severity
-        self.gate = gate  # covidcxr.predict.gate.PlausibilityGate: is it a frontal CXR at all?
-        try:
-            self.heatmapper: Heatmapper | None = Heatmapper.for_predictor(predictor)
-            self.heatmap_note: str | None = None
-        except HeatmapUnavailable as err:
-            self.heatmapper, self.heatmap_note = None, f"no heatmap: {err}"
+    def __init__(self, pipeline: Pipeline):
+        self.pipeline = pipeline
+        self.predictor = pipeline.predictor
+        self.severity = pipeline.severity
+        self.gate = pipeline.gate  # is it a frontal CXR at all? (its state goes to /healthz)
+        self.heatmapper = pipeline.heatmapper
+        self.heatmap_note = None if pipeline.heatmapper is not None else f"no heatmap: {pipeline.heatmap_note}"
 
     def prepare(self, data: bytes, filename: str | None) -> "_Prepared":
         """Decode and preprocess one upload (a decode worker thread); _Http 415/422 when it cannot be used."""
@@ -150,16 +143,23 @@ class Service:
         """The response body for one prepared upload and its probabilities (severity, images, heatmap)."""
         p = self.predictor
         image, info, tensor, data_len = prep.image, prep.info, prep.tensor, prep.nbytes
-        rec = p.record(probs)
-        model_label = rec["label"]  # the disease label, before the plausibility gate may replace it
-        if self.gate is not None:
-            self.gate.apply(rec, image)
+        # the record of the one pipeline (gate, decision, prediction set, severity, map); this only renders it
+        rec = self.pipeline.complete(Item("upload", tensor, image=image), probs, heatmap=want_heatmap)
+        heat = rec.get("heat")
+        strip_transient(rec)
+        if rec.get("error"):  # a non-finite model output: never a label (the model's fault, not the upload's)
+            log.error("predict failed: %s", rec["error"])
+            raise _Http(500, f"internal error while predicting: {rec['error']}")
+        rec.pop("path", None)
+        rec["uncertain"] = rec.get("uncertain") or False
+        if rec.get("prediction_set") is not None and rec["uncertain"]:
+            from covidcxr.site.sets import UNCERTAIN_TEXT
+
+            rec["referral"] = UNCERTAIN_TEXT  # a set of more than one class (or none) is shown as this
 
         out: dict[str, Any] = {
             **rec,
-            "severity": None,
-            "severity_note": None,
-            "model": ModelRef(name=p.name, version=p.version, arch=p.arch, backend=p.backend_name),
+            "model": ModelRef(**rec["model"], arch=p.arch, backend=p.backend_name),
             "input": {"format": info.format, "width": int(info.width), "height": int(info.height), "bytes": data_len},
             "heatmap_png": None,
             "heatmap_note": None,
@@ -170,12 +170,6 @@ class Service:
         }
         if self.severity is None:
             out["severity_note"] = "no severity model is configured on this server"
-        elif rec.get("flag"):
-            out["severity_note"] = "not computed: the input does not look like a frontal chest X-ray"
-        elif self.severity.should_score(rec, p.threshold, always=self.always_severity):
-            out["severity"] = self.severity.score_array(image)
-        else:
-            out["severity_note"] = "not computed: the COVID-19 probability is below the operating threshold"
 
         display = None
         if want_image or want_heatmap:
@@ -189,14 +183,12 @@ class Service:
         if want_heatmap:
             if self.heatmapper is None:
                 out["heatmap_note"] = self.heatmap_note
+            elif heat is None:  # the pipeline's map failed: the prediction stands, the note says why
+                log.warning("heatmap failed: %s", str(rec.get("heatmap_error")).split(":")[0])
+                out["heatmap_note"] = f"heatmap failed: {rec.get('heatmap_error')}"
             else:
-                try:
-                    heat = self.heatmapper.compute(tensor, p.classes.index(model_label))
-                    h, w = display.shape
-                    out["heatmap_png"] = _png_b64(heat_rgba(heat, (w, h)))
-                except Exception as err:  # a broken heatmap must not lose the prediction
-                    log.warning("heatmap failed: %s", type(err).__name__)
-                    out["heatmap_note"] = f"heatmap failed: {type(err).__name__}: {err}"
+                h, w = display.shape
+                out["heatmap_png"] = _png_b64(heat_rgba(heat, (w, h)))
         out["elapsed_ms"] = round((time.perf_counter() - prep.t0) * 1000, 1)
         # Format, size and result only: no bytes, no file name, no DICOM tags.
         log.info(
@@ -279,6 +271,7 @@ async def read_upload(request: Request, limit_bytes: int, field: str = "file") -
     temp file); no other request's parser is affected. 422 when the body is no multipart form with ``field``.
     """
     from starlette.datastructures import UploadFile as FormFile
+    from python_multipart.exceptions import FormParserError
     from starlette.formparsers import MultiPartException, MultiPartParser
 
     if not request.headers.get("content-type", "").lower().startswith("multipart/form-data"):
@@ -300,6 +293,8 @@ async def read_upload(request: Request, limit_bytes: int, field: str = "file") -
         form = await parser.parse()
     except MultiPartException as err:
         raise HTTPException(422, detail=f"invalid request: {err.message}") from None
+    except FormParserError as err:  # malformed multipart framing (schemathesis found these were a 500)
+        raise HTTPException(400, detail=f"invalid request: the body is not a well-formed multipart form ({err})") from None
     try:
         item = form.get(field)
         if not isinstance(item, FormFile):
@@ -437,10 +432,12 @@ def create_app(
 
         set_threads(threads)
     severity = SeverityScorer.from_path(severity_path) if severity_path else None
-    from covidcxr.predict.gate import PlausibilityGate
+    from covidcxr.predict.pipeline import PipelineConfig
 
-    gate = PlausibilityGate.for_predictor(predictor, enabled=plausibility, label_implausible=label_implausible)
-    service = Service(predictor, severity, always_severity, gate=gate)
+    config = PipelineConfig(model=str(predictor.path), backend=predictor.backend_name, threads=threads,
+                            plausibility=plausibility, label_implausible=label_implausible,
+                            severity=str(severity_path) if severity_path else None, always_severity=always_severity)
+    service = Service(Pipeline(config, predictor=predictor, severity=severity, heatmapper=True))
     if api_key is not None:
         key = api_key
     elif api_key_file is not None:
@@ -511,9 +508,11 @@ def create_app(
     @app.get("/healthz", response_model=HealthResponse, tags=["service"])
     async def healthz() -> HealthResponse:
         """Liveness and load; never needs the API key."""
+        gate = service.pipeline.gate.status()
         return HealthResponse(
-            status="ok", model=predictor.name, version=predictor.version, auth_required=bool(key),
-            busy=limiter.busy, capacity=limiter.capacity,
+            status="degraded" if gate["state"] == "down" else "ok", model=predictor.name,
+            version=predictor.version, auth_required=bool(key), busy=limiter.busy, capacity=limiter.capacity,
+            plausibility=gate,
         )
 
     @app.get("/v1/model", response_model=ModelCard, tags=["model"],
