@@ -4,7 +4,8 @@
 
 Reads RUNS/{split,holdout}/<model>-report/metrics.json (covidcxr evaluate), <model>-paired.json
 (covidcxr.evaluate.paired), <model>-audit/audit.json (covidcxr audit-model), RUNS/severity/*,
-RUNS/models.tsv and RUNS/timings.tsv, and writes RUNS/results_tables.md. With --doc, the text
+RUNS/loso/<source>/<model>-report/metrics.json (leave-one-source-out), RUNS/models.tsv and
+RUNS/timings.tsv, and writes RUNS/results_tables.md. With --doc, the text
 between the markers ``<!-- results:begin -->`` and ``<!-- results:end -->`` of that file is
 replaced by the tables (the prose around the markers is written by hand from the figures).
 Missing pieces are shown as "not run" or "failed" with the reason, never left out.
@@ -133,6 +134,80 @@ def class_table(runs: Path, setting: str, models: list[dict]) -> list[str]:
     return lines + ["", n_line, ""]
 
 
+def _label(models: list[dict], mid: str) -> str:
+    return next((m["label"] for m in models if m["id"] == mid), mid)
+
+
+def group_table(runs: Path, setting: str, models: list[dict]) -> list[str]:
+    """Per model: COVID-19 AUC beside worst-group sensitivity and non-dominant-source specificity."""
+    head = ["model", "AUC COVID-19 vs rest", "worst-group sensitivity (cell)", "non-dominant-source specificity",
+            "dominant source per class (from)", "source-concentration warnings"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for mod in models:
+        st = status(runs, setting, mod["id"])
+        m = _metrics(runs, setting, mod["id"])
+        if st != "ok" or m is None:
+            lines.append(f"| {mod['label']} | " + " | ".join([st if st != "ok" else "no report"] + [""] * (len(head) - 2)) + " |")
+            continue
+        g = m.get("groups") or {}
+        auc = fig(m["metrics"]["per_class"].get("COVID-19", {}).get("auc"))
+        if not g.get("available"):
+            lines.append(f"| {mod['label']} | {auc} | {g.get('note', 'not in this report')} | | | |")
+            continue
+        wg, nd = g["worst_group_sensitivity"], g.get("non_dominant_specificity") or {}
+        cell = f" ({wg['cell']}, n={wg['n_images']})" if wg.get("cell") else ""
+        ndn = f" (n={nd['n_images']})" if nd.get("value") is not None else ""
+        dom = ", ".join(f"{c}: {s}" for c, s in (nd.get("dominant") or {}).items())
+        src = str(nd.get("dominant_from", "")).split(" of ")[0]
+        warn = "; ".join(w["text"].split(" — ")[0] for w in g.get("warnings", [])) or "none"
+        lines.append(f"| {mod['label']} | {auc} | {fig(wg)}{cell} | {fig(nd)}{ndn} | {dom} ({src}) | {warn} |")
+    return lines + ["", "Worst-group sensitivity: the lowest sensitivity over (source, class) cells of ≥ 5 test "
+                    "images at the stored decision rule. Non-dominant-source specificity: the share of normal and "
+                    "pneumonia test films from a source other than the one supplying most training films of that "
+                    "class that are not labelled COVID-19. A warning marks a class whose test images come ≥ 90 % from "
+                    "one source. 95 % CIs: patient bootstrap, patients resampled within their (source, class) cell "
+                    "(covidcxr evaluate, metrics.json `groups`).", ""]
+
+
+def loso_table(runs: Path, models: list[dict]) -> list[str]:
+    """Leave-one-source-out: per held-out source and recipe, what the held-out images allow."""
+    root = runs / "loso"
+    st = read_tsv(runs / "status.tsv", ["setting", "id", "status"])
+    st = st[st["setting"].str.startswith("loso/")]
+    if st.empty:
+        return ["*Leave-one-source-out: not run.*", ""]
+    head = ["held-out source", "model", "test images (patients): per class", *[f"sens. {c}" for c in CLASSES],
+            "AUC COVID-19 vs rest", "non-dominant-source specificity", "decision (threshold from val)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    n_boot = None
+    for (setting, mid), rows in st.groupby(["setting", "id"], sort=True):
+        src, stat = setting.split("/", 1)[1], rows["status"].iloc[-1]
+        m = load(root / src / f"{mid}-report" / "metrics.json")
+        if stat != "ok" or m is None:
+            lines.append(f"| {src} | {_label(models, mid)} | " + " | ".join(
+                [stat if stat != "ok" else "no report"] + [""] * (len(head) - 3)) + " |")
+            continue
+        mm = m["metrics"]
+        cc = mm.get("class_counts", {})
+        n_boot = mm["bootstrap"]["n_boot"]
+        counts = f"{mm['n_images']} ({mm['n_patients']}): " + ", ".join(f"{c} {cc.get(c, 0)}" for c in CLASSES)
+        sens = [fig(mm["per_class"][c]["sensitivity"]) if cc.get(c) else f"n/a (no {c})" for c in CLASSES]
+        auc = mm["per_class"].get("COVID-19", {}).get("auc")
+        auc_s = fig(auc) if auc and auc.get("value") is not None else "n/a (one class only)"
+        nd = (m.get("groups") or {}).get("non_dominant_specificity") or {}
+        nd_s = fig(nd) + (f" (n={nd['n_images']})" if nd.get("value") is not None else "")
+        thr = m.get("model", {}).get("threshold")
+        rule = f"COVID-19 if p ≥ {thr:.3f}" if isinstance(thr, (int, float)) else "argmax"
+        lines.append(f"| {src} | {_label(models, mid)} | {counts} | " + " | ".join(sens) + f" | {auc_s} | {nd_s} | {rule} |")
+    return lines + ["", "Each row: trained and validated without the held-out source (`covidcxr data build --holdout-source "
+                    "SOURCE`, seed 62), evaluated on that source's images only (persons linked to it through a duplicate "
+                    "image are left out of training and of the evaluation). Sensitivity at the decision rule stored in "
+                    "the checkpoint; AUC only where the held-out source has COVID-19 and other images; non-dominant-source "
+                    "specificity here = the held-out source's normal and pneumonia films not labelled COVID-19 (the "
+                    "held-out source is never the training split's dominant source). 95 % CIs: "
+                    f"{n_boot or '?'} patient-bootstrap replicates.", ""]
+
+
 def paired_table(runs: Path, setting: str, models: list[dict]) -> list[str]:
     what = "COVID-19 vs normal AUC" if setting == "holdout" else "COVID-19 vs rest AUC"
     lines = [f"| model | Δ {what} vs scratch | Δ accuracy | Δ macro sensitivity | replicates |", "|---|---|---|---|---|"]
@@ -149,12 +224,16 @@ def paired_table(runs: Path, setting: str, models: list[dict]) -> list[str]:
     lines += ["", "Δ = model − scratch ResNet-18 on the same test images; 95 % CI from a paired patient "
               "bootstrap (both models scored on each resample; patients resampled within their class; "
               f"{n_boot} replicates; `python -m covidcxr.evaluate.paired`). * = CI excludes 0.", ""]
-    p = load(runs / setting / "twice-vs-mnv2-paired.json")  # twice against once transfer, same test images
-    if p is not None:
-        pm = p["metrics"]
-        lines += [f"Twice transfer − once transfer (fine-tuned MobileNetV2), paired, same test images: Δ {what} "
-                  f"{diff(pm['auc'])}, Δ accuracy {diff(pm['accuracy'])}, Δ macro sensitivity "
-                  f"{diff(pm['macro_sensitivity'])} ({pm['auc']['n_replicates']} replicates).", ""]
+    for b, name in (("twice", "Twice transfer"), ("robust", "Group-robust recipe")):
+        p = load(runs / setting / f"{b}-vs-mnv2-paired.json")  # against once transfer, same test images
+        if p is not None:
+            pm = p["metrics"]
+            extra = "".join(f", Δ {lab} {diff(pm[k])}" for k, lab in (
+                ("worst_group_sensitivity", "worst-group sensitivity"),
+                ("non_dominant_specificity", "non-dominant-source specificity")) if k in pm)
+            lines += [f"{name} − once transfer (fine-tuned MobileNetV2), paired, same test images: Δ {what} "
+                      f"{diff(pm['auc'])}, Δ accuracy {diff(pm['accuracy'])}, Δ macro sensitivity "
+                      f"{diff(pm['macro_sensitivity'])}{extra} ({pm['auc']['n_replicates']} replicates).", ""]
     return lines
 
 
@@ -250,9 +329,37 @@ def targets(runs: Path, models: list[dict]) -> list[str]:
         ok = [w for w in wins if w[1]["ci_low"] > 0]
         rows.append(("transfer beats scratch (paired CI of Δ AUC excludes 0, patient split)",
                      "; ".join(f"{lab}: {diff(r)}" for lab, r in wins), bool(ok)))
+    rows += robust_targets(runs)
     lines = ["| target | measured (best model) | met |", "|---|---|---|"]
     lines += [f"| {t} | {v} | {'yes' if ok else '**no**'} |" for t, v, ok in rows]
     return lines + [""]
+
+
+def robust_targets(runs: Path) -> list[tuple[str, str, bool]]:
+    """Issue 18 §4's targets for the group-robust recipe (id ``robust``), where its results exist."""
+    rows = []
+
+    def nds(m: dict | None) -> dict | None:
+        return ((m or {}).get("groups") or {}).get("non_dominant_specificity")
+
+    h = nds(_metrics(runs, "holdout", "robust")) if status(runs, "holdout", "robust") == "ok" else None
+    if h and h.get("value") is not None:
+        rows.append(("robust recipe, no calibration: non-dominant-source specificity ≥ 0.5 (actualmed hold-out)",
+                     f"{fig(h)} (n={h['n_images']})", h["value"] >= 0.5))
+    loso = []
+    for d in sorted((runs / "loso").glob("*/robust-report/metrics.json")):
+        v = nds(load(d))
+        if v and v.get("value") is not None and status(runs, f"loso/{d.parent.parent.name}", "robust") == "ok":
+            loso.append((d.parent.parent.name, v))
+    if loso:
+        rows.append(("robust recipe, no calibration: non-dominant-source specificity ≥ 0.5 (each LOSO source)",
+                     "; ".join(f"{src}: {fig(v)}" for src, v in loso), all(v["value"] >= 0.5 for _, v in loso)))
+    p = load(runs / "split" / "robust-vs-mnv2-paired.json")
+    if p and p["metrics"]["auc"].get("diff") is not None:
+        a = p["metrics"]["auc"]
+        rows.append(("robust recipe: patient-split COVID-19 AUC not below the transfer recipe's by more than 0.02",
+                     f"Δ {diff(a)} (robust − fine-tuned MobileNetV2, paired)", a["diff"] >= -0.02))
+    return rows
 
 
 def severity_tables(runs: Path) -> list[str]:
@@ -315,7 +422,10 @@ def build(runs: Path) -> str:
     parts += ["#### Data", ""] + data_table(runs)
     for setting, title in SETTINGS.items():
         parts += [f"#### {title}", ""] + class_table(runs, setting, models)
+        parts += [f"Per-group figures ({title.lower()}): does the model find the disease or the source?", ""]
+        parts += group_table(runs, setting, models)
         parts += [f"Paired difference to the scratch baseline ({title.lower()}):", ""] + paired_table(runs, setting, models)
+    parts += ["#### Leave-one-source-out", ""] + loso_table(runs, models)
     parts += ["#### Shortcut audit (patient-level split, test)", ""] + audit_table(runs, "split", models)
     parts += ["#### Targets", ""] + targets(runs, models)
     parts += ["#### Severity from the transfer classifier's body", ""] + severity_tables(runs)

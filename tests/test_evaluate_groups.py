@@ -269,3 +269,78 @@ def test_cli_evaluate_prints_and_writes_the_group_figures(tiny_ckpt: Path, small
                "--n-boot", "0"])
     err = capsys.readouterr().err.strip()
     assert rc == 1 and "source" in err and str(nosrc) in err and "\n" not in err
+
+
+def test_results_tables_writes_the_loso_and_group_tables(tmp_path: Path) -> None:
+    """scripts/results_tables.py on two LOSO folds built from evaluate_predictions results: one without
+    COVID-19 (nih), one with a class missing from training; absent classes give n/a, never a crash."""
+    import importlib.util
+
+    from covidcxr.evaluate import evaluate_predictions
+
+    spec = importlib.util.spec_from_file_location("results_tables", Path(__file__).parents[1] / "scripts" / "results_tables.py")
+    rt = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(rt)
+    rng = np.random.default_rng(2)
+    runs = tmp_path / "runs"
+    folds = {"nih": ["normal"] * 12 + ["pneumonia"] * 8, "actualmed": ["normal"] * 8 + ["COVID-19"] * 12}
+    expected_nd = {}
+    for src, labels in folds.items():
+        frame = pd.DataFrame({"label": labels, "patient_id": [f"{src}{i}" for i in range(len(labels))], "source": src,
+                              "path": [f"{src}{i}.png" for i in range(len(labels))]})
+        probs = rng.dirichlet([1, 1, 1], len(labels))
+        res = evaluate_predictions(frame, probs, CLASSES, threshold=0.3, n_boot=20, dominant={"normal": "elsewhere"})
+        res["model"] = {"threshold": 0.3}
+        rep = runs / "loso" / src / "robust-report"
+        rep.mkdir(parents=True)
+        (rep / "metrics.json").write_text(json.dumps(res, default=float))
+        neg = np.array([lab != "COVID-19" for lab in labels])
+        expected_nd[src] = float((probs[neg, 2] < 0.3).mean())
+    (runs / "status.tsv").write_text("loso/nih\trobust\tok\nloso/actualmed\trobust\tok\nloso/cohen\trobust\tfailed: boom\n")
+    (runs / "models.tsv").write_text("robust\tMobileNetV2, group-robust\tconfigs/robust-mobilenet_v2.yaml\t\t\n")
+    text = rt.build(runs)
+    loso = text[text.index("#### Leave-one-source-out"):]
+    row = {line.split(" | ")[0].strip("| "): line for line in loso.splitlines() if line.startswith("| ")}
+    assert "n/a (no COVID-19)" in row["nih"] and "n/a (one class only)" in row["nih"]
+    assert "n/a (no pneumonia)" in row["actualmed"] and "n/a (one class only)" not in row["actualmed"]
+    assert f"{expected_nd['nih']:.3f}" in row["nih"].split(" | ")[-2]
+    assert "failed: boom" in row["cohen"]
+    # the §4 target row for the robust recipe lists each LOSO source's non-dominant-source specificity
+    target = next(line for line in text.splitlines() if "each LOSO source" in line)
+    assert f"nih: {expected_nd['nih']:.3f}" in target and f"actualmed: {expected_nd['actualmed']:.3f}" in target
+    assert target.endswith("| yes |") == all(v >= 0.5 for v in expected_nd.values())
+
+
+def test_paired_bootstrap_adds_the_group_figures(tmp_path: Path) -> None:
+    """Model A reads the source (non-NIH films called COVID-19), model B does not: the paired differences
+    of worst-group sensitivity and non-dominant-source specificity are large and their CIs exclude 0."""
+    from covidcxr.evaluate.paired import main as paired_main
+    from covidcxr.evaluate.paired import paired_bootstrap
+
+    rng = np.random.default_rng(4)
+    n = 240
+    src = rng.choice(["nih", "nih", "cohen", "actualmed"], n)
+    label = np.where(src == "nih", rng.choice(["normal", "pneumonia"], n), rng.choice(["normal", "COVID-19"], n))
+    base = pd.DataFrame({"path": [f"{i}.png" for i in range(n)], "patient_id": [f"p{i // 2}" for i in range(n)],
+                         "label": label, "source": src})
+    a = base.assign(pred=np.where(src == "nih", label, "COVID-19"), **{"prob_COVID-19": (src != "nih") * 0.9 + 0.05})
+    flip = rng.random(n) < 0.1  # B: right 90 % of the time, wherever the film comes from
+    b = base.assign(pred=np.where(flip, "pneumonia", label), **{"prob_COVID-19": np.where(label == "COVID-19", 0.8, 0.2)})
+    res = paired_bootstrap(a, b, n_boot=300, dominant={"normal": "nih", "pneumonia": "nih"})
+    nd, wg = res["metrics"]["non_dominant_specificity"], res["metrics"]["worst_group_sensitivity"]
+    neg = (label != "COVID-19") & (src != "nih")
+    assert nd["a"] == 0.0 and nd["b"] == pytest.approx((b["pred"][neg] != "COVID-19").mean())
+    cells = b.assign(hit=b["pred"] == b["label"]).groupby(["source", "label"])["hit"].agg(["mean", "size"])
+    assert wg["a"] == 0.0 and wg["b"] == pytest.approx(cells[cells["size"] >= 5]["mean"].min())
+    assert nd["ci_low"] > 0 and wg["ci_low"] > 0
+    # the command line reads the dominant sources from the metrics.json beside predictions.csv
+    for name, f in (("A", a), ("B", b)):
+        (tmp_path / name).mkdir()
+        f.to_csv(tmp_path / name / "predictions.csv", index=False)
+    (tmp_path / "A" / "metrics.json").write_text(json.dumps(
+        {"groups": {"non_dominant_specificity": {"dominant": {"normal": "cohen", "pneumonia": "nih"}}}}))
+    assert paired_main([str(tmp_path / "A"), str(tmp_path / "B"), "--bootstrap", "50", "--out", str(tmp_path / "p.json")]) == 0
+    out = json.loads((tmp_path / "p.json").read_text())
+    assert out["dominant"] == {"normal": "cohen", "pneumonia": "nih"}
+    neg2 = (label == "normal") & (src != "cohen") | (label == "pneumonia") & (src != "nih")
+    assert out["metrics"]["non_dominant_specificity"]["a"] == pytest.approx((a["pred"][neg2] != "COVID-19").mean())

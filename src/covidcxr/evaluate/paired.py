@@ -22,7 +22,7 @@ import json
 import math
 import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -30,6 +30,8 @@ import pandas as pd
 from covidcxr.evaluate.metrics import MetricsError, weighted_auc
 
 METRICS = ("auc", "accuracy", "macro_sensitivity")
+#: added when both prediction files carry a ``source`` column (covidcxr.evaluate.groups defines them)
+GROUP_METRICS = ("worst_group_sensitivity", "non_dominant_specificity")
 _KEY = ("path",)
 
 
@@ -85,9 +87,11 @@ def stratified_patient_weights(patients: Sequence[str], strata: Sequence[str], n
 
 
 def _metric(name: str, frame: pd.DataFrame, w: np.ndarray, positive: str, negatives: Sequence[str] | None,
-            classes: Sequence[str]) -> np.ndarray:
+            classes: Sequence[str], dominant: Mapping[str, str] | None = None) -> np.ndarray:
     """The metric for each weight row (B x N -> B); NaN where it is undefined."""
     label = frame["label"].astype(str).to_numpy()
+    if name in GROUP_METRICS:
+        return _group_metric(name, frame, w, positive, dominant)
     if name == "auc":
         col = f"prob_{positive}"
         if col not in frame.columns:
@@ -104,17 +108,65 @@ def _metric(name: str, frame: pd.DataFrame, w: np.ndarray, positive: str, negati
     raise MetricsError(f"unknown paired metric {name!r}; known: {', '.join(METRICS)}")
 
 
+def _group_metric(name: str, frame: pd.DataFrame, w: np.ndarray, positive: str,
+                  dominant: Mapping[str, str] | None) -> np.ndarray:
+    """Worst-group sensitivity or non-dominant-source specificity per weight row, as defined in
+    :mod:`covidcxr.evaluate.groups` (cells of >= MIN_GROUP_IMAGES images; dominant source per class from
+    ``dominant``, else from these images)."""
+    from covidcxr.evaluate.groups import MIN_GROUP_IMAGES, dominant_sources
+
+    if "source" not in frame.columns:
+        raise MetricsError(f"{frame.attrs.get('source', 'predictions')}: no 'source' column for {name}")
+    label = frame["label"].astype(str).to_numpy()
+    src = frame["source"].astype(str).to_numpy()
+    pred = frame["pred"].astype(str).to_numpy()
+    with np.errstate(invalid="ignore", divide="ignore"):
+        if name == "worst_group_sensitivity":
+            cells = pd.Series(1, index=pd.MultiIndex.from_arrays([src, label])).groupby(level=[0, 1]).size()
+            sens = []
+            for s, c in cells[cells >= MIN_GROUP_IMAGES].index:
+                m = (src == s) & (label == c)
+                sens.append((w[:, m] @ (pred[m] == c).astype(float)) / w[:, m].sum(1))
+            if not sens:
+                return np.full(len(w), np.nan)
+            v = np.vstack(sens)
+            return np.where(np.isnan(v).all(0), np.nan, np.nanmin(np.where(np.isnan(v), np.inf, v), axis=0))
+        classes = sorted(set(label))
+        dom = dict(dominant) if dominant is not None else dominant_sources(
+            [classes.index(x) for x in label], src, classes)
+        m = (label != positive) & (src != np.asarray([dom.get(x) for x in label], dtype=object))
+        if not m.any():
+            return np.full(len(w), np.nan)
+        return (w[:, m] @ (pred[m] != positive).astype(float)) / w[:, m].sum(1)
+
+
+def read_dominant(report: str | Path) -> dict[str, str] | None:
+    """The dominant source per class that ``covidcxr evaluate`` used (its metrics.json beside predictions.csv)."""
+    p = Path(report)
+    p = (p if p.is_dir() else p.parent) / "metrics.json"
+    try:
+        nd = json.loads(p.read_text(encoding="utf-8"))["groups"]["non_dominant_specificity"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return nd.get("dominant") or None
+
+
 def paired_bootstrap(a: pd.DataFrame, b: pd.DataFrame, *, positive: str = "COVID-19",
-                     negatives: Sequence[str] | None = None, metrics: Sequence[str] = METRICS,
-                     n_boot: int = 1000, seed: int = 0, ci: float = 0.95) -> dict[str, Any]:
+                     negatives: Sequence[str] | None = None, metrics: Sequence[str] | None = None,
+                     n_boot: int = 1000, seed: int = 0, ci: float = 0.95,
+                     dominant: Mapping[str, str] | None = None) -> dict[str, Any]:
     """Each metric for A and B (``a``, ``b`` with ``a_ci``, ``b_ci``) and the difference B - A
     (``diff``, ``ci_low``, ``ci_high``) with its paired, stratified patient-bootstrap CI.
 
     ``negatives`` restricts the AUC to ``positive`` vs these labels (e.g. COVID-19 vs normal);
-    default: positive vs every other image. ``p_two_sided`` is the bootstrap share of replicates on
+    default: positive vs every other image. ``metrics`` default: METRICS, plus GROUP_METRICS when both
+    files have a ``source`` column (``dominant``: the dominant source per class, see
+    :func:`covidcxr.evaluate.groups.non_dominant_specificity`; default: counted on these images). ``p_two_sided`` is the bootstrap share of replicates on
     the other side of 0, doubled (a rough guide; the CI is the figure to read).
     """
     a, b = align(a, b)
+    if metrics is None:
+        metrics = METRICS + (GROUP_METRICS if "source" in a.columns and "source" in b.columns else ())
     label = a["label"].astype(str).to_numpy()
     classes = sorted(set(label))
     pats = a["patient_id"].astype(str).to_numpy()
@@ -129,9 +181,12 @@ def paired_bootstrap(a: pd.DataFrame, b: pd.DataFrame, *, positive: str = "COVID
                       "n_boot": int(n_boot), "seed": int(seed), "ci": ci},
         "difference": "B - A", "metrics": {},
     }
+    if dominant is not None:
+        out["dominant"] = dict(dominant)
     for m in metrics:
-        va, vb = _metric(m, a, one, positive, negatives, classes)[0], _metric(m, b, one, positive, negatives, classes)[0]
-        ra, rb = _metric(m, a, w, positive, negatives, classes), _metric(m, b, w, positive, negatives, classes)
+        args = (positive, negatives, classes, dominant)
+        va, vb = _metric(m, a, one, *args)[0], _metric(m, b, one, *args)[0]
+        ra, rb = _metric(m, a, w, *args), _metric(m, b, w, *args)
         d = (rb - ra)[np.isfinite(rb - ra)]
         row: dict[str, Any] = {"a": _num(va), "b": _num(vb), "diff": _num(vb - va), "ci_low": None, "ci_high": None,
                                "n_replicates": int(len(d)), "p_two_sided": None}
@@ -174,7 +229,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         res = paired_bootstrap(read_predictions(args.a), read_predictions(args.b), positive=args.positive,
                                negatives=args.negatives.split(",") if args.negatives else None,
-                               n_boot=args.bootstrap, seed=args.seed)
+                               n_boot=args.bootstrap, seed=args.seed, dominant=read_dominant(args.a))
     except (MetricsError, OSError, pd.errors.ParserError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
