@@ -361,7 +361,7 @@ def calibrate_site(model: str | os.PathLike, data: str | os.PathLike, out: str |
 
     a = _frame(paths, patients, y, before_pred, before_probs, classes)
     b = _frame(paths, patients, y, cv["pred"], cv["probs"], classes)
-    paired = paired_bootstrap(a, b, positive=POSITIVE, n_boot=n_boot, seed=seed) if POSITIVE in classes else None
+    paired = paired_bootstrap(a, b, positive=POSITIVE, n_boot=n_boot, seed=seed) if POSITIVE in classes and n_boot > 0 else None
     metrics = {
         "data": f"the {len(y)} local cases of {data.name} ({len(set(patients))} patients)",
         "folds": cv["folds"], "by": "patient_id",

@@ -46,9 +46,9 @@ import numpy as np
 SITE_KEY = "site_calibration"
 SCHEMA_VERSION = 1
 UNCERTAIN_TEXT = "uncertain: refer"
-#: float slack when comparing a score with a stored threshold (probabilities travel through JSON
-#: and float32 on the ONNX path)
-_EPS = 1e-6
+#: float slack when comparing a score with a stored threshold: rounding only (a threshold is itself a
+#: calibration score, which the same probabilities must reproduce as "in")
+_EPS = 1e-12
 
 
 class SiteCalibrationError(ValueError):
