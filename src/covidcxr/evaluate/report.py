@@ -82,7 +82,8 @@ def plot_roc_pr(y: np.ndarray, probs: np.ndarray, classes: Sequence[str], metric
             ax.set_title("one-vs-rest precision-recall")
         ax.set_xlim(0, 1)
         ax.set_ylim(0, 1.02)
-        ax.legend(loc="lower right" if kind == "roc" else "lower left", fontsize=7)
+        if ax.get_legend_handles_labels()[0]:  # a split holding one class only has no curve to label
+            ax.legend(loc="lower right" if kind == "roc" else "lower left", fontsize=7)
         fig.tight_layout()
         fig.savefig(path, dpi=110)
         plt.close(fig)
