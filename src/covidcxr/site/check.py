@@ -71,8 +71,11 @@ def load_summary(lm: Any, model_path: str | os.PathLike, reference_data: str | o
         return stored, "stored in the checkpoint at training time"
     if reference_data is not None:
         return reference_summary(lm, reference_data, batch_size), f"computed from --reference-data {reference_data}"
-    raise SiteError(f"{model_path}: the checkpoint has no training-feature summary (saved before covidcxr stored "
-                    "one); pass --reference-data with the manifest it was trained on")
+    site = lm.meta.get("site_calibration") or {}
+    why = ("its BatchNorm statistics were adapted to a site (--adapt-bn), so the training summary no longer "
+           "applies" if site.get("adapt_bn") else "saved before covidcxr stored one")
+    raise SiteError(f"{model_path}: the checkpoint has no training-feature summary ({why}); pass --reference-data "
+                    "with the manifest it was trained on")
 
 
 def site_features(lm: Any, files: Sequence[str], batch_size: int = 16,
@@ -166,7 +169,10 @@ def check_site(model: str | os.PathLike, inputs: Sequence[str | os.PathLike], ou
     probs = softmax_with_temperature(logits, lm.temperature)
     rule = DecisionRule.from_checkpoint(lm.threshold, lm.metrics)
     labels = [lm.classes[i] for i in rule.label_indices(probs, lm.classes)]
-    res = assess(summary, feats)
+    try:
+        res = assess(summary, feats)
+    except (KeyError, ValueError) as err:  # a summary of another model (a swapped head, a hand-edited bundle)
+        raise SiteError(f"{model}: its training-feature summary does not fit the model ({err})") from None
     site = lm.meta.get(SITE_KEY)
     sets = [prediction_set(p, lm.classes, site) for p in probs] if isinstance(site, dict) else None
     report: dict[str, Any] = {
