@@ -22,6 +22,7 @@ from covidcxr.dicom.common import AllowRule, Peer
 from covidcxr.testing.orthanc import Orthanc, OrthancUnavailable, orthanc_binary
 from covidcxr.dicom.sr import read_result
 
+from test_dciodvfy import assert_valid, need_dciodvfy
 from test_dicom_node_support import CLASSES, Scu, make_classifier, renamed, to_bytes, wrap_file, wrap_image
 
 NOTICE = "RESEARCH USE ONLY — NOT FOR DIAGNOSIS"
@@ -130,6 +131,7 @@ def test_echo_and_only_allowed_peers(node) -> None:
 def test_orthanc_forwards_images_and_gets_sr_and_sc_back(node, pacs: Orthanc, ckpt: Path, samples_dir: Path,
                                                         dev_dir: Path, tmp_path: Path,
                                                         capsys: pytest.CaptureFixture) -> None:
+    need_dciodvfy()
     rsna = (samples_dir / "rsna-pneumonia-sample.dcm").read_bytes()
     wrapped = [wrap_file(samples_dir / "nih-00000001_000.png"),
                wrap_file(sorted((dev_dir / "images").glob("*.jpg"))[0])]
@@ -146,6 +148,7 @@ def test_orthanc_forwards_images_and_gets_sr_and_sc_back(node, pacs: Orthanc, ck
     assert main(["predict", *[str(tmp_path / n) for n in files], "--model", str(ckpt), "--out", str(out),
                  "--workers", "0", "-q"]) == 0
     cli = {Path(r["path"]).name: r for r in map(json.loads, out.read_text().splitlines())}
+    gate = node.engine.gate is not None  # the lung U-Net is in ../shared/weights
 
     for name, src in sources.items():
         uid = str(src.SOPInstanceUID)
@@ -156,14 +159,13 @@ def test_orthanc_forwards_images_and_gets_sr_and_sc_back(node, pacs: Orthanc, ck
         assert sr.SeriesInstanceUID != src.SeriesInstanceUID and sc.SeriesInstanceUID != src.SeriesInstanceUID
         res = read_result(sr)  # opens in highdicom
         assert res["referenced_sop_instance_uids"] == [uid]
-        # the same label and probabilities as `covidcxr predict`, and the same plausibility verdict
-        verdict = cli[name].get("plausibility") or {}
-        if verdict:
-            assert res["texts"]["Input plausibility check"].startswith(verdict["verdict"]), (name, verdict)
-        if cli[name].get("flag"):
-            assert res["flag"] == cli[name]["flag"] and res["label"] is None, name
-            continue
-        assert res["label"] == cli[name]["label"], name
+        # the same label and probabilities as `covidcxr predict`, and the same plausibility verdict: all three
+        # are frontal films, none is flagged (pinned: a flagged one would skip the comparison below)
+        assert not cli[name].get("flag") and res["flag"] is None, (name, cli[name])
+        if gate:
+            assert cli[name]["plausibility"]["verdict"] == "frontal_cxr", (name, cli[name])
+            assert res["texts"]["Input plausibility check"].startswith("frontal_cxr"), name
+        assert res["label"] == cli[name]["label"] in CLASSES, name
         assert res["probabilities"].keys() == set(CLASSES)
         for c in CLASSES:
             assert res["probabilities"][c] == pytest.approx(cli[name]["probabilities"][c], abs=1e-6)  # float32 batching
@@ -172,7 +174,8 @@ def test_orthanc_forwards_images_and_gets_sr_and_sc_back(node, pacs: Orthanc, ck
         assert res["algorithm"]["name"] == "tiny-dicom-test"
         from covidcxr.predict import file_sha256
 
-        assert res["algorithm"]["version"] == file_sha256(ckpt)
+        assert res["algorithm"]["version"] == node.engine.predictor.version  # every SR names model and version
+        assert res["algorithm"]["sha256"] == file_sha256(ckpt)
         # patient attributes: those DICOM requires, nothing more
         assert sr.PatientID == src.PatientID and "PatientAge" not in sr and "PatientAge" not in sc
         # the secondary capture: RGB, the notice burned in (flagged as such), the red banner on top
@@ -182,6 +185,9 @@ def test_orthanc_forwards_images_and_gets_sr_and_sc_back(node, pacs: Orthanc, ck
         assert px.ndim == 3 and px.shape[2] == 3 and px.shape[1] == 512
         banner = px[2:8, :, :].reshape(-1, 3).mean(0)
         assert banner[0] > 120 and banner[1] < 80, banner  # mostly red: the notice banner
+        # what the PACS holds passes dciodvfy (issue 21 §3)
+        for kind, ds in (("sr", sr), ("sc", sc)):
+            assert_valid(ds, tmp_path, f"{name}-{kind}")
     err = capsys.readouterr().err
     assert "Test^Wrapped" not in err and "TEST-0001" not in err
 
@@ -249,7 +255,8 @@ def test_non_chest_and_lateral_images_get_a_flagged_sr(node, pacs: Orthanc, samp
         got = wait_results(pacs, str(ds.SOPInstanceUID))
         res = read_result(got["sr"])
         assert res["flag"] == flag and res["label"] is None and res["probabilities"] == {}
-        assert res["finding_code"][1] == "99COVIDCXR" and NOTICE in res["notice"]
+        assert res["finding_code"] == ("373121007", "SCT") and NOTICE in res["notice"]  # SNOMED CT "Not Evaluated"
+        assert res["not_assessed_reason"] == "not_frontal_cxr"
         assert "NOT ASSESSED" in got["sc"].ImageComments
 
 
@@ -445,3 +452,70 @@ def test_listen_command_drains_on_sigterm_and_logs_no_patient_data(ckpt: Path, p
     assert len(results_for(pacs, str(ds.SOPInstanceUID))) == 2  # drained: delivered before exit
     for secret in [*PHI.values(), "Doe", str(ds.SOPInstanceUID), str(ds.StudyInstanceUID)]:
         assert secret not in out, f"{secret!r} reached the log"
+
+
+# --------------------------------------------------------------------------- an ONNX model never needs torch
+
+
+TORCH_BLOCKER = """
+import sys
+class _NoTorch:  # as on an install without torch: importing it fails
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch" or name.startswith("torch."):
+            raise ImportError("torch is not installed (blocked by the test)")
+sys.meta_path.insert(0, _NoTorch())
+from covidcxr.cli import main
+code = main()
+print("TORCH_IMPORTED", "torch" in sys.modules, flush=True)
+sys.exit(code)
+"""
+
+
+def test_listen_with_threads_and_an_onnx_model_never_imports_torch(ckpt: Path, samples_dir: Path,
+                                                                   tmp_path: Path) -> None:
+    """Before: `dicom listen --threads N` imported torch after the port was open, and on a torch-free install
+    the node died without draining."""
+    import os
+    import re
+    import signal
+    import subprocess
+    import sys
+    import threading
+
+    from covidcxr.testing.scp import StoreScp
+
+    onnx = tmp_path / "tiny.onnx"
+    assert main(["export", "--model", str(ckpt), "--onnx", str(onnx), "--parity-images",
+                 str(samples_dir / "nih-00000001_000.png")]) == 0
+    with StoreScp(ae_title="PACS") as pacs:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", TORCH_BLOCKER, "dicom", "listen", "--model", str(onnx), "--threads", "2",
+             "--no-plausibility", "--host", "127.0.0.1", "--port", "0", "--forward", f"PACS@127.0.0.1:{pacs.port}",
+             "--store", str(tmp_path / "s"), "--allow", "TESTSCU@127.0.0.1"],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        lines: list[str] = []
+        reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)  # type: ignore[arg-type]
+        reader.start()
+
+        def listening_port() -> int | None:
+            m = re.search(r"listening on 127\.0\.0\.1:(\d+)", "".join(lines))
+            return int(m.group(1)) if m else None
+
+        try:
+            wait_for(lambda: proc.poll() is not None or listening_port(), 180, "the listener to start")
+            assert proc.poll() is None, "".join(lines)
+            port = listening_port()
+            ds = renamed((samples_dir / "rsna-pneumonia-sample.dcm").read_bytes())
+            assert Scu(port).store(ds) == [(0, "")]
+            wait_for(lambda: len(pacs.stored) == 2, 120, "the SR and SC at the destination")
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=120)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(timeout=30)
+            reader.join(timeout=30)
+    out = "".join(lines)
+    assert proc.returncode == 0, out
+    assert "TORCH_IMPORTED False" in out and "ImportError" not in out, out
+    assert "1 images analysed, 1 results sent" in out, out
