@@ -50,7 +50,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         "evaluate",
         help="evaluate a checkpoint on a manifest split: metrics with CIs, report, predictions",
         description="Writes OUT/metrics.json, OUT/report.html, OUT/report.md, OUT/predictions.csv and PNG figures. "
-        "Confidence intervals are 95% bootstrap intervals over patients.",
+        "Confidence intervals are 95% bootstrap intervals over patients. Beside the AUC: a source x class "
+        "sensitivity table, the worst-group sensitivity (cells of >= 5 images) and the non-dominant-source "
+        "specificity (normal/pneumonia films from a source other than the one supplying most training films "
+        "of that class, not called COVID-19), with a warning for a class coming >= 90% from one source.",
     )
     e.add_argument("--model", required=True, help="checkpoint (RUN/best.ckpt)")
     e.add_argument("--data", required=True, help="manifest CSV")
