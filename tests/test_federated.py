@@ -285,3 +285,42 @@ def test_unreachable_server_is_one_line(tmp_path: Path) -> None:
     errors = [ln for ln in r.stderr.splitlines() if "error" in ln.lower() or "fail" in ln.lower()]
     assert len(errors) == 1 and "cannot reach the federated server at 127.0.0.1:" in errors[0], r.stderr
     assert time.time() - t0 < 280
+
+
+# ---------------------------------------------------------------------------------------------- DP
+
+
+def test_dp_clips_each_site_noises_the_mean_and_reports_epsilon(tmp_path: Path) -> None:
+    """FedAvg with Flower's client-side fixed clipping: every update that left a site has norm <= C, the global
+    model is their uniform mean plus Gaussian noise of std z*C/n, and the stored epsilon is the RDP accountant's."""
+    import dp_accounting
+
+    manifest = make_sites(tmp_path / "data", {"site-a": 6, "site-b": 9})
+    out = tmp_path / "fed"
+    z, clip, delta = 0.5, 0.25, 1e-5
+    r = subprocess.run([CLI, "federated", "simulate", "--config", RECIPE, "--data", str(manifest), "--site-column",
+                        "source", "--rounds", "1", "--strategy", "fedavg", "--dp-noise", str(z), "--dp-clip", str(clip),
+                        "--dp-delta", str(delta), "--out", str(out), *SETS],
+                       capture_output=True, text=True, timeout=BOUND, env=_env())
+    assert r.returncode == 0, r.stderr[-3000:]
+    sites = ["site-a", "site-b"]
+    sent = [_npz(out / "sites" / s / "sent" / "round-1-sent.npz") for s in sites]
+    received = _npz(out / "sites" / "site-a" / "sent" / "round-1-received.npz")
+    for s, u in zip(sites, sent):
+        norm = np.sqrt(sum(((a.astype(np.float64) - g) ** 2).sum() for a, g in zip(u, received)))
+        assert norm <= clip * (1 + 1e-4), (s, norm)
+        assert json.loads((out / "sites" / s / "sent" / "round-1-sent.json").read_text())["num_examples"] == 1
+    from covidcxr.models.checkpoint import read_bundle
+
+    b = read_bundle(out / "last.ckpt")
+    keys = _exchanged("fedavg")
+    mean = _weighted_mean([(u, 1) for u in sent])
+    noise = np.concatenate([(b["state_dict"][k].numpy().astype(np.float64) - m).ravel() for k, m in zip(keys, mean)
+                            if not k.endswith("running_var")])  # clamped at 1e-5 after the noise
+    assert abs(noise.std() / (z * clip / 2) - 1) < 0.05 and abs(noise.mean()) < 1e-3
+    dp = b["training"]["federated"]["dp"]
+    acc = dp_accounting.rdp.RdpAccountant()
+    acc.compose(dp_accounting.GaussianDpEvent(z), 1)
+    assert dp["epsilon"] == pytest.approx(acc.get_epsilon(delta), rel=1e-3)
+    assert dp["noise_multiplier"] == z and dp["clipping_norm"] == clip and dp["releases"] == 1
+    assert "DP epsilon" in r.stderr

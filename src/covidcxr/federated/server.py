@@ -99,8 +99,21 @@ class _SiteAware:
         c = plan.config["checkpoint"]
         self.monitor, self.mode = str(c["monitor"]), str(c["mode"])
 
+    def _post_noise(self, parameters: Any) -> Any:
+        """DP noise can push BatchNorm running variances below 0 (NaN at the next forward pass): clamp them.
+        Post-processing of a DP release costs no privacy."""
+        if self.plan.dp is None or parameters is None:
+            return parameters
+        from flwr.common import ndarrays_to_parameters, parameters_to_ndarrays
+
+        arrays = parameters_to_ndarrays(parameters)
+        arrays = [np.maximum(a, 1e-5).astype(a.dtype) if k.endswith("running_var") else a
+                  for k, a in zip(self.keys, arrays)]
+        return ndarrays_to_parameters(arrays)
+
     # -------------------------------------------------------------- fit
     def configure_fit(self, server_round: int, parameters: Any, client_manager: Any) -> list:
+        parameters = self._post_noise(parameters)
         need = self.expected if server_round == 1 else self.min_sites
         if not client_manager.wait_for(need, timeout=int(self.connect_timeout)):
             n = client_manager.num_available()
@@ -156,6 +169,7 @@ class _SiteAware:
 
     # -------------------------------------------------------------- evaluate
     def configure_evaluate(self, server_round: int, parameters: Any, client_manager: Any) -> list:
+        parameters = self._post_noise(parameters)
         self.current = parameters
         return [(c, ei) for c, ei in super().configure_evaluate(server_round, parameters, client_manager)
                 if c.cid not in self.refused]
