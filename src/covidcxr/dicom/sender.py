@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
 from pynetdicom.sop_class import ComprehensiveSRStorage, SecondaryCaptureImageStorage
 
@@ -72,8 +73,11 @@ class Sender:
         self.retry_max_s = retry_max_s
         self.max_attempts = max(1, int(max_attempts))
         self.ae = AE(ae_title=ae_title)
+        # the results are written in explicit VR little endian: offer that (implicit as the fallback every
+        # SCP must take), not pynetdicom's default list, from which some SCPs (DCMTK's storescp +xa) pick
+        # deflate, which validators and some archives cannot read
         for cx in (ComprehensiveSRStorage, SecondaryCaptureImageStorage):
-            self.ae.add_requested_context(cx)
+            self.ae.add_requested_context(cx, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
         self.ae.acse_timeout = self.ae.dimse_timeout = self.ae.network_timeout = timeout_s
         self._wake = threading.Event()
         self._stop = threading.Event()
