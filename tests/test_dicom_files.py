@@ -1,13 +1,16 @@
 """Issue 11 §11: DICOM files someone else wrote — the whole pydicom test-file folder.
 
-pydicom ships ~90 files covering every transfer syntax plus broken files on purpose. Every one of
+pydicom ships 176 files covering every transfer syntax plus broken files on purpose. Every one of
 them goes through ``covidcxr inspect`` and :func:`covidcxr.io.read_image`: no traceback, no pydicom
-log line on the terminal, and every refusal is one line with a reason.
+log line on the terminal, and every refusal is one line with a reason. Each file's outcome is pinned in
+``tests/pydicom_test_files.json`` (decodes to [rows, columns], or refused with the start of its reason):
+a file that starts or stops decoding, or is refused for another reason, fails its test.
 """
 
 from __future__ import annotations
 
 import io
+import json
 import os
 import re
 import subprocess
@@ -27,6 +30,22 @@ TEST_FILES = Path(pydicom.__file__).parent / "data" / "test_files"
 FILES = sorted(p for p in TEST_FILES.rglob("*") if p.is_file()) if TEST_FILES.is_dir() else []
 
 needs_files = pytest.mark.skipif(not FILES, reason=f"pydicom's test files not found at {TEST_FILES}")
+EXPECTED: dict[str, dict] = json.loads((Path(__file__).with_name("pydicom_test_files.json")).read_text())["files"]
+
+
+def _expected(path: Path) -> dict:
+    rel = str(path.relative_to(TEST_FILES))
+    if rel not in EXPECTED:
+        pytest.fail(f"{rel}: no pinned outcome in tests/pydicom_test_files.json (a new pydicom test file?)")
+    return EXPECTED[rel]
+
+
+@needs_files
+def test_every_file_has_a_pinned_outcome() -> None:
+    """The table and pydicom's folder list the same files (a pydicom upgrade shows up here, by name)."""
+    on_disk = {str(p.relative_to(TEST_FILES)) for p in FILES}
+    assert on_disk - EXPECTED.keys() == set(), "files without a pinned outcome"
+    assert EXPECTED.keys() - on_disk == set(), "pinned files pydicom no longer ships"
 
 
 @needs_files
@@ -46,21 +65,34 @@ def test_cli_inspect_whole_folder_no_traceback_every_refusal_has_reason() -> Non
     for ln in refusals:  # "error: <path>: <reason>", one line each, naming the file
         m = re.match(r"error: (.+?): (.{10,})$", ln)
         assert m and Path(m.group(1)).name in {p.name for p in FILES}, ln
-    n_dcm_ok = sum(" DICOM " in ln for ln in ok)
-    print(f"{n_dcm_ok} of {len(FILES)} files decode")
-    assert n_dcm_ok >= 40  # measured 43 of 94 (was 17)
+    # the same files are read and refused as pinned for read_image, with the same reasons
+    refused = {}
+    for ln in refusals:
+        path, reason = re.match(r"error: (.+?): (.{10,})$", ln).groups()  # type: ignore[union-attr]
+        refused[str(Path(path).relative_to(TEST_FILES))] = reason
+    for rel, exp in EXPECTED.items():
+        if "refused" in exp:
+            assert rel in refused and refused[rel].startswith(exp["refused"]), (rel, refused.get(rel), exp)
+        else:
+            assert rel not in refused, (rel, refused[rel])
+            rows, cols = exp["decodes"]
+            assert any(ln.startswith(f"{TEST_FILES / rel}: DICOM {cols}x{rows},") for ln in ok), rel
 
 
 @needs_files
 @pytest.mark.parametrize("path", FILES, ids=[str(p.relative_to(TEST_FILES)) for p in FILES])
 def test_read_image_each_file(path: Path, capfd: pytest.CaptureFixture) -> None:
-    try:
-        img = read_image(path)
-    except CXRReadError as err:
-        assert len(str(err).splitlines()) == 1 and len(err.reason) > 10, str(err)
+    exp = _expected(path)
+    if "refused" in exp:
+        with pytest.raises(CXRReadError) as info:
+            read_image(path)
+        err = info.value
+        assert err.reason.startswith(exp["refused"]), (err.reason, exp["refused"])
+        assert len(str(err).splitlines()) == 1 and path.name in str(err), str(err)
     else:
-        assert img.ndim == 2 and img.dtype == np.float32
-        assert np.isfinite(img).all() and img.min() >= 0 and img.max() <= 1
+        img = read_image(path)
+        assert img.shape == tuple(exp["decodes"]) and img.dtype == np.float32
+        assert np.isfinite(img).all() and 0 <= img.min() < img.max() <= 1  # in range, and not a blank
     out, err_text = capfd.readouterr()
     assert out == "" and err_text == "", (out, err_text)  # nothing printed: not pydicom, not GDCM
 
