@@ -15,7 +15,8 @@
 #      Monte-Carlo CV over patients;
 #   5. leave-one-source-out (stage loso): for each source of LOSO_SOURCES a data build with that source
 #      held out (--holdout-source), the LOSO_RECIPES trained on the other sources, each evaluated on the
-#      held-out source's images only (RUNS/loso/<source>/manifest-eval.csv);
+#      held-out source's images only (RUNS/loso/<source>/manifest-eval.csv), and (stage paired) every other
+#      LOSO recipe against the first one on the same held-out images (paired bootstrap);
 #   6. scripts/results_tables.py writes RUNS/results_tables.md and fills the results:begin/end block
 #      of docs/results.md.
 #
@@ -347,7 +348,20 @@ for s in split holdout; do
       || echo "paired $s/$b vs mnv2 failed: $(tail -1 "$RUNS/$s/$b-vs-mnv2-paired.log")"
   done
 done
-has paired && timing "paired bootstrap (all models, both settings)" $(( $(elapsed) - t0 ))
+# LOSO: every other LOSO recipe against the first one (default: robust vs mnv2), on each held-out source
+LOSO_BASE=${LOSO_RECIPES%% *}
+if has paired && has loso; then
+  for src in $LOSO_SOURCES; do
+    d="$RUNS/loso/$src"
+    for b in ${LOSO_RECIPES#"$LOSO_BASE"}; do
+      [ -f "$d/$b-report/predictions.csv" ] && [ -f "$d/$LOSO_BASE-report/predictions.csv" ] || continue
+      $PY -m covidcxr.evaluate.paired "$d/$LOSO_BASE-report" "$d/$b-report" --bootstrap "$BOOT" \
+        --out "$d/$b-vs-$LOSO_BASE-paired.json" > "$d/$b-vs-$LOSO_BASE-paired.log" 2>&1 \
+        || echo "paired loso/$src/$b vs $LOSO_BASE failed: $(tail -1 "$d/$b-vs-$LOSO_BASE-paired.log")"
+    done
+  done
+fi
+has paired && timing "paired bootstrap (all models, all settings)" $(( $(elapsed) - t0 ))
 
 # what the training jobs did not chain (e.g. CONTINUE=1 of a run whose trainings were done elsewhere)
 has split && has severity && [ ! -f "$RUNS/severity/cv.log" ] && { pool; severity & }

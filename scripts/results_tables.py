@@ -208,6 +208,29 @@ def loso_table(runs: Path, models: list[dict]) -> list[str]:
                     f"{n_boot or '?'} patient-bootstrap replicates.", ""]
 
 
+def loso_paired_table(runs: Path, models: list[dict]) -> list[str]:
+    """Paired differences between LOSO recipes on each held-out source (RUNS/loso/<src>/<b>-vs-<a>-paired.json)."""
+    files = sorted((runs / "loso").glob("*/*-vs-*-paired.json"))
+    if not files:
+        return []
+    keys = [("auc", "Δ AUC COVID-19 vs rest"), ("worst_group_sensitivity", "Δ worst-group sensitivity"),
+            ("non_dominant_specificity", "Δ non-dominant-source specificity"), ("macro_sensitivity", "Δ macro sensitivity")]
+    lines = ["| held-out source | B − A | " + " | ".join(k[1] for k in keys) + " | replicates |",
+             "|" + "---|" * (len(keys) + 3)]
+    n_boot = "?"
+    for f in files:
+        p = load(f)
+        if p is None:
+            continue
+        b, a = f.name[: -len("-paired.json")].split("-vs-", 1)
+        n_boot = p["bootstrap"]["n_boot"]
+        pm = p["metrics"]
+        lines.append(f"| {f.parent.name} | {_label(models, b)} − {_label(models, a)} | "
+                     + " | ".join(diff(pm.get(k)) for k, _ in keys) + f" | {n_boot} |")
+    return lines + ["", "Paired patient bootstrap on the same held-out images (`python -m covidcxr.evaluate.paired`, "
+                    f"{n_boot} replicates); n/a where the held-out source lacks what the figure needs. * = CI excludes 0.", ""]
+
+
 def paired_table(runs: Path, setting: str, models: list[dict]) -> list[str]:
     what = "COVID-19 vs normal AUC" if setting == "holdout" else "COVID-19 vs rest AUC"
     lines = [f"| model | Δ {what} vs scratch | Δ accuracy | Δ macro sensitivity | replicates |", "|---|---|---|---|---|"]
@@ -425,7 +448,7 @@ def build(runs: Path) -> str:
         parts += [f"Per-group figures ({title.lower()}): does the model find the disease or the source?", ""]
         parts += group_table(runs, setting, models)
         parts += [f"Paired difference to the scratch baseline ({title.lower()}):", ""] + paired_table(runs, setting, models)
-    parts += ["#### Leave-one-source-out", ""] + loso_table(runs, models)
+    parts += ["#### Leave-one-source-out", ""] + loso_table(runs, models) + loso_paired_table(runs, models)
     parts += ["#### Shortcut audit (patient-level split, test)", ""] + audit_table(runs, "split", models)
     parts += ["#### Targets", ""] + targets(runs, models)
     parts += ["#### Severity from the transfer classifier's body", ""] + severity_tables(runs)
