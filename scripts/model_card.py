@@ -1,0 +1,369 @@
+#!/usr/bin/env python
+"""Model cards for the reference models, from the outputs of scripts/train_reference.sh (never typed by hand).
+
+    python scripts/model_card.py RUNS --version 1.0.0 --recipe configs/transfer-mobilenet_v2.yaml --seed 0 --pack
+
+Reads RUNS/run/best.ckpt, RUNS/eval-test/metrics.json (patient split, per source), RUNS/eval-actualmed/
+metrics.json (the Actualmed hold-out), RUNS/onnx/model.int8.onnx (the INT8 parity gate), RUNS/audit/audit.json
+(shortcut audit), RUNS/severity/best.ckpt and RUNS/severity-eval/metrics.json. Writes RUNS/cards.json and
+docs/model-card.md (--doc), and with --pack stores both models, each with its card, in covidcxr/models/reference/.
+The card follows Mitchell et al., "Model Cards for Model Reporting" (FAT* 2019). Research use only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+REPO = Path(__file__).resolve().parents[1]
+CLASSES = ["normal", "pneumonia", "COVID-19"]
+SITE_STEPS = (
+    "Before any use at a hospital: (1) `covidcxr site check --model reference --out site/ LOCAL_FILMS/` compares the "
+    "hospital's films with the training sources (no labels needed) and says whether they look like the training "
+    "data; (2) `covidcxr site calibrate --model reference --data LOCAL_MANIFEST.csv --out site.ckpt` refits the "
+    "temperature and the COVID-19 threshold on the hospital's own labelled cases (with conformal prediction sets) "
+    "and reports before/after figures cross-fitted by patient. Use the site checkpoint, never the reference as is.")
+
+
+def ci(m: dict[str, Any] | None, digits: int = 3) -> str:
+    """'0.912 [0.871, 0.948]' from a metrics dict with value/ci_low/ci_high."""
+    if not isinstance(m, dict) or m.get("value") is None:
+        return "n/a"
+    v = f"{m['value']:.{digits}f}"
+    if m.get("ci_low") is None or m.get("ci_high") is None:
+        return v
+    return f"{v} [{m['ci_low']:.{digits}f}, {m['ci_high']:.{digits}f}]"
+
+
+def load_json(p: Path) -> dict[str, Any] | None:
+    return json.loads(p.read_text()) if p.is_file() else None
+
+
+def sha256(p: Path) -> str:
+    return hashlib.sha256(p.read_bytes()).hexdigest()
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except Exception:
+        return "unknown"
+
+
+# --------------------------------------------------------------------------- tables
+def data_table(ref: pd.DataFrame, hold: pd.DataFrame) -> dict[str, Any]:
+    """Images by source x class x split (train / val / test of the patient split, and the Actualmed hold-out)."""
+    rows = []
+    frames = [(s, ref[ref.split == s]) for s in ("train", "val", "test")] + [("actualmed hold-out", hold)]
+    for source in sorted(set(ref.source) | set(hold.source)):
+        for cls in CLASSES:
+            counts = [int(((f.source == source) & (f.label == cls)).sum()) for _, f in frames]
+            if any(counts):
+                rows.append([source, cls, *counts])
+    rows.append(["all", "all", *[len(f) for _, f in frames]])
+    return {"caption": "Images by source, class and split (persons with an Actualmed image are never in train/val; "
+                       "the Actualmed hold-out also holds the 'test' Actualmed images of the patient split)",
+            "columns": ["source", "class", "train", "val", "test (patient split)", "actualmed hold-out"], "rows": rows}
+
+
+def headline(name: str, m: dict[str, Any]) -> list[str]:
+    met = m["metrics"]
+    pc = met["per_class"]["COVID-19"]
+    cal = m.get("calibration") or {}
+    ece = (cal.get("after") or cal.get("before") or {}).get("ece")
+    return [name, f"{met['n_images']} / {met['n_patients']}", ci(pc.get("auc")), ci(pc.get("sensitivity")),
+            ci(pc.get("specificity")), ci(met.get("balanced_accuracy")), "n/a" if ece is None else f"{ece:.3f}"]
+
+
+def per_source_table(m: dict[str, Any], setting: str) -> list[list[Any]]:
+    rows = []
+    for source, s in sorted((m.get("by_source") or {}).items()):
+        pc = (s.get("per_class") or {}).get("COVID-19") or {}
+        counts = ", ".join(f"{k} {v}" for k, v in (s.get("class_counts") or {}).items() if v)
+        rows.append([setting, source, f"{s['n_images']} / {s['n_patients']}", counts, ci(s.get("accuracy")),
+                     ci(pc.get("sensitivity")), ci(pc.get("auc"))])
+    return rows
+
+
+def int8_summary(runs: Path) -> tuple[str, dict[str, Any] | None]:
+    onnx_file = runs / "onnx" / "model.int8.onnx"
+    if not onnx_file.is_file():
+        status = (runs / "int8.status").read_text().strip() if (runs / "int8.status").is_file() else "not run"
+        return f"INT8 export did not pass: {status}", None
+    import onnx
+
+    meta = {p.key: p.value for p in onnx.load(str(onnx_file), load_external_data=False).metadata_props}
+    gate = json.loads(meta.get("covidcxr.parity_gate", "null")) or {}
+    quant = json.loads(meta.get("covidcxr.quantization", "null")) or {}
+    text = (f"Static INT8 (onnxruntime QDQ, {quant.get('method', '?')} calibration on "
+            f"{quant.get('calibration_images', '?')} train images; {len(quant.get('fp32_nodes') or [])} leading "
+            f"convolution(s) kept fp32) against fp32 on {gate.get('images')} images of "
+            f"{'+'.join(gate.get('splits') or [])}: COVID-19 AUC {gate.get('auc_fp32', float('nan')):.4f} (fp32) vs "
+            f"{gate.get('auc_int8', float('nan')):.4f} (INT8), change {gate.get('auc_change', float('nan')):.4f} "
+            f"(gate <= {gate.get('max_auc_change')}); labels agree {gate.get('agreement', float('nan')):.1%} "
+            f"(gate >= {gate.get('min_agreement', 0):.0%}); largest probability difference "
+            f"{gate.get('max_prob_diff', float('nan')):.3f}. This measures agreement with fp32, not accuracy.")
+    return text, gate
+
+
+def audit_summary(runs: Path) -> list[str]:
+    a = load_json(runs / "audit" / "audit.json")
+    if not a:
+        return ["The shortcut audit was not run (or failed: see audit.log in the run folder)."]
+    out = []
+    n = len(a.get("per_image") or [])
+    summ = {k: v for k, v in a.items() if k not in ("per_image", "examples", "segmenter")}
+    lines = json.dumps(summ, default=str)
+    out.append(f"Grad-CAM relevance inside the lungs and lungs-only predictions on {n} test images "
+               f"(`covidcxr audit-model`; lung masks from {((a.get('segmenter') or {}).get('segmenter')) or 'the manifest'}).")
+    for key in ("headline", "summary", "findings"):
+        v = a.get(key)
+        if isinstance(v, str):
+            out.append(v)
+        elif isinstance(v, list):
+            out += [str(x) for x in v]
+    if len(out) == 1:
+        out.append(f"Figures: {lines[:1500]}")
+    return out
+
+
+def severity_rows(m: dict[str, Any]) -> list[list[Any]]:
+    rows = []
+    sc = m.get("scores") or {}
+    base = (m.get("baseline_train_mean") or {})
+    for target, d in sc.items():
+        if not isinstance(d, dict):
+            continue
+        b = base.get(target) if isinstance(base.get(target), dict) else {}
+        rows.append([target, ci(d.get("mae"), 2), ci(d.get("pearson") or d.get("r"), 2),
+                     ci(d.get("spearman") or d.get("rho"), 2), ci((b or {}).get("mae"), 2)])
+    return rows
+
+
+# --------------------------------------------------------------------------- cards
+def classifier_card(runs: Path, version: str, recipe: str, seed: int) -> dict[str, Any]:
+    from covidcxr.models.checkpoint import read_bundle
+    from covidcxr.reference_models import LICENSE, RESEARCH_ONLY
+
+    b = read_bundle(runs / "run" / "best.ckpt")
+    t = b.get("training") or {}
+    test = load_json(runs / "eval-test" / "metrics.json")
+    hold = load_json(runs / "eval-actualmed" / "metrics.json")
+    if test is None or hold is None:
+        sys.exit(f"model_card: {runs}/eval-test or eval-actualmed missing: run scripts/train_reference.sh first")
+    ref = pd.read_csv(runs / "reference-manifest.csv")
+    held = pd.read_csv(runs / "actualmed-holdout.csv")
+    int8_text, gate = int8_summary(runs)
+    w = t.get("weights") or {}
+    cal = test.get("calibration") or {}
+    worst = (test.get("groups") or {}).get("worst_group_sensitivity") or {}
+    seconds = (runs / "seconds").read_text().strip() if (runs / "seconds").is_file() else "?"
+    figures = {
+        "test": {"covid_auc": test["metrics"]["per_class"]["COVID-19"]["auc"],
+                 "balanced_accuracy": test["metrics"]["balanced_accuracy"],
+                 "ece_before": (cal.get("before") or {}).get("ece"), "ece_after": (cal.get("after") or {}).get("ece")},
+        "actualmed": {"covid_auc": hold["metrics"]["per_class"]["COVID-19"]["auc"],
+                      "covid_sensitivity": hold["metrics"]["per_class"]["COVID-19"]["sensitivity"],
+                      "normal_sensitivity": hold["metrics"]["per_class"]["normal"]["sensitivity"]},
+        "int8_gate": gate,
+    }
+    header = ["setting", "images / patients", "COVID-19 AUC", "COVID-19 sensitivity", "COVID-19 specificity",
+              "balanced accuracy", "ECE"]
+    sections = [
+        {"title": "Model details", "items": [
+            f"covidcxr-reference {version}: MobileNetV2 ({b['arch']}), ImageNet-initialised ({t.get('weights_init')}, "
+            f"sha256 {str(w.get('sha256'))[:16]}…), fine-tuned by recipe `{recipe}` (seed {seed}), "
+            f"{(t.get('epochs') or t.get('max_epochs') or '?')} epochs at {b['preset']['size']} px.",
+            f"Input: one frontal chest X-ray, preprocessing preset `{b['preset']['name']}` "
+            f"({b['preset'].get('description', '')}). Output: probabilities for {', '.join(b['classes'])}.",
+            f"Decision rule: COVID-19 when p(COVID-19) >= {b.get('threshold'):.4f} (chosen on the validation split for "
+            f"sensitivity >= 0.95), else the most probable other class. Temperature {b.get('temperature', 1.0):.3f} "
+            "(fitted on the validation split).",
+            f"Provenance: training manifest sha256 {t.get('manifest_sha256')}; covidcxr {b.get('covidcxr_version')} "
+            f"(git {git_commit()}); torch {t.get('torch')}; trained by scripts/train_reference.sh in {seconds} s of a "
+            "shared 2-core CPU.",
+            f"Stored as float16 safetensors + JSON (no pickle), restored to float32 on load. Licence: {LICENSE}.",
+        ]},
+        {"title": "Intended use", "items": [
+            f"{RESEARCH_ONLY}: a reference point for research on COVID-19 chest X-ray classifiers, for testing "
+            "covidcxr's tools (predict, serve, DICOM node, explain) and as a starting point for fine-tuning.",
+            "Out of scope: diagnosis, triage, screening of patients, or any clinical decision. Not a medical device; "
+            "no clinical performance is claimed.",
+            SITE_STEPS,
+        ]},
+        {"title": "Factors", "paragraphs": [
+            "The public sources differ in hospital, device, export pipeline and in which classes they hold: NIH "
+            "supplies nearly all normal and pneumonia images, Cohen/Hannover/Figure1 nearly all COVID-19 images. "
+            "Source is therefore confounded with class, and the figures are reported per source and on a hospital "
+            "(Actualmed) whose images never entered training."]},
+        {"title": "Metrics", "paragraphs": [
+            f"COVID-19 one-vs-rest AUC, sensitivity and specificity at the stored threshold, balanced accuracy, and the "
+            f"expected calibration error (ECE, {(cal.get('before') or {}).get('n_bins', 15)} bins). 95% intervals: "
+            f"{test['metrics']['bootstrap']['n_boot']} bootstrap replicates over patients, stratified by class "
+            "(Clopper-Pearson where every replicate agrees)."]},
+        {"title": "Training data", "paragraphs": [
+            "The merged benchmark of scripts/results_classification.sh: covid-cxr-dev (Cohen, Figure1, Actualmed "
+            "subsets), the NIH ChestX-ray14 subset and Hannover, built with `covidcxr data build --seed 62`, split by "
+            "linked person (patients sharing an image across sources are one person). Every person with an Actualmed "
+            "image was then removed from train and val."], "tables": [data_table(ref, held)]},
+        {"title": "Evaluation data", "items": [
+            f"Patient split: the test split ({test['metrics']['n_images']} images, {test['metrics']['n_patients']} "
+            "patients), no patient of which is in train or val.",
+            f"Actualmed hold-out: all {hold['metrics']['n_images']} Actualmed images ({hold['metrics']['n_patients']} "
+            "patients; COVID-19 and normal only), a hospital the model never saw.",
+            "Leave-one-source-out was not run for the reference model (one training fits the CPU budget).",
+        ]},
+        {"title": "Quantitative analyses", "tables": [
+            {"caption": "Headline figures (95% patient-bootstrap CIs)", "columns": header,
+             "rows": [headline("patient split, test", test), headline("Actualmed hold-out (new hospital)", hold)]},
+            {"caption": "Per source (patient split test, then the Actualmed hold-out)",
+             "columns": ["setting", "source", "images / patients", "classes", "accuracy", "COVID-19 sensitivity",
+                         "COVID-19 AUC"],
+             "rows": per_source_table(test, "test") + per_source_table(hold, "hold-out")},
+        ], "items": [
+            f"Worst (source, class) group sensitivity on the test split: {ci(worst)} ({worst.get('cell', '?')}).",
+            f"Calibration: ECE {(cal.get('before') or {}).get('ece', float('nan')):.3f} before and "
+            f"{(cal.get('after') or {}).get('ece', float('nan')):.3f} after temperature scaling "
+            f"(T = {cal.get('temperature_fitted', float('nan')):.3f}, fitted on val) on the test split.",
+            f"INT8 parity: {int8_text}",
+            *audit_summary(runs),
+        ]},
+        {"title": "Ethical considerations", "items": [
+            "Patients: public, de-identified research images; no new patient data were collected.",
+            "Shortcuts: with source confounded with class, a high AUC on the patient split can come from recognising "
+            "the source (text, borders, exposure) rather than disease; the hold-out and per-source rows show how much "
+            "of it survives at a new hospital.",
+            "Licence: training images include CC BY-NC-SA sources (Figure1, Cohen images), so the weights are released "
+            "non-commercially under the same terms.",
+        ]},
+        {"title": "Caveats and recommendations", "items": [
+            "Small data: a few hundred patients, mostly from early-2020 public collections; the CIs are wide.",
+            "The new-hospital figures above (Actualmed) are the ones to expect elsewhere, not the patient-split ones.",
+            SITE_STEPS,
+            "Re-running scripts/train_reference.sh with the same seed on the same data gives the same split and "
+            "manifest sha256; the weights differ in the last digits (CPU thread scheduling is not bit-reproducible), "
+            "so the test figures are expected within the CIs above, not identical.",
+        ]},
+    ]
+    return {"name": "covidcxr-reference", "version": version, "license": LICENSE,
+            "trained_on": "merged public benchmark (Cohen, Figure1, NIH ChestX-ray14 subset, Hannover); Actualmed "
+                          "held out", "data_source": "../shared/data (covid-cxr-dev, nih-cxr14-subset, hannover-covid)",
+            "intended_use": RESEARCH_ONLY, "figures": figures,
+            "summary": (f"3-class chest X-ray classifier (normal / pneumonia / COVID-19). Patient-split test COVID-19 "
+                        f"AUC {ci(figures['test']['covid_auc'])}; Actualmed hold-out (new hospital) COVID-19 AUC "
+                        f"{ci(figures['actualmed']['covid_auc'])}. {RESEARCH_ONLY}."),
+            "sections": sections}
+
+
+def severity_card(runs: Path, version: str, seed: int) -> dict[str, Any]:
+    from covidcxr.models.checkpoint import read_bundle
+    from covidcxr.reference_models import LICENSE, RESEARCH_ONLY
+
+    b = read_bundle(runs / "severity" / "best.ckpt")
+    t = b.get("training") or {}
+    m = load_json(runs / "severity-eval" / "metrics.json") or {}
+    rows = severity_rows(m)
+    ref = pd.read_csv(runs / "reference-manifest.csv")
+    scored = ref[ref.get("geographic_extent").notna()] if "geographic_extent" in ref else ref.iloc[:0]
+    counts = [[s, int((scored.split == s).sum()), int(scored[scored.split == s].patient_id.nunique())]
+              for s in ("train", "val", "test")]
+    sections = [
+        {"title": "Model details", "items": [
+            f"covidcxr-reference-severity {version}: the reference classifier's MobileNetV2 body with a new 2-output "
+            f"regression head (geographic extent 0-8, opacity 0-6), fine-tuned by `covidcxr severity train --task "
+            f"scores --init` (seed {seed}); preset `{b['preset']['name']}`.",
+            f"Provenance: training manifest sha256 {t.get('manifest_sha256') or sha256(runs / 'reference-manifest.csv')}; "
+            f"covidcxr {b.get('covidcxr_version')} (git {git_commit()}). Licence: {LICENSE}.",
+        ]},
+        {"title": "Intended use", "items": [
+            f"{RESEARCH_ONLY}: `--severity reference` scores images the classifier calls COVID-19, for research on "
+            "severity scoring. Out of scope: any clinical grading.", SITE_STEPS]},
+        {"title": "Factors", "paragraphs": ["Scores exist only for COVID-19 images of the Cohen collection "
+                                            "(COVID-Net S annotations), so the model has seen one kind of source."]},
+        {"title": "Metrics", "paragraphs": ["Mean absolute error and correlation with the annotators' mean scores; "
+                                            "95% patient-bootstrap intervals."]},
+        {"title": "Training data", "tables": [{"caption": "Images with severity scores", "columns":
+                                               ["split", "images", "patients"], "rows": counts}]},
+        {"title": "Evaluation data", "paragraphs": ["The test split of the patient split (images with scores)."]},
+        {"title": "Quantitative analyses", "tables": [{"caption": "Test split (95% patient-bootstrap CIs)", "columns":
+                                                       ["target", "MAE", "Pearson r", "Spearman rho",
+                                                        "MAE of the train mean"], "rows": rows}],
+         "paragraphs": [] if rows else ["No severity evaluation found."]},
+        {"title": "Ethical considerations", "items": ["As for the classifier: public de-identified images; "
+                                                      "non-commercial licence."]},
+        {"title": "Caveats and recommendations", "items": [
+            "Very few scored patients: treat the figures as a smoke test of the pipeline, not a validated score.",
+            SITE_STEPS]},
+    ]
+    return {"name": "covidcxr-reference-severity", "version": version, "license": LICENSE,
+            "trained_on": "COVID-19 images with COVID-Net S scores in the merged benchmark's train split",
+            "intended_use": RESEARCH_ONLY, "figures": {"test": m.get("scores")},
+            "summary": f"Geographic extent and opacity scores for COVID-19 chest X-rays. {RESEARCH_ONLY}.",
+            "sections": sections}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("runs", type=Path)
+    ap.add_argument("--version", required=True)
+    ap.add_argument("--recipe", required=True)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--pack", action=argparse.BooleanOptionalAction, default=False,
+                    help="store both models with their cards in covidcxr/models/reference/")
+    ap.add_argument("--doc", type=Path, default=REPO / "docs" / "model-card.md")
+    a = ap.parse_args()
+    from covidcxr.reference_models import render_card
+
+    cards = {"covidcxr-reference": classifier_card(a.runs, a.version, a.recipe, a.seed),
+             "covidcxr-reference-severity": severity_card(a.runs, a.version, a.seed)}
+    (a.runs / "cards.json").write_text(json.dumps(cards, indent=1, default=str))
+    started = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    doc = [
+        "# Model cards: the shipped reference models",
+        "",
+        f"<!-- generated by scripts/model_card.py from {a.runs} on {started}; do not edit by hand: re-run "
+        "`bash scripts/train_reference.sh` -->",
+        "",
+        "Research use only; not for diagnosis; not a medical device. Each card is also stored as JSON inside the "
+        "model file and printed by `covidcxr models show covidcxr-reference` (`covidcxr-reference-severity`). "
+        "Every figure below was written by `scripts/model_card.py` from the evaluation outputs of "
+        "`bash scripts/train_reference.sh`; none is typed by hand.",
+        "",
+    ]
+    for c in cards.values():
+        doc.append(render_card(c))
+    a.doc.parent.mkdir(parents=True, exist_ok=True)
+    a.doc.write_text("\n".join(doc))
+    print(f"wrote {a.doc} and {a.runs / 'cards.json'}")
+    if a.pack:
+        from covidcxr.models import reference
+
+        manifest_sha = sha256(a.runs / "reference-manifest.csv")
+        prov = {"recipe_file": a.recipe, "seed": a.seed, "trained_by": "scripts/train_reference.sh",
+                "git_commit": git_commit(), "reference_manifest_sha256": manifest_sha}
+        reference.pack(a.runs / "run" / "best.ckpt", "covidcxr-reference", version=a.version,
+                       card=cards["covidcxr-reference"], provenance=prov)
+        sev_t = (__import__("covidcxr.models.checkpoint", fromlist=["read_bundle"])
+                 .read_bundle(a.runs / "severity" / "best.ckpt").get("training") or {})
+        rows = reference.pack(
+            a.runs / "severity" / "best.ckpt", "covidcxr-reference-severity", version=a.version,
+            card=cards["covidcxr-reference-severity"],
+            provenance={**prov, "manifest_sha256": sev_t.get("manifest_sha256") or manifest_sha,
+                        "recipe": sev_t.get("recipe") or "covidcxr severity train --task scores --init <reference>",
+                        "weights_init": f"covidcxr-reference {a.version} (the reference classifier's body)"})
+        total = sum(p.stat().st_size for p in reference.rm.REFERENCE_DIR.iterdir() if p.is_file())
+        print(f"packed {', '.join(rows)} into {reference.rm.REFERENCE_DIR} ({total / 1e6:.1f} MB together)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
