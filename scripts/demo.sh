@@ -27,6 +27,20 @@ mkdir -p "$OUT"
 START=$(date +%s)
 echo "covidcxr demo: research use only, not for clinical use."
 
+# ---------------------------------------------------------------- 0. the shipped reference model, before any training
+# `covidcxr predict` without --model uses the reference classifier packed in the package and says so in one line
+REF_INPUTS=()
+for f in "$SHARED/data/samples/nih-00000001_000.png" "$SHARED/data/samples/padchest-16747_3_1.jpg"; do
+  [ -f "$f" ] && REF_INPUTS+=("$f")
+done
+[ ${#REF_INPUTS[@]} -gt 0 ] || mapfile -t REF_INPUTS < <(find "${DATA:-$DEV}" -type f \( -iname '*.png' -o -iname '*.jpg' \) 2>/dev/null | sort | head -2)
+if [ ${#REF_INPUTS[@]} -gt 0 ]; then
+  echo "== predicting ${#REF_INPUTS[@]} image(s) with the shipped reference model (no training needed)"
+  $CX predict "${REF_INPUTS[@]}" --severity reference --always-severity --out "$OUT/predictions-reference.jsonl" -q \
+    || echo "(prediction with the reference model failed: see above)"
+  echo "   -> $OUT/predictions-reference.jsonl after $(( $(date +%s) - START )) s; now training our own model"
+fi
+
 # ---------------------------------------------------------------- 1. dataset
 DEV="$SHARED/data/covid-cxr-dev"
 same_as_dev() { [ -z "$DATA" ] || { [ -d "$DATA" ] && [ -d "$DEV" ] && [ "$(realpath "$DATA")" = "$(realpath "$DEV")" ]; }; }
