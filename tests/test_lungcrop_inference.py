@@ -43,7 +43,9 @@ def test_predictor_of_a_lungcrop_checkpoint_segments_by_itself(lungcrop_ckpt: Pa
 
     image = next(p for p in sorted((dev_dir / "images").iterdir()) if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
     predictor = Predictor.from_path(lungcrop_ckpt)
-    assert preprocess.LUNG_SEGMENTER is not None and "lung-unet-vgg11" in preprocess.LUNG_SEGMENTER.id
+    # the segmenter travels with the model (a picklable spec), not as a process-wide hook (issue 21 §1)
+    assert preprocess.LUNG_SEGMENTER is None
+    assert predictor.mask_spec.name == "lung-unet-vgg11" and len(predictor.mask_spec.sha256) == 64
     rec, = predictor.predict_paths([str(image)])
     assert rec["error"] is None, rec["error"]
     assert abs(sum(rec["probabilities"].values()) - 1) < 1e-5
@@ -58,3 +60,22 @@ def test_evaluate_a_lungcrop_checkpoint(lungcrop_ckpt: Path, dev_manifest: Path,
                "--out", str(tmp_path / "report")])
     assert rc == 0
     assert (tmp_path / "report" / "metrics.json").is_file()
+
+
+def test_a_lungcrop_model_refuses_another_segmenter_than_its_own(lungcrop_ckpt: Path, tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """The checkpoint records the segmenter of its training crops; inference uses that one or refuses in one
+    line. $COVIDCXR_LUNG_MODEL no longer decides silently."""
+    from covidcxr.models.checkpoint import read_bundle
+    from covidcxr.predict import Predictor, PredictorError
+    from covidcxr.segment.maskspec import TRAINING_KEY
+
+    monkeypatch.setenv("COVIDCXR_LUNG_MODEL", str(tmp_path / "some-other-unet.pt"))  # ignored at inference
+    assert Predictor.from_path(lungcrop_ckpt).mask_spec.name == "lung-unet-vgg11"
+    bundle = read_bundle(lungcrop_ckpt)
+    bundle["training"] = {**bundle.get("training", {}), TRAINING_KEY: {"name": "lung-unet-vgg11", "sha256": "0" * 64}}
+    other = tmp_path / "other.ckpt"
+    torch.save(bundle, other)
+    with pytest.raises(PredictorError, match="refusing to crop with another segmenter") as err:
+        Predictor.from_path(other)
+    assert len(str(err.value).splitlines()) == 1 and str(other) in str(err.value)

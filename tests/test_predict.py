@@ -157,7 +157,8 @@ def test_cli_predict_csv_with_heatmaps(ckpt: Path, inputs: dict[str, Path], tmp_
     assert rc == 2
     rows = list(csv.DictReader(out.open()))
     assert list(rows[0]) == ["path", "label", "p_normal", "p_pneumonia", "p_COVID-19", "threshold", "decision_rule",
-                             "flag", "plausibility", "plausibility_reason", "severity", "heatmap", "error"]
+                             "flag", "plausibility", "plausibility_reason", "prediction_set", "severity", "heatmap",
+                             "model_sha256", "error"]
     good = [r for r in rows if not r["error"]]
     assert len(good) == 3
     import cv2

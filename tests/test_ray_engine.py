@@ -20,7 +20,7 @@ from covidcxr.preprocess import get_preset
 ray = pytest.importorskip("ray")
 pytest.importorskip("onnxruntime")
 
-from covidcxr.predict import Predictor, collect_inputs  # noqa: E402
+from covidcxr.predict import collect_inputs  # noqa: E402
 from covidcxr.predict.distributed import RayEngineError, predict_ray, read_records  # noqa: E402
 
 CLASSES = ["normal", "pneumonia", "COVID-19"]
@@ -58,8 +58,11 @@ def local_ray():
 
 @pytest.fixture(scope="module")
 def reference(onnx_model: Path, inputs: list[str]) -> dict[str, dict]:
-    p = Predictor.from_path(onnx_model, threads=1)
-    return {r["path"]: r for r in p.predict_paths([], files=inputs, batch_size=8)}
+    """The local engine's records (the same pipeline: plausibility gate, decision rule)."""
+    from covidcxr.predict.pipeline import Pipeline, PipelineConfig, run_paths
+
+    pipe = Pipeline(PipelineConfig(model=str(onnx_model), threads=1))
+    return {r["path"]: r for r in run_paths(pipe, inputs, batch_size=8)}
 
 
 def _check_equivalent(recs: list[dict], reference: dict[str, dict], inputs: list[str]) -> None:
@@ -68,6 +71,8 @@ def _check_equivalent(recs: list[dict], reference: dict[str, dict], inputs: list
     for r in recs:
         ref = reference[r["path"]]
         assert r["label"] == ref["label"] and r["threshold"] == ref["threshold"]
+        assert r["model"] == ref["model"] and len(r["model"]["sha256"]) == 64
+        assert r.get("flag") == ref.get("flag") and r.get("plausibility") == ref.get("plausibility")
         assert bool(r["error"]) == bool(ref["error"]) and r["error"] == ref["error"]
         if not r["error"]:
             for c in CLASSES:
@@ -89,14 +94,18 @@ def test_ray_equals_single_process_and_resumes(local_ray, onnx_model: Path, inpu
     # a rerun without --resume is refused; with it, nothing is left to do
     with pytest.raises(RayEngineError, match="--resume"):
         predict_ray([], onnx_model, out, files=inputs, workers=2)
+    # with it, only the two failed inputs are tried again (as the local engine's --resume does)
     again = predict_ray([], onnx_model, out, files=inputs, workers=2, resume=True)
-    assert again.skipped_done == len(inputs) and again.written == 0 and again.shards == []
+    assert again.skipped_done == len(inputs) - 2 and again.written == 2 and again.failed == 2
+    assert len(again.shards) == 1
+    _check_equivalent(read_records(out), reference, inputs)  # one record per input: the latest
     # lose one shard: only its inputs are predicted again, into a new shard
     lost = Path(run.shards[1])
     lost_paths = {json.loads(line)["path"] for line in lost.read_text().splitlines()}
     lost.unlink()
     third = predict_ray([], onnx_model, out, files=inputs, workers=2, batch_size=8, shard_size=10, resume=True)
-    assert third.written == len(lost_paths) and third.skipped_done == len(inputs) - len(lost_paths)
+    redo = lost_paths | {r["path"] for r in read_records(out, latest=False) if r["error"]}  # failed ones again too
+    assert third.written == len(redo) and third.skipped_done == len(inputs) - len(redo)
     _check_equivalent(read_records(out), reference, inputs)
 
 

@@ -22,7 +22,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "Exit status 0 when every input was predicted, 2 when some failed. Research use only.",
     )
     p.add_argument("paths", nargs="+", metavar="PATH", help="image file, folder or manifest CSV")
-    p.add_argument("--model", required=True, metavar="CKPT_OR_ONNX", help="covidcxr checkpoint or exported ONNX file")
+    p.add_argument("--model", default=None, metavar="CKPT_OR_ONNX",
+                   help="covidcxr checkpoint, exported ONNX file, or 'reference' (default: the shipped reference "
+                   "classifier, announced in one line)")
     p.add_argument("--backend", choices=["torch", "onnx"], default=None,
                    help="inference engine (default: onnx for *.onnx files, torch otherwise)")
     p.add_argument("--out", metavar="FILE", help="write records to FILE.jsonl or FILE.csv (default: JSON lines on "
@@ -36,7 +38,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, default=None, help="intra-op threads for inference")
     p.add_argument("--device", default="cpu", help="torch device for the torch backend (default: cpu)")
     p.add_argument("--heatmap", metavar="DIR", help="write a Grad-CAM overlay PNG per image into DIR (torch backend)")
-    p.add_argument("--severity", metavar="SEV_CKPT", help="severity checkpoint; scores images predicted COVID-19")
+    p.add_argument("--severity", metavar="SEV_CKPT", help="severity checkpoint, or 'reference' (the shipped reference "
+                   "severity model); scores images predicted COVID-19")
     p.add_argument("--always-severity", action="store_true",
                    help="score severity for every image, not only those above the COVID-19 threshold")
     p.add_argument("--dicom-out", metavar="DIR", help="for each DICOM input, write a DICOM SR and a secondary capture "
@@ -60,26 +63,37 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 
+def _config(args: argparse.Namespace) -> Any:
+    """The :class:`~covidcxr.predict.pipeline.PipelineConfig` of these options (both engines use it)."""
+    from covidcxr.predict.pipeline import PipelineConfig
+
+    return PipelineConfig(
+        model=args.model, backend=args.backend, device=args.device, threads=args.threads,
+        plausibility=not args.no_plausibility, label_implausible=args.label_implausible,
+        severity=args.severity, always_severity=args.always_severity, heatmaps=bool(args.heatmap),
+    )
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
     from covidcxr.cli import UserError
+    from covidcxr.reference_models import model_or_default
+
+    args.model = model_or_default(args.model)  # no --model: the reference classifier, said in one line
 
     if getattr(args, "engine", "local") == "ray":
         return _predict_ray(args)
-    from covidcxr.predict import Predictor, PredictorError, RecordWriter, Summary, collect_inputs, strip_transient
+    from covidcxr.predict import PredictorError, RecordWriter, Summary, collect_inputs, strip_transient
+    from covidcxr.predict.pipeline import Pipeline, run_paths
 
     try:
-        predictor = Predictor.from_path(args.model, backend=args.backend, device=args.device, threads=args.threads)
-        predictor.require_classifier("--severity")
+        pipe = Pipeline(_config(args))
     except PredictorError as err:
         raise UserError(str(err)) from None
-    if args.threads and predictor.backend_name == "torch":  # ONNX sessions take threads at load; no torch import
-        from covidcxr.predict.backend_torch import set_threads
-
-        set_threads(args.threads)
+    predictor = pipe.predictor
     files = collect_inputs(args.paths)
     if not files:
         raise UserError(f"no images found in {' '.join(args.paths)} (looked for PNG, JPEG, TIFF, BMP and DICOM files)")
-    from covidcxr.predict.output import OutputError, SafeRecordWriter, check_output_path, read_done
+    from covidcxr.predict.output import OutputError, SafeRecordWriter, check_output_path, read_done, resolved
 
     carried: list = []
     try:
@@ -88,19 +102,21 @@ def cmd_predict(args: argparse.Namespace) -> int:
         if args.out:
             check_output_path(args.out, args.paths, files)
         if args.resume:
-            carried, done = read_done(args.out, predictor.classes)
+            carried, done = read_done(args.out, predictor.classes, predictor.sha256)
             total_inputs = len(files)
-            files = [f for f in files if f not in done]
+            files = [f for f in files if resolved(f) not in done]
             print(f"--resume: {len(carried)} of {total_inputs} inputs already have a record in {args.out}; "
                   f"{len(files)} to go", file=sys.stderr)
     except OutputError as err:
         raise UserError(str(err)) from None
 
-    extras = _Extras.build(args, predictor)
-    from covidcxr.predict.gate import PlausibilityGate
-
-    gate = PlausibilityGate.for_predictor(predictor, enabled=not args.no_plausibility,
-                                          label_implausible=args.label_implausible)
+    heatmap_dir = None
+    if args.heatmap:
+        if pipe.heatmapper is None:
+            print(f"note: --heatmap skipped: {pipe.heatmap_note}", file=sys.stderr)
+        else:
+            heatmap_dir = Path(args.heatmap)
+            heatmap_dir.mkdir(parents=True, exist_ok=True)
     dicom_out = None
     if args.dicom_out:  # SR + secondary capture per DICOM input (F: covidcxr.dicom)
         from covidcxr.cli.dicom import dicom_writer
@@ -110,17 +126,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
     summary = Summary()
     complete = False
     try:
-        for rec in predictor.predict_paths(
-            args.paths,
-            files=files,
-            batch_size=args.batch_size,
-            num_workers=args.workers,
-            progress=not args.quiet,
-            with_tensors=extras.needs_tensors,
-            extra_presets={**extras.presets, **gate.extra_presets()},
-        ):
-            gate.apply(rec)  # before extras: an implausible input gets no severity score
-            extras.apply(rec)
+        for rec in run_paths(pipe, files, batch_size=args.batch_size, num_workers=args.workers,
+                             progress=not args.quiet):
+            if heatmap_dir is not None and not rec.get("error"):
+                _write_heatmap(pipe, rec, heatmap_dir)
             if dicom_out is not None:
                 dicom_out.write(rec)
             writer.write(strip_transient(rec))
@@ -135,7 +144,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
               + (f": {where} holds {writer.records} complete records; run the same command with --resume to "
                  "continue" if args.out else ""), file=sys.stderr)
         return 130
-    for line in summary.lines() + extras.notes + gate.notes() + ([dicom_out.summary()] if dicom_out is not None else []):
+    for line in summary.lines() + [n for n in pipe.notes() if not n.startswith("note: heatmaps skipped")] + (
+            [dicom_out.summary()] if dicom_out is not None else []):
         print(line, file=sys.stderr)
     if args.out:
         print(f"wrote {summary.total} records to {args.out}"
@@ -143,65 +153,18 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return EXIT_SOME_FAILED if summary.failures else 0
 
 
-class _Extras:
-    """Optional per-record work: Grad-CAM overlays and severity. Degrades with a note, never fails the run."""
-
-    def __init__(self, threshold: float | None) -> None:
-        self.threshold = threshold
-        self.heatmap_dir: Path | None = None
-        self.heatmapper = None
-        self.severity = None
-        self.always_severity = False
-        self.notes: list[str] = []
-
-    @property
-    def needs_tensors(self) -> bool:
-        return self.heatmapper is not None
-
-    @property
-    def presets(self) -> dict[str, Any]:
-        out = {"severity": self.severity.preset} if self.severity is not None else {}
-        if self.heatmapper is not None:
-            out["display"] = self.heatmapper.display_preset()
-        return out
-
-    @classmethod
-    def build(cls, args: argparse.Namespace, predictor: Any) -> "_Extras":
-        from covidcxr.cli import UserError
-        from covidcxr.predict import HeatmapUnavailable, Heatmapper, SeverityScorer, SeverityUnavailable
-
-        ex = cls(predictor.threshold)
-        if args.heatmap:
-            try:
-                ex.heatmapper = Heatmapper.for_predictor(predictor)
-                ex.heatmap_dir = Path(args.heatmap)
-                ex.heatmap_dir.mkdir(parents=True, exist_ok=True)
-            except HeatmapUnavailable as err:
-                msg = f"note: --heatmap skipped: {err}"
-                print(msg, file=sys.stderr)
-                ex.notes.append(msg)
-        if args.severity:
-            try:
-                ex.severity = SeverityScorer.from_path(args.severity, device=args.device)
-            except SeverityUnavailable as err:
-                raise UserError(str(err)) from None
-            except Exception as err:  # SeverityError / CheckpointError name the file already
-                raise UserError(f"--severity {args.severity}: {err}") from None
-            ex.always_severity = args.always_severity
-        return ex
-
-    def apply(self, rec: dict[str, Any]) -> None:
-        if rec.get("error") or rec.get("label") == "not_a_frontal_cxr":
-            return
-        if self.severity is not None:
-            wanted = self.severity.should_score(rec, self.threshold, always=self.always_severity)
-            rec["severity"] = self.severity.score_tensor(rec["tensors"]["severity"]) if wanted else None
-        if self.heatmapper is not None and rec.get("tensor") is not None:
-            try:
-                rec["heatmap"] = str(self.heatmapper.write_overlay(rec, self.heatmap_dir))
-            except Exception as err:  # a heatmap failure must not lose the prediction
-                rec["heatmap"] = None
-                rec["heatmap_error"] = f"{type(err).__name__}: {err}"
+def _write_heatmap(pipe: Any, rec: dict[str, Any], out_dir: Path) -> None:
+    """The overlay PNG of a record the pipeline computed a map for (an output: it only renders the record)."""
+    if rec.get("heat") is None:
+        rec["heatmap"] = None
+        if rec.get("heatmap_error") is None and rec.get("label") != "not_a_frontal_cxr":
+            rec["heatmap_error"] = "no map was computed for this input"
+        return
+    try:
+        rec["heatmap"] = str(pipe.heatmapper.write_overlay(rec, out_dir))
+    except Exception as err:  # a heatmap failure must not lose the prediction
+        rec["heatmap"] = None
+        rec["heatmap_error"] = f"{type(err).__name__}: {err}"
 
 
 def _predict_ray(args: argparse.Namespace) -> int:
@@ -210,10 +173,9 @@ def _predict_ray(args: argparse.Namespace) -> int:
 
     if not args.out:
         raise UserError("--engine ray needs --out FOLDER (the result shards go there)")
-    unsupported = [o for o, v in (("--heatmap", args.heatmap), ("--severity", args.severity),
-                                  ("--dicom-out", args.dicom_out)) if v]
+    unsupported = [o for o, v in (("--heatmap", args.heatmap), ("--dicom-out", args.dicom_out)) if v]
     if unsupported:
-        raise UserError(f"--engine ray predicts labels only; {', '.join(unsupported)} needs the local engine")
+        raise UserError(f"--engine ray writes record shards only; {', '.join(unsupported)} needs the local engine")
     files = collect_inputs(args.paths)
     if not files:
         raise UserError(f"no images found in {' '.join(args.paths)} (looked for PNG, JPEG, TIFF, BMP and DICOM files)")
@@ -225,7 +187,7 @@ def _predict_ray(args: argparse.Namespace) -> int:
         run = predict_ray(
             args.paths, args.model, args.out, backend=args.backend, address=args.address, workers=max(1, args.workers),
             batch_size=args.batch_size, threads=args.threads or 1, fmt=args.format, shard_size=args.shard_size,
-            num_gpus=args.gpus_per_worker, files=files, resume=args.resume,
+            num_gpus=args.gpus_per_worker, files=files, resume=args.resume, config=_config(args),
         )
     except (RayEngineError, PredictorError) as err:
         raise UserError(str(err)) from None

@@ -1,8 +1,9 @@
 """One image in, one :class:`Analysis` out: prediction, severity, plausibility and the heatmap overlay.
 
-The prediction is :meth:`covidcxr.predict.Predictor.predict_arrays` on the array that
-:func:`covidcxr.io.decode` returns, the same path ``covidcxr predict`` takes, so the SR carries the
-same label and probabilities as the CLI for the same file.
+The record comes from the one prediction pipeline (:class:`covidcxr.predict.pipeline.Pipeline`) on the
+array that :func:`covidcxr.io.decode` returns, as ``covidcxr predict``, the service and the Ray engine
+get theirs, so the SR carries the same label, probabilities, prediction set and severity as the CLI for
+the same file. Only the DICOM header check (body part, lateral view) is the node's own.
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from covidcxr.predict import POSITIVE_CLASS, HeatmapUnavailable, Heatmapper, Predictor, SeverityScorer, file_sha256
+from covidcxr.predict import POSITIVE_CLASS, Predictor, SeverityScorer
+from covidcxr.predict.pipeline import Pipeline, PipelineConfig
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +42,8 @@ class Analysis:
     error: str | None = None  # the analysis failed (a software error, not bad input): the SR says so
     prediction_set: list[str] | None = None  # a site-calibrated model's conformal set (issue 18)
     model: dict[str, Any] | None = None  # {name, version, sha256} of the model that made the record
+    #: the pipeline's whole record (without arrays); None when the DICOM header alone decided
+    record: dict[str, Any] | None = None
 
     @property
     def flagged(self) -> bool:
@@ -78,33 +82,21 @@ class Engine:
 
     def __init__(self, predictor: Predictor, severity: SeverityScorer | None = None, always_severity: bool = False,
                  heatmaps: bool = True, plausibility: bool = True, label_implausible: bool = False) -> None:
-        import threading
-
         self.predictor = predictor
         self.severity = severity
         self.always_severity = always_severity
-        # the input plausibility gate of `covidcxr predict` (lung U-Net); records it checked carry its verdict
-        self.gate: Any = None
+        # the one pipeline: plausibility gate (an ONNX model's node runs the U-Net's ONNX export, never torch),
+        # decision rule, prediction set, severity, map
+        config = PipelineConfig(model=str(predictor.path), backend=predictor.backend_name,
+                                plausibility=plausibility, label_implausible=label_implausible,
+                                severity=getattr(severity, "path", None), always_severity=always_severity,
+                                heatmaps=heatmaps)
+        self.pipeline = Pipeline(config, predictor=predictor, severity=severity)
+        self.gate: Any = self.pipeline.gate if plausibility else None
         self.plausibility_note: str | None = None if plausibility else "plausibility check turned off"
-        self._gate_lock = threading.Lock()
-        if plausibility:
-            try:
-                from covidcxr.predict.gate import PlausibilityGate
-
-                # for_predictor: an ONNX model's node runs the U-Net's ONNX export too, never torch
-                self.gate = PlausibilityGate.for_predictor(predictor, enabled=True, label_implausible=label_implausible)
-            except ImportError as err:
-                self.plausibility_note = f"plausibility check not available in this installation ({err})"
-        self.sha256 = file_sha256(predictor.path) if predictor.path else "unknown"
-        self.heatmapper: Heatmapper | None = None
-        self.heatmap_note: str | None = None
-        if heatmaps:
-            try:
-                self.heatmapper = Heatmapper.for_predictor(predictor)
-            except HeatmapUnavailable as err:
-                self.heatmap_note = str(err)
-        if self.heatmapper is None and self.heatmap_note is None:
-            self.heatmap_note = "heatmaps switched off"
+        self.sha256 = predictor.sha256 or "unknown"
+        self.heatmapper = self.pipeline.heatmapper
+        self.heatmap_note: str | None = self.pipeline.heatmap_note
 
     @classmethod
     def from_paths(cls, model: str, severity: str | None = None, backend: str | None = None,
@@ -120,6 +112,10 @@ class Engine:
     def model_name(self) -> str:
         return str(self.predictor.name)
 
+    def health(self) -> dict[str, Any]:
+        """The pipeline's state (plausibility gate: ok, down after repeated failures, off) for the node's log."""
+        return self.pipeline.health()
+
     # ------------------------------------------------------------------ analysis
     def analyze(self, image: np.ndarray, header: Any | None = None, rec: dict[str, Any] | None = None) -> Analysis:
         """Predict one H x W [0, 1] image (or take ``rec``, a record already predicted for it)."""
@@ -128,11 +124,10 @@ class Engine:
         if hflag is not None:
             return Analysis(threshold=p.threshold, flag=hflag[0], flag_reason=hflag[1],
                             overlay=self._overlay(image, None))
-        if rec is None:
-            rec = p.predict_arrays([image])[0]
-            if self.gate is not None:
-                with self._gate_lock:  # one segmenter, used by one worker at a time
-                    self.gate.apply(rec, image)
+        if rec is None:  # the one pipeline (its gate holds its own lock: one segmenter run at a time)
+            rec = self.pipeline.run(self.pipeline.prepare(image, key=""))
+        heat = rec.get("heat")
+        rec = {k: v for k, v in rec.items() if k not in ("tensor", "tensors", "heat")}
         pflag = plausibility_flag(rec)
         labelled = rec.get("label") in p.classes  # a disease label (kept for a flagged input: --label-implausible)
         if not labelled:
@@ -143,20 +138,16 @@ class Engine:
                 flag, reason = pflag or ("not_assessed", f"no disease label ({rec.get('label')})")
             return Analysis(threshold=p.threshold, plausibility=rec.get("plausibility"), flag=flag,
                             flag_reason=reason, overlay=self._overlay(image, None), error=error,
-                            model=rec.get("model"))
+                            model=rec.get("model"), prediction_set=rec.get("prediction_set"), record=rec)
         a = Analysis(label=rec["label"], probabilities=dict(rec["probabilities"]), threshold=rec.get("threshold"),
                      plausibility=rec.get("plausibility"), flag=pflag[0] if pflag else None,
                      flag_reason=pflag[1] if pflag else None, prediction_set=rec.get("prediction_set"),
-                     model=rec.get("model"))
-        if "severity" in rec:  # predicted already (predict --severity): the SR says what the record says
-            a.severity = rec["severity"]
-        elif self.severity is not None and self.severity.should_score(rec, p.threshold, always=self.always_severity):
-            a.severity = self.severity.score_array(image)
-        heat = None
-        if self.heatmapper is not None:
+                     model=rec.get("model"), record=rec)
+        a.severity = rec.get("severity")  # the pipeline's one severity rule decided it
+        if heat is None and self.heatmapper is not None:  # a record of `predict --dicom-out` made without --heatmap
             heat = self.heatmapper.compute(p.preprocess(image), p.classes.index(a.label))
-        else:
-            a.notes.append(f"no heatmap: {self.heatmap_note}")
+        if heat is None:
+            a.notes.append(f"no heatmap: {self.heatmap_note or rec.get('heatmap_error')}")
         a.overlay = self._overlay(image, heat)
         return a
 
@@ -165,7 +156,7 @@ class Engine:
         from covidcxr.predict import overlay_rgb
 
         preset = self.predictor.preset.with_size(max(self.predictor.preset.size, DISPLAY_SIDE))
-        arr = preset.array(image) if hasattr(preset, "array") else preset(image)
+        arr = preset.array(image, self.predictor.masks())
         base = preset.denormalize(arr)
         if heat is None:
             g = (np.clip(base, 0, 1) * 255).astype(np.uint8)

@@ -18,10 +18,13 @@ import numpy as np
 
 from covidcxr.predict.backend_onnx import OnnxBackend, decode_meta, file_sha256
 from covidcxr.predict.inputs import Item, Loader, as_extra_presets, collect_inputs, iter_batches, stack
-from covidcxr.decision import DecisionRule
-from covidcxr.decision import softmax_with_temperature
+from covidcxr.decision import DecisionRule, finite_rows, softmax_with_temperature
 from covidcxr.predict.records import RESEARCH_NOTICE, PredictorError, jsonable
 from covidcxr.preprocess import Preset, PresetError
+from covidcxr.site.sets import site_info
+
+#: the error of a record whose model output was NaN or infinite (never a label)
+NON_FINITE = "the model's output is not finite (NaN or infinite probabilities); no label is given"
 
 
 @dataclass
@@ -44,6 +47,12 @@ class Predictor:
     torch_model: Any = None
     #: the ONNX file's full covidcxr metadata (onnx backend only): quantization, parity gate, ...
     meta: dict[str, Any] = field(default_factory=dict)
+    #: sha256 of the model file: every record names the file that made it
+    sha256: str = ""
+    #: the checkpoint's ``site_calibration`` (covidcxr.site.sets), when it is a site-calibrated one
+    site: dict[str, Any] | None = None
+    #: a lung-crop model's segmenter (covidcxr.segment.maskspec.MaskSpec): travels into workers and Ray tasks
+    mask_spec: Any = None
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -59,7 +68,12 @@ class Predictor:
 
         ``backend=None`` picks ``onnx`` for ``*.onnx`` files and ``torch`` otherwise.
         """
-        p = Path(path)
+        from covidcxr.reference_models import ReferenceModelError, resolve_model
+
+        try:  # "reference": the shipped reference classifier (torch-free lookup)
+            p = Path(resolve_model(path))
+        except ReferenceModelError as err:
+            raise PredictorError(str(err)) from None
         if not p.is_file():
             raise PredictorError(f"{path}: model file not found")
         backend = backend or ("onnx" if p.suffix.lower() == ".onnx" else "torch")
@@ -69,23 +83,23 @@ class Predictor:
             predictor = cls._from_onnx(p, threads, graph_opt)
         else:
             raise PredictorError(f"unknown backend {backend!r}; choose torch or onnx")
+        predictor.sha256 = file_sha256(p)
         predictor._ensure_lung_masks()
         return predictor
 
     def _ensure_lung_masks(self) -> None:
-        """A lung-crop preset (COVID-CXNet style) needs a lung mask for every image, as in training:
-        install the default lung segmenter unless one is installed (the ONNX backend loads its ONNX
-        export with onnxruntime alone, so it stays torch-free)."""
+        """A lung-crop preset (COVID-CXNet style) needs a lung mask for every image, as in training: the
+        segmenter the checkpoint records (the pretrained U-Net for older ones), loaded here so that a missing
+        or different one is one line now; the ONNX backend loads its ONNX export, torch-free."""
         if not self.preset.lung_crop:
             return
-        from covidcxr.segment import ensure_lung_crop
+        from covidcxr.segment.maskspec import MaskSpec, MaskSpecError, provider
 
-        kw = {"backend": "onnx", "torch_free": True} if self.backend_name == "onnx" else {}
+        self.mask_spec = MaskSpec.for_model(self.training, onnx=self.backend_name == "onnx")
         try:
-            ensure_lung_crop(self.preset, **kw)
-        except Exception as err:  # no weights / no ONNX export: one line naming the model
-            raise PredictorError(f"{self.path}: its preset {self.preset.name} crops to the lungs, "
-                                 f"but no lung segmenter could be loaded: {err}") from None
+            provider(self.mask_spec)
+        except MaskSpecError as err:
+            raise PredictorError(f"{self.path}: its preset {self.preset.name} crops to the lungs, but {err}") from None
 
     @classmethod
     def _from_checkpoint(cls, p: Path, device: str) -> "Predictor":
@@ -104,11 +118,13 @@ class Predictor:
             threshold=lm.threshold,
             temperature=float(lm.temperature or 1.0),
             name=str(lm.training.get("run_name") or p.stem),
-            version=file_sha256(p)[:12],
+            # a shipped reference model has a release version; other checkpoints are named by their bytes
+            version=str(lm.training.get("model_version") or file_sha256(p)[:12]),
             path=str(p),
             training=dict(lm.training),
             metrics=dict(lm.metrics),
             torch_model=lm.model,
+            site=site_info(lm.meta),
         )
 
     @classmethod
@@ -143,6 +159,7 @@ class Predictor:
             training=dict(training),
             metrics=dict(meta.get("metrics") or {}),
             meta=meta,
+            site=site_info(meta),
         )
 
     def require_classifier(self, severity_option: str) -> None:
@@ -163,12 +180,16 @@ class Predictor:
 
     # ------------------------------------------------------------------ core
     def preprocess(self, image: np.ndarray) -> np.ndarray:
-        """H x W [0, 1] array -> C x H x W float32 array, exactly as in training."""
-        return self.preset.array(image)
+        """H x W [0, 1] array -> C x H x W float32 array, exactly as in training (lung crop included)."""
+        return self.preset.array(image, self.masks())
+
+    def masks(self) -> Any:
+        """The lung-mask function of a lung-crop model in this process, else None."""
+        return self.loader().masks()
 
     def loader(self, extra_presets: dict[str, Preset] | None = None) -> Loader:
         """The picklable ``path -> Item`` this predictor's inputs go through (worker processes, Ray tasks)."""
-        return Loader(self.preset, as_extra_presets(extra_presets))
+        return Loader(self.preset, as_extra_presets(extra_presets), self.mask_spec)
 
     def probabilities(self, batch: Any) -> np.ndarray:
         """N x C x H x W preprocessed batch (array or tensor) -> N x classes calibrated probabilities (float64)."""
@@ -179,14 +200,27 @@ class Predictor:
         """The checkpoint's operating point (or argmax): the rule every tool labels with."""
         return DecisionRule.from_checkpoint(self.threshold, self.metrics)
 
+    @property
+    def model_ref(self) -> dict[str, str]:
+        """``{name, version, sha256}`` of the file that makes the predictions: every record carries it."""
+        return {"name": self.name, "version": self.version, "sha256": self.sha256}
+
     def record(self, probs: Sequence[float]) -> dict[str, Any]:
-        """One prediction record (without path) from a row of probabilities; it states the rule it used."""
+        """One prediction record (without path) from a row of probabilities; it states the rule it used.
+
+        A row that is not finite (NaN or infinite) gets no label: the record has ``error`` set instead
+        (softmax of [nan, 1, 2] would otherwise be 'normal' by the threshold rule, 'COVID-19' by argmax).
+        """
         rule = self.decision_rule
+        if not bool(finite_rows(probs)[0]):
+            return {"label": None, "probabilities": None, "threshold": self.threshold,
+                    "decision_rule": rule.describe(self.classes), "error": NON_FINITE}
         return {
             "label": rule.label(probs, self.classes),
             "probabilities": {c: float(v) for c, v in zip(self.classes, probs)},
             "threshold": self.threshold,
             "decision_rule": rule.describe(self.classes),
+            "error": None,
         }
 
     def error_record(self, path: str, error: str) -> dict[str, Any]:
@@ -209,7 +243,7 @@ class Predictor:
             if it.array is None:
                 out.append(self.error_record(it.path, it.error or "unknown error"))
                 continue
-            rec = {"path": it.path, **self.record(next(probs)), "error": None}
+            rec = {"path": it.path, **self.record(next(probs))}
             if with_tensors:
                 rec["tensor"] = it.array
             if it.extra:
@@ -255,6 +289,7 @@ class Predictor:
         return {
             "name": self.name,
             "version": self.version,
+            "sha256": self.sha256,
             "arch": self.arch,
             "task": self.task,
             "backend": self.backend_name,

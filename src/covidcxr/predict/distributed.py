@@ -6,14 +6,18 @@ The pipeline, on any Ray cluster (a local one by default, ``address="auto"`` or 
    a record in the output folder (resume);
 2. **CPU tasks** read and preprocess (:class:`covidcxr.predict.inputs.Loader`, the single-process path's
    own code); an unreadable file travels on as an error row;
-3. an **actor pool** predicts: each actor loads one :class:`~covidcxr.predict.Predictor` (ORT on CPU nodes,
-   torch with one GPU per actor where ``num_gpus`` is given) and turns a batch into records;
+3. an **actor pool** predicts: each actor builds one :class:`~covidcxr.predict.pipeline.Pipeline` from the
+   driver's :class:`~covidcxr.predict.pipeline.PipelineConfig` (ORT on CPU nodes, torch with one GPU per
+   actor where ``num_gpus`` is given) and turns a batch into records: the plausibility gate, the decision
+   rule, the prediction set, exactly as the local engine;
 4. the driver writes the records into **shards** (``part-NNNNN.jsonl`` or ``.parquet``, each written to a
    temporary name and renamed, so a shard is either whole or absent), one record per input, errors included.
 
 Exactly once: Ray Data retries a task or restarts an actor that dies, and the driver keeps a set of the
-paths written, so a retried block can never produce a second record. A rerun skips every input that has
-a record in a complete shard.
+paths written, so a retried block can never produce a second record. A rerun (``resume``) skips every input
+that has a successful record in a complete shard and retries the failed ones; where a path has several
+records (a retried error), :func:`read_records` keeps the latest. A folder written by another model
+(``model.sha256``) is refused.
 """
 
 from __future__ import annotations
@@ -23,13 +27,15 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
+from dataclasses import replace as _replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
-from covidcxr.predict.inputs import Loader, collect_inputs
-from covidcxr.predict.records import PredictorError
+from covidcxr.predict.inputs import Item, Loader, collect_inputs
+from covidcxr.predict.output import resolved
+from covidcxr.predict.records import PredictorError, jsonable, strip_transient
 
 log = logging.getLogger(__name__)
 
@@ -61,8 +67,12 @@ def _shard_paths(out_dir: Path) -> list[Path]:
     return sorted(p for p in out_dir.glob("part-*") if p.suffix in (".jsonl", ".parquet"))
 
 
-def read_records(out_dir: str | os.PathLike) -> list[dict[str, Any]]:
-    """Every record in the complete shards of ``out_dir`` (JSONL and Parquet), in shard order."""
+def read_records(out_dir: str | os.PathLike, latest: bool = True) -> list[dict[str, Any]]:
+    """The records in the complete shards of ``out_dir`` (JSONL and Parquet), in shard order.
+
+    ``latest``: one record per input path, the one in the latest shard (a failed input retried by a
+    resumed run has its old error record in an earlier shard); False: every record.
+    """
     out: list[dict[str, Any]] = []
     for p in _shard_paths(Path(out_dir)):
         if p.suffix == ".jsonl":
@@ -73,7 +83,10 @@ def read_records(out_dir: str | os.PathLike) -> list[dict[str, Any]]:
 
             for row in pq.read_table(p).to_pylist():
                 out.append(json.loads(row["record"]))
-    return out
+    if not latest:
+        return out
+    last = {resolved(r["path"]): i for i, r in enumerate(out)}
+    return [r for i, r in enumerate(out) if last[resolved(r["path"])] == i]
 
 
 class _ShardWriter:
@@ -120,53 +133,60 @@ class _ShardWriter:
 # --------------------------------------------------------------------------- pipeline stages
 
 
+def _pack(arrays: dict[str, np.ndarray]) -> bytes:
+    """Arrays as one .npz blob (no pickle), so that rows of any shape fit one bytes column."""
+    import io
+
+    buf = io.BytesIO()
+    np.savez(buf, **{k: np.ascontiguousarray(v) for k, v in arrays.items()})
+    return buf.getvalue()
+
+
+def _unpack(blob: bytes) -> dict[str, np.ndarray]:
+    import io
+
+    with np.load(io.BytesIO(blob), allow_pickle=False) as z:
+        return {k: z[k] for k in z.files}
+
+
 def _decode_batch(batch: dict[str, np.ndarray], loader: Loader) -> dict[str, list]:
-    """Ray Data CPU task: paths -> preprocessed arrays (as bytes, so error rows fit the same columns)."""
-    paths, data, shapes, errors = [], [], [], []
+    """Ray Data CPU task: paths -> the model's array and the pipeline's small extra inputs (an .npz blob
+    per row, so that error rows fit the same columns)."""
+    paths, data, errors = [], [], []
     for path in batch["path"]:
         item = loader(str(path))
         paths.append(item.path)
         if item.array is None:
             data.append(b"")
-            shapes.append("")
             errors.append(item.error or "unknown error")
         else:
-            arr = np.ascontiguousarray(item.array, dtype=np.float32)
-            data.append(arr.tobytes())
-            shapes.append(",".join(str(d) for d in arr.shape))
+            data.append(_pack({"__model__": np.asarray(item.array, dtype=np.float32), **item.extra}))
             errors.append("")
-    return {"path": paths, "data": data, "shape": shapes, "error": errors}
+    return {"path": paths, "data": data, "error": errors}
 
 
 class _PredictActor:
-    """Ray Data actor: loads the model once; batch of decoded rows -> JSON records."""
+    """Ray Data actor: builds the pipeline once; batch of decoded rows -> JSON records (the local engine's)."""
 
-    def __init__(self, model: str, backend: str | None, threads: int | None, device: str = "cpu",
-                 pid_file: str | None = None):
+    def __init__(self, config: Any, pid_file: str | None = None):
         pid_file = pid_file or os.environ.get(PID_FILE_ENV)
         if pid_file:
             with open(pid_file, "a", encoding="utf-8") as f:
                 f.write(f"{os.getpid()}\n")
-        from covidcxr.predict.core import Predictor
+        from covidcxr.predict.pipeline import Pipeline
 
-        self.predictor = Predictor.from_path(model, backend=backend, threads=threads, device=device)
+        self.pipeline = Pipeline(config)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
-        p = self.predictor
         paths = [str(x) for x in batch["path"]]
-        good = [i for i, e in enumerate(batch["error"]) if not e]
-        probs = iter([])
-        if good:
-            arrays = [np.frombuffer(batch["data"][i], dtype=np.float32).reshape(
-                [int(d) for d in str(batch["shape"][i]).split(",")]) for i in good]
-            probs = iter(p.probabilities(np.stack(arrays)))
-        out = []
+        items = []
         for i, path in enumerate(paths):
             if batch["error"][i]:
-                rec = p.error_record(path, str(batch["error"][i]))
-            else:
-                rec = {"path": path, **p.record(next(probs)), "error": None}
-            out.append(json.dumps(rec))
+                items.append(Item(path, error=str(batch["error"][i])))
+                continue
+            arrays = _unpack(batch["data"][i])
+            items.append(Item(path, arrays.pop("__model__"), arrays))
+        out = [json.dumps(jsonable(strip_transient(rec))) for rec in self.pipeline.run_batch(items)]
         return {"path": paths, "record": out}
 
 
@@ -214,13 +234,17 @@ def predict_ray(
     files: Sequence[str] | None = None,
     resume: bool = False,
     pid_file: str | None = None,
+    config: Any = None,
 ) -> RayRun:
     """Predict every input once on Ray Data; write sharded records into ``out_dir``; resume what is there.
 
     ``workers``: predictor actors (one per GPU with ``num_gpus=1``); ``threads``: intra-op threads per actor.
     ``progress(done, total)`` is called after each record batch (the kill test uses it).
-    ``resume``: keep the records already in ``out_dir`` and predict only the other inputs; without it a
-    folder that already holds shards is refused (a run never mixes into or overwrites earlier results).
+    ``resume``: keep the successful records already in ``out_dir`` and predict the other inputs (failed ones
+    again); without it a folder that already holds shards is refused (a run never mixes into or overwrites
+    earlier results), and so is one written by another model.
+    ``config``: the :class:`~covidcxr.predict.pipeline.PipelineConfig` (plausibility gate, severity, ...);
+    default: the model with the gate on, as ``covidcxr predict`` without options.
     """
     if fmt not in ("jsonl", "parquet"):
         raise RayEngineError(f"unknown output format {fmt!r}; choose jsonl or parquet")
@@ -228,10 +252,15 @@ def predict_ray(
     if out.exists() and not out.is_dir():
         raise RayEngineError(f"{out}: --out must be a folder for --engine ray (it gets part-NNNNN.{fmt} shards)")
     # the model loads here too: a bad file is one line before any cluster work
-    from covidcxr.predict.core import Predictor
+    from covidcxr.predict.pipeline import Pipeline, PipelineConfig
 
-    predictor = Predictor.from_path(model, backend=backend, threads=threads)
-    predictor.require_classifier("--severity")
+    if config is None:
+        config = PipelineConfig(model=str(model), backend=backend, threads=threads)
+    # absolute: the actors may run in another working directory
+    config = config.with_model(Path(model).resolve() if Path(model).is_file() else model)
+    config = _replace(config, backend=backend if backend is not None else config.backend, threads=threads,
+                      device="cuda" if num_gpus else config.device)
+    pipe = Pipeline(config)  # here too: a bad file is one line before any cluster work
     all_files = list(files) if files is not None else collect_inputs(paths)
     out.mkdir(parents=True, exist_ok=True)
     for stale in out.glob(".part-*.tmp"):  # a shard that was being written when a run died
@@ -239,8 +268,13 @@ def predict_ray(
     if _shard_paths(out) and not resume:
         raise RayEngineError(f"{out}: already holds result shards; pass --resume to continue that run, "
                              "or choose another --out folder")
-    done = {r["path"] for r in read_records(out)}
-    todo = [f for f in dict.fromkeys(all_files) if f not in done]
+    earlier = read_records(out)
+    others = {str((r.get("model") or {}).get("sha256")) for r in earlier} - {pipe.predictor.sha256}
+    if others:
+        raise RayEngineError(f"{out}: holds records of another model (sha256 {sorted(others)[0][:12]}; this one is "
+                             f"{pipe.predictor.sha256[:12]}); one output never mixes two models. Choose another --out")
+    done = {resolved(r["path"]) for r in earlier if not r.get("error")}  # failed inputs are tried again
+    todo = [f for f in dict.fromkeys(all_files) if resolved(f) not in done]
     run = RayRun(out_dir=str(out), total=len(all_files), skipped_done=len(all_files) - len(todo), written=0,
                  failed=0, workers=workers)
     writer = _ShardWriter(out, fmt, shard_size)
@@ -253,11 +287,11 @@ def predict_ray(
         ctx.enable_progress_bars = False
         n_blocks = max(1, min(len(todo) // max(1, batch_size), 4 * max(1, workers) * 8))
         ds = ray.data.from_items([{"path": f} for f in todo], override_num_blocks=n_blocks)
-        ds = ds.map_batches(_decode_batch, fn_kwargs={"loader": predictor.loader()}, batch_size=batch_size,
+        ds = ds.map_batches(_decode_batch, fn_kwargs={"loader": pipe.loader()}, batch_size=batch_size,
                             batch_format="numpy", num_cpus=1, max_retries=3)
         ds = ds.map_batches(
             _PredictActor,
-            fn_constructor_args=(str(Path(model).resolve()), backend, threads, "cuda" if num_gpus else "cpu", pid_file),
+            fn_constructor_args=(config, pid_file),
             batch_size=batch_size, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=max(1, workers)),
             num_cpus=1,
             num_gpus=num_gpus or None, max_restarts=3, max_task_retries=3,

@@ -12,7 +12,7 @@ probabilities stay in the record for transparency. ``label_implausible=True`` (`
 keeps the disease label, still flagged. When the check cannot run (no segmenter weights; on the
 ONNX backend, no ONNX export of the U-Net -- it never imports torch), records say
 ``"verdict": "unchecked"`` and why after the mask-free rules, a warning says once what to run, and
-labels are given as before.
+labels are given as before. Such a failure is per image: the next image is checked again.
 """
 
 from __future__ import annotations
@@ -50,11 +50,20 @@ class PlausibilityInput:
         return img
 
 
+#: consecutive images the check could not run on before the gate reports itself down (``/healthz``, the node log)
+DOWN_AFTER = 5
+
+
 class PlausibilityGate:
-    """Checks images and writes the verdict into records; see the module docstring."""
+    """Checks images and writes the verdict into records; see the module docstring.
+
+    A failure of the check is per image (issue 21 §2.1): that record says ``unchecked`` with the reason,
+    :attr:`failures` rises, and the next image is checked again. After :attr:`down_after` consecutive
+    failures :meth:`status` says ``down`` (and the log says so once) until an image is checked again.
+    """
 
     def __init__(self, enabled: bool = True, label_implausible: bool = False, segmenter: Any = None,
-                 backend: str = "torch", torch_free: bool = False):
+                 backend: str = "torch", torch_free: bool = False, down_after: int = DOWN_AFTER):
         self.enabled = enabled
         self.label_implausible = label_implausible
         self.segmenter = segmenter
@@ -63,44 +72,78 @@ class PlausibilityGate:
         #: (``covidcxr.segment.inference.export_onnx`` writes it once); without the export only the rules that
         #: need no mask (aspect ratio, a uniform picture) run, the records say so, and a warning says what to run
         self.torch_free = torch_free
-        self.unavailable: str | None = None if enabled else "plausibility check turned off (--no-plausibility)"
+        self.down_after = max(1, int(down_after))
+        self.off_reason: str | None = None if enabled else "plausibility check turned off (--no-plausibility)"
         self.flagged = 0
+        self.checked = 0
+        #: images the check failed on (total, and in a row), and the last reason
+        self.failures = 0
+        self.consecutive_failures = 0
+        self.last_error: str | None = None
+        self._said: set[str] = set()
         # the service finishes requests on several threads: one loads the U-Net, one mask at a time (the
         # mask cache is not thread-safe, and two U-Net runs at once would only share the same cores)
         self._lock = threading.Lock()
 
     @classmethod
-    def for_predictor(cls, predictor: Any, enabled: bool = True, label_implausible: bool = False
-                      ) -> "PlausibilityGate":
+    def for_predictor(cls, predictor: Any, enabled: bool = True, label_implausible: bool = False,
+                      down_after: int = DOWN_AFTER) -> "PlausibilityGate":
         onnx = getattr(predictor, "backend_name", "torch") == "onnx"
-        return cls(enabled, label_implausible, backend="onnx" if onnx else "torch", torch_free=onnx)
+        return cls(enabled, label_implausible, backend="onnx" if onnx else "torch", torch_free=onnx,
+                   down_after=down_after)
+
+    @property
+    def down(self) -> bool:
+        return self.enabled and self.consecutive_failures >= self.down_after
+
+    def status(self) -> dict[str, Any]:
+        """``{"state": "off" | "ok" | "down", "checked", "failures", "consecutive_failures", "last_error"}``."""
+        state = "off" if not self.enabled else "down" if self.down else "ok"
+        return {"state": state, "checked": self.checked, "failures": self.failures,
+                "consecutive_failures": self.consecutive_failures, "last_error": self.last_error}
 
     def extra_presets(self) -> dict[str, Any]:
         return {"plausibility": PlausibilityInput()} if self.enabled else {}
 
+    def _failed(self, err: BaseException) -> str:
+        reason = f"plausibility check unavailable: {type(err).__name__}: {err}".splitlines()[0]
+        self.failures += 1
+        self.consecutive_failures += 1
+        self.last_error = reason
+        if reason not in self._said:  # each distinct reason is logged once, not per image
+            self._said.add(reason)
+            log.warning("%s; this image's record says 'unchecked' after the mask-free rules", reason)
+        if self.consecutive_failures == self.down_after:
+            log.error("plausibility gate is down: the check failed on %d images in a row (the warning above says "
+                      "why); records say 'unchecked' until it works again", self.down_after)
+        return reason
+
     def check(self, image: np.ndarray) -> dict[str, Any]:
         """``{"verdict", "plausible", "reason", "rule"}`` for one H x W [0, 1] image."""
         if not self.enabled:
-            return {"verdict": "unchecked", "plausible": None, "reason": self.unavailable, "rule": None}
+            return {"verdict": "unchecked", "plausible": None, "reason": self.off_reason, "rule": None}
         from covidcxr.segment.plausibility import precheck  # torch-free: aspect ratio, a uniform picture
 
         img = np.asarray(image, dtype=np.float32)
         v = precheck(img)
         if v is not None:
             return {"verdict": v.verdict, "plausible": False, "reason": v.reason, "rule": v.rule}
-        if self.unavailable is None:
-            try:
-                from covidcxr.segment.plausibility import check_plausibility
+        try:
+            from covidcxr.segment.plausibility import check_plausibility
 
-                with self._lock:
-                    v = check_plausibility(img, segmenter=self.segmenter, backend=self.backend,
-                                           torch_free=self.torch_free)
-                return {"verdict": v.verdict, "plausible": bool(v.plausible), "reason": v.reason, "rule": v.rule}
-            except Exception as err:  # no weights, no segmenter: say so in every record, keep predicting
-                self.unavailable = f"plausibility check unavailable: {type(err).__name__}: {err}".splitlines()[0]
-                log.warning("%s; records say 'unchecked' after the mask-free rules", self.unavailable)
+            with self._lock:
+                v = check_plausibility(img, segmenter=self.segmenter, backend=self.backend,
+                                       torch_free=self.torch_free)
+                if self.down:
+                    log.warning("plausibility gate is up again after %d failed images", self.consecutive_failures)
+                self.consecutive_failures = 0
+                self.checked += 1
+            return {"verdict": v.verdict, "plausible": bool(v.plausible), "reason": v.reason, "rule": v.rule}
+        except Exception as err:  # no weights, a broken segmenter: this image is unchecked; the next is tried again
+            with self._lock:
+                reason = self._failed(err)
         return {"verdict": "unchecked", "plausible": None, "rule": None,
-                "reason": f"partly checked: aspect ratio and contrast pass; {self.unavailable}"}
+                "reason": f"partly checked: aspect ratio and contrast pass; {reason}"}
 
     def apply(self, rec: dict[str, Any], image: np.ndarray | None = None) -> dict[str, Any]:
         """Add ``plausibility`` and ``flag`` to a good record; relabel it when implausible (unless overridden).
@@ -113,7 +156,7 @@ class PlausibilityGate:
             image = (rec.get("tensors") or {}).get("plausibility")
         verdict = self.check(image) if image is not None else {
             "verdict": "unchecked", "plausible": None, "rule": None,
-            "reason": self.unavailable or "no image was kept for the plausibility check"}
+            "reason": self.off_reason or "no image was kept for the plausibility check"}
         rec["plausibility"] = verdict
         rec["flag"] = NOT_FRONTAL if verdict["plausible"] is False else None
         if rec["flag"]:
@@ -123,9 +166,12 @@ class PlausibilityGate:
         return rec
 
     def notes(self) -> list[str]:
-        out = []  # an unavailable check was already logged once, as a warning, when it happened
+        out = []  # a failing check was already logged, as a warning, when it happened
         if self.flagged:
             what = "kept their disease label (--label-implausible)" if self.label_implausible else (
                 f"were labelled {NOT_FRONTAL} instead of a disease")
             out.append(f"{self.flagged} input(s) did not look like a frontal chest X-ray and {what}")
+        if self.failures:
+            out.append(f"the plausibility check could not run on {self.failures} input(s) (see the warning above); "
+                       "their records say 'unchecked' and why")
         return out

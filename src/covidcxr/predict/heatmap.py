@@ -74,7 +74,9 @@ class Heatmapper:
 
     def write_overlay(self, rec: dict[str, Any], out_dir: Path) -> Path:
         """Save the model-input image with the map blended on top; the file name keeps the input's stem."""
-        heat = self.for_record(rec)
+        heat = rec.get("heat")  # computed by the pipeline already, when it ran there
+        if heat is None:
+            heat = self.for_record(rec)
         display = (rec.get("tensors") or {}).get("display")  # sharper background, same crop as the model's
         base = self.predictor.preset.denormalize(display if display is not None else rec["tensor"])
         rgb = overlay_rgb(base, heat)

@@ -81,20 +81,38 @@ class Item:
     array: np.ndarray | None = None
     extra: dict[str, np.ndarray] = field(default_factory=dict)
     error: str | None = None
+    #: the decoded H x W [0, 1] image, kept where it is at hand (service upload, DICOM node); the decode
+    #: workers send only ``array`` and the small ``extra`` inputs instead
+    image: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
 class Loader:
-    """Picklable ``path -> Item``: read, then the model's preset (plus optional extra presets)."""
+    """Picklable ``path -> Item``: read, then the model's preset (plus optional extra presets).
+
+    ``mask``: the :class:`covidcxr.segment.maskspec.MaskSpec` of a lung-crop model: the segmenter that
+    cropped its training images, loaded once in whichever process (worker, Ray task) runs the loader.
+    """
 
     preset: Preset
     extra: tuple[tuple[str, Preset], ...] = ()
+    mask: Any = None
+
+    def masks(self) -> Any:
+        """The lung-mask function of :attr:`mask` in this process, or None."""
+        if self.mask is None:
+            return None
+        from covidcxr.segment.maskspec import provider
+
+        return provider(self.mask)
 
     def __call__(self, path: str) -> Item:
         try:
             image = read_image(path)
-            arr = self.preset.array(image)
-            extra = {name: p.array(image) for name, p in self.extra}
+            masks = self.masks()
+            arr = self.preset.array(image, masks if self.preset.lung_crop else None)
+            extra = {name: p.array(image, masks) if getattr(p, "lung_crop", False) else p.array(image)
+                     for name, p in self.extra}
             return Item(path, arr, extra)
         except CXRReadError as err:
             return Item(path, error=err.reason)
@@ -113,7 +131,7 @@ def _worker_init() -> None:
         pass
 
 
-def _use_threads() -> bool:
+def _use_threads(loader: "Loader | None" = None) -> bool:
     """Threads, not processes, when a lung-mask provider is installed in this process.
 
     Worker processes are started with ``spawn`` (clean workers): forking a process that runs
@@ -125,7 +143,7 @@ def _use_threads() -> bool:
     """
     from covidcxr import preprocess
 
-    return preprocess.LUNG_SEGMENTER is not None
+    return preprocess.LUNG_SEGMENTER is not None or (loader is not None and loader.mask is not None)
 
 
 def iter_batches(files: Sequence[str], loader: Loader, batch_size: int = 16,
@@ -136,7 +154,7 @@ def iter_batches(files: Sequence[str], loader: Loader, batch_size: int = 16,
         for i in range(0, len(files), bs):
             yield [loader(f) for f in files[i : i + bs]]
         return
-    if _use_threads():
+    if _use_threads(loader):
         from multiprocessing.pool import ThreadPool
 
         pool = ThreadPool(processes=int(num_workers))

@@ -6,7 +6,8 @@ also an input, ``--resume``, and an interrupted run that leaves a valid file and
   therefore never truncated before the run has produced its replacement.
 * An output path that is one of the inputs (a manifest CSV, an image) is refused before anything is read.
 * ``--resume`` keeps every successful record of an existing ``--out``, skips those inputs and appends the
-  rest (failed inputs are tried again).
+  rest (failed inputs are tried again). Inputs are compared by resolved path, and a file written by
+  another model (its records' ``model.sha256``) is refused: one output never mixes two models.
 """
 
 from __future__ import annotations
@@ -46,11 +47,29 @@ def check_output_path(out: str | os.PathLike, inputs: Iterable[str | os.PathLike
                               "Choose another output file")
 
 
-def read_done(out: str | os.PathLike, classes: Sequence[str]) -> tuple[list[dict[str, Any]], set[str]]:
-    """The successful records of an earlier ``--out`` (for ``--resume``) and their input paths.
+def resolved(path: str | os.PathLike) -> str:
+    """The path ``--resume`` compares: absolute, symlinks resolved (a folder given as ``scans/`` and as
+    ``/data/scans/`` is one folder)."""
+    return os.path.realpath(os.fspath(path))
+
+
+def _check_model(out: str | os.PathLike, found: str | None, model_sha256: str | None, where: str) -> None:
+    if model_sha256 is None or found == model_sha256:
+        return
+    if not found:
+        raise OutputError(f"--resume: {out} {where} does not name the model that wrote it (written by an older "
+                          "covidcxr); it cannot be continued with this model. Choose another --out")
+    raise OutputError(f"--resume: {out} was written by another model (sha256 {found[:12]}, this one is "
+                      f"{model_sha256[:12]}); one output file never mixes two models. Choose another --out")
+
+
+def read_done(out: str | os.PathLike, classes: Sequence[str], model_sha256: str | None = None
+              ) -> tuple[list[dict[str, Any]], set[str]]:
+    """The successful records of an earlier ``--out`` (for ``--resume``) and their resolved input paths.
 
     A JSON-lines file may end in a partial line (a run killed by an older version): it is ignored.
-    A CSV written for other classes cannot be continued and is an :class:`OutputError`.
+    A CSV written for other classes cannot be continued and is an :class:`OutputError`; so is a file
+    any of whose records was made by a model other than ``model_sha256`` (when given).
     """
     p = Path(out)
     if not p.is_file() or p.stat().st_size == 0:
@@ -63,8 +82,11 @@ def read_done(out: str | os.PathLike, classes: Sequence[str]) -> tuple[list[dict
             if reader.fieldnames is None or "path" not in reader.fieldnames or not want <= set(reader.fieldnames):
                 raise OutputError(f"--resume: {out} was not written by covidcxr predict for this model's classes "
                                   f"({', '.join(classes)}); choose another --out")
-            rows = [r for r in reader if r.get("path") and not r.get("error")]
-        return rows, {r["path"] for r in rows}
+            all_rows = [r for r in reader if r.get("path")]
+        for n, r in enumerate(all_rows, 2):
+            _check_model(out, r.get("model_sha256"), model_sha256, f"row {n}")
+        rows = [r for r in all_rows if not r.get("error")]
+        return rows, {resolved(r["path"]) for r in rows}
     with open(p, encoding="utf-8") as fh:
         for n, line in enumerate(fh, 1):
             line = line.strip()
@@ -76,9 +98,11 @@ def read_done(out: str | os.PathLike, classes: Sequence[str]) -> tuple[list[dict
                 continue  # a line cut short by a hard kill
             if not isinstance(rec, dict) or "path" not in rec:
                 raise OutputError(f"--resume: {out} line {n} is not a covidcxr predict record; choose another --out")
+            model = rec.get("model") if isinstance(rec.get("model"), dict) else {}
+            _check_model(out, model.get("sha256"), model_sha256, f"line {n}")
             if not rec.get("error"):
                 keep.append(rec)
-    return keep, {str(r["path"]) for r in keep}
+    return keep, {resolved(r["path"]) for r in keep}
 
 
 class SafeRecordWriter(RecordWriter):

@@ -38,7 +38,7 @@ def jsonable(obj: Any) -> Any:
     return json.loads(json.dumps(obj, default=default))
 
 #: keys that hold arrays for heatmaps/severity inside a run; never written out
-TRANSIENT_KEYS = ("tensor", "tensors")
+TRANSIENT_KEYS = ("tensor", "tensors", "heat")
 
 
 def strip_transient(rec: dict[str, Any]) -> dict[str, Any]:

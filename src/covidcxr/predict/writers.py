@@ -10,8 +10,8 @@ from typing import IO, Any, Sequence
 
 #: CSV columns before/after the per-class probabilities
 CSV_HEAD = ["path", "label"]
-CSV_TAIL = ["threshold", "decision_rule", "flag", "plausibility", "plausibility_reason", "severity", "heatmap",
-            "error"]
+CSV_TAIL = ["threshold", "decision_rule", "flag", "plausibility", "plausibility_reason", "prediction_set", "severity",
+            "heatmap", "model_sha256", "error"]
 
 
 def output_format(path: str | None) -> str:
@@ -27,6 +27,9 @@ def csv_row(rec: dict[str, Any], classes: Sequence[str]) -> dict[str, Any]:
         row[f"p_{c}"] = (rec.get("probabilities") or {}).get(c)
     sev = rec.get("severity")
     row["severity"] = json.dumps(sev, default=str) if sev is not None else None
+    pset = rec.get("prediction_set")  # site-calibrated models only: the conformal set, ';'-separated
+    row["prediction_set"] = ";".join(pset) if pset is not None else None
+    row["model_sha256"] = (rec.get("model") or {}).get("sha256")
     return row
 
 

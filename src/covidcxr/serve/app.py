@@ -175,7 +175,7 @@ class Service:
         if want_image or want_heatmap:
             side = max(p.preset.size, DISPLAY_SIZE)
             try:
-                display = p.preset.with_size(side).prepare(image)
+                display = p.preset.with_size(side).prepare(image, p.masks())
             except PresetError:
                 display = p.preset.denormalize(tensor)
         if want_image and display is not None:

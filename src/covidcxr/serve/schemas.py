@@ -13,7 +13,8 @@ class ErrorResponse(BaseModel):
 
 class ModelRef(BaseModel):
     name: str
-    version: str = Field(description="First 12 hex digits of the model file's SHA-256")
+    version: str = Field(description="First 12 hex digits of the model file's SHA-256 (or a release version)")
+    sha256: str | None = Field(None, description="SHA-256 of the model file that made this prediction")
     arch: str
     backend: str = Field(description="torch or onnx")
 
@@ -39,6 +40,11 @@ class PredictResponse(BaseModel):
         None, description="Severity from the severity model; null when not configured or not applicable"
     )
     severity_note: str | None = Field(None, description="Why severity is null, when it is")
+    prediction_set: list[str] | None = Field(
+        None, description="Conformal prediction set of a site-calibrated model (null without site calibration)")
+    uncertain: bool = Field(False, description="True when the prediction set is not a single class")
+    referral: str | None = Field(None, description="'uncertain: refer' when the prediction set holds more than "
+                                 "one class (or none); null otherwise")
     model: ModelRef
     input: InputInfo
     heatmap_png: str | None = Field(
@@ -65,6 +71,9 @@ class HealthResponse(BaseModel):
     auth_required: bool
     busy: int = Field(description="Requests running or waiting")
     capacity: int = Field(description="Requests that can be running or waiting before 503")
+    plausibility: dict[str, Any] | None = Field(
+        None, description="The frontal-CXR gate: state (ok, down after repeated failures, off), images checked, "
+        "failures (total and in a row), last error; status is 'degraded' while it is down")
 
 
 class Limits(BaseModel):

@@ -225,6 +225,11 @@ def prepare(cfg: dict, data: str | os.PathLike) -> tuple[Any, Any, list[str], di
         "torch": str(torch.__version__),
         "lightning": str(L.__version__),
     }
+    if preset.lung_crop:  # which segmenter cropped the training images: inference uses that one or refuses
+        from covidcxr import preprocess as _pp
+        from covidcxr.segment.maskspec import TRAINING_KEY, record
+
+        summary[TRAINING_KEY] = record(_pp.LUNG_SEGMENTER)
     return dm, preset, classes, summary
 
 
