@@ -195,7 +195,8 @@ def export_onnx(
             "name": src.name,
             "training": src.training,
             "metrics": src.metrics,
-            "source_sha256": file_sha256(model_path),
+            "site_calibration": src.site,  # a site checkpoint's conformal sets travel with it (covidcxr.site.sets)
+            "source_sha256": file_sha256(src.path or model_path),  # src.path: "reference" resolved to its file
             "covidcxr_version": _version(),
         },
     )
