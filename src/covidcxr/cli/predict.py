@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from covidcxr.cli import int_at_least
+from covidcxr.cli import add_trust_checkpoint, int_at_least
 
 EXIT_SOME_FAILED = 2
 
@@ -21,6 +21,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "or manifest CSVs). One record per input; unreadable inputs become records with an 'error' field. "
         "Exit status 0 when every input was predicted, 2 when some failed. Research use only.",
     )
+    add_trust_checkpoint(p)
     p.add_argument("paths", nargs="+", metavar="PATH", help="image file, folder or manifest CSV")
     p.add_argument("--model", default=None, metavar="CKPT_OR_ONNX",
                    help="covidcxr checkpoint, exported ONNX file, or 'reference' (default: the shipped reference "
@@ -49,10 +50,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--label-implausible", action="store_true",
                    help="give a disease label even to inputs flagged not_a_frontal_cxr (default: they are labelled "
                    "not_a_frontal_cxr)")
-    r = p.add_argument_group("distributed", "--engine ray runs the same predictor on Ray Data: CPU tasks decode, an "
+    r = p.add_argument_group("distributed", "--engine ray runs the same pipeline on Ray Data: CPU tasks decode, an "
                              "actor pool (--workers actors, --threads each) predicts, and --out is a FOLDER of "
                              "part-NNNNN.jsonl/.parquet shards, one record per input; --resume skips inputs that "
-                             "have a record (needs the extra: pip install 'covidcxr[ray]')")
+                             "have a successful record and retries failed ones (needs the extra: pip install "
+                             "'covidcxr[ray]')")
     r.add_argument("--engine", choices=["local", "ray"], default="local", help="default: local (one process)")
     r.add_argument("--address", metavar="auto|ray://HOST:PORT", help="Ray cluster to join (default: a local one)")
     r.add_argument("--format", choices=["jsonl", "parquet"], default="jsonl", help="shard format with --engine ray")

@@ -138,6 +138,12 @@ function renderResult(res, fileName) {
   const label = $("label");
   const implausible = res.flag === "not_a_frontal_cxr";
   label.textContent = implausible && res.label === "not_a_frontal_cxr" ? "not a frontal chest X-ray" : res.label;
+  // a site-calibrated model's conformal set of several classes (or none) is a referral, not a diagnosis
+  if (res.referral) {
+    const set = (res.prediction_set || []).join(", ") || "no class";
+    label.textContent = `${res.referral} (${set}); model label: ${label.textContent}`;
+  }
+  label.classList.toggle("uncertain", Boolean(res.referral));
   label.classList.toggle("covid", res.label === "COVID-19");
   label.classList.toggle("implausible", implausible);
   // the same rule and threshold as evaluate, predict and the model card, with its value
