@@ -131,3 +131,84 @@ def test_upload_read_stops_at_the_limit(tiny_ckpt) -> None:
     body, ctype = _multipart(bytes(2_000_000))
     status, pulled = _call(app, body, ctype, chunk=16384, content_length=False)
     assert status == 413 and pulled <= 100_000 + 2 * 16384
+
+
+# --------------------------------------------------------------------------- §2.11 safe loading
+
+
+def _with_pickled_object(src, dst):
+    """A copy of checkpoint ``src`` that also pickles a Python object (weights_only=True refuses it)."""
+    import fractions
+
+    torch = pytest.importorskip("torch")
+    b = torch.load(src, map_location="cpu", weights_only=True)
+    b["extra"] = fractions.Fraction(1, 3)
+    torch.save(b, dst)
+    return dst
+
+
+def test_checkpoints_the_project_writes_load_weights_only(tiny_ckpt) -> None:
+    torch = pytest.importorskip("torch")
+    b = torch.load(tiny_ckpt, map_location="cpu", weights_only=True)
+    assert b["arch"] == "resnet18"
+
+
+def test_checkpoint_with_pickled_objects_is_refused_unless_trusted(tiny_ckpt, tmp_path, monkeypatch) -> None:
+    from covidcxr import models
+    from covidcxr.models import CheckpointError
+
+    bad = _with_pickled_object(tiny_ckpt, tmp_path / "pickled.ckpt")
+    monkeypatch.delenv("COVIDCXR_TRUST_CHECKPOINT", raising=False)
+    with pytest.raises(CheckpointError) as err:
+        models.load(bad)
+    msg = str(err.value)
+    assert "\n" not in msg and str(bad) in msg and "fractions.Fraction" in msg and "--trust-checkpoint" in msg
+    monkeypatch.setenv("COVIDCXR_TRUST_CHECKPOINT", "1")
+    assert models.load(bad).arch == "resnet18"
+
+
+def test_weights_file_with_pickled_objects_is_refused(tiny_ckpt, tmp_path, monkeypatch) -> None:
+    """models/weights.py no longer retries with weights_only=False after an UnpicklingError."""
+    torch = pytest.importorskip("torch")
+    from covidcxr import models
+    from covidcxr.models.weights import WeightsError
+
+    sd = torch.load(tiny_ckpt, map_location="cpu", weights_only=True)["state_dict"]
+    path = tmp_path / "sd.pt"
+    torch.save({"state_dict": sd, "note": __import__("fractions").Fraction(2, 3)}, path)
+    monkeypatch.delenv("COVIDCXR_TRUST_CHECKPOINT", raising=False)
+    with pytest.raises(WeightsError, match=r"sd.pt: refused: .*--trust-checkpoint"):
+        models.create("resnet18", num_classes=3, weights=str(path))
+
+
+def test_segmenter_file_with_pickled_objects_is_refused(tmp_path, monkeypatch) -> None:
+    torch = pytest.importorskip("torch")
+    from covidcxr.segment.inference import load_segmenter
+    from covidcxr.segment.model import SegmenterError
+
+    path = tmp_path / "seg.ckpt"
+    torch.save({"format": "x", "obj": __import__("fractions").Fraction(1, 2)}, path)
+    monkeypatch.delenv("COVIDCXR_TRUST_CHECKPOINT", raising=False)
+    with pytest.raises(SegmenterError, match=r"seg.ckpt: refused: .*fractions.Fraction"):
+        load_segmenter(str(path))
+
+
+def test_cli_trust_checkpoint_flag(tiny_ckpt, tmp_path, monkeypatch, capsys) -> None:
+    """Refused by default with one line; --trust-checkpoint loads it; the choice does not outlive the command."""
+    import os
+
+    from PIL import Image
+
+    from covidcxr.cli import main
+
+    bad = _with_pickled_object(tiny_ckpt, tmp_path / "pickled.ckpt")
+    img = tmp_path / "x.png"
+    Image.fromarray((np.random.default_rng(0).random((96, 96)) * 255).astype(np.uint8)).save(img)
+    monkeypatch.delenv("COVIDCXR_TRUST_CHECKPOINT", raising=False)
+    out = tmp_path / "out.jsonl"
+    assert main(["predict", "--model", str(bad), "--out", str(out), "--no-plausibility", str(img)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "pickled.ckpt: refused" in err[0] and "--trust-checkpoint" in err[0]
+    assert main(["predict", "--trust-checkpoint", "--model", str(bad), "--out", str(out), "--no-plausibility",
+                 str(img)]) == 0
+    assert out.read_text().count("\n") == 1 and "COVIDCXR_TRUST_CHECKPOINT" not in os.environ

@@ -158,8 +158,9 @@ def test_xrv_mapping_keeps_the_pneumonia_neuron(target):
     assert torch.equal(net.features.conv0.weight, xm.features.conv0.weight)
 
 
-def test_chexnet14_from_xrv_keeps_all_fourteen_neurons(tmp_path):
+def test_chexnet14_from_xrv_keeps_all_fourteen_neurons(tmp_path, monkeypatch):
     """A 14-label chexnet started from an 18-output xrv model reorders the matching neurons."""
+    monkeypatch.setenv("COVIDCXR_TRUST_CHECKPOINT", "1")  # a pickled module: loads only when trusted
     xm = _xrv_model(2)
     path = tmp_path / "xrv.pt"
     torch.save(xm, path)
@@ -172,11 +173,18 @@ def test_chexnet14_from_xrv_keeps_all_fourteen_neurons(tmp_path):
     torch.testing.assert_close(ours, theirs[:, order], rtol=1e-5, atol=1e-5)
 
 
-def test_xrv_pickled_file_as_local_weights(tmp_path):
-    """A torchxrayvision .pt file (the whole pickled model) placed by hand works as weights=PATH."""
+def test_xrv_pickled_file_as_local_weights(tmp_path, monkeypatch):
+    """A torchxrayvision .pt file (the whole pickled model) placed by hand works as weights=PATH, if trusted."""
+    from covidcxr.models.weights import WeightsError
+
     xm = _xrv_model(1)
     path = tmp_path / "nih-densenet121.pt"
     torch.save(xm, path)
+    monkeypatch.delenv("COVIDCXR_TRUST_CHECKPOINT", raising=False)
+    with pytest.raises(WeightsError, match=r"nih-densenet121.pt: refused: .*--trust-checkpoint") as err:
+        models.create("densenet121", weights=str(path))  # a pickled module is never unpickled silently
+    assert "\n" not in str(err.value)
+    monkeypatch.setenv("COVIDCXR_TRUST_CHECKPOINT", "1")
     net = models.create("densenet121", weights=str(path)).eval()
     assert net.covidcxr_init["preset"] == "xrv" and net.features.conv0.in_channels == 1
     assert models.preset_for("densenet121", str(path)) == "xrv"

@@ -80,11 +80,31 @@ def test_recipe_builds_and_steps(recipe: str) -> None:
     opt = module.configure_optimizers()
     opt = opt["optimizer"] if isinstance(opt, dict) else opt
     batch = {"image": torch.rand(2, preset.channels, 64, 64), "label": torch.tensor([0, 2])}
+    in_opt = {id(p) for g in opt.param_groups for p in g["params"]}
+    before = {n: p.detach().clone() for n, p in module.named_parameters()}
     module.train()
     loss = module._loss(module(batch["image"]), batch["label"])
     loss.backward()
     opt.step()
     assert torch.isfinite(loss)
+    # the step trains what the recipe trains and nothing else: every optimised parameter with a gradient
+    # moved, every parameter the recipe leaves out (frozen, or outside the optimiser) stayed bit-identical
+    # (a tiny lr x gradient can round away on a weight of 1.0, so each optimiser group must move, and most
+    # of its parameters with a gradient, rather than every single one)
+    named = dict(module.named_parameters())
+    ids = {id(p): n for n, p in named.items()}
+    frozen = [n for n, p in named.items() if id(p) not in in_opt or not p.requires_grad]
+    n_groups = 0
+    for g in opt.param_groups:
+        with_grad = [ids[id(p)] for p in g["params"] if p.grad is not None and p.grad.abs().sum() > 0]
+        if not with_grad or g["lr"] == 0:
+            continue
+        n_groups += 1
+        moved = [n for n in with_grad if not torch.equal(named[n].detach(), before[n])]
+        assert len(moved) >= 0.5 * len(with_grad), f"optimised but unmoved: {sorted(set(with_grad) - set(moved))[:5]}"
+    assert n_groups, "no optimiser group with a learning rate got a gradient"
+    changed = [n for n in frozen if not torch.equal(named[n].detach(), before[n])]
+    assert not changed, f"frozen but moved: {changed[:5]}"
 
 
 def test_recipes_state_the_paper_settings() -> None:
@@ -198,7 +218,10 @@ def test_fit_writes_self_contained_checkpoints(trained: Path, small_manifest: Pa
     assert set(t["splits"]) == {"train", "val", "test"} and t["splits"]["val"]["n_patients"] > 0
     assert t["seed"] == 0 and t["recipe"] == "covidnet" and t["config"]["data"]["sampler"] == "rebalance"
     assert "val_loss" in lm.metrics["val"] and "val_auc_covid" in lm.metrics["val"]
-    raw = torch.load(trained / "last.ckpt", map_location="cpu", weights_only=False)
+    # what the project writes loads without unpickling code (issue 21 §2.11): weights_only=True
+    raw = torch.load(trained / "last.ckpt", map_location="cpu", weights_only=True)
+    best = torch.load(trained / "best.ckpt", map_location="cpu", weights_only=True)
+    assert best.get("covidcxr", best)["arch"] == "covidnet-cxr-small"
     assert raw["global_step"] == 4 and raw["covidcxr"]["training"]["global_step"] == 4
     summary = json.loads((trained / "summary.json").read_text())
     assert summary["global_step"] == 4 and summary["epochs"] == 2

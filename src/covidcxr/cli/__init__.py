@@ -19,6 +19,14 @@ class UserError(Exception):
     """An error caused by the user's input: printed as one line, no traceback."""
 
 
+def add_trust_checkpoint(parser: argparse.ArgumentParser) -> None:
+    """``--trust-checkpoint`` for every command that loads model files (one definition, one meaning)."""
+    parser.add_argument(
+        "--trust-checkpoint", action="store_true",
+        help="also load model files that hold pickled Python objects (loading them can run code: only for files "
+             "you trust); by default only weights and plain data are read and such a file is refused")
+
+
 def int_at_least(low: int):
     """An argparse type: an integer >= ``low`` (0 epochs or batch size 0 otherwise fail deep inside)."""
 
@@ -150,6 +158,13 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    import os
+
+    from covidcxr.safeload import TRUST_ENV
+
+    trust_before = os.environ.get(TRUST_ENV)
+    if getattr(args, "trust_checkpoint", False):  # an env var, so Ray and worker processes inherit the choice
+        os.environ[TRUST_ENV] = "1"
     try:
         rc = args.func(args)
     except _known_errors() as err:
@@ -158,6 +173,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    finally:
+        if trust_before is None:
+            os.environ.pop(TRUST_ENV, None)
+        else:
+            os.environ[TRUST_ENV] = trust_before
     return int(rc or 0)
 
 

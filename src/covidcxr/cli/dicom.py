@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from covidcxr.cli import float_between, int_at_least
+from covidcxr.cli import add_trust_checkpoint, float_between, int_at_least
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -29,6 +29,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "answered but not processed again. Ctrl-C / SIGTERM drains in-flight work. Logs carry instance keys "
         "(hashes), never UIDs or patient attributes.",
     )
+    add_trust_checkpoint(lis)
     lis.add_argument("--model", default=None, metavar="CKPT_OR_ONNX",
                      help="covidcxr checkpoint, ONNX file, or 'reference' (default: the shipped reference classifier, "
                      "announced in one line)")

@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from covidcxr.cli import int_at_least
+from covidcxr.cli import add_trust_checkpoint, int_at_least
 
 METHOD_NAMES = ("gradcam", "lrp", "occlusion", "ig")
 
@@ -35,6 +35,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "cascading weight randomisation (Adebayo et al. 2018) with Spearman rank correlations; methods whose maps "
         "do not change are flagged. Research use only.",
     )
+    add_trust_checkpoint(p)
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files or folders")
     p.add_argument("--model", default=None, metavar="CKPT",
                    help="covidcxr checkpoint, or 'reference' (default: the shipped reference classifier, announced "

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from covidcxr.cli import float_between, int_at_least
+from covidcxr.cli import add_trust_checkpoint, float_between, int_at_least
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -18,6 +18,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "(default: 16 images of the shared dev set) and fails (exit 1) when any probability differs by more "
         "than --atol.",
     )
+    add_trust_checkpoint(e)
     e.add_argument("--model", required=True, metavar="CKPT",
                    help="covidcxr checkpoint, or 'reference' (the shipped reference classifier)")
     e.add_argument("--onnx", metavar="OUT.onnx", help="write an ONNX file (this or --monai-bundle is required)")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from covidcxr.cli import float_between, int_at_least
+from covidcxr.cli import add_trust_checkpoint, float_between, int_at_least
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -18,6 +18,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "within --max-wait-ms. Set COVIDCXR_API_KEY or --api-key-file to require an X-API-Key header on /v1/* and "
         "/openapi.json. Research use only.",
     )
+    add_trust_checkpoint(s)
     s.add_argument("--model", default=None, metavar="CKPT_OR_ONNX",
                    help="covidcxr checkpoint, ONNX file, or 'reference' (default: the shipped reference classifier, "
                    "announced in one line)")

@@ -6,7 +6,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from covidcxr.cli import float_between
+from covidcxr.cli import add_trust_checkpoint, float_between
 
 log = logging.getLogger("covidcxr")
 _probability = float_between(0.0, 1.0)  # thresholds and target sensitivities
@@ -23,6 +23,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "A recipe with stages: (twice transfer) trains them first into RUN/stages/NAME/. Catalogue weights are "
         "found offline through COVIDCXR_WEIGHTS_DIR.",
     )
+    add_trust_checkpoint(t)
     t.add_argument("--config", required=True, help="recipe YAML (configs/deepcovid-resnet18.yaml) or a recipe name (deepcovid-resnet18)")
     t.add_argument("--data", required=True, help="manifest CSV with a split column (covidcxr data build)")
     t.add_argument("--out", required=True, help="run folder")
@@ -55,6 +56,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "specificity (normal/pneumonia films from a source other than the one supplying most training films "
         "of that class, not called COVID-19), with a warning for a class coming >= 90% from one source.",
     )
+    add_trust_checkpoint(e)
     e.add_argument("--model", required=True, help="checkpoint (RUN/best.ckpt)")
     e.add_argument("--data", required=True, help="manifest CSV")
     e.add_argument("--split", default="test", choices=["test", "val", "train", "all"])

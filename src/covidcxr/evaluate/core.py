@@ -217,7 +217,9 @@ def _update_bundle(ckpt: str | Path, what: str, fields: dict[str, Any], metrics:
 
     from covidcxr.models.checkpoint import CheckpointError, atomic_torch_save
 
-    obj = torch.load(ckpt, map_location="cpu", weights_only=False)
+    from covidcxr.safeload import torch_load
+
+    obj = torch_load(ckpt)  # weights_only=True unless --trust-checkpoint
     bundle = obj["covidcxr"] if isinstance(obj, dict) and "covidcxr" in obj else obj
     if not isinstance(bundle, dict) or "state_dict" not in bundle:
         raise CheckpointError(f"{ckpt}: cannot store a {what} in this checkpoint")

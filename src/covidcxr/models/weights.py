@@ -27,7 +27,6 @@ import contextlib
 import io
 import logging
 import os
-import pickle
 import re
 from collections import Counter
 from dataclasses import dataclass, field
@@ -381,14 +380,13 @@ def xrv_model_source(xmodel: nn.Module, description: str = "torchxrayvision Dens
 
 
 def _torch_load(path: Path) -> Any:
+    """weights_only=True; a file with pickled objects is refused (WeightsError) unless --trust-checkpoint."""
+    from covidcxr.safeload import UnsafeFileError, torch_load
+
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        # Lightning checkpoints and pickled modules hold Python objects: only load files you trust.
-        log.warning(
-            "%s holds pickled Python objects; loading it with weights_only=False (only load files you trust)", path
-        )
-        return torch.load(path, map_location="cpu", weights_only=False)
+        return torch_load(path)
+    except UnsafeFileError as err:
+        raise WeightsError(str(err)) from None
 
 
 def _read_file(path: Path) -> Any:

@@ -343,8 +343,12 @@ def _load(spec: str, size: int | None, threshold: float) -> LungSegmenter:
     if not p.is_file():
         raise SegmenterError(f"{spec}: segmentation model not found (name one of the catalogue, "
                              f"e.g. {PRETRAINED}, or a `covidcxr segment train` checkpoint)")
+    from covidcxr.safeload import UnsafeFileError, torch_load
+
     try:
-        b = torch.load(p, map_location="cpu", weights_only=False)
+        b = torch_load(p)  # weights_only=True unless the user passed --trust-checkpoint
+    except UnsafeFileError as err:
+        raise SegmenterError(str(err)) from None
     except Exception as err:
         raise SegmenterError(f"{spec}: cannot read segmentation checkpoint ({type(err).__name__}: {err})") from None
     digest = _file_digest(p)

@@ -325,7 +325,9 @@ def finalize_best(best: Path, module: Any, dm: Any, cfg: dict[str, Any]) -> dict
     from covidcxr.evaluate.core import val_operating_point
     from covidcxr.models.checkpoint import load
 
-    raw = torch.load(best, map_location="cpu", weights_only=False)
+    from covidcxr.safeload import torch_load
+
+    raw = torch_load(best)  # weights_only=True unless --trust-checkpoint
     bundle = raw["covidcxr"] if isinstance(raw, dict) and "covidcxr" in raw else raw
     op_cfg = cfg["operating_point"]
     positive, target = op_cfg["positive"], op_cfg["target_sensitivity"]
