@@ -272,3 +272,29 @@ def test_resume_refuses_another_model_and_compares_resolved_paths(case: dict[str
     assert "written by another model" in err and len(err.strip().splitlines()) == 1
     assert out.read_bytes() == before
     assert d.is_dir()
+
+
+def test_dicom_engine_logs_when_the_gate_is_down(case: dict[str, Any], tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch,
+                                                 caplog: pytest.LogCaptureFixture) -> None:
+    """§2.1 for the node: each failed check is per image, and the node's log says once that the gate is down."""
+    import logging
+
+    import covidcxr.segment.inference as inf
+    import covidcxr.segment.plausibility as plaus
+    from covidcxr.dicom.analysis import Engine
+    from covidcxr.io import read_image
+
+    engine = Engine.from_paths(str(case["models"]["film"]))
+    engine.gate.down_after = 3
+    image = read_image(case["inputs"]["film"][0])
+    monkeypatch.setattr(inf, "_LOADED", {})
+    monkeypatch.setattr(plaus, "_CACHED", {})
+    monkeypatch.setenv("COVIDCXR_WEIGHTS_DIR", str(tmp_path / "no-weights"))
+    with caplog.at_level(logging.WARNING):
+        for _ in range(4):
+            a = engine.analyze(image)
+            assert a.plausibility["verdict"] == "unchecked" and a.label in CLASSES
+    assert engine.health()["plausibility"]["state"] == "down"
+    assert engine.health()["plausibility"]["failures"] == 4
+    assert caplog.text.count("plausibility gate is down") == 1
