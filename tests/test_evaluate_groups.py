@@ -344,3 +344,26 @@ def test_paired_bootstrap_adds_the_group_figures(tmp_path: Path) -> None:
     assert out["dominant"] == {"normal": "cohen", "pneumonia": "nih"}
     neg2 = (label == "normal") & (src != "cohen") | (label == "pneumonia") & (src != "nih")
     assert out["metrics"]["non_dominant_specificity"]["a"] == pytest.approx((a["pred"][neg2] != "COVID-19").mean())
+
+
+def test_the_warning_reaches_the_report_and_the_printed_summary(tmp_path: Path) -> None:
+    from covidcxr.evaluate import evaluate_predictions, write_report
+    from covidcxr.evaluate.report import summary_lines
+
+    labels = ["normal"] * 20 + ["COVID-19"] * 10
+    src = ["nih"] * 19 + ["cohen"] * 11
+    frame = pd.DataFrame({"label": labels, "source": src, "patient_id": [f"p{i}" for i in range(30)],
+                          "path": [f"{i}.png" for i in range(30)]})
+    probs = np.random.default_rng(1).dirichlet([1, 1, 1], 30)
+    res = evaluate_predictions(frame, probs, CLASSES, n_boot=20)
+    res.update({"model": {"path": "m.ckpt", "arch": "a", "preset": "p"},
+                "data": {"manifest": "m.csv", "sha256": "0" * 64, "split": "test"}})
+    res = json.loads(json.dumps(res, default=float))
+    text = "class normal: 95 % from nih — sensitivity of normal may measure the source, not the disease"
+    assert f"WARNING: {text}" in summary_lines(res)
+    # normal: 19 of 20 from nih; COVID-19: 10 of 10 from cohen; the one cohen normal is no class of its own
+    assert [line for line in summary_lines(res) if line.startswith("WARNING")] == [
+        f"WARNING: {text}", "WARNING: class COVID-19: 100 % from cohen — sensitivity of COVID-19 may measure the "
+        "source, not the disease"]
+    paths = write_report(res, np.array([0] * 20 + [2] * 10), probs, tmp_path)
+    assert text in paths["md"].read_text() and "95 % from nih" in paths["html"].read_text()
