@@ -162,7 +162,7 @@ def run(data: dict[str, Path]) -> Path:
     cfg = load_config(REPO / "configs" / "dev-resnet18.yaml", [
         "model.weights=none", "data.size=64", "data.batch_size=8", "data.num_workers=0", "trainer.accelerator=cpu",
         "trainer.devices=1", "trainer.progress_bar=false", "trainer.num_threads=1", "early_stopping.monitor=null",
-        "trainer.max_epochs=1", "trainer.limit_train_batches=4"])
+        "trainer.max_epochs=1", "trainer.limit_train_batches=4", "trainer.log_every_n_steps=1"])
     out = data["dir"] / "run"
     fit(cfg, data=data["train"], out=out)
     return out / "best.ckpt"
@@ -332,3 +332,23 @@ def test_site_calibrate_refusals(run: Path, data: dict, tmp_path: Path, capsys: 
     unknown.loc[unknown.index[0], "label"] = "tuberculosis"
     assert "tuberculosis" in _refusal([*base, "--data", csv("unk.csv", unknown)], capsys)
     assert not (tmp_path / "o.ckpt").exists()
+
+
+def test_site_sets_travel_to_onnx(run: Path, data: dict, tmp_path: Path) -> None:
+    """An ONNX export of a site checkpoint carries site_calibration: its records give the same sets."""
+    pytest.importorskip("onnxruntime")
+    from covidcxr.export import export_onnx
+    from covidcxr.predict import Predictor
+
+    site_ckpt = tmp_path / "site.ckpt"
+    assert main(["site", "calibrate", "--model", str(run), "--data", str(data["local"]), "--out", str(site_ckpt),
+                 "--folds", "2", "--bootstrap", "0"]) == 0
+    export_onnx(site_ckpt, tmp_path / "site.onnx", parity_images=data["test_paths"][:2])
+    paths = data["test_paths"][:6]
+    sets = {}
+    for name in ("site.ckpt", "site.onnx"):
+        pred = Predictor.from_path(tmp_path / name)
+        assert pred.site is not None and pred.site["site"] == "local", name
+        sets[name] = [prediction_set([r["probabilities"][c] for c in pred.classes], pred.classes, pred.site)
+                      for r in pred.predict_paths(paths)]
+    assert sets["site.ckpt"] == sets["site.onnx"] and len(sets["site.ckpt"]) == 6
