@@ -166,7 +166,9 @@ def classifier_card(runs: Path, version: str, recipe: str, seed: int) -> dict[st
     w = t.get("weights") or {}
     cal = test.get("calibration") or {}
     worst = (test.get("groups") or {}).get("worst_group_sensitivity") or {}
-    seconds = (runs / "seconds").read_text().strip() if (runs / "seconds").is_file() else "?"
+    seconds = "?"
+    if (runs / "seconds").is_file():  # one line per stage run (all, then post when resumed)
+        seconds = str(sum(int(x) for x in (runs / "seconds").read_text().split() if x.isdigit()))
     figures = {
         "test": {"covid_auc": test["metrics"]["per_class"]["COVID-19"]["auc"],
                  "balanced_accuracy": test["metrics"]["balanced_accuracy"],
@@ -182,7 +184,8 @@ def classifier_card(runs: Path, version: str, recipe: str, seed: int) -> dict[st
         {"title": "Model details", "items": [
             f"covidcxr-reference {version}: MobileNetV2 ({b['arch']}), ImageNet-initialised ({t.get('weights_init')}, "
             f"sha256 {str(w.get('sha256'))[:16]}…), fine-tuned by recipe `{recipe}` (seed {seed}), "
-            f"{(t.get('epochs') or t.get('max_epochs') or '?')} epochs at {b['preset']['size']} px.",
+            f"{((t.get('config') or {}).get('trainer') or {}).get('max_epochs', '?')} epochs at {b['preset']['size']} px "
+            f"(best by validation COVID-19 AUC: epoch {t.get('epoch', '?')}, counted from 0).",
             f"Input: one frontal chest X-ray, preprocessing preset `{b['preset']['name']}` "
             f"({b['preset'].get('description', '')}). Output: probabilities for {', '.join(b['classes'])}.",
             f"Decision rule: COVID-19 when p(COVID-19) >= {b.get('threshold'):.4f} (chosen on the validation split for "
