@@ -133,6 +133,7 @@ def audit_summary(runs: Path) -> list[str]:
             out += [str(x) for x in v]
     if len(out) == 1:
         out.append(f"Figures: {lines[:1500]}")
+    out.append("The audit ran on the first test images only (AUDIT_LIMIT in scripts/train_reference.sh), for CPU time.")
     return out
 
 
