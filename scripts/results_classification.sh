@@ -215,7 +215,9 @@ MASK_TEST_SIZE=${MASK_TEST_SIZE:-512}
 MASK_JOBS=${MASK_JOBS:-1}
 NEED_TRAIN_MASKS=0; case " $MODELS " in *" lungcrop "*) NEED_TRAIN_MASKS=1;; esac
 if [ "${ONLY_MASKS:-0}" = 1 ]; then MASK_JOBS=$JOBS; masks_step; echo "masks done in $(elapsed) s (ONLY_MASKS=1: stopping here)"; exit 0; fi
-if ! has split && ! has holdout; then
+# The masks serve only the audit and the lung-crop recipe: a run with neither skips them (no waiting on them below).
+NEED_MASKS=0; { has audit || [ "$NEED_TRAIN_MASKS" = 1 ]; } && { has split || has holdout; } && NEED_MASKS=1
+if [ "$NEED_MASKS" = 0 ]; then
   :   # no masks: the LOSO stage does not run the lung-crop recipe or the audit
 elif [ "$CONTINUE" = 1 ] && pgrep -f "$RUNS/masks/" > /dev/null; then
   echo "CONTINUE=1: the other run is still segmenting; waiting for its manifest-lungs.csv before the audit"; MASK_PID=
@@ -328,7 +330,7 @@ wait
 for sm in "${STARTED_ELSEWHERE[@]}"; do   # CONTINUE=1: results of trainings the interrupted run had started
   until grep -q "^${sm%/*}	${sm##*/}	" "$RUNS/status.tsv"; do sleep 20; done
 done
-if has split || has holdout; then until [ -f "$RUNS/split/manifest-lungs.csv" ]; do sleep 20; done; fi
+if [ "$NEED_MASKS" = 1 ]; then until [ -f "$RUNS/split/manifest-lungs.csv" ]; do sleep 20; done; fi
 
 # ------------------------------------------------------------------ 3. paired differences (+ audits and severity not yet run)
 t0=$(elapsed)
