@@ -316,8 +316,12 @@ def test_site_calibrate_refusals(run: Path, data: dict, tmp_path: Path, capsys: 
 
     err = _refusal([*base, "--data", csv("one.csv", local[local["label"] == "COVID-19"])], capsys)
     assert "only one class (COVID-19)" in err
-    few = pd.concat([local[local["label"] != "pneumonia"], local[local["label"] == "pneumonia"].head(3)])
-    assert "fewer than 5 local cases of pneumonia (3)" in _refusal([*base, "--data", csv("few.csv", few)], capsys)
+    few = pd.concat([local[local["label"] != "COVID-19"], local[local["label"] == "COVID-19"].head(3)])
+    assert "fewer than 5 local cases of COVID-19: 3" in _refusal([*base, "--data", csv("few.csv", few)], capsys)
+    rest = pd.concat([local[local["label"] == "COVID-19"], local[local["label"] == "normal"].head(2),
+                      local[local["label"] == "pneumonia"].head(2)])
+    err = _refusal([*base, "--data", csv("rest.csv", rest)], capsys)
+    assert "fewer than 5 local cases of non-COVID-19 (normal + pneumonia): 4" in err
     bad = local.copy()
     bad.loc[bad.index[0], "path"] = str(tmp_path / "gone.png")
     (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot a png")
@@ -352,3 +356,22 @@ def test_site_sets_travel_to_onnx(run: Path, data: dict, tmp_path: Path) -> None
         sets[name] = [prediction_set([r["probabilities"][c] for c in pred.classes], pred.classes, pred.site)
                       for r in pred.predict_paths(paths)]
     assert sets["site.ckpt"] == sets["site.onnx"] and len(sets["site.ckpt"]) == 6
+
+
+def test_site_without_a_class_calibrates_and_keeps_it_in_every_set(run: Path, data: dict, tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture) -> None:
+    """Like the actualmed hold-out (COVID-19 and normal films, no pneumonia): calibrated, pneumonia never excluded."""
+    from covidcxr.models.checkpoint import read_bundle
+
+    local = pd.read_csv(data["local"])
+    csv = tmp_path / "nopneu.csv"
+    local[local["label"] != "pneumonia"].to_csv(csv, index=False)
+    out = tmp_path / "nopneu.ckpt"
+    assert main(["site", "calibrate", "--model", str(run), "--data", str(csv), "--out", str(out),
+                 "--folds", "2", "--bootstrap", "0"]) == 0
+    printed = capsys.readouterr().out
+    s = read_bundle(out)["site_calibration"]
+    assert s["n_per_class"]["pneumonia"] == 0 and "pneumonia" in s["conformal"]["always_in"]
+    assert s["metrics"]["after"]["sensitivity"]["pneumonia"] is None
+    assert "pneumonia is always in the prediction set" in printed
+    assert "pneumonia" in prediction_set([0.5, 0.0, 0.5], CLASSES, s)

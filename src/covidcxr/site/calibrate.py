@@ -329,10 +329,22 @@ def calibrate_site(model: str | os.PathLike, data: str | os.PathLike, out: str |
     if len(present) < 2:
         raise SiteError(f"{data}: only one class ({present[0] if present else 'none'}) among the local cases; "
                         "calibration needs labelled cases of every class")
-    few = [f"{c} ({n})" for c, n in counts.items() if n < MIN_PER_CLASS]
+    # the threshold separates COVID-19 from the rest: both sides need cases (a model without COVID-19 output:
+    # argmax, every class it has); a class missing at the site stays in every set (conformal, below)
+    if POSITIVE in classes:
+        sides = {POSITIVE: counts[POSITIVE],
+                 f"non-{POSITIVE} ({' + '.join(c for c in classes if c != POSITIVE)})":
+                     sum(n for c, n in counts.items() if c != POSITIVE)}
+    else:
+        sides = dict(counts)
+    few = [f"{c}: {n}" for c, n in sides.items() if n < MIN_PER_CLASS]
     if few:
-        raise SiteError(f"{data}: fewer than {MIN_PER_CLASS} local cases of {', '.join(few)}; the threshold and "
-                        "the per-class figures need at least that many of every class")
+        raise SiteError(f"{data}: fewer than {MIN_PER_CLASS} local cases of {'; '.join(few)}; the operating "
+                        f"threshold needs at least {MIN_PER_CLASS} on each side")
+    for c, n in counts.items():
+        if n < MIN_PER_CLASS:
+            log.warning("%s: only %d local case(s) of %s: its sensitivity is not measured and it stays in every "
+                        "prediction set", data, n, c)
     paths = df["path"].astype(str).tolist()
     patients = df["patient_id"].astype(str).tolist()
     y = np.array([classes.index(v) for v in df["label"].astype(str)])
