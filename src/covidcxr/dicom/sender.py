@@ -138,8 +138,8 @@ class Sender:
         """
         with self._lock:
             res = self._flush()
-        if not res.ok:
-            self.failures += 1
+            if not res.ok:
+                self.failures += 1
         return res
 
     def _flush(self) -> FlushResult:
