@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -212,3 +213,44 @@ def test_cli_trust_checkpoint_flag(tiny_ckpt, tmp_path, monkeypatch, capsys) -> 
     assert main(["predict", "--trust-checkpoint", "--model", str(bad), "--out", str(out), "--no-plausibility",
                  str(img)]) == 0
     assert out.read_text().count("\n") == 1 and "COVIDCXR_TRUST_CHECKPOINT" not in os.environ
+
+
+# --------------------------------------------------------------------------- §2.10 patient ids across CSV sources
+
+
+def test_two_csv_sources_with_patient_1_are_two_persons(tmp_path) -> None:
+    """Patient "1" of two CSV files is two persons (ids prefixed per source); a true duplicate still links."""
+    import pandas as pd
+
+    from covidcxr.data import build_manifest
+    from test_data_factories import distinct_image, write_png
+
+    def make(name: str, rows: list[tuple[str, str, int]]) -> str:
+        d = tmp_path / name
+        (d / "images").mkdir(parents=True)
+        for fname, _, seed in rows:
+            write_png(d / "images" / fname, distinct_image(seed))
+        lines = ["filename,patient_id,label"] + [f"{f},{pid},normal" for f, pid, _ in rows]
+        (d / "metadata.csv").write_text("\n".join(lines) + "\n")
+        return str(d / "metadata.csv")
+
+    # b/shared.png is a byte-identical copy of a/shared.png under another patient id: the same person
+    a = make("a", [("one.png", "1", 11), ("shared.png", "2", 13)])
+    b = make("b", [("one.png", "1", 12), ("shared.png", "7", 13)])
+    df = build_manifest([("csv:siteA", a), ("csv:siteB", b)], tmp_path / "out", seed=0, dedupe=False)
+    df = pd.read_csv(tmp_path / "out" / "manifest.csv") if not isinstance(df, pd.DataFrame) else df
+    by = {(Path(p).parent.parent.name, Path(p).name): pid for p, pid in zip(df["path"], df["patient_id"])}
+    assert by[("a", "one.png")] != by[("b", "one.png")]  # two different patients called "1"
+    assert by[("a", "shared.png")] == by[("b", "shared.png")]  # linked through the identical image
+    assert set(df["source_patient_id"]) == {"siteA-1", "siteA-2", "siteB-1", "siteB-7"}
+
+
+def test_csv_aliases_rules() -> None:
+    from covidcxr.data import ManifestError
+    from covidcxr.data.sources import csv_aliases
+
+    assert csv_aliases([("csv", "x/meta.csv"), ("nih", "d")]) == [None, None]  # one CSV keeps its ids
+    assert csv_aliases([("csv", "x/a.csv"), ("csv", "y/b.csv")]) == ["a", "b"]
+    assert csv_aliases([("csv:dev", "x/a.csv")]) == ["dev"]
+    with pytest.raises(ManifestError, match="csv:NAME=PATH"):
+        csv_aliases([("csv", "x/metadata.csv"), ("csv", "y/metadata.csv")])

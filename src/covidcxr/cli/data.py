@@ -22,7 +22,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "stays in source_patient_id), so a person never spans two splits.",
     )
     b.add_argument("--source", action="append", required=True, metavar="KIND=PATH",
-                   help="a source, repeatable: csv=metadata.csv, cohen=DIR, figure1=DIR, actualmed=DIR, rsna=DIR, "
+                   help="a source, repeatable: csv=metadata.csv (csv:NAME=FILE names it; with several CSVs each one's patient ids are prefixed with its NAME, else its file stem), cohen=DIR, figure1=DIR, actualmed=DIR, rsna=DIR, "
                    "nih=DIR (ChestX-ray14), hannover=DIR, radiography-db=DIR, folder=DIR, covidx=LABELS.txt")
     b.add_argument("--out", required=True, help="output folder (manifest.csv, summary.json, summary.md)")
     b.add_argument("--seed", type=int, default=0)

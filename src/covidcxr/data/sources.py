@@ -535,6 +535,40 @@ ADAPTERS: dict[str, Callable[..., AdapterResult]] = {
 }
 
 
+def csv_aliases(sources: list[tuple[str, str]]) -> list[str | None]:
+    """Per ``(kind, path)`` source: the alias that prefixes its patient ids, or None (ids kept as given).
+
+    ``csv:NAME=PATH`` names a CSV source; several ``csv=PATH`` sources are named by their file stems. A CSV's
+    own ids are then prefixed with its alias (``NAME-1``), so patient "1" of two CSV files are two persons;
+    one CSV without a name keeps its ids as given (they are often already source-qualified, e.g.
+    ``cohen-2``). Two CSV sources with the same alias are an error. True duplicates across the files are
+    still linked into one person by their images (:mod:`covidcxr.data.linking`).
+    """
+    csv = [i for i, (k, _) in enumerate(sources) if k.partition(":")[0] == "csv"]
+    out: list[str | None] = [None] * len(sources)
+    seen: dict[str, str] = {}
+    for i in csv:
+        kind, path = sources[i]
+        name = kind.partition(":")[2].strip()
+        if not name and len(csv) == 1:
+            continue
+        alias = name or Path(path).stem
+        if alias in seen:
+            raise ManifestError(f"{path}: CSV source alias {alias!r} is also used by {seen[alias]}; name each "
+                                "CSV source: --source csv:NAME=PATH")
+        seen[alias] = str(path)
+        out[i] = alias
+    return out
+
+
+def prefix_patients(df: pd.DataFrame, alias: str) -> pd.DataFrame:
+    """The source's own patient ids prefixed with ``alias`` (ids invented from file names carry it already)."""
+    own = df["patient_id_from"].fillna("source").eq("source") if "patient_id_from" in df.columns else \
+        pd.Series(True, index=df.index)
+    df.loc[own, "patient_id"] = alias + "-" + df.loc[own, "patient_id"].astype(str)
+    return df
+
+
 def load_source(kind: str, path: str | os.PathLike, **kw: object) -> AdapterResult:
     """Run the adapter named ``kind`` on ``path``."""
     if kind not in ADAPTERS:

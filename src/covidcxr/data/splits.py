@@ -17,7 +17,7 @@ from covidcxr.data.hashing import NEAR_DUPLICATE_BITS, file_digest
 from covidcxr.data.labels import CLASSES
 from covidcxr.data.linking import link_patients, linked_persons
 from covidcxr.data.manifest import ManifestError, write_manifest
-from covidcxr.data.sources import load_source
+from covidcxr.data.sources import csv_aliases, load_source, prefix_patients
 
 log = logging.getLogger(__name__)
 
@@ -120,8 +120,12 @@ def load_sources(sources: Iterable[tuple[str, str]], **kw: object) -> tuple[pd.D
     if not sources:
         raise ManifestError("no sources given")
     frames, dropped, notes = [], {}, []
-    for kind, path in sources:
-        df, why = load_source(kind, path, **kw)
+    for (kind, path), alias in zip(sources, csv_aliases(sources), strict=True):
+        if alias is None:
+            df, why = load_source(kind.partition(":")[0], path, **kw)
+        else:  # several CSV sources: each one's patient "1" is its own person (issue 21 §2.10)
+            df, why = load_source("csv", path, **{**kw, "source_name": alias})
+            df = prefix_patients(df, alias)
         notes += [f"{kind}={path}: {n}" for n in df.attrs.get("notes", [])]
         df.attrs = {}
         frames.append(df)
