@@ -39,9 +39,6 @@ from covidcxr.predict.records import PredictorError, jsonable, strip_transient
 
 log = logging.getLogger(__name__)
 
-#: test hook: an actor appends its process id to this file when it starts (the kill test needs one to kill)
-PID_FILE_ENV = "COVIDCXR_RAY_PID_FILE"
-
 
 class RayEngineError(RuntimeError):
     """Ray is missing, cannot connect, or the output folder is unusable."""
@@ -169,8 +166,7 @@ class _PredictActor:
     """Ray Data actor: builds the pipeline once; batch of decoded rows -> JSON records (the local engine's)."""
 
     def __init__(self, config: Any, pid_file: str | None = None):
-        pid_file = pid_file or os.environ.get(PID_FILE_ENV)
-        if pid_file:
+        if pid_file:  # passed by the caller only (the kill test needs a process to kill); no environment hook
             with open(pid_file, "a", encoding="utf-8") as f:
                 f.write(f"{os.getpid()}\n")
         from covidcxr.predict.pipeline import Pipeline
@@ -329,4 +325,4 @@ def shutdown() -> None:
         pass
 
 
-__all__ = ["PID_FILE_ENV", "RayEngineError", "RayRun", "PredictorError", "predict_ray", "read_records", "shutdown"]
+__all__ = ["RayEngineError", "RayRun", "PredictorError", "predict_ray", "read_records", "shutdown"]
