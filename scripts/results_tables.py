@@ -235,7 +235,10 @@ def paired_table(runs: Path, setting: str, models: list[dict]) -> list[str]:
     what = "COVID-19 vs normal AUC" if setting == "holdout" else "COVID-19 vs rest AUC"
     lines = [f"| model | Δ {what} vs scratch | Δ accuracy | Δ macro sensitivity | replicates |", "|---|---|---|---|---|"]
     n_boot = "?"
-    for mod in models[1:]:  # the first model is the scratch baseline
+    base = status(runs, setting, "scratch") if models and models[0]["id"] == "scratch" else "not run"
+    if base != "ok":  # no baseline: one line instead of a table of rows without figures
+        lines = [f"*No paired difference to the scratch baseline: it was {base}.*", ""]
+    for mod in models[1:] if base == "ok" else []:  # the first model is the scratch baseline
         p = load(runs / setting / f"{mod['id']}-paired.json")
         if status(runs, setting, mod["id"]) != "ok" or p is None:
             lines.append(f"| {mod['label']} | {status(runs, setting, mod['id']) if p is None else 'n/a'} | | | |")
@@ -244,7 +247,7 @@ def paired_table(runs: Path, setting: str, models: list[dict]) -> list[str]:
         n_boot = p["bootstrap"]["n_boot"]
         lines.append(f"| {mod['label']} | {diff(pm['auc'])} | {diff(pm['accuracy'])} | {diff(pm['macro_sensitivity'])} "
                      f"| {pm['auc']['n_replicates']} |")
-    lines += ["", "Δ = model − scratch ResNet-18 on the same test images; 95 % CI from a paired patient "
+    lines += [] if base != "ok" else ["", "Δ = model − scratch ResNet-18 on the same test images; 95 % CI from a paired patient "
               "bootstrap (both models scored on each resample; patients resampled within their class; "
               f"{n_boot} replicates; `python -m covidcxr.evaluate.paired`). * = CI excludes 0.", ""]
     for b, name in (("twice", "Twice transfer"), ("robust", "Group-robust recipe")):

@@ -309,6 +309,8 @@ def test_results_tables_writes_the_loso_and_group_tables(tmp_path: Path) -> None
     target = next(line for line in text.splitlines() if "each LOSO source" in line)
     assert f"nih: {expected_nd['nih']:.3f}" in target and f"actualmed: {expected_nd['actualmed']:.3f}" in target
     assert target.endswith("| yes |") == all(v >= 0.5 for v in expected_nd.values())
+    # no scratch baseline in this run: one line says so, no rows of models without a paired figure
+    assert "No paired difference to the scratch baseline: it was not run" in text and "| ok |" not in text
 
 
 def test_paired_bootstrap_adds_the_group_figures(tmp_path: Path) -> None:
