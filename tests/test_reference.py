@@ -162,12 +162,17 @@ def test_pack_refuses_over_budget(tmp_path, monkeypatch):
     from covidcxr.preprocess import get_preset
 
     ckpt = tmp_path / "tiny.ckpt"
-    models.save(ckpt, models.build("resnet18", num_classes=3), classes=["normal", "pneumonia", "COVID-19"],
-                preset=get_preset("imagenet"))
+    net = models.build("squeezenet1_1", num_classes=3)
+    models.save(ckpt, net, classes=["normal", "pneumonia", "COVID-19"], preset=get_preset("imagenet"))
     row = reference.pack(ckpt, "covidcxr-reference", version="9.9", out_dir=tmp_path / "ok")
     assert row[rm.CLASSIFIER]["version"] == "9.9"
     lm = models.load(tmp_path / "ok" / "covidcxr-reference.safetensors")
-    assert lm.arch == "resnet18"
+    assert lm.arch == "squeezenet1_1"
+    x = __import__("torch").rand(1, 3, 64, 64)
+    assert (lm.model(x) - net.eval()(x)).abs().max() < 1e-2  # fp16 storage: close, not equal
+    before = (tmp_path / "ok" / "covidcxr-reference.safetensors").read_bytes()
     monkeypatch.setattr(reference, "MAX_TOTAL_BYTES", 1000)
     with pytest.raises(CheckpointError, match="budget"):
-        reference.pack(ckpt, "covidcxr-reference", version="9.9", out_dir=tmp_path / "big")
+        reference.pack(ckpt, "covidcxr-reference", version="10.0", out_dir=tmp_path / "ok")
+    assert (tmp_path / "ok" / "covidcxr-reference.safetensors").read_bytes() == before  # nothing replaced
+    assert not [p for p in (tmp_path / "ok").iterdir() if p.name.startswith(".")]

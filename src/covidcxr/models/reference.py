@@ -111,6 +111,15 @@ def pack(
     tmp_m.write_text(json.dumps(_jsonable(meta), indent=1, sort_keys=True) + "\n", encoding="utf-8")
     for tmp in (tmp_w, tmp_m):
         os.chmod(tmp, 0o644)  # package data: readable by everyone
+    # the budget is checked before anything shipped is replaced: a refused pack leaves the package as it was
+    others = sum(p.stat().st_size for p in out.iterdir() if p.is_file() and not p.name.startswith(".")
+                 and p.stem != name and p.name != "MANIFEST.json")
+    total = others + tmp_w.stat().st_size + tmp_m.stat().st_size
+    if total > MAX_TOTAL_BYTES:
+        tmp_w.unlink()
+        tmp_m.unlink()
+        raise CheckpointError(f"{checkpoint}: packed as {name}, the reference files would take {total / 1e6:.1f} MB "
+                              f"together, over the {MAX_TOTAL_BYTES / 1e6:.0f} MB budget")
     os.replace(tmp_w, out / f"{name}.safetensors")
     os.replace(tmp_m, out / f"{name}.json")
     return write_manifest(out)
