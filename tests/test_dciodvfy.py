@@ -206,3 +206,39 @@ def test_predict_dicom_out_files_pass(engine: Engine, samples_dir: Path, tmp_pat
     assert len(files) == 6
     for f in files:
         assert_valid(f, tmp_path)
+
+
+def test_predict_dicom_out_says_software_failure_for_a_model_that_fails(samples_dir: Path, tmp_path: Path) -> None:
+    """A model whose output is not finite gives error records (issue 21 §2.2); a DICOM input that decodes then
+    gets a 'not assessed: software failure' SR, not 'not a frontal chest X-ray'; an unreadable one a note."""
+    import torch
+
+    from covidcxr import models
+    from covidcxr.preprocess import get_preset
+
+    need_dciodvfy()
+    net = models.build("resnet18", num_classes=3)
+    with torch.no_grad():
+        net.fc.bias.fill_(float("nan"))  # every output NaN
+    ckpt = tmp_path / "nan.ckpt"
+    models.save(ckpt, net, arch="resnet18", classes=["normal", "pneumonia", "COVID-19"],
+                preset=get_preset("deepcovid", size=64), threshold=0.4, training={"run_name": "nan-model"})
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    rsna = (samples_dir / "rsna-pneumonia-sample.dcm").read_bytes()
+    (scans / "a.dcm").write_bytes(rsna)
+    (scans / "cut.dcm").write_bytes(rsna[: len(rsna) * 2 // 3])  # truncated: no image to show
+    out, preds = tmp_path / "out", tmp_path / "preds.jsonl"
+    main(["predict", str(scans), "--model", str(ckpt), "--dicom-out", str(out), "--out", str(preds),
+          "--workers", "0", "--no-plausibility", "-q"])
+    recs = {Path(r["path"]).name: r for r in map(json.loads, preds.read_text().splitlines())}
+    a = recs["a.dcm"]
+    assert a["error"] and a.get("label") in (None, "error"), a
+    res = read_result(pydicom.dcmread(a["dicom_sr"]))
+    assert res["label"] is None and res["finding_code"] == ("373121007", "SCT")
+    assert res["not_assessed_reason"] == "software_error" and res["flag"] == "analysis_failed", res
+    assert "software failure" in pydicom.dcmread(a["dicom_sc"]).ImageComments
+    assert_valid(Path(a["dicom_sr"]), tmp_path)
+    assert_valid(Path(a["dicom_sc"]), tmp_path)
+    cut = recs["cut.dcm"]
+    assert cut["error"] and "dicom_sr" not in cut and "truncated" in cut["dicom_note"], cut

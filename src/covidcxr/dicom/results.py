@@ -53,12 +53,23 @@ def read_header(data: bytes) -> Dataset:
     return pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, force=False)
 
 
+def _has_dicom_prefix(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            head = f.read(132)
+    except OSError:
+        return False
+    return len(head) == 132 and head[128:132] == b"DICM"
+
+
 class DicomResultWriter:
     """``predict --dicom-out DIR``: for each predicted DICOM input, ``DIR/<stem>-<hash>.sr.dcm`` and ``.sc.dcm``.
 
     ``write(rec)`` takes a record of :meth:`Predictor.predict_paths` and reuses its label and
     probabilities (so the SR says what the JSONL says); it re-reads the file for the header and the
-    overlay. It adds ``dicom_sr``/``dicom_sc`` (paths) or ``dicom_note`` (why not) to the record.
+    overlay. It adds ``dicom_sr``/``dicom_sc`` (paths) or ``dicom_note`` (why not) to the record. An error
+    record of a DICOM file that decodes here (the model failed, e.g. a non-finite output) gets a "not
+    assessed: software failure" SR, as the node sends; one whose file does not decode gets a note.
     """
 
     def __init__(self, out_dir: str | os.PathLike, engine: Engine) -> None:
@@ -73,8 +84,8 @@ class DicomResultWriter:
         from covidcxr.io import CXRReadError, decode
 
         path = Path(rec["path"])
-        if rec.get("error"):
-            return
+        if rec.get("error") and not _has_dicom_prefix(path):
+            return  # a failed non-DICOM input: the record says why; no study to put a result in
         try:
             data = path.read_bytes()
             if len(data) < 132 or data[128:132] != b"DICM":
@@ -82,7 +93,14 @@ class DicomResultWriter:
                 self.skipped += 1
                 return
             header = read_header(data)
-            image, _ = decode(data, path)
+            try:
+                image, _ = decode(data, path)
+            except CXRReadError as err:
+                if rec.get("error"):  # unreadable input: the record says why; no result without an image
+                    rec["dicom_note"] = f"no SR written: {err.reason}"
+                    self.skipped += 1
+                    return
+                raise
             clean = {k: v for k, v in rec.items() if k not in ("tensor", "tensors")}
             analysis = self.engine.analyze(image, header, rec=clean)
             results = build_results(header, analysis, self.engine)
