@@ -156,9 +156,47 @@ def test_simulate_fedavg_is_the_row_weighted_mean_and_server_opens_no_image(tmp_
 # ---------------------------------------------------------------------------------------------- FedBN
 
 
+def make_tls(folder: Path) -> tuple[Path, Path, Path]:
+    """A throw-away CA and a server certificate for localhost / 127.0.0.1 (ca.pem, server.pem, server.key)."""
+    import datetime as dt
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = dt.datetime.now(dt.timezone.utc)
+
+    def name(cn: str) -> x509.Name:
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+    def cert(subject: str, key, issuer: x509.Name, signer, serial: int, ca: bool) -> x509.Certificate:
+        b = (x509.CertificateBuilder().subject_name(name(subject)).issuer_name(issuer).public_key(key.public_key())
+             .serial_number(serial).not_valid_before(now - dt.timedelta(minutes=5))
+             .not_valid_after(now + dt.timedelta(days=1)))
+        if ca:
+            b = b.add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        else:
+            b = b.add_extension(x509.SubjectAlternativeName(
+                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+        return b.sign(signer, hashes.SHA256())
+
+    folder.mkdir(parents=True, exist_ok=True)
+    ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca = cert("covidcxr-test-ca", ca_key, name("covidcxr-test-ca"), ca_key, 1, True)
+    srv = cert("localhost", key, ca.subject, ca_key, 2, False)
+    paths = folder / "ca.pem", folder / "server.pem", folder / "server.key"
+    paths[0].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    paths[1].write_bytes(srv.public_bytes(serialization.Encoding.PEM))
+    paths[2].write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return paths
+
+
 def test_fedbn_keeps_batchnorm_local_refuses_a_foreign_recipe_and_survives_a_killed_site(tmp_path: Path) -> None:
-    """`federated server` + 3 `federated client` processes, FedBN, 2 rounds: site-c holds another preset and
-    is refused (one line, the run goes on); site-b is killed while training in round 2 and dropped for it."""
+    """`federated server` + 3 `federated client` processes over TLS, FedBN, 2 rounds: site-c holds another
+    preset and is refused (one line, the run goes on); site-b is killed while training in round 2 and dropped."""
     from covidcxr.federated.simulation import free_port
 
     data = tmp_path / "data"
@@ -169,6 +207,7 @@ def test_fedbn_keeps_batchnorm_local_refuses_a_foreign_recipe_and_survives_a_kil
     foreign = tmp_path / "site-c-recipe.yaml"  # site-c's own recipe: another preset than the coordinator's
     foreign.write_text("name: site-c\nmodel:\n  arch: mobilenet_v2\ndata:\n  preset: covidnet\n  size: 64\n")
     addr = f"127.0.0.1:{free_port()}"
+    ca, cert, key = make_tls(tmp_path / "tls")
     procs: dict[str, subprocess.Popen] = {}
     handles = []
 
@@ -182,12 +221,13 @@ def test_fedbn_keeps_batchnorm_local_refuses_a_foreign_recipe_and_survives_a_kil
 
     try:
         start("server", ["server", "--config", RECIPE, *SETS, "--rounds", "2", "--strategy", "fedbn", "--address", addr,
-                         "--out", str(out), "--insecure", "--sites", "3", "--min-sites", "1",
+                         "--out", str(out), "--tls-cert", str(cert), "--tls-key", str(key), "--tls-ca", str(ca),
+                         "--sites", "3", "--min-sites", "1",
                          "--connect-timeout", str(BOUND)])
         for s in ("site-a", "site-b", "site-c"):
             extra = ["--config", str(foreign)] if s == "site-c" else []
             start(s, ["client", "--data", str(site_manifest(manifest, s, tmp_path / s / "manifest.csv")),
-                      "--server", addr, "--site", s, "--insecure", "--audit-dir", str(tmp_path / s / "sent"),
+                      "--server", addr, "--site", s, "--tls-ca", str(ca), "--audit-dir", str(tmp_path / s / "sent"),
                       "--connect-timeout", str(BOUND), *extra])
         _wait(lambda: "site site-b round 2: training" in log_of("site-b") or procs["server"].poll() is not None,
               BOUND, "site-b to start round 2")
@@ -202,6 +242,7 @@ def test_fedbn_keeps_batchnorm_local_refuses_a_foreign_recipe_and_survives_a_kil
             fh.close()
 
     server_log = log_of("server")
+    assert f"on {addr} (TLS)" in server_log and f"site site-a: connecting to {addr} (TLS)" in log_of("site-a")
     assert "site site-c refused: preset 'covidnet' here, 'imagenet' at the coordinator" in server_log
     assert "round 2: site(s) site-b dropped for this round" in server_log
     assert "round 2/2 done" in server_log

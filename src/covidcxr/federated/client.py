@@ -285,12 +285,12 @@ def make_client(site_client: SiteClient) -> Any:
 
 def quiet_flower(verbose: bool = False) -> None:
     """Flower's own console lines (deprecation banners, per-retry warnings) only with --verbose."""
+    logging.getLogger("alembic").setLevel(logging.INFO if verbose else logging.WARNING)  # Flower's state store
     import flwr.supercore.logger  # noqa: F401  (sets its logger to DEBUG on import: import it first)
 
     lg = logging.getLogger("flwr")
     lg.propagate = False  # Flower prints through its own handler; through ours too would double every line
     lg.setLevel(logging.DEBUG if verbose else logging.ERROR)
-    logging.getLogger("alembic").setLevel(logging.INFO if verbose else logging.WARNING)
     warnings.filterwarnings("ignore", message=r".*`validation_step` but have no `val_dataloader`")
 
 
@@ -306,10 +306,10 @@ def run_client(site: str, data: str | os.PathLike, server: str, *, insecure: boo
     read_manifest(data, require_split=True)  # a bad manifest fails here, before any connection
     if not insecure and tls_ca is None:
         raise FederatedError("give --tls-ca CA.pem (the coordinator's certificate authority) or --insecure")
+    quiet_flower(verbose)
     from flwr.clientapp import ClientApp
     from flwr.compat.client.app import start_client_internal
 
-    quiet_flower(verbose)
     sc = SiteClient(site, data, local_config=local_config, audit_dir=audit_dir)
     client = make_client(sc)
     app = ClientApp(client_fn=lambda context: client, mods=[_audit_mod(Path(audit_dir) if audit_dir else None),
