@@ -64,8 +64,11 @@ def test_flush_reports_a_refusal_and_dead_letters_after_max_attempts(tmp_path: P
         sender = Sender(store, Peer("PACS", "127.0.0.1", pacs.port), "COVIDCXR", max_attempts=2)
         first = sender.flush()
         assert not first and first.refused == 1 and first.reachable  # a refusal is a failure, not a success
-        assert store.outbox() == ["k1"] and not store.dead_letters()
-        second = sender.flush()
+        assert store.outbox() == ["k1"] and not store.dead_letters() and store.refusals("k1") == 1
+        # a restart (a new sender on the same store) does not reset the count: the second refusal is the last
+        restarted = Sender(ResultStore(tmp_path / "store"), Peer("PACS", "127.0.0.1", pacs.port), "COVIDCXR",
+                           max_attempts=2)
+        second = restarted.flush()
         assert not second and second.dead_lettered == 1
     assert store.outbox() == [] and store.pending() == 0  # given up: no longer counts towards max_pending
     (dead,) = store.dead_letters()

@@ -82,7 +82,6 @@ class Sender:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._lock = threading.Lock()  # one flush at a time (the thread, or a caller's flush())
-        self._refusals: dict[str, int] = {}
         self._thread: threading.Thread | None = None
         self.sent = 0
         self.failures = 0  # flushes that left results behind (destination down or refusing)
@@ -186,19 +185,17 @@ class Sender:
             return  # the connection went away mid-way: a delivery failure, not a refusal; retried
         if statuses and all(is_stored(s) for s in statuses):
             self.store.mark_sent(key)
-            self._refusals.pop(key, None)
             self.sent += 1
             res.delivered += 1
             log.info("result %s: SR and secondary capture stored at %s", key, self.destination)
             return
         res.refused += 1
-        n = self._refusals[key] = self._refusals.get(key, 0) + 1
+        n = self.store.add_refusal(key)
         shown = ", ".join(f"{f.stem} {describe_status(s)}" for f, s in zip(files, statuses)) or "no result files"
         reason = f"refused {n} times by {self.destination} (last answer: {shown})"
         res.reasons[key] = reason
         if n >= self.max_attempts:
             self.store.dead_letter(key, reason)
-            self._refusals.pop(key, None)
             self.dead_lettered += 1
             res.dead_lettered += 1
             log.error("result %s: %s; moved to %s", key, reason, self.store.root / "dead-letter")

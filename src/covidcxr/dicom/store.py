@@ -5,6 +5,7 @@
     STORE/incoming/<key>.dcm           received and acknowledged (C-STORE success), not yet analysed
     STORE/outbox/<key>/sr.dcm          results built, not yet accepted by the destination
     STORE/outbox/<key>/sc.dcm
+    STORE/outbox/<key>/refusals.txt    how often the destination refused it so far (kept across restarts)
     STORE/sent/<key>/                  delivered results (only with keep_sent)
     STORE/dead-letter/<key>/           given up: refused max_attempts times, or no result could be built
     STORE/dead-letter/<key>/reason.txt   why, one line (``covidcxr dicom status`` lists it)
@@ -155,6 +156,21 @@ class ResultStore:
 
     def result_files(self, key: str) -> list[Path]:
         return sorted((self.root / "outbox" / key).glob("*.dcm"))
+
+    def refusals(self, key: str) -> int:
+        """How often the destination has refused this result (0 when never)."""
+        try:
+            return int((self.root / "outbox" / key / "refusals.txt").read_text().strip() or 0)
+        except (OSError, ValueError):
+            return 0
+
+    def add_refusal(self, key: str) -> int:
+        """Count one more refusal (on disk, so a restart does not reset it); returns the new count."""
+        n = self.refusals(key) + 1
+        folder = self.root / "outbox" / key
+        if folder.is_dir():
+            write_atomic(folder / "refusals.txt", f"{n}\n".encode())
+        return n
 
     def mark_sent(self, key: str) -> None:
         src = self.root / "outbox" / key
