@@ -31,7 +31,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from covidcxr.site.check import SiteError, file_sha256
+from covidcxr.site.check import SiteError, file_sha256, load_model
 from covidcxr.site.sets import SCHEMA_VERSION, SITE_KEY, class_threshold, conformal_score, prediction_set
 
 log = logging.getLogger(__name__)
@@ -299,7 +299,7 @@ def calibrate_site(model: str | os.PathLike, data: str | os.PathLike, out: str |
                    batch_size: int = 16, num_workers: int = 0, seed: int = 0, n_boot: int = 1000) -> dict[str, Any]:
     """Fit the site calibration, write the site checkpoint ``out`` and return its ``site_calibration`` dict."""
     from covidcxr.evaluate.paired import paired_bootstrap
-    from covidcxr.models.checkpoint import atomic_torch_save, load, read_bundle
+    from covidcxr.models.checkpoint import atomic_torch_save, read_bundle
     from covidcxr.models.features import SUMMARY_KEY
 
     model, data, out = Path(model), Path(data), Path(out)
@@ -315,7 +315,7 @@ def calibrate_site(model: str | os.PathLike, data: str | os.PathLike, out: str |
         prev = bundle[SITE_KEY]
         raise SiteError(f"{model}: already site-calibrated (site {prev.get('site')!r}, {prev.get('date')}); "
                         "pass --recalibrate to calibrate it again")
-    lm = load(model)
+    lm = load_model(model)
     if lm.task != "classification":
         raise SiteError(f"{model}: a {lm.task!r} checkpoint; site calibrate needs a classifier")
     classes = list(lm.classes)

@@ -43,6 +43,22 @@ def file_sha256(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
+def load_model(model: str | os.PathLike) -> Any:
+    """The checkpoint as :func:`covidcxr.models.load` gives it, with the preset the predictor reads films with
+    (for a lung-crop model, the preset that carries its lung segmenter), so site figures see what predict sees."""
+    from covidcxr.models.checkpoint import load
+    from covidcxr.predict import Predictor
+    from covidcxr.predict.records import PredictorError
+
+    lm = load(model)
+    try:
+        pred = Predictor.from_path(model, backend="torch")
+    except PredictorError as err:
+        raise SiteError(str(err)) from None
+    lm.model, lm.preset = pred.torch_model, pred.preset  # one copy of the weights
+    return lm
+
+
 def reference_summary(lm: Any, manifest: str | os.PathLike, batch_size: int = 16) -> dict[str, Any]:
     """A training-feature summary computed now from a training manifest (its train rows fit the
     distribution, its val rows give the spread), for checkpoints saved without one."""
@@ -146,14 +162,13 @@ def check_site(model: str | os.PathLike, inputs: Sequence[str | os.PathLike], ou
                num_workers: int = 0) -> dict[str, Any]:
     """Run the check; write ``out/site_check.json`` and ``out/site_check_images.csv``; return the report."""
     from covidcxr.decision import DecisionRule, softmax_with_temperature
-    from covidcxr.models.checkpoint import load
     from covidcxr.predict.inputs import collect_inputs
     from covidcxr.site.sets import SITE_KEY, is_uncertain, prediction_set
 
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise SiteError(f"{out}: --out must be a folder")
-    lm = load(model)
+    lm = load_model(model)
     if lm.task != "classification":
         raise SiteError(f"{model}: a {lm.task!r} checkpoint; site check needs a classifier")
     summary, summary_from = load_summary(lm, model, reference_data, batch_size)
