@@ -74,11 +74,15 @@ def test_temperature_scaling_is_applied(ckpt: Path) -> None:
     x = torch.from_numpy(p.preprocess(img))[None]
     with torch.no_grad():
         logits = p.torch_model(x).numpy()
-    expected = softmax_with_temperature(logits, 2.0)[0]
+    # the expectation is computed here, independently of the code under test: exp(z/T) / sum exp(z/T)
+    z = logits[0].astype(np.float64) / 2.0
+    expected = np.exp(z - z.max()) / np.exp(z - z.max()).sum()
     rec = p.predict_arrays([img])[0]
     got = np.array([rec["probabilities"][c] for c in CLASSES])
     np.testing.assert_allclose(got, expected, atol=1e-6)
-    assert not np.allclose(got, softmax_with_temperature(logits, 1.0)[0], atol=1e-4)
+    untempered = np.exp(logits[0] - logits[0].max()) / np.exp(logits[0] - logits[0].max()).sum()
+    assert not np.allclose(got, untempered, atol=1e-4)
+    np.testing.assert_allclose(softmax_with_temperature(logits, 2.0)[0], expected, atol=1e-6)  # the helper too
     assert abs(got.sum() - 1) < 1e-9
     assert rec["label"] == decide_label(got, CLASSES, 0.4)
 
@@ -234,16 +238,16 @@ def test_cli_predict_batch_size_must_be_positive(capsys: pytest.CaptureFixture) 
 
 
 def test_workers_with_a_live_lung_hook_and_thread_pools_do_not_hang(ckpt: Path, inputs: dict[str, Path]) -> None:
-    """Decode workers after torch's thread pools ran and with a lung-mask provider installed in this process.
+    """Decode workers after torch's thread pools ran and with a lung-mask function on the model's preset.
 
     A forked worker inherited a lock held by a parent thread and waited forever; workers are now spawned,
-    and with a provider installed (which a spawned worker would not have) decoding runs in threads.
+    and a preset with a segmenter (which each spawned worker would load again) decodes in threads.
     """
+    import dataclasses
     import signal
 
     import torch
 
-    from covidcxr import preprocess
     from covidcxr.predict import inputs as inputs_mod
 
     torch.set_num_threads(2)
@@ -251,17 +255,15 @@ def test_workers_with_a_live_lung_hook_and_thread_pools_do_not_hang(ckpt: Path, 
     p = Predictor.from_path(ckpt)
     files = [inputs["root"] / "a" / "b" / "x2.png", inputs["root"] / "a" / "x1.jpg"]
     base = [r["probabilities"] for r in p.predict_paths(files, batch_size=2, num_workers=0)]
-    old = preprocess.LUNG_SEGMENTER
     # a hang fails this test instead of stalling the suite; generous: spawning 2 workers that import the
     # package can take tens of seconds on 2 loaded cores (CI runs pytest -n 2)
     signal.alarm(300)
     try:
         for hook in (None, lambda img: img > 0.5):
-            preprocess.LUNG_SEGMENTER = hook
-            assert inputs_mod._use_threads() is (hook is not None)
-            got = [r["probabilities"] for r in p.predict_paths(files, batch_size=1, num_workers=2)]
+            q = dataclasses.replace(p, preset=p.preset.with_masks(hook))
+            assert inputs_mod._use_threads(q.loader()) is (hook is not None)
+            got = [r["probabilities"] for r in q.predict_paths(files, batch_size=1, num_workers=2)]
             assert got == [pytest.approx(b, abs=1e-6) for b in base]
     finally:
         signal.alarm(0)
-        preprocess.LUNG_SEGMENTER = old
         torch.set_num_threads(1)
