@@ -20,7 +20,8 @@
 #   STAGE=card bash scripts/train_reference.sh      # only step 5, on an existing RUNS folder
 #
 # Environment: RUNS (default reference-out/), RECIPE, SEED (0), EPOCHS (3), SIZE (224), THREADS (2), BOOT (1000),
-# SEV_EPOCHS (4), AUDIT_LIMIT (60), VERSION (the release number written into the model), PRECISION (e.g.
+# SEV_EPOCHS (4), AUDIT_LIMIT (60), MAX_STEPS (stop after that many optimiser steps; the shipped 1.0.0 run was
+# stopped by hand after its second epoch, i.e. EPOCHS=3 MAX_STEPS=56, for CPU time), VERSION (the release number written into the model), PRECISION (e.g.
 # bf16-mixed, when the trainer supports it), COVIDCXR_SHARED (../shared), COVIDCXR_WEIGHTS_DIR (<shared>/weights).
 # Research use only: nothing here is a clinical performance claim.
 set -euo pipefail
@@ -86,12 +87,35 @@ PY
         --set trainer.accelerator=cpu --set "data.cache_dir=$RUNS/cache" --set trainer.channels_last=true
         --set trainer.progress_bar=false)
   [ -n "${PRECISION:-}" ] && SETS+=(--set "trainer.precision=$PRECISION")
+  [ -n "${MAX_STEPS:-}" ] && SETS+=(--set "trainer.max_steps=$MAX_STEPS")   # stop early, schedule of EPOCHS kept
   $CX train --config "$RECIPE" --data "$RUNS/reference-manifest.csv" --out "$RUNS/run" --overwrite "${SETS[@]}" "${LIMIT[@]}" \
     > "$RUNS/train.log" 2>&1 || { tail -5 "$RUNS/train.log"; exit 1; }
   cp "$RECIPE" "$RUNS/recipe.yaml"
 fi
 
 if [ "$STAGE" = all ] || [ "$STAGE" = post ]; then
+  # a training stopped by hand (or by MAX_STEPS) leaves Lightning's best.ckpt: make it the slim covidcxr checkpoint
+  # and add the training-feature summary that `covidcxr site check` needs, as covidcxr train does at its end
+  $PY - "$RUNS/run/best.ckpt" "$RUNS/reference-manifest.csv" <<'PY'
+import sys
+from pathlib import Path
+import pandas as pd
+from covidcxr.models.checkpoint import atomic_torch_save, load, read_bundle
+from covidcxr.models.features import SUMMARY_KEY, summarise_frames
+ckpt, man = Path(sys.argv[1]), Path(sys.argv[2])
+b = read_bundle(ckpt)
+if SUMMARY_KEY in b:
+    sys.exit(0)
+lm = load(ckpt)
+m = pd.read_csv(man)
+b[SUMMARY_KEY] = summarise_frames(lm.model, lm.preset, m[m.split == "train"], m[m.split == "val"])
+t = b.setdefault("training", {})
+max_epochs = ((t.get("config") or {}).get("trainer") or {}).get("max_epochs")
+t["stopped"] = (f"training stopped after epoch {t.get('epoch')} (counted from 0) of max_epochs {max_epochs}; "
+                "best.ckpt is the best epoch by validation COVID-19 AUC so far")
+atomic_torch_save(b, ckpt)
+print(f"{ckpt}: slim covidcxr checkpoint with the training-feature summary ({t['stopped']})")
+PY
   # ---------------------------------------------------------------- 3. evaluation
   # first (it rewrites best.ckpt): temperature fitted on val, then the COVID-19 threshold chosen again on val at
   # that temperature (sensitivity >= 0.95), so predict/serve use both; then the patient split's test split
