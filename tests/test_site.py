@@ -282,6 +282,12 @@ def test_site_calibrate_writes_a_site_checkpoint(run: Path, data: dict, tmp_path
                  str(tmp_path / "again.ckpt")]) == 1
     err = capsys.readouterr().err.strip()
     assert "already site-calibrated" in err and "--recalibrate" in err and "\n" not in err
+    again = tmp_path / "again.ckpt"
+    assert main(["site", "calibrate", "--model", str(out), "--data", str(data["local"]), "--out", str(again),
+                 "--recalibrate", "--folds", "2", "--bootstrap", "0"]) == 0
+    s2 = read_bundle(again)["site_calibration"]
+    assert s2["parent"]["sha256"] == file_sha256(out) and s2["parent"]["site_calibration"]["site"] == "dev-holdout"
+    assert s2["parent"]["temperature"] == pytest.approx(s["temperature"])
 
 
 def test_site_calibrate_adapt_bn_changes_only_bn_statistics(run: Path, data: dict, tmp_path: Path) -> None:
