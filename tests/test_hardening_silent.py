@@ -254,3 +254,129 @@ def test_csv_aliases_rules() -> None:
     assert csv_aliases([("csv:dev", "x/a.csv")]) == ["dev"]
     with pytest.raises(ManifestError, match="csv:NAME=PATH"):
         csv_aliases([("csv", "x/metadata.csv"), ("csv", "y/metadata.csv")])
+
+
+# --------------------------------------------------------------------------- §2.3 export and INT8
+
+
+def _pngs(folder, n: int) -> list[str]:
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(3)
+    out = []
+    for i in range(n):
+        p = folder / f"img{i}.png"
+        Image.fromarray((rng.random((96, 96)) * 255).astype(np.uint8)).save(p)
+        out.append(str(p))
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny_onnx(tiny_ckpt, tmp_path_factory):
+    pytest.importorskip("onnxruntime")
+    from covidcxr.export import export_onnx
+
+    d = tmp_path_factory.mktemp("h4c-onnx")
+    imgs = _pngs(d / "imgs", 6)
+    export_onnx(tiny_ckpt, d / "m.onnx", parity_images=imgs, exporter="torchscript")
+    return d / "m.onnx", imgs
+
+
+def _other_filesystem_than_tmp():
+    """A writable folder on another filesystem than tempfile's folder, or None."""
+    import os
+    import tempfile
+
+    tmp_dev = os.stat(tempfile.gettempdir()).st_dev
+    for cand in (Path("/dev/shm"), Path(__file__).parent):
+        try:
+            if cand.is_dir() and os.access(cand, os.W_OK) and os.stat(cand).st_dev != tmp_dev:
+                return cand
+        except OSError:
+            continue
+    return None
+
+
+def test_int8_output_on_another_filesystem_than_tmp(tiny_onnx) -> None:
+    """The temp files go beside the output, so the final rename never crosses filesystems (EXDEV before)."""
+    import shutil
+    import tempfile
+
+    from covidcxr.predict import Predictor
+    from covidcxr.quantize import quantize_file
+
+    other = _other_filesystem_than_tmp()
+    if other is None:
+        pytest.skip("only one filesystem here: /dev/shm and the tests folder share tempfile's device")
+    onnx, imgs = tiny_onnx
+    target = Path(tempfile.mkdtemp(dir=other, prefix="covidcxr-xfs-"))
+    try:
+        out = target / "int8.onnx"
+        reader = quantize_file(Predictor.from_path(onnx), out, imgs)
+        assert out.is_file() and reader.used == len(imgs)
+        assert [p.name for p in target.iterdir()] == ["int8.onnx"]  # no temp folder left beside it
+    finally:
+        shutil.rmtree(target, ignore_errors=True)
+
+
+def test_int8_os_error_is_one_line(tiny_onnx, tmp_path) -> None:
+    from covidcxr.predict import Predictor
+    from covidcxr.quantize import QuantizeError, quantize_file
+
+    onnx, imgs = tiny_onnx
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    with pytest.raises(QuantizeError) as err:
+        quantize_file(Predictor.from_path(onnx), blocker / "int8.onnx", imgs)
+    assert "\n" not in str(err.value) and "a-file" in str(err.value)
+
+
+def test_parity_gate_refuses_many_unreadable_images(tiny_ckpt, tiny_onnx, tmp_path) -> None:
+    """Unreadable parity/held-out images are counted; above the documented share the check refuses."""
+    from covidcxr.export import MAX_UNREADABLE_SHARE, ExportError, export_onnx
+    from covidcxr.predict import Predictor
+    from covidcxr.quantize import ParityGate, parity_gate, quantize_file
+
+    onnx, imgs = tiny_onnx
+    bad = []
+    for i in range(2):
+        p = tmp_path / f"broken{i}.png"
+        p.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 50)
+        bad.append(str(p))
+    assert 2 / (len(imgs) + 2) > MAX_UNREADABLE_SHARE
+    with pytest.raises(ExportError, match=r"2 of 8 parity images could not be read"):
+        export_onnx(tiny_ckpt, tmp_path / "e.onnx", parity_images=imgs + bad, exporter="torchscript")
+    fp32 = Predictor.from_path(onnx)
+    quantize_file(fp32, tmp_path / "q.onnx", imgs)
+    labels = ["COVID-19", "normal"] * (len(imgs) // 2)
+    gate = parity_gate(fp32, Predictor.from_path(tmp_path / "q.onnx"), imgs + bad, labels + ["normal", "normal"],
+                       ["test"], max_auc_change=1.0, min_agreement=0.0)
+    assert isinstance(gate, ParityGate) and gate.failed_images == 2 and not gate.passed
+    assert any("could not be read" in r for r in gate.reasons())
+
+
+# --------------------------------------------------------------------------- §2.7 mask cache memory
+
+
+def test_mask_cache_entry_is_bounded_by_the_segmenter_size(tmp_path) -> None:
+    """A 2500 x 2048 image costs the cache 2 S^2 bytes (S = the segmenter's input), not a full-size mask."""
+    torch = pytest.importorskip("torch")
+    from covidcxr.segment.inference import CachedSegmenter, LungSegmenter, MaskCache
+    from covidcxr.segment.model import build
+
+    torch.manual_seed(0)
+    size = 64
+    seg = LungSegmenter(build("unet", {"base": 4, "depth": 2}), size, name="tiny-unet")
+    rng = np.random.default_rng(0)
+    images = [rng.random((2500, 2048), dtype=np.float32), rng.random((300, 200), dtype=np.float32)]
+    for cache in (MaskCache(), MaskCache(tmp_path / "disk")):
+        cached = CachedSegmenter(seg, cache)
+        masks = cached.segment_many(images)
+        assert [m.shape for m in masks] == [(2500, 2048), (300, 200)] and all(m.dtype == bool for m in masks)
+        entries = list(cache._mem.values())
+        assert len(entries) == 2 and all(e.nbytes <= 2 * size * size for e in entries)
+        # a hit (memory, or disk in a fresh cache) gives the same mask as the miss that filled it
+        again = CachedSegmenter(seg, MaskCache(tmp_path / "disk") if cache.folder else cache).segment_many(images)
+        assert all(np.array_equal(a, b) for a, b in zip(masks, again))
+        assert cached.calls == 2

@@ -34,6 +34,8 @@ from covidcxr.predict import ONNX_META_PREFIX, Predictor, collect_inputs, file_s
 log = logging.getLogger(__name__)
 
 DEFAULT_OPSET = 18
+#: largest share of unreadable parity images accepted (above: the check is refused, not run on what decoded)
+MAX_UNREADABLE_SHARE = 0.02
 
 
 class ExportError(RuntimeError):
@@ -70,8 +72,14 @@ class ExportReport:
     failed_images: list[str] = field(default_factory=list)
 
     @property
+    def unreadable_share(self) -> float:
+        total = self.parity_images + len(self.failed_images)
+        return len(self.failed_images) / total if total else 0.0
+
+    @property
     def passed(self) -> bool:
-        return self.max_abs_diff <= self.atol and self.labels_equal
+        return (self.max_abs_diff <= self.atol and self.labels_equal
+                and self.unreadable_share <= MAX_UNREADABLE_SHARE)
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "passed": self.passed}
@@ -158,8 +166,19 @@ def export_onnx(
     ``parity_images``: files, folders or manifests; by default ``parity_count`` images of the
     shared dev set (synthetic noise only when no real image can be found, said in the report).
     ``exporter``: ``"dynamo"``, ``"torchscript"`` (legacy) or ``"auto"`` (dynamo, then legacy).
-    Raises :class:`ExportError` when the parity check fails; the file is kept for inspection.
+    Raises :class:`ExportError` when the parity check fails (the file is kept for inspection), when more than
+    :data:`MAX_UNREADABLE_SHARE` of the parity images cannot be read, and for any ``OSError`` (one line naming
+    the file).
     """
+    try:
+        return _export_onnx(model_path, Path(out), parity_images, parity_count, atol, opset, exporter)
+    except OSError as err:
+        where = err.filename or out
+        raise ExportError(f"{where}: {err.strerror or type(err).__name__}") from None
+
+
+def _export_onnx(model_path: str | os.PathLike, out: Path, parity_images: Sequence[str | os.PathLike] | None,
+                 parity_count: int, atol: float, opset: int, exporter: str) -> ExportReport:
     src = Predictor.from_path(model_path, backend="torch")
     if src.task != "classification":
         log.warning("exporting a %s model; the label rule assumes classification", src.task)
@@ -262,6 +281,10 @@ def check_parity(
         batch_sizes=sizes,
         failed_images=failed,
     )
+    if report.unreadable_share > MAX_UNREADABLE_SHARE:
+        raise ExportError(
+            f"{onnx_path}: parity check refused: {len(failed)} of {len(files)} parity images could not be read "
+            f"({report.unreadable_share:.1%}, limit {MAX_UNREADABLE_SHARE:.0%}), e.g. {failed[0]}")
     if not report.passed:
         raise ExportError(
             f"{onnx_path}: parity check FAILED: max |p_onnx - p_torch| = {report.max_abs_diff:.2e} "

@@ -17,7 +17,13 @@ uint8 activations, which is what onnxruntime's x86 VNNI kernels take):
   output path: the rejected model is kept beside it as ``*.rejected.onnx`` and :class:`QuantizeError`
   says which condition failed with the measured values.
 
-The gate measures agreement with the fp32 model, not clinical performance.
+The gate measures agreement with the fp32 model, not clinical performance. **Unreadable images are counted**:
+when more than :data:`MAX_UNREADABLE_SHARE` (2 %) of the calibration or of the held-out images cannot be read,
+the quantization is refused, since a gate on the images that happened to decode says little about the rest.
+
+Temporary files go beside the output (never to ``/tmp``), so the final rename stays on one filesystem (a Docker
+volume is usually another one); every ``OSError`` (full disk, no permission, missing folder) becomes a
+:class:`QuantizeError` of one line naming the file.
 """
 
 from __future__ import annotations
@@ -42,6 +48,8 @@ OP_TYPES = ["Conv", "Gemm", "MatMul", "Add", "Mul", "Relu", "Clip", "MaxPool", "
 CALIBRATION_METHODS = ("minmax", "percentile", "entropy")
 #: calibration-set logit error (:func:`logit_error`) at which ``keep_fp32="auto"`` stops keeping layers fp32
 MAX_LOGIT_ERROR = 0.05
+#: largest share of unreadable calibration or held-out images the quantization accepts (above: refused)
+MAX_UNREADABLE_SHARE = 0.02
 
 
 class QuantizeError(RuntimeError):
@@ -60,14 +68,23 @@ class ParityGate:
     min_agreement: float
     max_prob_diff: float
     failed_images: int = 0
+    max_unreadable_share: float = MAX_UNREADABLE_SHARE
+
+    @property
+    def unreadable_share(self) -> float:
+        total = self.images + self.failed_images
+        return self.failed_images / total if total else 0.0
 
     @property
     def passed(self) -> bool:
         return (self.auc_change is not None and self.auc_change <= self.max_auc_change
-                and self.agreement >= self.min_agreement)
+                and self.agreement >= self.min_agreement and self.unreadable_share <= self.max_unreadable_share)
 
     def reasons(self) -> list[str]:
         out = []
+        if self.unreadable_share > self.max_unreadable_share:
+            out.append(f"{self.failed_images} of {self.images + self.failed_images} held-out images could not be read "
+                       f"({self.unreadable_share:.1%}, limit {self.max_unreadable_share:.0%})")
         if self.auc_change is None:
             out.append(f"COVID-19 AUC undefined on {self.images} held-out images (need both COVID-19 and other labels)")
         elif self.auc_change > self.max_auc_change:
@@ -78,7 +95,14 @@ class ParityGate:
         return out
 
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "passed": self.passed}
+        return {**asdict(self), "unreadable_share": round(self.unreadable_share, 4), "passed": self.passed}
+
+
+def _os_error(err: OSError, fallback: str | os.PathLike) -> QuantizeError:
+    """One line naming the file: what the system said, never a traceback."""
+    where = err.filename or fallback
+    return QuantizeError(f"{where}: {err.strerror or type(err).__name__}"
+                         + (f" (-> {err.filename2})" if getattr(err, "filename2", None) else ""))
 
 
 @dataclass
@@ -247,14 +271,24 @@ def quantize_file(fp32: Predictor, out: str | os.PathLike, cal_files: Sequence[s
     gate means nothing and everything is quantized). Returns the calibration reader (``used``, ``failed``,
     ``fp32_nodes``, ``logit_error``, ``attempts``).
     """
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quant_pre_process, quantize_static
-
     if method not in CALIBRATION_METHODS:
         raise QuantizeError(f"unknown calibration method {method!r}; choose {', '.join(CALIBRATION_METHODS)}")
     if keep_fp32 != "auto" and (not isinstance(keep_fp32, int) or keep_fp32 < 0):
         raise QuantizeError(f"keep_fp32 must be 'auto' or a count >= 0, not {keep_fp32!r}")
     out = Path(out)
-    with tempfile.TemporaryDirectory(prefix=".quantize-pre-") as tmp:
+    try:
+        return _quantize_file(fp32, out, cal_files, method, per_channel, workers, keep_fp32, max_logit_error)
+    except OSError as err:
+        raise _os_error(err, out) from None
+
+
+def _quantize_file(fp32: Predictor, out: Path, cal_files: Sequence[str], method: str, per_channel: bool,
+                   workers: int, keep_fp32: int | str, max_logit_error: float) -> "_Calibration":
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quant_pre_process, quantize_static
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # beside the output, not in /tmp: the final os.replace must not cross filesystems (EXDEV)
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=".quantize-pre-") as tmp:
         pre = Path(tmp) / "pre.onnx"
         try:
             # shape inference + fp32 graph optimisation, as onnxruntime recommends before static quantization
@@ -333,6 +367,17 @@ def quantize_int8(
     if "train" in parity_splits:
         raise QuantizeError("the parity gate must use held-out splits (val/test), not the calibration split 'train'")
     out = Path(out)
+    try:
+        return _quantize_int8(fp32_path, out, calibrate, calibration_count, parity_splits, parity_count,
+                              max_auc_change, min_agreement, method, per_channel, workers, keep_fp32)
+    except OSError as err:
+        raise _os_error(err, out) from None
+
+
+def _quantize_int8(fp32_path: str | os.PathLike, out: Path, calibrate: str | os.PathLike, calibration_count: int,
+                   parity_splits: Sequence[str], parity_count: int | None, max_auc_change: float,
+                   min_agreement: float, method: str, per_channel: bool, workers: int,
+                   keep_fp32: int | str) -> QuantizeReport:
     fp32 = Predictor.from_path(fp32_path, backend="onnx")
     if fp32.quantization:
         raise QuantizeError(f"{fp32_path}: already quantized ({fp32.quantization}); start from the fp32 export")
@@ -354,6 +399,11 @@ def quantize_int8(
                                keep_fp32=keep_fp32)
         if reader.used == 0:
             raise QuantizeError(f"{calibrate}: none of {len(cal_files)} train images could be read for calibration")
+        if len(reader.failed) > MAX_UNREADABLE_SHARE * len(cal_files):
+            raise QuantizeError(
+                f"{calibrate}: {len(reader.failed)} of {len(cal_files)} calibration images could not be read "
+                f"({len(reader.failed) / len(cal_files):.1%}, limit {MAX_UNREADABLE_SHARE:.0%}); e.g. "
+                f"{reader.failed[0]}")
         quant_meta = {
             "mode": "int8", "format": "QDQ", "weights": "int8 per-channel" if per_channel else "int8 per-tensor",
             "activations": "uint8", "method": method, "calibration_manifest": str(calibrate),

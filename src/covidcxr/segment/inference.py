@@ -126,6 +126,19 @@ class LungSegmenter:
         t = self.threshold if threshold is None else threshold
         return [postprocess(p, t) for p in self.probabilities(images)]
 
+    def low_res(self, images: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """Lung probability at the network's resolution (S x S, float16): what :class:`MaskCache` keeps, so a
+        cached entry costs 2 S^2 bytes whatever the image size (a 2500 x 2048 mask held 5 MB)."""
+        if not len(images):
+            return []
+        return [p.astype(np.float16) for p in self._lung_prob(self.inputs(images))]
+
+    def mask_from_low_res(self, prob: np.ndarray, shape: tuple[int, ...], threshold: float | None = None) -> np.ndarray:
+        """The boolean mask at ``shape`` (H, W) from :meth:`low_res` (resized, then thresholded and cleaned)."""
+        t = self.threshold if threshold is None else threshold
+        full = cv2.resize(np.asarray(prob, np.float32), (int(shape[1]), int(shape[0])), interpolation=cv2.INTER_LINEAR)
+        return postprocess(full, t)
+
     def __call__(self, image: np.ndarray) -> np.ndarray:
         return self.predict([image])[0]
 
@@ -382,7 +395,12 @@ def image_hash(image: np.ndarray) -> str:
 
 
 class MaskCache:
-    """Masks by (segmenter id, image hash): in memory (LRU) and, with ``folder``, on disk as PNG."""
+    """Low-resolution lung maps by (segmenter id, image hash): in memory (LRU) and, with ``folder``, on disk.
+
+    Entries are what :meth:`LungSegmenter.low_res` returns (S x S at the segmenter's resolution, float16), never
+    full-size masks: memory per entry is bounded by the segmenter's size, not the image's (issue 21 §2.7). On
+    disk they are 16-bit PNGs under ``lowres/`` (older full-size mask PNGs beside it are not read).
+    """
 
     def __init__(self, folder: str | os.PathLike | None = None, max_items: int = 512):
         self.folder = Path(folder) if folder else None
@@ -394,15 +412,15 @@ class MaskCache:
         if self.folder is None:
             return None
         safe = hashlib.sha256(seg_id.encode()).hexdigest()[:16]
-        return self.folder / safe / key[:2] / f"{key}.png"
+        return self.folder / safe / "lowres" / key[:2] / f"{key}.png"
 
     def get(self, seg_id: str, key: str) -> np.ndarray | None:
         m = self._mem.get((seg_id, key))
         if m is None:
             f = self._file(seg_id, key)
             if f is not None and f.is_file():
-                raw = cv2.imread(str(f), cv2.IMREAD_GRAYSCALE)
-                m = raw > 127 if raw is not None else None
+                raw = cv2.imread(str(f), cv2.IMREAD_UNCHANGED)
+                m = (raw.astype(np.float32) / 65535.0).astype(np.float16) if raw is not None else None
         if m is None:
             self.misses += 1
             return None
@@ -416,11 +434,11 @@ class MaskCache:
         if f is not None:
             f.parent.mkdir(parents=True, exist_ok=True)
             tmp = f.with_suffix(f".{os.getpid()}.tmp.png")
-            cv2.imwrite(str(tmp), np.asarray(mask, np.uint8) * 255)
+            cv2.imwrite(str(tmp), np.round(np.clip(np.asarray(mask, np.float32), 0, 1) * 65535).astype(np.uint16))
             os.replace(tmp, f)
 
     def _remember(self, seg_id: str, key: str, mask: np.ndarray) -> None:
-        self._mem[(seg_id, key)] = np.asarray(mask, bool)
+        self._mem[(seg_id, key)] = np.asarray(mask, np.float16)
         self._mem.move_to_end((seg_id, key))
         while len(self._mem) > self.max_items:
             self._mem.popitem(last=False)
@@ -440,7 +458,7 @@ class CachedSegmenter:
 
     def segment_many(self, images: Sequence[np.ndarray], batch_size: int = 4) -> list[np.ndarray]:
         keys = [image_hash(im) for im in images]
-        found: dict[str, np.ndarray] = {}
+        found: dict[str, np.ndarray] = {}  # low-resolution maps; a mask is made at each image's size below
         for k in dict.fromkeys(keys):
             m = self.cache.get(self.id, k)
             if m is not None:
@@ -448,11 +466,11 @@ class CachedSegmenter:
         todo = [keys.index(k) for k in dict.fromkeys(keys) if k not in found]  # one image per distinct hash
         for s in range(0, len(todo), batch_size):
             chunk = todo[s : s + batch_size]
-            for i, m in zip(chunk, self.segmenter.predict([images[i] for i in chunk])):
+            for i, m in zip(chunk, self.segmenter.low_res([images[i] for i in chunk]), strict=True):
                 self.cache.put(self.id, keys[i], m)
                 found[keys[i]] = m
             self.calls += len(chunk)
-        return [found[k].copy() for k in keys]
+        return [self.segmenter.mask_from_low_res(found[k], np.shape(im)[:2]) for k, im in zip(keys, images)]
 
     def __call__(self, image: np.ndarray) -> np.ndarray:
         return self.segment_many([image])[0]
