@@ -29,22 +29,13 @@ def lungcrop_ckpt(weights_dir: Path, tmp_path: Path) -> Path:
     return ckpt
 
 
-@pytest.fixture(autouse=True)
-def no_provider_before_and_after():
-    """Each test starts as a fresh process does: no lung-mask provider installed."""
-    saved = preprocess.LUNG_SEGMENTER
-    preprocess.LUNG_SEGMENTER = None
-    yield
-    preprocess.LUNG_SEGMENTER = saved
-
-
 def test_predictor_of_a_lungcrop_checkpoint_segments_by_itself(lungcrop_ckpt: Path, dev_dir: Path) -> None:
     from covidcxr.predict import Predictor
 
     image = next(p for p in sorted((dev_dir / "images").iterdir()) if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
     predictor = Predictor.from_path(lungcrop_ckpt)
-    # the segmenter travels with the model (a picklable spec), not as a process-wide hook (issue 21 §1)
-    assert preprocess.LUNG_SEGMENTER is None
+    # the segmenter travels with the model (a picklable spec on its preset), not as a process-wide hook
+    assert not hasattr(preprocess, "LUNG_SEGMENTER") and predictor.preset.masks == predictor.mask_spec
     assert predictor.mask_spec.name == "lung-unet-vgg11" and len(predictor.mask_spec.sha256) == 64
     rec, = predictor.predict_paths([str(image)])
     assert rec["error"] is None, rec["error"]
@@ -59,7 +50,11 @@ def test_evaluate_a_lungcrop_checkpoint(lungcrop_ckpt: Path, dev_manifest: Path,
     rc = main(["evaluate", "--model", str(lungcrop_ckpt), "--data", str(manifest), "--split", "test",
                "--out", str(tmp_path / "report")])
     assert rc == 0
-    assert (tmp_path / "report" / "metrics.json").is_file()
+    import json
+
+    metrics = json.loads((tmp_path / "report" / "metrics.json").read_text())
+    assert metrics["failures"] == []  # not one image failed (before: every one did)
+    assert metrics["n_images"] == len(small)  # and every image of the manifest was scored
 
 
 def test_a_lungcrop_model_refuses_another_segmenter_than_its_own(lungcrop_ckpt: Path, tmp_path: Path,

@@ -58,11 +58,19 @@ def local_ray():
 
 @pytest.fixture(scope="module")
 def reference(onnx_model: Path, inputs: list[str]) -> dict[str, dict]:
-    """The local engine's records (the same pipeline: plausibility gate, decision rule)."""
-    from covidcxr.predict.pipeline import Pipeline, PipelineConfig, run_paths
+    """The local engine's records (the same pipeline and config; tests/test_pipeline.py checks the gate too)."""
+    from covidcxr.predict.pipeline import Pipeline, run_paths
 
-    pipe = Pipeline(PipelineConfig(model=str(onnx_model), threads=1))
+    pipe = Pipeline(_config(onnx_model))
     return {r["path"]: r for r in run_paths(pipe, inputs, batch_size=8)}
+
+
+def _config(model: Path):
+    """The plausibility gate off here: 42 U-Net runs per engine would dominate this module's time on a loaded
+    machine; tests/test_pipeline.py compares gate verdicts between the engines."""
+    from covidcxr.predict.pipeline import PipelineConfig
+
+    return PipelineConfig(model=str(model), threads=1, plausibility=False)
 
 
 def _check_equivalent(recs: list[dict], reference: dict[str, dict], inputs: list[str]) -> None:
@@ -73,6 +81,7 @@ def _check_equivalent(recs: list[dict], reference: dict[str, dict], inputs: list
         assert r["label"] == ref["label"] and r["threshold"] == ref["threshold"]
         assert r["model"] == ref["model"] and len(r["model"]["sha256"]) == 64
         assert r.get("flag") == ref.get("flag") and r.get("plausibility") == ref.get("plausibility")
+        assert r.get("error") or r["plausibility"]["verdict"] == "unchecked"  # the config travelled to the actors
         assert bool(r["error"]) == bool(ref["error"]) and r["error"] == ref["error"]
         if not r["error"]:
             for c in CLASSES:
@@ -83,7 +92,8 @@ def _check_equivalent(recs: list[dict], reference: dict[str, dict], inputs: list
 def test_ray_equals_single_process_and_resumes(local_ray, onnx_model: Path, inputs: list[str],
                                                reference: dict[str, dict], tmp_path: Path) -> None:
     out = tmp_path / "shards"
-    run = predict_ray([], onnx_model, out, files=inputs, workers=2, batch_size=8, shard_size=10, threads=1)
+    run = predict_ray([], onnx_model, out, files=inputs, workers=2, batch_size=8, shard_size=10, threads=1,
+                      config=_config(onnx_model))
     assert run.written == len(inputs) and run.failed == 2 and run.duplicates_dropped == 0
     assert len(run.shards) == -(-len(inputs) // 10)
     recs = read_records(out)
@@ -93,9 +103,10 @@ def test_ray_equals_single_process_and_resumes(local_ray, onnx_model: Path, inpu
 
     # a rerun without --resume is refused; with it, nothing is left to do
     with pytest.raises(RayEngineError, match="--resume"):
-        predict_ray([], onnx_model, out, files=inputs, workers=2)
+        predict_ray([], onnx_model, out, files=inputs, workers=2, config=_config(onnx_model))
     # with it, only the two failed inputs are tried again (as the local engine's --resume does)
-    again = predict_ray([], onnx_model, out, files=inputs, workers=2, resume=True)
+    again = predict_ray([], onnx_model, out, files=inputs, workers=2, resume=True,
+                        config=_config(onnx_model))
     assert again.skipped_done == len(inputs) - 2 and again.written == 2 and again.failed == 2
     assert len(again.shards) == 1
     _check_equivalent(read_records(out), reference, inputs)  # one record per input: the latest
@@ -103,7 +114,8 @@ def test_ray_equals_single_process_and_resumes(local_ray, onnx_model: Path, inpu
     lost = Path(run.shards[1])
     lost_paths = {json.loads(line)["path"] for line in lost.read_text().splitlines()}
     lost.unlink()
-    third = predict_ray([], onnx_model, out, files=inputs, workers=2, batch_size=8, shard_size=10, resume=True)
+    third = predict_ray([], onnx_model, out, files=inputs, workers=2, batch_size=8, shard_size=10, resume=True,
+                        config=_config(onnx_model))
     redo = lost_paths | {r["path"] for r in read_records(out, latest=False) if r["error"]}  # failed ones again too
     assert third.written == len(redo) and third.skipped_done == len(inputs) - len(redo)
     _check_equivalent(read_records(out), reference, inputs)
@@ -131,7 +143,8 @@ def test_worker_killed_mid_run_completes_without_duplicates(local_ray, onnx_mode
 
     out = tmp_path / "shards"
     run = predict_ray([], onnx_model, out, files=inputs, workers=2, batch_size=4, shard_size=8, threads=1,
-                      fmt="parquet", progress=kill_one_actor, pid_file=str(pid_file))
+                      fmt="parquet", progress=kill_one_actor, pid_file=str(pid_file),
+                      config=_config(onnx_model))
     assert killed, "the test did not get to kill an actor"
     assert len(pid_file.read_text().split()) >= 3  # the killed actor was restarted (or replaced)
     assert run.written == len(inputs)

@@ -20,7 +20,6 @@ from covidcxr.segment import (
     predict_files,
     predict_masks,
     train_segmenter,
-    use_model,
 )
 
 
@@ -82,26 +81,22 @@ def test_predict_writes_masks_and_reports_bad_files(trained, tmp_path):
     assert mask.shape == img.shape and mask.dtype == bool
 
 
-def test_use_model_drives_lungcrop_preset(trained):
+def test_a_mask_spec_drives_the_lungcrop_preset(trained):
+    """A lung-crop preset carries its segmenter (a picklable MaskSpec), not a process-wide hook (issue 21 §1)."""
+    import pickle
+
+    from covidcxr.segment.maskspec import MaskSpec, provider
+
     _, _, res = trained
-    seg = use_model(res["checkpoint"])
-    try:
-        assert preprocess.LUNG_SEGMENTER is not None
-        img = synthetic_cxr(3)[0].astype(np.float32) / 255
-        calls = []
-        orig = preprocess.LUNG_SEGMENTER
-
-        def spy(image):
-            calls.append(image.shape)
-            return orig(image)
-
-        preprocess.LUNG_SEGMENTER = spy
-        out = preprocess.get_preset("cxnet-lungcrop", size=32)(img)
-        assert out.shape == (3, 32, 32) and calls == [img.shape]
-        assert seg.size == 32
-    finally:
-        use_model(None)
-    assert preprocess.LUNG_SEGMENTER is None
+    spec = MaskSpec(str(res["checkpoint"]))
+    preset = pickle.loads(pickle.dumps(preprocess.get_preset("cxnet-lungcrop", size=32).with_masks(spec)))
+    img = synthetic_cxr(3)[0].astype(np.float32) / 255
+    out = preset(img)
+    assert out.shape == (3, 32, 32)
+    assert provider(spec).segmenter.size == 32  # type: ignore[attr-defined]
+    # the same crop as the segmenter's own mask passed by hand
+    assert np.allclose(out.numpy(), preprocess.get_preset("cxnet-lungcrop", size=32)(img, provider(spec)(img)).numpy())
+    assert not hasattr(preprocess, "LUNG_SEGMENTER")
 
 
 def test_lungcrop_crops_to_dilated_box():
@@ -128,11 +123,8 @@ def test_explain_with_lungcrop_preset_maps_back_to_original(trained, tmp_path):
     torch.manual_seed(0)
     models.save(ckpt, models.build("resnet18", num_classes=3), arch="resnet18", classes=CLASSES,
                 preset=preprocess.get_preset("cxnet-lungcrop", size=64))
-    try:
-        rc = main(["explain", str(root / "images" / "img04.png"), "--model", str(ckpt), "--seg-model",
-                   res["checkpoint"], "--out", str(tmp_path / "out")])
-    finally:
-        use_model(None)
+    rc = main(["explain", str(root / "images" / "img04.png"), "--model", str(ckpt), "--seg-model",
+               res["checkpoint"], "--out", str(tmp_path / "out")])
     assert rc == 0
     full = np.load(tmp_path / "out" / "img04_gradcam_original.npy")
     assert full.shape == (96, 80)
@@ -187,12 +179,9 @@ def test_lungcrop_takes_a_provider_and_refuses_without_one():
         return mask > 0
 
     assert p.prepare(img, provider).shape == (32, 32) and calls == [img.shape]
-    old, preprocess.LUNG_SEGMENTER = preprocess.LUNG_SEGMENTER, None
-    try:
-        with pytest.raises(preprocess.PresetError, match="no mask provider"):
-            p.prepare(img)
-    finally:
-        preprocess.LUNG_SEGMENTER = old
+    with pytest.raises(preprocess.PresetError, match="has no lung segmenter"):
+        p.prepare(img)
+    assert p.with_masks(provider).prepare(img).shape == (32, 32) and len(calls) == 2
 
 
 def test_mask_cache_segments_each_image_once(trained, tmp_path):

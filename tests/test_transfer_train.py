@@ -229,9 +229,8 @@ def test_transfer_recipes_name_catalogue_weights_and_select_on_val_auc(recipe: s
 
 
 def test_lungcrop_recipe_crops_with_the_pretrained_unet(weights_dir: Path, dev_dir: Path, tmp_path: Path) -> None:
-    """transfer-cxnet-lungcrop: prepare() installs the lung U-Net hook, which finds lungs on a real CXR."""
+    """transfer-cxnet-lungcrop: prepare() gives the preset the lung U-Net, which finds lungs on a real CXR."""
     pytest.importorskip("covidcxr.segment.inference")
-    from covidcxr import preprocess
     from covidcxr.io import read_image
     from covidcxr.preprocess import get_preset
     from covidcxr.train.runner import prepare
@@ -244,14 +243,11 @@ def test_lungcrop_recipe_crops_with_the_pretrained_unet(weights_dir: Path, dev_d
     df = pd.DataFrame([{"patient_id": f"p{i}", "path": str(img_path), "label": lab, "source": "x", "split": s}
                        for i, (lab, s) in enumerate([("normal", "train"), ("COVID-19", "val")])])
     df.to_csv(tmp_path / "m.csv", index=False)
-    old = preprocess.LUNG_SEGMENTER
-    preprocess.LUNG_SEGMENTER = None
-    try:
-        prepare(cfg, tmp_path / "m.csv")
-        assert preprocess.LUNG_SEGMENTER is not None, "prepare() installs the lung-crop hook"
-        img = read_image(img_path)
-        mask = preprocess.LUNG_SEGMENTER(img)
-        assert 0.05 < float(np.mean(mask)) < 0.8
-        assert tuple(pre(img).shape) == (3, 224, 224)
-    finally:
-        preprocess.LUNG_SEGMENTER = old
+    dm, preset, _, summary = prepare(cfg, tmp_path / "m.csv")
+    # the preset carries its segmenter (no process-wide hook), and the run records it for inference
+    assert preset.masks is not None and summary["lung_segmenter"]["name"] == preset.masks.name
+    assert len(summary["lung_segmenter"]["sha256"]) == 64
+    img = read_image(img_path)
+    mask = preset.masks(img)
+    assert 0.05 < float(np.mean(mask)) < 0.8
+    assert tuple(preset(img).shape) == (3, 224, 224)

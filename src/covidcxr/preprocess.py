@@ -30,11 +30,11 @@ if TYPE_CHECKING:  # torch is imported where a tensor is made: the ONNX paths ru
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-#: Lung-mask provider for COVID-CXNet's lung crop: a function ``(image HxW [0,1]) -> bool mask HxW``
-#: that a caller installs from outside (``covidcxr.segment.install_lung_crop``); a preset with
-#: ``lung_crop=True`` uses it when :meth:`Preset.prepare` gets no mask. Preprocessing never imports
-#: a segmenter itself: data flows one way (preprocess -> data -> models -> segment).
-LUNG_SEGMENTER: Callable[[np.ndarray], np.ndarray] | None = None
+# COVID-CXNet's lung crop needs a lung mask: :meth:`Preset.prepare` takes one (or a mask function), or the
+# preset's own ``masks`` (:meth:`Preset.with_masks`): a picklable mask function, in practice a
+# :class:`covidcxr.segment.maskspec.MaskSpec` (segmenter name + sha256), which travels with the preset into
+# worker processes and Ray tasks. No process-wide hook (issue 21 §1). Preprocessing never imports a
+# segmenter itself: data flows one way (preprocess -> data -> models -> segment).
 
 
 class PresetError(ValueError):
@@ -73,6 +73,9 @@ class Preset:
     channel_stack: tuple[str, ...] = ()
     #: gamma of the BEASF channel
     beasf_gamma: float = 1.5
+    #: a lung-crop preset's mask function ``(image) -> bool mask`` (picklable: a MaskSpec); not serialised:
+    #: a checkpoint records its segmenter in ``training.lung_segmenter``
+    masks: Any = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         unknown = [c for c in self.channel_stack if c not in CHANNEL_ENHANCERS]
@@ -91,7 +94,8 @@ class Preset:
 
     # ------------------------------------------------------------------ serialisation
     def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
+        d = dataclasses.asdict(dataclasses.replace(self, masks=None))
+        d.pop("masks", None)  # the segmenter is recorded beside the preset (training.lung_segmenter)
         for k in _TUPLE_FIELDS:
             d[k] = list(getattr(self, k))
         return d
@@ -118,6 +122,10 @@ class Preset:
     def fingerprint(self) -> str:
         """Short hash of every field; two presets that differ in anything differ here."""
         return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:12]
+
+    def with_masks(self, masks: Any) -> "Preset":
+        """The same preset cropping with ``masks`` (a mask function, e.g. a MaskSpec) when no mask is given."""
+        return dataclasses.replace(self, masks=masks)
 
     def with_size(self, size: int) -> "Preset":
         """The same preset at another resolution, named e.g. ``covidnet@224``."""
@@ -270,12 +278,12 @@ class Preset:
         raise PresetError(f"preset {self.name}: {len(v)} mean/std values for {self.channels} channels")
 
     def _lung_crop(self, img: np.ndarray, mask: np.ndarray | Callable[[np.ndarray], np.ndarray] | None) -> np.ndarray:
-        """``mask``: a lung mask, a mask provider ``(image) -> mask``, or None (the installed provider)."""
-        provider = mask if callable(mask) else (LUNG_SEGMENTER if mask is None else None)
+        """``mask``: a lung mask, a mask function ``(image) -> mask``, or None (the preset's own ``masks``)."""
+        provider = mask if callable(mask) else (self.masks if mask is None else None)
         if mask is None and provider is None:
             raise PresetError(
-                f"preset {self.name} crops to the lungs but got no lung mask and no mask provider is installed; "
-                "pass a mask or install one (covidcxr.segment.install_lung_crop('lung-unet-vgg11'))"
+                f"preset {self.name} crops to the lungs but got no lung mask and has no lung segmenter; pass a "
+                "mask, or give the preset one: preset.with_masks(covidcxr.segment.maskspec.MaskSpec('lung-unet-vgg11'))"
             )
         if provider is not None:
             mask = provider(img)

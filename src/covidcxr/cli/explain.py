@@ -185,14 +185,15 @@ def cmd_explain(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise UserError("--batch-size must be at least 1")
     _threads(args)
-    if args.seg_model:
-        from covidcxr.segment import use_model
-
-        use_model(args.seg_model)
     from covidcxr.reference_models import model_or_default
 
     args.model = model_or_default(args.model)  # no --model: the reference classifier, said in one line
     loaded = load(args.model)
+    if loaded.preset.lung_crop:  # the segmenter its checkpoint records, or --seg-model given by hand
+        from covidcxr.segment.maskspec import MaskSpec
+
+        spec = MaskSpec(str(args.seg_model)) if args.seg_model else MaskSpec.for_model(loaded.training)
+        loaded.preset = loaded.preset.with_masks(spec)
     if loaded.task != "classification":
         raise UserError(f"{args.model}: a {loaded.task} checkpoint; explain needs a classification checkpoint")
     if getattr(args, "target", None) is not None and args.target not in loaded.classes:

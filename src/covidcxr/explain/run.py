@@ -53,17 +53,17 @@ class ExplainRecord:
 
 def prepare_image(path: str | os.PathLike, preset, mask: np.ndarray | None = None) -> Prepared:
     """Read and preprocess one file. Raises CXRReadError / PresetError naming the file."""
-    from covidcxr import preprocess
     from covidcxr.io import read_image
     from covidcxr.preprocess import PresetError
 
     img = read_image(path)
     if preset.lung_crop and mask is None:
-        if preprocess.LUNG_SEGMENTER is None:
-            from covidcxr.segment import ensure_lung_crop
+        masks = preset.masks
+        if masks is None:  # a preset without its model's segmenter: the pretrained U-Net, as older checkpoints
+            from covidcxr.segment.maskspec import MaskSpec
 
-            ensure_lung_crop(preset)  # the default segmenter ($COVIDCXR_LUNG_MODEL or lung-unet-vgg11)
-        mask = np.asarray(preprocess.LUNG_SEGMENTER(img)).astype(bool)
+            masks = MaskSpec.for_model(None)
+        mask = np.asarray(masks(img)).astype(bool)
     return Prepared(str(path), preset(img, mask), img.shape, mask, img)
 
 

@@ -100,6 +100,7 @@ class Predictor:
             provider(self.mask_spec)
         except MaskSpecError as err:
             raise PredictorError(f"{self.path}: its preset {self.preset.name} crops to the lungs, but {err}") from None
+        self.preset = self.preset.with_masks(self.mask_spec)  # travels with the preset (workers, Ray tasks)
 
     @classmethod
     def _from_checkpoint(cls, p: Path, device: str) -> "Predictor":
@@ -154,7 +155,7 @@ class Predictor:
             threshold=meta.get("threshold"),
             temperature=float(meta.get("temperature") or 1.0),
             name=str(training.get("run_name") or meta.get("name") or p.stem),
-            version=file_sha256(p)[:12],
+            version=str(training.get("model_version") or file_sha256(p)[:12]),  # a reference model's release
             path=str(p),
             training=dict(training),
             metrics=dict(meta.get("metrics") or {}),

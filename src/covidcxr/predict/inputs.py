@@ -132,18 +132,16 @@ def _worker_init() -> None:
 
 
 def _use_threads(loader: "Loader | None" = None) -> bool:
-    """Threads, not processes, when a lung-mask provider is installed in this process.
+    """Threads, not processes, for a lung-crop model's loader (it runs the lung segmenter).
 
     Worker processes are started with ``spawn`` (clean workers): forking a process that runs
     onnxruntime/torch/OpenMP thread pools can leave a worker waiting forever on a lock that a parent
     thread held at fork time (seen: a hung ``predict`` after an ONNX export in the same process).
-    A lung-crop preset's mask provider is a function installed at run time, which a spawned worker
-    does not have, and it runs exactly those thread pools; so that case decodes in threads of this
-    process instead (decoding and the segmenter release the GIL for their heavy work).
+    A lung-crop preset's segmenter runs exactly those thread pools, and each spawned worker would load it
+    again; so that case decodes in threads of this process, which share one loaded segmenter (decoding
+    and the segmenter release the GIL for their heavy work).
     """
-    from covidcxr import preprocess
-
-    return preprocess.LUNG_SEGMENTER is not None or (loader is not None and loader.mask is not None)
+    return loader is not None and (loader.mask is not None or loader.preset.masks is not None)
 
 
 def iter_batches(files: Sequence[str], loader: Loader, batch_size: int = 16,

@@ -24,8 +24,8 @@ _EXPORTS = {
     "measure": "masks", "overlay": "masks",
     "LungSegmenter": "inference", "load_segmenter": "inference", "default_segmenter": "inference",
     "PRETRAINED": "inference", "MaskCache": "inference", "CachedSegmenter": "inference", "image_hash": "inference",
-    "lung_crop_provider": "inference", "install_lung_crop": "inference", "ensure_lung_crop": "inference",
-    "use_model": "inference", "predict_masks": "inference", "predict_files": "inference", "FORMAT": "inference",
+    "lung_crop_provider": "inference", "MaskSpec": "maskspec", "MaskSpecError": "maskspec",
+    "predict_masks": "inference", "predict_files": "inference", "FORMAT": "inference",
     "train_segmenter": "training", "evaluate_dice": "training", "summarize_dice": "training",
     "check_plausibility": "plausibility", "Plausibility": "plausibility",
 }

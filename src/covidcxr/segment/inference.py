@@ -482,8 +482,9 @@ class CachedSegmenter:
 def lung_crop_provider(spec: str | os.PathLike | LungSegmenter | None = None, dilation: float = 0.03,
                        cache: MaskCache | None = None, **load_kw) -> Callable[[np.ndarray], np.ndarray]:
     """A mask function for lung-crop presets: segment (cached), then dilate by ``dilation`` of the
-    longer side (COVID-CXNet widens the lung box). Pass it to ``Preset.prepare(img, provider)`` or
-    install it with :func:`install_lung_crop`. ``provider.id`` names segmenter and dilation."""
+    longer side (COVID-CXNet widens the lung box). Pass it to ``Preset.prepare(img, provider)``; a preset
+    carries one as a picklable :class:`covidcxr.segment.maskspec.MaskSpec` (``preset.with_masks(spec)``).
+    ``provider.id`` names segmenter and dilation."""
     seg = CachedSegmenter(load_segmenter(spec, **load_kw), cache)
 
     def provider(image: np.ndarray) -> np.ndarray:
@@ -492,37 +493,6 @@ def lung_crop_provider(spec: str | os.PathLike | LungSegmenter | None = None, di
     provider.segmenter = seg.segmenter  # type: ignore[attr-defined]
     provider.id = f"{seg.id}+dilate{dilation}"  # type: ignore[attr-defined]
     return provider
-
-
-def install_lung_crop(spec: str | os.PathLike | LungSegmenter | None = None, dilation: float = 0.03,
-                      **load_kw) -> Callable[[np.ndarray], np.ndarray]:
-    """Install a :func:`lung_crop_provider` (default: :func:`default_segmenter`) as the lung-crop
-    hook of :mod:`covidcxr.preprocess`; every lung-crop preset without an explicit mask uses it."""
-    from covidcxr import preprocess
-
-    provider = lung_crop_provider(spec, dilation, **load_kw)
-    preprocess.LUNG_SEGMENTER = provider
-    return provider
-
-
-def ensure_lung_crop(preset: Any, **load_kw) -> None:
-    """For callers above the segmenter (train, evaluate, explain, predict): if ``preset`` crops to
-    the lungs and no provider is installed yet, install the default segmenter (``load_kw`` as for
-    :func:`load_segmenter`, e.g. ``backend="onnx", torch_free=True`` for the ONNX predictors)."""
-    from covidcxr import preprocess
-
-    if getattr(preset, "lung_crop", False) and preprocess.LUNG_SEGMENTER is None:
-        install_lung_crop(**load_kw)
-
-
-def use_model(path: str | os.PathLike | None, dilation: float = 0.03) -> LungSegmenter | None:
-    """Install a segmenter as the lung-crop hook (``None`` uninstalls it); returns the segmenter."""
-    from covidcxr import preprocess
-
-    if path is None:
-        preprocess.LUNG_SEGMENTER = None
-        return None
-    return install_lung_crop(path, dilation).segmenter  # type: ignore[attr-defined]
 
 
 # --------------------------------------------------------------------------- batch helpers

@@ -47,16 +47,26 @@ class MaskSpec:
         sha = str(rec.get("sha256") or (PRETRAINED_SHA256 if name == PRETRAINED else ""))
         return cls(name, sha, backend="onnx" if onnx else "torch", torch_free=onnx)
 
+    @classmethod
+    def for_training(cls) -> "MaskSpec":
+        """The segmenter that crops a new training run's images: ``$COVIDCXR_LUNG_MODEL`` when set (said in
+        the run's summary), else the pretrained U-Net; its sha256 filled in from the loaded weights."""
+        from covidcxr.segment.inference import default_segmenter
+
+        spec = cls(default_segmenter())
+        fn = provider(spec)
+        return cls(spec.name, str(getattr(fn.segmenter, "digest", "") or ""))  # type: ignore[attr-defined]
+
     def describe(self) -> str:
         return f"{self.name}" + (f" (sha256 {self.sha256[:12]})" if self.sha256 else "")
 
+    def record(self) -> dict[str, str]:
+        """``{"name", "sha256"}`` for a checkpoint's training summary (:data:`TRAINING_KEY`)."""
+        return {"name": self.name, "sha256": self.sha256}
 
-def record(provider_fn: Any) -> dict[str, str] | None:
-    """``{"name", "sha256"}`` of a lung-crop provider's segmenter, for a checkpoint's training summary."""
-    seg = getattr(provider_fn, "segmenter", None)
-    if seg is None:
-        return None
-    return {"name": str(seg.name), "sha256": str(seg.digest or "")}
+    def __call__(self, image: np.ndarray) -> np.ndarray:
+        """The dilated lung mask of ``image`` (a preset's mask function: ``preset.with_masks(spec)``)."""
+        return provider(self)(image)
 
 
 _PROVIDERS: dict[MaskSpec, Callable[[np.ndarray], np.ndarray]] = {}

@@ -183,10 +183,10 @@ def prepare(cfg: dict, data: str | os.PathLike) -> tuple[Any, Any, list[str], di
         from covidcxr.preprocess import standardized
 
         preset = standardized(preset, cfg["data"]["hist_standardize"])
-    if preset.lung_crop:  # COVID-CXNet-style lung crop: the pretrained lung U-Net unless one is installed
-        from covidcxr.segment import ensure_lung_crop
+    if preset.lung_crop:  # COVID-CXNet-style lung crop: $COVIDCXR_LUNG_MODEL or the pretrained lung U-Net,
+        from covidcxr.segment.maskspec import MaskSpec  # carried by the preset into the loader workers
 
-        ensure_lung_crop(preset)
+        preset = preset.with_masks(MaskSpec.for_training())
     d = cfg["data"]
     if d.get("task") == "findings":
         return _prepare_findings(cfg, data, preset)
@@ -226,10 +226,9 @@ def prepare(cfg: dict, data: str | os.PathLike) -> tuple[Any, Any, list[str], di
         "lightning": str(L.__version__),
     }
     if preset.lung_crop:  # which segmenter cropped the training images: inference uses that one or refuses
-        from covidcxr import preprocess as _pp
-        from covidcxr.segment.maskspec import TRAINING_KEY, record
+        from covidcxr.segment.maskspec import TRAINING_KEY
 
-        summary[TRAINING_KEY] = record(_pp.LUNG_SEGMENTER)
+        summary[TRAINING_KEY] = preset.masks.record()
     return dm, preset, classes, summary
 
 
