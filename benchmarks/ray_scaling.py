@@ -78,8 +78,11 @@ def main(argv: list[str] | None = None) -> int:
             ray.init(num_cpus=workers + 1, include_dashboard=False, log_to_driver=False,
                      object_store_memory=256 * 1024 * 1024)
             start_s = time.perf_counter() - t0
+            from covidcxr.predict.pipeline import PipelineConfig
+
+            # the gate off, as the local baseline above (predict_paths): the figures compare the engines only
             run = predict_ray([], onnx, out, files=files, workers=workers, batch_size=args.batch_size, threads=1,
-                              shard_size=100)
+                              shard_size=100, config=PipelineConfig(model=str(onnx), threads=1, plausibility=False))
             shutdown()
             res[f"ray{workers}_img_s"] = run.written / run.seconds
             res[f"ray{workers}_startup_s"] = round(start_s, 1)
