@@ -49,11 +49,11 @@ def test_read_severity_annotations_shared(shared_dir: Path) -> None:
     f = shared_dir / "covidx-labels" / "severity_annotations.csv"
     raw = pd.read_csv(f)
     df = L.read_severity_csv(f)
-    both = raw["Geographic"].notna() & raw["Opacity"].notna()
-    assert len(df) == int(both.sum())
+    # the published file has 18 opacity means above the 0-6 scale: those rows are left out, never clipped
+    both = raw["Geographic"].notna() & raw["Opacity"].notna() & (raw["Opacity"] <= 6)
+    assert int((raw["Opacity"] > 6).sum()) == 18 and len(df) == int(both.sum())
     assert np.allclose(df["geographic_extent"].to_numpy(), raw.loc[both, "Geographic"].to_numpy())
-    # the published file has a few opacity means above the 0-6 scale: clipped, not rejected
-    assert np.allclose(df["opacity"].to_numpy(), raw.loc[both, "Opacity"].clip(upper=6).to_numpy())
+    assert np.allclose(df["opacity"].to_numpy(), raw.loc[both, "Opacity"].to_numpy())
     assert df["geographic_extent"].between(0, 8).all() and df["opacity"].between(0, 6).all()
     assert (df["patient_id"] != "").all()
 
@@ -70,8 +70,9 @@ def test_read_severity_csv_synthetic(tmp_path: Path) -> None:
     f.write_text("filename,Geographic,Opacity\na.jpg,1,7\nb.jpg,1,-1\n")
     with pytest.raises(SeverityError, match=r"s.csv: row 3: opacity=-1 outside .*0-6"):
         L.read_severity_csv(f)
-    f.write_text("filename,Geographic,Opacity\na.jpg,1,7\n")
-    assert L.read_severity_csv(f)["opacity"].tolist() == [6.0]  # tolerated overshoot is clipped
+    f.write_text("filename,Geographic,Opacity\na.jpg,1,7\nb.jpg,2,6\n")
+    out = L.read_severity_csv(f)  # an opacity of 7 is off the 0-6 scale: that row is left out, not clipped to 6
+    assert out["path"].map(lambda p: Path(p).name).tolist() == ["b.jpg"] and out["opacity"].tolist() == [6.0]
     f.write_text("filename,Geographic,Opacity\na.jpg,two,1\n")
     with pytest.raises(SeverityError, match="not a number"):
         L.read_severity_csv(f)

@@ -36,9 +36,11 @@ PROXY_NOTE = ("PROXY severity level (geographic extent threshold), not a COVID-N
 #: COVID-Net S scores, in output order, with their valid ranges (Cohen et al. / Wong et al. scales).
 SCORES: list[str] = ["geographic_extent", "opacity"]
 SCORE_MAX: dict[str, float] = {"geographic_extent": 8.0, "opacity": 6.0}
-#: Values above SCORE_MAX but up to this are clipped with a warning instead of rejected: the published
-#: COVID-Net S annotations (severity_annotations.csv, and the dev set built from them) hold opacity
-#: means up to 8 for a few images (18 of 459), although the documented opacity scale is 0-6.
+#: Values above SCORE_MAX but up to this are left unscored (NaN) with a warning instead of stopping the run: the
+#: published COVID-Net S annotations (severity_annotations.csv, and the dev set built from them) hold opacity
+#: means up to 8 for 18 of 459 images although the documented opacity scale is 0-6 (0-3 per lung, Cohen et al.
+#: 2020). A mean of 6.33 means a rater gave 7, impossible on that scale, so those raters used another one for
+#: that image; clipping or rescaling would invent a score, so the value is not used (docs/severity.md).
 SCORE_TOLERATED: dict[str, float] = {"geographic_extent": 8.0, "opacity": 8.0}
 
 #: Default geographic-extent threshold of the level PROXY (see :func:`level_proxy`).
@@ -108,7 +110,7 @@ def _pick(columns: list[str], *names: str) -> str | None:
 
 
 def _check_range(path: Path, df: pd.DataFrame, col: str, name: str, offset: int = 2) -> None:
-    """Reject scores outside the scale; clip the tolerated overshoot (see SCORE_TOLERATED) in place."""
+    """Reject scores outside the scale; leave the tolerated overshoot unscored (NaN, see SCORE_TOLERATED) in place."""
     vals = df[col].astype(float)
     bad = vals.notna() & ((vals < 0) | (vals > SCORE_TOLERATED[name]))
     if bad.any():
@@ -118,9 +120,10 @@ def _check_range(path: Path, df: pd.DataFrame, col: str, name: str, offset: int 
         )
     over = vals.notna() & (vals > SCORE_MAX[name])
     if over.any():
-        log.warning("%s: %d %s value(s) above %g (max %g) clipped to %g", path, int(over.sum()), name,
-                    SCORE_MAX[name], float(vals.max()), SCORE_MAX[name])
-        df[col] = vals.clip(upper=SCORE_MAX[name])
+        log.warning("%s: %d %s value(s) above the documented 0-%g scale (up to %g) left unscored: off the scale, "
+                    "neither clipped nor rescaled (docs/severity.md)", path, int(over.sum()), name,
+                    SCORE_MAX[name], float(vals.max()))
+        df[col] = vals.mask(over)
 
 
 def read_severity_csv(path: str | os.PathLike, images_dir: str | os.PathLike | None = None) -> pd.DataFrame:
