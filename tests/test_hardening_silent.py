@@ -380,3 +380,25 @@ def test_mask_cache_entry_is_bounded_by_the_segmenter_size(tmp_path) -> None:
         again = CachedSegmenter(seg, MaskCache(tmp_path / "disk") if cache.folder else cache).segment_many(images)
         assert all(np.array_equal(a, b) for a, b in zip(masks, again))
         assert cached.calls == 2
+
+
+# --------------------------------------------------------------------------- §4 export writes the U-Net's ONNX export
+
+
+def test_export_writes_the_gate_unet_onnx(tiny_ckpt, weights_dir, tmp_path, monkeypatch, capsys) -> None:
+    """`covidcxr export` writes the plausibility check's U-Net export, so the torch-free ONNX paths run the check
+    (before, they warned and printed a python one-liner to run by hand)."""
+    pytest.importorskip("onnxruntime")
+    from covidcxr.cli import main
+    from covidcxr.segment.inference import PRETRAINED, PRETRAINED_SHA256, load_segmenter, onnx_file
+    from covidcxr.segment.plausibility import SIZE
+
+    monkeypatch.setenv("COVIDCXR_CACHE", str(tmp_path / "cache"))
+    unet = onnx_file(PRETRAINED_SHA256, SIZE)
+    assert not unet.exists()
+    imgs = _pngs(tmp_path / "imgs", 4)
+    assert main(["export", "--model", str(tiny_ckpt), "--onnx", str(tmp_path / "m.onnx"), "--exporter", "torchscript",
+                 "--parity-images", *imgs]) == 0
+    assert unet.is_file() and str(unet) in capsys.readouterr().out
+    seg = load_segmenter(PRETRAINED, size=SIZE, backend="onnx", torch_free=True)  # what the ONNX gate loads
+    assert seg.backend == "onnx" and seg.predict([np.full((300, 300), 0.5, np.float32)])[0].shape == (300, 300)

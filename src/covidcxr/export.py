@@ -222,6 +222,35 @@ def _export_onnx(model_path: str | os.PathLike, out: Path, parity_images: Sequen
     return check_parity(src, out, parity_images, parity_count, atol, used, opset, str(model_path))
 
 
+def export_segmenters(model_path: str | os.PathLike, plausibility: bool = True) -> list[Path]:
+    """Write the lung U-Net ONNX exports that the ONNX paths of ``model_path`` need (issue 21 §4).
+
+    ONNX predictors run torch-free, so they can only load a U-Net export written beforehand (with torch and the
+    weights, which exporting has): the plausibility check's (``lung-unet-vgg11`` at its check size) unless
+    ``plausibility`` is off, and, for a lung-crop checkpoint, the segmenter that cropped its training images.
+    Returns the files (already present ones included). Raises the segmenter's errors (e.g. weights missing).
+    """
+    from covidcxr.models.checkpoint import read_bundle
+    from covidcxr.preprocess import Preset
+    from covidcxr.segment.inference import PRETRAINED
+    from covidcxr.segment.inference import export_onnx as export_segmenter
+
+    out: list[Path] = []
+    if plausibility:
+        from covidcxr.segment.plausibility import SIZE
+
+        out.append(export_segmenter(PRETRAINED, size=SIZE))
+    bundle = read_bundle(model_path)
+    if getattr(Preset.from_dict(bundle.get("preset")), "lung_crop", False):
+        from covidcxr.segment.maskspec import MaskSpec
+
+        spec = MaskSpec.for_model(bundle.get("training"))
+        path = export_segmenter(spec.name)
+        if path not in out:
+            out.append(path)
+    return out
+
+
 def check_parity(
     src: Predictor,
     onnx_path: str | os.PathLike,

@@ -32,6 +32,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="images used for the parity check (default: 16 for ONNX, 4 for a MONAI bundle)")
     e.add_argument("--atol", type=float, default=1e-4, help="largest allowed probability difference (default: 1e-4)")
     e.add_argument("--opset", type=int, default=18)
+    e.add_argument("--no-plausibility", action="store_true",
+                   help="do not write the plausibility check's lung U-Net ONNX export (by default it is written to "
+                        "the covidcxr cache, $COVIDCXR_CACHE, so the torch-free ONNX paths can run the check)")
     e.add_argument("--exporter", choices=["auto", "dynamo", "torchscript"], default="auto",
                    help="torch.onnx exporter (auto: dynamo, then the legacy TorchScript one)")
     q = e.add_argument_group(
@@ -91,9 +94,24 @@ def cmd_export(args: argparse.Namespace) -> int:
     )
     for f in report.failed_images:
         print(f"  skipped unreadable parity image: {f}", file=sys.stderr)
+    _export_segmenters(args)
     if args.quantize:
         return _quantize(args, fp32_out, target)
     return 0
+
+
+def _export_segmenters(args: argparse.Namespace) -> None:
+    """The lung U-Net exports the ONNX model needs at inference (plausibility check, lung crop), written now."""
+    from covidcxr.export import export_segmenters
+
+    try:
+        paths = export_segmenters(args.model, plausibility=not args.no_plausibility)
+    except Exception as err:  # the ONNX model itself is fine: say what its inference will lack, in one line
+        print(f"warning: the lung U-Net's ONNX export could not be written ({type(err).__name__}: {err}); the ONNX "
+              "model's plausibility check then runs only the rules that need no mask", file=sys.stderr)
+        return
+    for p in paths:
+        print(f"lung U-Net for the ONNX paths (plausibility check / lung crop): {p}")
 
 
 def _quantize(args: argparse.Namespace, fp32_out: Path, target: Path) -> int:
