@@ -1,0 +1,181 @@
+"""New-hospital results (issue 18 §4): the actualmed hold-out model before and after `covidcxr site calibrate`.
+
+    python scripts/results_site.py RUNS [--models robust mnv2] [--doc docs/results.md] [--coverage 0.9]
+                                        [--folds 5] [--bootstrap 1000] [--reuse] [--jobs 1]
+
+RUNS is the folder of scripts/results_classification.sh (stage holdout): RUNS/holdout/manifest.csv put every
+actualmed person in test and trained RUNS/holdout/ID/best.ckpt without actualmed. For each model id this
+1. writes the local manifest RUNS/site/actualmed.csv: the actualmed test rows (absolute paths, patient ids);
+2. runs `covidcxr site check` on those films (no labels) -> RUNS/site/ID-check/site_check.json;
+3. runs `covidcxr site calibrate` on them, without and with --adapt-bn -> RUNS/site/ID-site[-adabn].ckpt.
+   The command cross-fits by patient (k folds, StratifiedGroupKFold on patient_id: calibration and scoring
+   never share a patient) and records, in the checkpoint, the before/after figures and the paired,
+   patient-level bootstrap of after - before (covidcxr.evaluate.paired) computed from the out-of-fold
+   predictions;
+4. reads those records back and writes the tables (RUNS/site/results_site.md, and the site:begin/end block of
+   --doc when given). Nothing is typed by hand. Research use only: not a clinical performance claim.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+BEGIN, END = "<!-- site:begin -->", "<!-- site:end -->"
+SOURCE = "actualmed"
+
+
+def local_manifest(runs: Path, out: Path) -> pd.DataFrame:
+    """The hold-out's actualmed test rows as a site manifest (path,label,patient_id,source), absolute paths."""
+    man = runs / "holdout" / "manifest.csv"
+    if not man.is_file():
+        raise SystemExit(f"error: {man}: not found (run scripts/results_classification.sh with stage holdout)")
+    m = pd.read_csv(man, dtype=str, keep_default_na=False)
+    rows = m[(m["split"] == "test") & (m["source"] == SOURCE)].copy()
+    if rows.empty:
+        raise SystemExit(f"error: {man}: no {SOURCE} test rows")
+    rows["path"] = [str(p if Path(p).is_absolute() else (man.parent / p).resolve()) for p in rows["path"]]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    rows[["path", "label", "patient_id", "source"]].to_csv(out, index=False)
+    return rows
+
+
+def run(cmd: list[str], log: Path) -> None:
+    print("$", " ".join(cmd), flush=True)
+    with open(log, "w") as f:
+        r = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT)
+    if r.returncode:
+        tail = log.read_text().strip().splitlines()[-1:] or ["(no output)"]
+        raise SystemExit(f"error: {' '.join(cmd[:3])} failed (exit {r.returncode}; {log}): {tail[0]}")
+
+
+def site_info(ckpt: Path) -> dict[str, Any]:
+    from covidcxr.models.checkpoint import read_bundle
+    from covidcxr.site.sets import SITE_KEY
+
+    return read_bundle(ckpt)[SITE_KEY]
+
+
+def _f(v: Any, d: int = 3) -> str:
+    return "n/a" if v is None else f"{v:.{d}f}"
+
+
+def _ci(row: dict[str, Any], key: str) -> str:
+    ci = row.get(key)
+    return f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else ""
+
+
+def render(runs: Path, ids: list[str], rows: pd.DataFrame, coverage: float) -> str:
+    from covidcxr.evaluate.paired import format_diff
+
+    counts = ", ".join(f"{k} {v}" for k, v in rows["label"].value_counts().sort_index().items())
+    out = [f"Local cases: the {len(rows)} actualmed films of the hold-out's test split ({counts}; "
+           f"{rows['patient_id'].nunique()} patients), `{runs.name}/site/actualmed.csv`. Models trained without "
+           "actualmed (`holdout` setting of the run above). Research use only.", ""]
+    out += ["**`site check` (no labels).**", "",
+            "| model | films | fit no training source | beyond pooled training q95 | median distance (× training median) "
+            "| predicted labels | verdict |", "|---|---|---|---|---|---|---|"]
+    for m in ids:
+        r = json.loads((runs / "site" / f"{m}-check" / "site_check.json").read_text())
+        mix = ", ".join(f"{k} {v}" for k, v in r["predicted_label_mix"].items())
+        out.append(f"| {m} | {r['n_images']} | {r['fraction_fitting_no_source']:.0%} | "
+                   f"{r['fraction_beyond_training_q95']:.0%} | {_f(r['median_distance_in_training_medians'], 2)} | "
+                   f"{mix} | {r['verdict']} |")
+    out += ["", f"**`site calibrate`, cross-fitted by patient inside actualmed** (coverage {coverage}; "
+            "before = the checkpoint as trained, its own temperature and threshold; after = out-of-fold, each fold "
+            "scored by what was fitted on the other folds' patients). Differences: after − before, paired "
+            "patient bootstrap, 95 % CI.", "",
+            "| model | AdaBN | folds | macro sensitivity before → after | difference [95 % CI] | per-class sensitivity "
+            "before → after | COVID-19 AUC before → after | AUC difference [95 % CI] |",
+            "|---|---|---|---|---|---|---|---|"]
+    sets = []
+    for m in ids:
+        for adabn in (False, True):
+            ck = runs / "site" / f"{m}-site{'-adabn' if adabn else ''}.ckpt"
+            info = site_info(ck)
+            mt = info["metrics"]
+            b, a, pb = mt["before"], mt["after"], (mt.get("paired_bootstrap") or {}).get("metrics", {})
+            per = "; ".join(f"{c} {_f(b['sensitivity'][c], 2)} → {_f(a['sensitivity'][c], 2)}"
+                            for c in b["sensitivity"] if b["sensitivity"][c] is not None)
+            ms, au = pb.get("macro_sensitivity", {}), pb.get("auc", {})
+            out.append(f"| {m} | {'yes' if adabn else 'no'} | {mt['folds']} | {_f(b['macro_sensitivity'])}"
+                       f"{_ci(ms, 'a_ci')} → {_f(a['macro_sensitivity'])}{_ci(ms, 'b_ci')} | "
+                       f"{format_diff(ms) if ms else 'n/a'} | {per} | {_f(b.get('covid_auc'))} → "
+                       f"{_f(a.get('covid_auc'))} | {format_diff(au) if au else 'n/a'} |")
+            conf = info["conformal"]
+            cov = "; ".join(f"{c} {_f(v, 2)} (n={int((rows['label'] == c).sum())})"
+                            for c, v in a["set_coverage"].items() if v is not None)
+            sets.append(f"| {m} | {'yes' if adabn else 'no'} | {cov} | {a['mean_set_size']:.2f} | "
+                        f"{a['fraction_uncertain']:.0%} | {', '.join(conf.get('always_in') or []) or 'none'} | "
+                        + "; ".join(f"{c} {n}" for c, n in conf["n"].items()) + " |")
+    out += ["", f"**Conformal prediction sets** (class-conditional split-conformal, crepes; nominal coverage "
+            f"{coverage}). Coverage and set size are out-of-fold (each fold's sets fitted on the other folds, so "
+            "about 4/5 of a class's films calibrate them); 'always in' and the calibration counts are those of "
+            "the final site checkpoint, fitted on all the local films. A class with fewer films than "
+            "the coverage needs is always in the set.", "",
+            "| model | AdaBN | per-class coverage, out-of-fold (films) | mean set size | 'uncertain: refer' | "
+            "always in the set (final checkpoint) | calibration films per class (final) |",
+            "|---|---|---|---|---|---|---|"] + sets
+    return "\n".join(out) + "\n"
+
+
+def fill(doc: Path, block: str) -> None:
+    text = doc.read_text()
+    if BEGIN not in text or END not in text:
+        raise SystemExit(f"error: {doc}: markers {BEGIN} / {END} not found")
+    head, rest = text.split(BEGIN, 1)
+    doc.write_text(head + BEGIN + "\n" + block + END + rest.split(END, 1)[1])
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("runs", type=Path)
+    ap.add_argument("--models", nargs="+", default=["robust", "mnv2"], help="hold-out model ids (RUNS/holdout/ID)")
+    ap.add_argument("--doc", type=Path, default=None, help="markdown file whose site:begin/end block is filled")
+    ap.add_argument("--coverage", type=float, default=0.9)
+    ap.add_argument("--folds", type=int, default=5)
+    ap.add_argument("--bootstrap", type=int, default=1000)
+    ap.add_argument("--reuse", action="store_true", help="keep site reports/checkpoints that already exist")
+    ap.add_argument("--jobs", type=int, default=1, help="site commands run side by side")
+    a = ap.parse_args(argv)
+    cx = str(Path(sys.executable).with_name("covidcxr"))
+    site = a.runs / "site"
+    rows = local_manifest(a.runs, site / "actualmed.csv")
+    ids = [m for m in a.models if (a.runs / "holdout" / m / "best.ckpt").is_file()]
+    for m in sorted(set(a.models) - set(ids)):
+        print(f"{m}: no {a.runs}/holdout/{m}/best.ckpt; left out")
+    if not ids:
+        raise SystemExit("error: no hold-out model to calibrate")
+    todo: list[tuple[list[str], Path]] = []
+    for m in ids:
+        ckpt = str(a.runs / "holdout" / m / "best.ckpt")
+        if not (a.reuse and (site / f"{m}-check" / "site_check.json").is_file()):
+            todo.append(([cx, "site", "check", str(site / "actualmed.csv"), "--model", ckpt, "--out",
+                          str(site / f"{m}-check")], site / f"{m}-check.log"))
+        for adabn in (False, True):
+            out = site / f"{m}-site{'-adabn' if adabn else ''}.ckpt"
+            if a.reuse and out.is_file():
+                continue
+            out.unlink(missing_ok=True)
+            todo.append(([cx, "site", "calibrate", "--model", ckpt, "--data", str(site / "actualmed.csv"), "--out",
+                          str(out), "--site", SOURCE, "--coverage", str(a.coverage), "--folds", str(a.folds),
+                          "--bootstrap", str(a.bootstrap)] + (["--adapt-bn"] if adabn else []), out.with_suffix(".log")))
+    # the commands are independent (each reads the parent checkpoint, writes its own output): side by side
+    with ThreadPoolExecutor(max_workers=max(1, a.jobs)) as pool:
+        list(pool.map(lambda t: run(*t), todo))
+    block = render(a.runs, ids, rows, a.coverage)
+    (site / "results_site.md").write_text(block)
+    if a.doc:
+        fill(a.doc, block)
+    print(block)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
