@@ -53,8 +53,11 @@ def common(args: argparse.Namespace) -> list[str]:
             "trainer.accelerator=cpu", "trainer.progress_bar=false", f"trainer.limit_train_batches={args.batches}"]
 
 
-def val_scores(ckpt: Path, manifest: Path) -> dict:
-    """Per-cell val sensitivity at the checkpoint's stored rule, worst group, COVID-19 AUC."""
+def val_scores(ckpt: Path, manifest: Path, cache_dir: Path | None = None) -> dict:
+    """Per-cell val sensitivity at the checkpoint's stored rule, worst group, COVID-19 AUC.
+
+    ``cache_dir``: read the prepared val images from the trials' cache (the same for every trial, and much
+    cheaper than decoding the full-size films again on a busy machine)."""
     import pandas as pd
     import torch
     from sklearn.metrics import roc_auc_score
@@ -67,7 +70,7 @@ def val_scores(ckpt: Path, manifest: Path) -> dict:
     lm = load(ckpt)
     df = read_manifest(manifest)
     val = df[df["split"] == "val"].reset_index(drop=True)
-    ds = CXRDataset(val, lm.preset, classes=lm.classes)
+    ds = CXRDataset(val, lm.preset, classes=lm.classes, cache_dir=cache_dir)
     probs = []
     with torch.no_grad():
         for batch in torch.utils.data.DataLoader(ds, batch_size=32):
@@ -123,7 +126,7 @@ def run_trial(name: str, args: argparse.Namespace) -> dict:
         if rc:
             return {"trial": name, "error": f"train exit {rc}; see {args.runs / (name + '.log')}"}
     res = {"trial": name, "overrides": TRIALS[name], "train_s": round(time.time() - t0),
-           "command": " ".join(cmd[1:]).replace(str(REPO) + "/", ""), **val_scores(out / "best.ckpt", args.data)}
+           "command": " ".join(cmd[1:]).replace(str(REPO) + "/", ""), **val_scores(out / "best.ckpt", args.data, args.runs / "cache")}
     print(f"{name}: worst {res['worst_group']} {res['worst_group_sensitivity']:.2f}, "
           f"AUC {res['auc_covid']:.3f} ({res['train_s']} s)", flush=True)
     return res
