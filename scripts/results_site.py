@@ -1,6 +1,6 @@
 """New-hospital results (issue 18 §4): the actualmed hold-out model before and after `covidcxr site calibrate`.
 
-    python scripts/results_site.py RUNS [--models robust mnv2] [--doc docs/results.md] [--coverage 0.9]
+    python scripts/results_site.py RUNS [--models robust mnv2 | ID=CKPT ...] [--doc docs/results.md] [--coverage 0.9]
                                         [--folds 5] [--bootstrap 1000] [--reuse] [--jobs 1]
 
 RUNS is the folder of scripts/results_classification.sh (stage holdout): RUNS/holdout/manifest.csv put every
@@ -44,6 +44,22 @@ def local_manifest(runs: Path, out: Path) -> pd.DataFrame:
     out.parent.mkdir(parents=True, exist_ok=True)
     rows[["path", "label", "patient_id", "source"]].to_csv(out, index=False)
     return rows
+
+
+def actualmed_in_training(ckpt: Path, rows: pd.DataFrame) -> int:
+    """How many of the local films the checkpoint's recorded training manifest put in train or val (0 when
+    the checkpoint records no manifest that can be read)."""
+    from covidcxr.models.checkpoint import read_bundle
+
+    training = read_bundle(ckpt).get("training") or {}
+    man = training.get("manifest") or training.get("data")
+    if not isinstance(man, str) or not Path(man).is_file():
+        print(f"note: {ckpt} records no readable training manifest; its training data is not checked")
+        return 0
+    m = pd.read_csv(man, dtype=str, keep_default_na=False)
+    seen = m.loc[m["split"].isin(["train", "val"]), "path"]
+    seen = {str(p if Path(p).is_absolute() else (Path(man).parent / p).resolve()) for p in seen}
+    return int(rows["path"].isin(seen).sum())
 
 
 def run(cmd: list[str], log: Path) -> None:
@@ -136,7 +152,9 @@ def fill(doc: Path, block: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("runs", type=Path)
-    ap.add_argument("--models", nargs="+", default=["robust", "mnv2"], help="hold-out model ids (RUNS/holdout/ID)")
+    ap.add_argument("--models", nargs="+", default=["robust", "mnv2"],
+                    help="hold-out model ids (RUNS/holdout/ID/best.ckpt), or ID=PATH for any checkpoint trained "
+                         "and validated without actualmed")
     ap.add_argument("--doc", type=Path, default=None, help="markdown file whose site:begin/end block is filled")
     ap.add_argument("--coverage", type=float, default=0.9)
     ap.add_argument("--folds", type=int, default=5)
@@ -147,14 +165,20 @@ def main(argv: list[str] | None = None) -> int:
     cx = str(Path(sys.executable).with_name("covidcxr"))
     site = a.runs / "site"
     rows = local_manifest(a.runs, site / "actualmed.csv")
-    ids = [m for m in a.models if (a.runs / "holdout" / m / "best.ckpt").is_file()]
-    for m in sorted(set(a.models) - set(ids)):
-        print(f"{m}: no {a.runs}/holdout/{m}/best.ckpt; left out")
+    # ID (RUNS/holdout/ID/best.ckpt) or ID=PATH: any checkpoint trained and validated without actualmed
+    parents = {m.split("=", 1)[0]: Path(m.split("=", 1)[1]) if "=" in m else a.runs / "holdout" / m / "best.ckpt"
+               for m in a.models}
+    ids = [m for m, p in parents.items() if p.is_file()]
+    for m in sorted(set(parents) - set(ids)):
+        print(f"{m}: no {parents[m]}; left out")
     if not ids:
         raise SystemExit("error: no hold-out model to calibrate")
+    leaks = {m: n for m in ids if (n := actualmed_in_training(parents[m], rows))}
+    if leaks:  # a parent that learnt from these films would make the "new hospital" figures meaningless
+        raise SystemExit(f"error: {', '.join(f'{m} trained on {n} of the local films' for m, n in leaks.items())}")
     todo: list[tuple[list[str], Path]] = []
     for m in ids:
-        ckpt = str(a.runs / "holdout" / m / "best.ckpt")
+        ckpt = str(parents[m])
         if not (a.reuse and (site / f"{m}-check" / "site_check.json").is_file()):
             todo.append(([cx, "site", "check", str(site / "actualmed.csv"), "--model", ckpt, "--out",
                           str(site / f"{m}-check")], site / f"{m}-check.log"))

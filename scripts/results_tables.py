@@ -356,6 +356,8 @@ def targets(runs: Path, models: list[dict]) -> list[str]:
         rows.append(("transfer beats scratch (paired CI of Δ AUC excludes 0, patient split)",
                      "; ".join(f"{lab}: {diff(r)}" for lab, r in wins), bool(ok)))
     rows += robust_targets(runs)
+    if not rows:  # an empty table would read as "no targets"; say why there is nothing
+        return ["*No target measured: no model of this run has the results a target needs (see the rows above).*", ""]
     lines = ["| target | measured (best model) | met |", "|---|---|---|"]
     lines += [f"| {t} | {v} | {'yes' if ok else '**no**'} |" for t, v, ok in rows]
     return lines + [""]

@@ -311,6 +311,12 @@ def test_results_tables_writes_the_loso_and_group_tables(tmp_path: Path) -> None
     assert target.endswith("| yes |") == all(v >= 0.5 for v in expected_nd.values())
     # no scratch baseline in this run: one line says so, no rows of models without a paired figure
     assert "No paired difference to the scratch baseline: it was not run" in text and "| ok |" not in text
+    # a run where nothing a target needs finished says so instead of an empty table
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "status.tsv").write_text("holdout\trobust\tnot run: stopped\n")
+    (empty / "models.tsv").write_text("robust\tMobileNetV2, group-robust\tconfigs/robust-mobilenet_v2.yaml\t\t\n")
+    assert "*No target measured" in rt.build(empty) and "*No target measured" not in text
 
 
 def test_paired_bootstrap_adds_the_group_figures(tmp_path: Path) -> None:
