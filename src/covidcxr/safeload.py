@@ -42,6 +42,15 @@ def _what(err: BaseException) -> str:
     return first[:160]
 
 
+def _broken(err: BaseException) -> str:
+    """The restricted unpickler's own reason (e.g. 'Unsupported operand 103'), without torch's long preamble."""
+    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+    for i, ln in enumerate(lines):
+        if ln.endswith("WeightsUnpickler error:") and i + 1 < len(lines):
+            return lines[i + 1][:160]
+    return (lines[0] if lines else type(err).__name__)[:160]
+
+
 def torch_load(path: str | os.PathLike, *, trust: bool | None = None) -> Any:
     """``torch.load(path, map_location="cpu", weights_only=True)``; a file that needs more raises
     :class:`UnsafeFileError`, or, when trusted (``trust``, else :func:`trusted`), is loaded in full with a warning.
@@ -52,7 +61,7 @@ def torch_load(path: str | os.PathLike, *, trust: bool | None = None) -> Any:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         if "Unsupported global" not in str(err):  # not a refused object: a broken file, the caller's error
-            raise
+            raise pickle.UnpicklingError(f"not a readable torch file ({_broken(err)})") from None
         why = _what(err)
         if trust if trust is not None else trusted():
             log.warning("%s: holds pickled Python objects (%s); loading it in full as trusted (--trust-checkpoint)",
