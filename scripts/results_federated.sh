@@ -18,7 +18,9 @@
 # Environment: RUNS (default results-federated/), SIZE (px, default 224), ROUNDS (default 5), EPOCHS (local epochs
 # per round, default 1), LIMIT (trainer.limit_train_batches, empty: all), BOOT (bootstrap replicates, default
 # 1000), SETTINGS (default "split holdout"), MODELS (default "central local fedavg fedprox fedbn fedavg-dp"),
-# DP_NOISE (default 1.0), DP_CLIP (default 1.0), PROX_MU (default 0.01), RECIPE, COVIDCXR_SHARED (../shared).
+# DP_NOISE (default 1.0), DP_CLIP (default 1.0), PROX_MU (default 0.01), RECIPE, COVIDCXR_SHARED (../shared),
+# LOCAL_SITES (the local-only sites to train, default every site with training rows), APPEND=1 (add to RUNS/runs.tsv
+# instead of starting it afresh, e.g. to redo one failed run; the table keeps the last row of each setting/model).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 SHARED=${COVIDCXR_SHARED:-../shared}
@@ -37,7 +39,7 @@ DATA=(--source "csv=$SHARED/data/covid-cxr-dev/metadata.csv" --source "nih=$SHAR
       --source "hannover=$SHARED/data/hannover-covid")
 want() { case "$MODELS" in *" $1 "*) return 0;; esac; return 1; }
 mkdir -p "$RUNS"
-: > "$RUNS/runs.tsv"   # setting, model, run folder, wall seconds, status
+[ "${APPEND:-0}" = 1 ] || : > "$RUNS/runs.tsv"   # setting, model, run folder, wall seconds, status
 
 run() {  # run SETTING MODEL DIR -- command...: times it, records it, evaluates DIR/best.ckpt on the test split
   local setting=$1 model=$2 dir=$3; shift 4
@@ -73,7 +75,7 @@ for setting in $SETTINGS; do
     $CX train --config "$RECIPE" --data "$M" --out "$S/central" --overwrite --max-epochs "$TOTAL" "${SETS[@]}"
   if want local; then
     # each site's own train/val rows (absolute paths), trained alone; evaluated on the pooled test split
-    for site in $($PY -c "import pandas as pd,sys; d=pd.read_csv(sys.argv[1]); print(' '.join(sorted(d.loc[d.split=='train','source'].astype(str).unique())))" "$M"); do
+    for site in ${LOCAL_SITES:-$($PY -c "import pandas as pd,sys; d=pd.read_csv(sys.argv[1]); print(' '.join(sorted(d.loc[d.split=='train','source'].astype(str).unique())))" "$M")}; do
       mkdir -p "$S/local-$site"
       $PY - "$M" "$site" "$S/local-$site/manifest.csv" <<'EOF'
 import os, sys
@@ -118,14 +120,17 @@ def find(obj, key):
 
 def fig(f):
     if isinstance(f, dict):
-        v, ci = f.get("value"), f.get("ci")
+        v, lo, hi = f.get("value"), f.get("ci_low"), f.get("ci_high")
         if v is None:
             return "n/a"
-        return f"{v:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if isinstance(ci, (list, tuple)) and None not in ci else "")
+        return f"{v:.3f}" + (f" [{lo:.3f}, {hi:.3f}]" if lo is not None and hi is not None else "")
     return "n/a" if f is None else (f"{f:.3f}" if isinstance(f, float) else str(f))
 
+last = {}
+for line in (runs / "runs.tsv").read_text().splitlines():  # a redone run replaces the earlier row
+    last[tuple(line.split("\t")[:2])] = line
 rows, out = [], []
-for line in (runs / "runs.tsv").read_text().splitlines():
+for line in last.values():
     setting, model, d, wall, status = line.split("\t")[:5]
     row = {"setting": setting, "model": model, "wall_s": int(wall), "status": status}
     mj = Path(d + "-report") / "metrics.json"
