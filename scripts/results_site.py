@@ -87,13 +87,31 @@ def _ci(row: dict[str, Any], key: str) -> str:
     return f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else ""
 
 
-def render(runs: Path, ids: list[str], rows: pd.DataFrame, coverage: float) -> str:
+def parent_rows(parents: dict[str, Path], ids: list[str], rows: pd.DataFrame) -> list[str]:
+    """Which checkpoint each row is: path, sha256, recipe, size, epochs, training manifest, local films seen."""
+    from covidcxr.models.checkpoint import read_bundle
+    from covidcxr.io import file_sha256
+
+    out = ["| model | checkpoint (sha256) | recipe | input px | trained | training manifest | local films in its "
+           "train/val |", "|---|---|---|---|---|---|---|"]
+    for m in ids:
+        b = read_bundle(parents[m])
+        t = b.get("training") or {}
+        px = ((b.get("preset") or {}).get("size") if isinstance(b.get("preset"), dict) else None) or "?"
+        out.append(f"| {m} | `{parents[m]}` ({file_sha256(parents[m])[:12]}) | {t.get('recipe', '?')} | {px} | "
+                   f"{t.get('stopped') or ('epoch ' + str(t.get('epoch')))} | `{t.get('manifest', '?')}` | "
+                   f"{actualmed_in_training(parents[m], rows)} |")
+    return out + [""]
+
+
+def render(runs: Path, ids: list[str], rows: pd.DataFrame, coverage: float, parents: dict[str, Path]) -> str:
     from covidcxr.evaluate.paired import format_diff
 
     counts = ", ".join(f"{k} {v}" for k, v in rows["label"].value_counts().sort_index().items())
     out = [f"Local cases: the {len(rows)} actualmed films of the hold-out's test split ({counts}; "
-           f"{rows['patient_id'].nunique()} patients), `{runs.name}/site/actualmed.csv`. Models trained without "
-           "actualmed (`holdout` setting of the run above). Research use only.", ""]
+           f"{rows['patient_id'].nunique()} patients), `{runs.name}/site/actualmed.csv`. Parent models, each "
+           "trained and validated without these films (research use only):", ""]
+    out += parent_rows(parents, ids, rows)
     out += ["**`site check` (no labels).**", "",
             "| model | films | fit no training source | beyond pooled training q95 | median distance (× training median) "
             "| predicted labels | verdict |", "|---|---|---|---|---|---|---|"]
@@ -107,9 +125,10 @@ def render(runs: Path, ids: list[str], rows: pd.DataFrame, coverage: float) -> s
             "before = the checkpoint as trained, its own temperature and threshold; after = out-of-fold, each fold "
             "scored by what was fitted on the other folds' patients). Differences: after − before, paired "
             "patient bootstrap, 95 % CI.", "",
-            "| model | AdaBN | folds | macro sensitivity before → after | difference [95 % CI] | per-class sensitivity "
-            "before → after | COVID-19 AUC before → after | AUC difference [95 % CI] |",
-            "|---|---|---|---|---|---|---|---|"]
+            "| model | AdaBN | folds | temperature parent → site | COVID-19 threshold parent → site | macro "
+            "sensitivity before → after | difference [95 % CI] | per-class sensitivity before → after | COVID-19 AUC "
+            "before → after | AUC difference [95 % CI] |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
     sets = []
     for m in ids:
         for adabn in (False, True):
@@ -120,7 +139,10 @@ def render(runs: Path, ids: list[str], rows: pd.DataFrame, coverage: float) -> s
             per = "; ".join(f"{c} {_f(b['sensitivity'][c], 2)} → {_f(a['sensitivity'][c], 2)}"
                             for c in b["sensitivity"] if b["sensitivity"][c] is not None)
             ms, au = pb.get("macro_sensitivity", {}), pb.get("auc", {})
-            out.append(f"| {m} | {'yes' if adabn else 'no'} | {mt['folds']} | {_f(b['macro_sensitivity'])}"
+            par = info["parent"]
+            out.append(f"| {m} | {'yes' if adabn else 'no'} | {mt['folds']} | {_f(par.get('temperature'))} → "
+                       f"{_f(info.get('temperature'))} | {_f(par.get('threshold'))} → {_f(info.get('threshold'))} | "
+                       f"{_f(b['macro_sensitivity'])}"
                        f"{_ci(ms, 'a_ci')} → {_f(a['macro_sensitivity'])}{_ci(ms, 'b_ci')} | "
                        f"{format_diff(ms) if ms else 'n/a'} | {per} | {_f(b.get('covid_auc'))} → "
                        f"{_f(a.get('covid_auc'))} | {format_diff(au) if au else 'n/a'} |")
@@ -193,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     # the commands are independent (each reads the parent checkpoint, writes its own output): side by side
     with ThreadPoolExecutor(max_workers=max(1, a.jobs)) as pool:
         list(pool.map(lambda t: run(*t), todo))
-    block = render(a.runs, ids, rows, a.coverage)
+    block = render(a.runs, ids, rows, a.coverage, parents)
     (site / "results_site.md").write_text(block)
     if a.doc:
         fill(a.doc, block)
