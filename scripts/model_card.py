@@ -329,8 +329,12 @@ def main() -> int:
     a = ap.parse_args()
     from covidcxr.reference_models import render_card
 
-    cards = {"covidcxr-reference": classifier_card(a.runs, a.version, a.recipe, a.seed),
-             "covidcxr-reference-severity": severity_card(a.runs, a.version, a.seed)}
+    cards = {"covidcxr-reference": classifier_card(a.runs, a.version, a.recipe, a.seed)}
+    has_sev = (a.runs / "severity" / "best.ckpt").is_file()
+    if has_sev:
+        cards["covidcxr-reference-severity"] = severity_card(a.runs, a.version, a.seed)
+    else:
+        print(f"model_card: no {a.runs}/severity/best.ckpt: the severity card and model are left as they are")
     (a.runs / "cards.json").write_text(json.dumps(cards, indent=1, default=str))
     started = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     doc = [
@@ -358,6 +362,8 @@ def main() -> int:
                 "git_commit": git_commit(), "reference_manifest_sha256": manifest_sha}
         reference.pack(a.runs / "run" / "best.ckpt", "covidcxr-reference", version=a.version,
                        card=cards["covidcxr-reference"], provenance=prov)
+        if not has_sev:
+            return 0
         sev_t = (__import__("covidcxr.models.checkpoint", fromlist=["read_bundle"])
                  .read_bundle(a.runs / "severity" / "best.ckpt").get("training") or {})
         rows = reference.pack(
