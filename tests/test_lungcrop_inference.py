@@ -54,7 +54,7 @@ def test_evaluate_a_lungcrop_checkpoint(lungcrop_ckpt: Path, dev_manifest: Path,
 
     metrics = json.loads((tmp_path / "report" / "metrics.json").read_text())
     assert metrics["failures"] == []  # not one image failed (before: every one did)
-    assert metrics["n_images"] == len(small)  # and every image of the manifest was scored
+    assert metrics["metrics"]["n_images"] == len(small)  # and every image of the manifest was scored
 
 
 def test_a_lungcrop_model_refuses_another_segmenter_than_its_own(lungcrop_ckpt: Path, tmp_path: Path,
