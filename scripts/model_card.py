@@ -185,7 +185,7 @@ def classifier_card(runs: Path, version: str, recipe: str, seed: int) -> dict[st
         {"title": "Model details", "items": [
             f"covidcxr-reference {version}: MobileNetV2 ({b['arch']}), ImageNet-initialised ({t.get('weights_init')}, "
             f"sha256 {str(w.get('sha256'))[:16]}…), fine-tuned by recipe `{recipe}` (seed {seed}), "
-            (f"{((t.get('config') or {}).get('trainer') or {}).get('max_epochs', '?')} epochs at {b['preset']['size']} px "
+            + (f"{((t.get('config') or {}).get('trainer') or {}).get('max_epochs', '?')} epochs at {b['preset']['size']} px "
              f"(best by validation COVID-19 AUC: epoch {t.get('epoch', '?')}, counted from 0)." if not t.get("stopped")
              else f"at {b['preset']['size']} px: {t['stopped']} (stopped for CPU time on the shared machine; the first "
              "epoch trains the head alone on the frozen ImageNet body, the second fine-tunes the whole network)."),
