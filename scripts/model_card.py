@@ -97,7 +97,8 @@ def per_source_table(m: dict[str, Any], setting: str) -> list[list[Any]]:
 def int8_summary(runs: Path) -> tuple[str, dict[str, Any] | None]:
     onnx_file = runs / "onnx" / "model.int8.onnx"
     if not onnx_file.is_file():
-        status = (runs / "int8.status").read_text().strip() if (runs / "int8.status").is_file() else "not run"
+        status = ((runs / "int8.status").read_text().strip().splitlines() or ["not run"])[-1] \
+            if (runs / "int8.status").is_file() else "not run"  # the export's one-line error
         return f"INT8 export did not pass: {status}", None
     import onnx
 
@@ -118,7 +119,8 @@ def int8_summary(runs: Path) -> tuple[str, dict[str, Any] | None]:
 def audit_summary(runs: Path) -> list[str]:
     a = load_json(runs / "audit" / "audit.json")
     if not a:
-        return ["The shortcut audit was not run (or failed: see audit.log in the run folder)."]
+        return ["The shortcut audit did not finish in this run (stopped for CPU time, or failed: audit.log in the run "
+                "folder); it is not reported for this version."]
     out = []
     n = len(a.get("per_image") or [])
     summ = {k: v for k, v in a.items() if k not in ("per_image", "examples", "segmenter")}
