@@ -140,16 +140,17 @@ def audit_summary(runs: Path) -> list[str]:
 
 
 def severity_rows(m: dict[str, Any]) -> list[list[Any]]:
-    rows = []
-    sc = m.get("scores") or {}
-    base = (m.get("baseline_train_mean") or {})
-    for target, d in sc.items():
-        if not isinstance(d, dict):
-            continue
-        b = base.get(target) if isinstance(base.get(target), dict) else {}
-        rows.append([target, ci(d.get("mae"), 2), ci(d.get("pearson") or d.get("r"), 2),
-                     ci(d.get("spearman") or d.get("rho"), 2), ci((b or {}).get("mae"), 2)])
-    return rows
+    """target, MAE, Pearson r, R^2, MAE of the train mean (metrics as {value, ci95})."""
+    def f(d: dict[str, Any] | None) -> str:
+        if not isinstance(d, dict) or d.get("value") is None:
+            return "n/a"
+        lo, hi = (d.get("ci95") or [None, None])[:2]
+        return f"{d['value']:.2f}" + (f" [{lo:.2f}, {hi:.2f}]" if lo is not None else "")
+
+    met = (m.get("scores") or {}).get("metrics") or {}
+    base = ((m.get("baseline_train_mean") or {}).get("metrics")) or {}
+    return [[t, f(met.get(f"{t}_mae")), f(met.get(f"{t}_pearson_r")), f(met.get(f"{t}_r2")), f(base.get(f"{t}_mae"))]
+            for t in ("geographic_extent", "opacity") if f"{t}_mae" in met]
 
 
 # --------------------------------------------------------------------------- cards
@@ -303,7 +304,7 @@ def severity_card(runs: Path, version: str, seed: int) -> dict[str, Any]:
                                                ["split", "images", "patients"], "rows": counts}]},
         {"title": "Evaluation data", "paragraphs": ["The test split of the patient split (images with scores)."]},
         {"title": "Quantitative analyses", "tables": [{"caption": "Test split (95% patient-bootstrap CIs)", "columns":
-                                                       ["target", "MAE", "Pearson r", "Spearman rho",
+                                                       ["target", "MAE", "Pearson r", "R^2",
                                                         "MAE of the train mean"], "rows": rows}],
          "paragraphs": [] if rows else ["No severity evaluation found."]},
         {"title": "Ethical considerations", "items": ["As for the classifier: public de-identified images; "
