@@ -27,6 +27,13 @@ def add_trust_checkpoint(parser: argparse.ArgumentParser) -> None:
              "you trust); by default only weights and plain data are read and such a file is refused")
 
 
+def add_default_model(parser: argparse.ArgumentParser, what: str = "covidcxr checkpoint, ONNX file") -> None:
+    """``--model`` for the commands that fall back to the shipped reference classifier (one wording everywhere)."""
+    parser.add_argument(
+        "--model", default=None, metavar="CKPT_OR_ONNX" if "ONNX" in what else "CKPT",
+        help=f"{what}, or 'reference' (default: the shipped reference classifier, announced in one line)")
+
+
 def int_at_least(low: int):
     """An argparse type: an integer >= ``low`` (0 epochs or batch size 0 otherwise fail deep inside)."""
 

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from covidcxr.cli import add_trust_checkpoint, float_between, int_at_least
+from covidcxr.cli import add_default_model, add_trust_checkpoint, float_between, int_at_least
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -30,9 +30,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "(hashes), never UIDs or patient attributes.",
     )
     add_trust_checkpoint(lis)
-    lis.add_argument("--model", default=None, metavar="CKPT_OR_ONNX",
-                     help="covidcxr checkpoint, ONNX file, or 'reference' (default: the shipped reference classifier, "
-                     "announced in one line)")
+    add_default_model(lis)
     lis.add_argument("--backend", choices=["torch", "onnx"], default=None)
     lis.add_argument("--ae-title", default="COVIDCXR", help="this node's AE title (default: %(default)s)")
     lis.add_argument("--host", default="0.0.0.0", help="bind address (default: %(default)s)")

@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from covidcxr.cli import add_trust_checkpoint, int_at_least
+from covidcxr.cli import add_default_model, add_trust_checkpoint, int_at_least
 
 METHOD_NAMES = ("gradcam", "lrp", "occlusion", "ig")
 
@@ -37,9 +37,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     add_trust_checkpoint(p)
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files or folders")
-    p.add_argument("--model", default=None, metavar="CKPT",
-                   help="covidcxr checkpoint, or 'reference' (default: the shipped reference classifier, announced "
-                   "in one line)")
+    add_default_model(p, "covidcxr checkpoint")
     p.add_argument("--method", type=_methods, default=None, metavar="METHOD",
                    help="gradcam|lrp|occlusion|ig, a comma-separated list, or 'all' (default gradcam; "
                    "with --sanity default gradcam,lrp,ig)")

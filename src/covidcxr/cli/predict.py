@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from covidcxr.cli import add_trust_checkpoint, int_at_least
+from covidcxr.cli import add_default_model, add_trust_checkpoint, int_at_least
 
 EXIT_SOME_FAILED = 2
 
@@ -23,9 +23,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     add_trust_checkpoint(p)
     p.add_argument("paths", nargs="+", metavar="PATH", help="image file, folder or manifest CSV")
-    p.add_argument("--model", default=None, metavar="CKPT_OR_ONNX",
-                   help="covidcxr checkpoint, exported ONNX file, or 'reference' (default: the shipped reference "
-                   "classifier, announced in one line)")
+    add_default_model(p, "covidcxr checkpoint, exported ONNX file")
     p.add_argument("--backend", choices=["torch", "onnx"], default=None,
                    help="inference engine (default: onnx for *.onnx files, torch otherwise)")
     p.add_argument("--out", metavar="FILE", help="write records to FILE.jsonl or FILE.csv (default: JSON lines on "

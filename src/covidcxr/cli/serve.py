@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from covidcxr.cli import add_trust_checkpoint, float_between, int_at_least
+from covidcxr.cli import add_default_model, add_trust_checkpoint, float_between, int_at_least
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -19,9 +19,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "/openapi.json. Research use only.",
     )
     add_trust_checkpoint(s)
-    s.add_argument("--model", default=None, metavar="CKPT_OR_ONNX",
-                   help="covidcxr checkpoint, ONNX file, or 'reference' (default: the shipped reference classifier, "
-                   "announced in one line)")
+    add_default_model(s)
     s.add_argument("--backend", choices=["torch", "onnx"], default=None)
     s.add_argument("--host", default="127.0.0.1", help="bind address (default: 127.0.0.1, loopback only)")
     s.add_argument("--port", type=int, default=8000)
