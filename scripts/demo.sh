@@ -33,7 +33,7 @@ REF_INPUTS=()
 for f in "$SHARED/data/samples/nih-00000001_000.png" "$SHARED/data/samples/padchest-16747_3_1.jpg"; do
   [ -f "$f" ] && REF_INPUTS+=("$f")
 done
-[ ${#REF_INPUTS[@]} -gt 0 ] || mapfile -t REF_INPUTS < <(find "${DATA:-$DEV}" -type f \( -iname '*.png' -o -iname '*.jpg' \) 2>/dev/null | sort | head -2)
+[ ${#REF_INPUTS[@]} -gt 0 ] || [ -z "$DATA" ] || mapfile -t REF_INPUTS < <(find "$DATA" -type f \( -iname '*.png' -o -iname '*.jpg' \) 2>/dev/null | sort | head -2)
 if [ ${#REF_INPUTS[@]} -gt 0 ]; then
   echo "== predicting ${#REF_INPUTS[@]} image(s) with the shipped reference model (no training needed)"
   $CX predict "${REF_INPUTS[@]}" --severity reference --always-severity --out "$OUT/predictions-reference.jsonl" -q \

@@ -112,8 +112,14 @@ def test_int8_export_passes_gate_and_keeps_metadata(int8: dict, manifest: Path, 
     # the gate, unrelaxed: the export's defaults
     assert gate["agreement"] >= 0.98 and gate["min_agreement"] == 0.98 and gate["max_auc_change"] == 0.01
     assert gate["images"] > 100 and gate["auc_fp32"] > 0.7  # a model that separates its held-out classes
-    # measured on the calibration images first: resnet18 needs no fp32 layer
-    assert q["attempts"][0]["fp32_convs"] == 0 and q["fp32_nodes"] == [] and q["calibration_logit_error"] <= 0.05
+    # measured on the calibration images first, all-INT8; keep_fp32="auto" keeps the stem fp32 only when that
+    # first attempt's logit error is over the limit (the tiny fixture model sits near it: both outcomes seen)
+    first = q["attempts"][0]
+    assert first["fp32_convs"] == 0 and q["calibration_logit_error"] <= 0.05
+    if first["logit_error"] <= 0.05:
+        assert q["fp32_nodes"] == [] and len(q["attempts"]) == 1
+    else:
+        assert q["fp32_nodes"] == ["/model/conv1/Conv"] and q["attempts"][1]["fp32_convs"] == 1
     # the graph really is quantized: int8 weights, (de)quantize nodes
     import onnx
 
