@@ -240,8 +240,11 @@ def test_weights_list_found_verified_and_missing(weights_dir, tmp_path, monkeypa
     assert main(["weights", "list", "--json"]) == 0
     rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
     assert set(catalog.CATALOG) | {"imagenet", "xrv-nih", "xrv-all"} <= set(rows)
+    from covidcxr.reference_models import REFERENCE_DIR
+
     for name in catalog.CATALOG:
-        assert rows[name]["status"] == "ok" and Path(rows[name]["path"]).parent.resolve() == weights_dir.resolve()
+        home = REFERENCE_DIR if catalog.is_shipped(catalog.CATALOG[name]) else weights_dir  # shipped: in the package
+        assert rows[name]["status"] == "ok" and Path(rows[name]["path"]).parent.resolve() == Path(home).resolve()
     assert "mobilenet_v2" in rows["imagenet"]["architectures"]
     # one folder with a copied good file and a corrupt one: found-and-ok, bad, missing
     d = tmp_path / "w"
