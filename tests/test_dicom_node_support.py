@@ -107,7 +107,7 @@ class Scu:
         for sop in ACCEPTED_SOP_CLASSES:  # one context per transfer syntax: the acceptor picks one per context
             for ts in syntaxes:
                 self.ae.add_requested_context(sop, ts)
-        self.ae.acse_timeout = self.ae.dimse_timeout = self.ae.network_timeout = 30
+        self.ae.acse_timeout = self.ae.dimse_timeout = self.ae.network_timeout = 120
 
     def associate(self):
         return self.ae.associate("127.0.0.1", self.port, ae_title=self.called)
