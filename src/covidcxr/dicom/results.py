@@ -1,6 +1,7 @@
 """SR + secondary capture for an analysed instance, and the writer behind ``covidcxr predict --dicom-out DIR``."""
 
 from __future__ import annotations
+from covidcxr.predict.inputs import _looks_like_dicom  # one DICM-preamble check, shared with the input collector
 
 import hashlib
 import io
@@ -53,15 +54,6 @@ def read_header(data: bytes) -> Dataset:
     return pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, force=False)
 
 
-def _has_dicom_prefix(path: Path) -> bool:
-    try:
-        with open(path, "rb") as f:
-            head = f.read(132)
-    except OSError:
-        return False
-    return len(head) == 132 and head[128:132] == b"DICM"
-
-
 class DicomResultWriter:
     """``predict --dicom-out DIR``: for each predicted DICOM input, ``DIR/<stem>-<hash>.sr.dcm`` and ``.sc.dcm``.
 
@@ -84,7 +76,7 @@ class DicomResultWriter:
         from covidcxr.io import CXRReadError, decode
 
         path = Path(rec["path"])
-        if rec.get("error") and not _has_dicom_prefix(path):
+        if rec.get("error") and not _looks_like_dicom(path):
             return  # a failed non-DICOM input: the record says why; no study to put a result in
         try:
             data = path.read_bytes()
