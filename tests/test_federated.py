@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 CLI = str(Path(sys.executable).with_name("covidcxr"))
@@ -308,6 +309,29 @@ def test_fedprox_term_pulls_weights_towards_the_global_model(tmp_path: Path) -> 
 
     assert dist(free) > 0
     assert dist(prox) < 0.8 * dist(free), (dist(prox), dist(free))
+
+
+def test_robust_recipe_at_a_site_weighs_its_groups_and_drops_the_one_source_adversary(tmp_path: Path) -> None:
+    """The group-robust recipe federated: each site's module gets its (source, class) groups, so group DRO
+    runs (weights move off uniform); a site of one source has no source adversary (nothing to tell apart)."""
+    from covidcxr.federated import Plan
+    from covidcxr.federated.client import SiteClient
+    from covidcxr.train import load_config
+
+    manifest = make_sites(tmp_path / "data", {"site-a": 30})
+    cfg = load_config(str(REPO / "configs" / "robust-mobilenet_v2.yaml"), [*FAST, "data.batch_size=6"])
+    plan = Plan(cfg, "fedavg", rounds=1)
+    conf = {"recipe": plan.recipe_json(), "strategy": "fedavg", "local_epochs": 1, "server_round": 1}
+    sc = SiteClient("site-a", manifest)
+    sc._setup(conf)
+    assert sc.refused is None
+    m = sc.module
+    assert m.dro is not None and m.adversary is None
+    assert m.sources == ["site-a"]
+    q0 = m.dro.q.clone()
+    _, n, metrics = sc.fit(sc.get_parameters(conf), conf)
+    assert n == 30 and np.isfinite(metrics["train_loss"])
+    assert not torch.allclose(m.dro.q, q0)  # the group weights were updated by the site's losses
 
 
 # ---------------------------------------------------------------------------------------------- bad input

@@ -117,6 +117,7 @@ class SiteClient:
             try:
                 dm, preset, classes, summary = prepare(cfg, self.data)
                 dm.setup("fit")
+                robust = self._robust_groups(cfg, dm, classes)
             except (ConfigError, ManifestError, ValueError, OSError) as err:
                 reason = str(err)
         if reason is not None:
@@ -130,13 +131,35 @@ class SiteClient:
                    else torch.tensor(cw, dtype=torch.float32) if isinstance(cw, list) else None)
         torch.manual_seed(int(cfg["seed"]))
         self.cfg, self.dm = cfg, dm
-        self.module = FedClassifier(cfg, classes=classes, preset=preset, class_weights=weights, summary=summary)
+        self.module = FedClassifier(cfg, classes=classes, preset=preset, class_weights=weights, summary=summary,
+                                    **robust)
         self.strategy = str(config["strategy"])
         self.local_epochs = int(config["local_epochs"])
         self.keys = exchanged_keys(self.module.model, self.strategy)
         self.bn_keys = local_keys(self.module.model, self.strategy)
         log.info("site %s: %d training and %d validation images; %d tensors exchanged, %d kept here (%s)",
                  self.site, len(dm.dataset("train")), self._n_val(), len(self.keys), len(self.bn_keys), self.strategy)
+
+    def _robust_groups(self, cfg: dict[str, Any], dm: Any, classes: list[str]) -> dict[str, Any]:
+        """The (source, class) groups of this site's train rows, for a group-robust recipe (group DRO, source
+        adversary), as ``covidcxr train`` passes them. A site usually holds one source: group DRO then weighs
+        its classes, and the source adversary has nothing to tell apart, so it is switched off here (said in
+        the log); the group-balanced sampler needs nothing from here."""
+        if cfg["data"].get("task") == "findings":
+            return {}
+        dro = cfg["loss"].get("kind") == "group_dro"
+        adv = bool((cfg.get("adversary") or {}).get("kind"))
+        if not (dro or adv):
+            return {}
+        counts = dm.group_counts()
+        n_sources = len({int(g) // len(classes) for g in counts.nonzero()[0]})
+        if adv and n_sources < 2:
+            cfg["adversary"]["kind"] = None
+            log.info("site %s: %d source(s) in its training rows: the recipe's source adversary is off here "
+                     "(nothing to tell apart)%s", self.site, n_sources, "; group DRO weighs its classes" if dro else "")
+        if dro and n_sources < 1:
+            raise ValueError(f"{self.data}: loss.kind group_dro needs a 'source' column")
+        return {"sources": list(dm.sources), "group_counts": counts.tolist()}
 
     def _n_val(self) -> int:
         try:
