@@ -37,7 +37,7 @@ def _rss_mb(pid: int) -> float:
 
 def _unet_export() -> str:
     """Write the lung U-Net's ONNX export at the check's size, when the weights are at hand."""
-    from covidcxr.segment.inference import PRETRAINED_SHA256, export_onnx, onnx_file
+    from covidcxr.segment.loading import PRETRAINED_SHA256, export_onnx, onnx_file
     from covidcxr.segment.plausibility import SIZE
 
     if onnx_file(PRETRAINED_SHA256, SIZE).is_file():

@@ -193,7 +193,7 @@ def step_generated(args, out: Path) -> None:
     if lateral.is_file():
         gen.append(("real_lateral", read_image(lateral)))
     # the check's own segmenter (pretrained at 256 px, onnxruntime when installed), masks cached under --out
-    from covidcxr.segment.inference import CachedSegmenter, MaskCache, load_segmenter
+    from covidcxr.segment import CachedSegmenter, MaskCache, load_segmenter
     from covidcxr.segment.plausibility import SIZE
 
     seg = CachedSegmenter(load_segmenter("lung-unet-vgg11", size=SIZE, backend="auto"), MaskCache(out / "masks"))
@@ -211,7 +211,7 @@ def step_rotated(args, out: Path) -> None:
     """Films turned by 90, 180 and 270 degrees, from --rotated real films that neither the generated set
     nor the 60 films looked at while setting the intensity thresholds (seeded draw 7) used -> rotated.csv."""
     from covidcxr.io import read_image
-    from covidcxr.segment.inference import CachedSegmenter, MaskCache, load_segmenter
+    from covidcxr.segment import CachedSegmenter, MaskCache, load_segmenter
     from covidcxr.segment.negatives import from_cxr
     from covidcxr.segment.plausibility import SIZE, check_many
 

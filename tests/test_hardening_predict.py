@@ -146,7 +146,7 @@ def test_predict_flags_nonsense_and_gives_it_no_disease_label(setup, tmp_path, w
 def test_predict_without_segmenter_weights_says_unchecked(setup, tmp_path, monkeypatch, capsys, caplog) -> None:
     ckpt, imgs, _ = setup
     monkeypatch.setenv("COVIDCXR_WEIGHTS_DIR", str(tmp_path / "no-weights"))
-    import covidcxr.segment.inference as inf
+    import covidcxr.segment.loading as inf
 
     monkeypatch.setattr(inf, "_LOADED", {})
     out = tmp_path / "u.jsonl"

@@ -184,7 +184,7 @@ def test_weights_file_with_pickled_objects_is_refused(tiny_ckpt, tmp_path, monke
 
 def test_segmenter_file_with_pickled_objects_is_refused(tmp_path, monkeypatch) -> None:
     torch = pytest.importorskip("torch")
-    from covidcxr.segment.inference import load_segmenter
+    from covidcxr.segment.loading import load_segmenter
     from covidcxr.segment.model import SegmenterError
 
     path = tmp_path / "seg.ckpt"
@@ -362,7 +362,8 @@ def test_parity_gate_refuses_many_unreadable_images(tiny_ckpt, tiny_onnx, tmp_pa
 def test_mask_cache_entry_is_bounded_by_the_segmenter_size(tmp_path) -> None:
     """A 2500 x 2048 image costs the cache 2 S^2 bytes (S = the segmenter's input), not a full-size mask."""
     torch = pytest.importorskip("torch")
-    from covidcxr.segment.inference import CachedSegmenter, LungSegmenter, MaskCache
+    from covidcxr.segment.maskcache import CachedSegmenter, MaskCache
+    from covidcxr.segment.segmenter import LungSegmenter
     from covidcxr.segment.model import build
 
     torch.manual_seed(0)
@@ -390,7 +391,7 @@ def test_export_writes_the_gate_unet_onnx(tiny_ckpt, weights_dir, tmp_path, monk
     (before, they warned and printed a python one-liner to run by hand)."""
     pytest.importorskip("onnxruntime")
     from covidcxr.cli import main
-    from covidcxr.segment.inference import PRETRAINED, PRETRAINED_SHA256, load_segmenter, onnx_file
+    from covidcxr.segment.loading import PRETRAINED, PRETRAINED_SHA256, load_segmenter, onnx_file
     from covidcxr.segment.plausibility import SIZE
 
     monkeypatch.setenv("COVIDCXR_CACHE", str(tmp_path / "cache"))

@@ -101,6 +101,6 @@ def test_onnx_backend_matches_torch(weights, nih_image, samples_dir, tmp_path, m
 
 def test_pretrained_sha_matches_the_catalogue():
     from covidcxr.models import catalog
-    from covidcxr.segment.inference import PRETRAINED, PRETRAINED_SHA256
+    from covidcxr.segment.loading import PRETRAINED, PRETRAINED_SHA256
 
     assert catalog.get_entry(PRETRAINED).sha256 == PRETRAINED_SHA256

@@ -212,7 +212,7 @@ def test_gate_failure_is_per_image_and_reported_down(case: dict[str, Any], weigh
     pytest.importorskip("fastapi")
     from fastapi.testclient import TestClient
 
-    import covidcxr.segment.inference as inf
+    import covidcxr.segment.loading as inf
     import covidcxr.segment.plausibility as plaus
     from covidcxr.serve import create_app
 
@@ -280,7 +280,7 @@ def test_dicom_engine_logs_when_the_gate_is_down(case: dict[str, Any], tmp_path:
     """§2.1 for the node: each failed check is per image, and the node's log says once that the gate is down."""
     import logging
 
-    import covidcxr.segment.inference as inf
+    import covidcxr.segment.loading as inf
     import covidcxr.segment.plausibility as plaus
     from covidcxr.dicom.analysis import Engine
     from covidcxr.io import read_image

@@ -153,7 +153,7 @@ def onnx_case(tmp_path_factory, weights_dir, samples_dir):
     from covidcxr import models
     from covidcxr.export import export_onnx
     from covidcxr.preprocess import get_preset
-    from covidcxr.segment.inference import PRETRAINED_SHA256, cache_dir, onnx_file
+    from covidcxr.segment.loading import PRETRAINED_SHA256, cache_dir, onnx_file
     from covidcxr.segment.negatives import synthetic
 
     d = tmp_path_factory.mktemp("onnx_gate")
@@ -177,7 +177,7 @@ def onnx_case(tmp_path_factory, weights_dir, samples_dir):
             (cache / "segment").mkdir(parents=True)
             (cache / "segment" / have).symlink_to(mine)
         else:
-            from covidcxr.segment.inference import export_onnx as export_unet
+            from covidcxr.segment.loading import export_onnx as export_unet
 
             export_unet(size=256)
         assert onnx_file(PRETRAINED_SHA256, 256).is_file() and cache_dir() == cache
@@ -230,7 +230,7 @@ def test_unet_session_reuses_its_optimised_graph(onnx_case, samples_dir, tmp_pat
     """The ONNX U-Net's optimised graph is kept beside the export (0.25 s less per process), gives the same
     mask, and a damaged copy is rebuilt rather than fatal."""
     from covidcxr.io import read_image
-    from covidcxr.segment import inference as inf
+    from covidcxr.segment import loading as inf
 
     name = inf.onnx_file(inf.PRETRAINED_SHA256, 256).name
     (tmp_path / "segment").mkdir()

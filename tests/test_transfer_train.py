@@ -230,7 +230,7 @@ def test_transfer_recipes_name_catalogue_weights_and_select_on_val_auc(recipe: s
 
 def test_lungcrop_recipe_crops_with_the_pretrained_unet(weights_dir: Path, dev_dir: Path, tmp_path: Path) -> None:
     """transfer-cxnet-lungcrop: prepare() gives the preset the lung U-Net, which finds lungs on a real CXR."""
-    pytest.importorskip("covidcxr.segment.inference")
+    pytest.importorskip("covidcxr.segment.loading")
     from covidcxr.io import read_image
     from covidcxr.preprocess import get_preset
     from covidcxr.train.runner import prepare

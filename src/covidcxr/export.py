@@ -232,8 +232,8 @@ def export_segmenters(model_path: str | os.PathLike, plausibility: bool = True) 
     """
     from covidcxr.models.checkpoint import read_bundle
     from covidcxr.preprocess import Preset
-    from covidcxr.segment.inference import PRETRAINED
-    from covidcxr.segment.inference import export_onnx as export_segmenter
+    from covidcxr.segment.loading import PRETRAINED
+    from covidcxr.segment.loading import export_onnx as export_segmenter
 
     out: list[Path] = []
     if plausibility:

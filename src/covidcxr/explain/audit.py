@@ -328,7 +328,7 @@ def _segmenter(spec: str | os.PathLike | None, needed: bool):
     from covidcxr.models.checkpoint import CheckpointError
     from covidcxr.models.registry import ModelError
     from covidcxr.segment import CachedSegmenter, MaskCache, load_segmenter
-    from covidcxr.segment.inference import cache_dir, default_segmenter
+    from covidcxr.segment.loading import cache_dir, default_segmenter
 
     name = str(spec) if spec else default_segmenter()
     try:

@@ -69,7 +69,7 @@ class PlausibilityGate:
         self.segmenter = segmenter
         self.backend = backend
         #: the ONNX paths must not import torch: they run the lung U-Net's ONNX export with onnxruntime alone
-        #: (``covidcxr.segment.inference.export_onnx`` writes it once); without the export only the rules that
+        #: (``covidcxr.segment.loading.export_onnx`` writes it once); without the export only the rules that
         #: need no mask (aspect ratio, a uniform picture) run, the records say so, and a warning says what to run
         self.torch_free = torch_free
         self.down_after = max(1, int(down_after))

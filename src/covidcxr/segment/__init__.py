@@ -4,8 +4,11 @@
     covidcxr segment train --data MANIFEST --out RUN [--init lung-unet-vgg11]   # scratch / fine-tune
 
 Submodules: :mod:`~covidcxr.segment.model` (networks, strict fp16 -> fp32 loading),
-:mod:`~covidcxr.segment.training`, :mod:`~covidcxr.segment.inference` (load by name or path, torch
-or onnxruntime, mask cache, lung-crop provider), :mod:`~covidcxr.segment.masks` (post-processing,
+:mod:`~covidcxr.segment.training`, :mod:`~covidcxr.segment.segmenter` (a network with its input convention,
+torch or onnxruntime), :mod:`~covidcxr.segment.loading` (by catalogue name or file; ONNX exports),
+:mod:`~covidcxr.segment.maskcache` (masks by image hash), :mod:`~covidcxr.segment.lungcrop` (the lung crop's
+mask function), :mod:`~covidcxr.segment.maskspec` (which segmenter a lung-crop model needs, picklable),
+:mod:`~covidcxr.segment.writer` (batch masks to files), :mod:`~covidcxr.segment.masks` (post-processing,
 measurements) and :mod:`~covidcxr.segment.plausibility` (is this a frontal chest X-ray?).
 
 Importing this package imports neither torch nor a model: names resolve on first use, so the
@@ -22,10 +25,11 @@ _EXPORTS = {
     "lung_logit": "model",
     "postprocess": "masks", "fill_holes": "masks", "dice": "masks", "dilate": "masks", "read_mask": "masks",
     "measure": "masks", "overlay": "masks",
-    "LungSegmenter": "inference", "load_segmenter": "inference", "default_segmenter": "inference",
-    "PRETRAINED": "inference", "MaskCache": "inference", "CachedSegmenter": "inference", "image_hash": "inference",
-    "lung_crop_provider": "inference", "MaskSpec": "maskspec", "MaskSpecError": "maskspec",
-    "predict_masks": "inference", "predict_files": "inference", "FORMAT": "inference",
+    "LungSegmenter": "segmenter", "load_segmenter": "loading", "default_segmenter": "loading",
+    "PRETRAINED": "loading", "FORMAT": "loading",
+    "MaskCache": "maskcache", "CachedSegmenter": "maskcache", "image_hash": "maskcache",
+    "lung_crop_provider": "lungcrop", "MaskSpec": "maskspec", "MaskSpecError": "maskspec",
+    "predict_masks": "writer", "predict_files": "writer",
     "train_segmenter": "training", "evaluate_dice": "training", "summarize_dice": "training",
     "check_plausibility": "plausibility", "Plausibility": "plausibility",
 }

@@ -40,7 +40,7 @@ class MaskSpec:
     def for_model(cls, training: Mapping[str, Any] | None, onnx: bool = False) -> "MaskSpec":
         """The spec a checkpoint (or ONNX file) records; older files without one were cropped by the
         pretrained ``lung-unet-vgg11`` (the default at the time, unless $COVIDCXR_LUNG_MODEL was set)."""
-        from covidcxr.segment.inference import PRETRAINED, PRETRAINED_SHA256
+        from covidcxr.segment.loading import PRETRAINED, PRETRAINED_SHA256
 
         rec = (training or {}).get(TRAINING_KEY) or {}
         name = str(rec.get("name") or PRETRAINED)
@@ -51,7 +51,7 @@ class MaskSpec:
     def for_training(cls) -> "MaskSpec":
         """The segmenter that crops a new training run's images: ``$COVIDCXR_LUNG_MODEL`` when set (said in
         the run's summary), else the pretrained U-Net; its sha256 filled in from the loaded weights."""
-        from covidcxr.segment.inference import default_segmenter
+        from covidcxr.segment.loading import default_segmenter
 
         spec = cls(default_segmenter())
         fn = provider(spec)
@@ -79,7 +79,7 @@ def provider(spec: MaskSpec) -> Callable[[np.ndarray], np.ndarray]:
     with _LOCK:
         if spec in _PROVIDERS:
             return _PROVIDERS[spec]
-        from covidcxr.segment.inference import lung_crop_provider
+        from covidcxr.segment.lungcrop import lung_crop_provider
 
         kw: dict[str, Any] = {"backend": "onnx", "torch_free": True} if spec.torch_free else {"backend": spec.backend}
         try:

@@ -215,13 +215,12 @@ def _shape_rules(m: dict) -> tuple[str, str] | None:
 
 
 def _segmenter(segmenter: Any = None, backend: str = "auto", torch_free: bool = False):
-    from covidcxr.segment.inference import CachedSegmenter, load_segmenter
+    from covidcxr.segment.loading import PRETRAINED, load_segmenter
+    from covidcxr.segment.maskcache import CachedSegmenter
 
     if isinstance(segmenter, CachedSegmenter):
         return segmenter
     if segmenter is None or isinstance(segmenter, (str, os.PathLike)):
-        from covidcxr.segment.inference import PRETRAINED
-
         seg = load_segmenter(segmenter or PRETRAINED, size=SIZE if segmenter in (None, PRETRAINED) else None,
                              backend=backend, torch_free=torch_free)
     else:
@@ -241,8 +240,8 @@ def check_plausibility(image: np.ndarray, segmenter: Any = None, mask: np.ndarra
     CachedSegmenter, or ``None`` (pretrained ``lung-unet-vgg11`` at :data:`SIZE` px).
     ``mask``: skip segmenting and judge this mask. ``backend``: "auto" runs onnxruntime when it is
     installed (20-30 % less CPU than torch, benchmarks/segment_speed.py), torch-free once the export
-    exists (:func:`covidcxr.segment.inference.export_onnx`). ``torch_free=True``: never import torch
-    (an image that needs the U-Net raises :class:`~covidcxr.segment.inference.NoTorchFreeSegmenter`
+    exists (:func:`covidcxr.segment.loading.export_onnx`). ``torch_free=True``: never import torch
+    (an image that needs the U-Net raises :class:`~covidcxr.segment.loading.NoTorchFreeSegmenter`
     when its export is missing)."""
     return check_many([image], segmenter, [mask] if mask is not None else None, backend=backend,
                       torch_free=torch_free)[0]

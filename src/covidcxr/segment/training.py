@@ -36,9 +36,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from covidcxr.segment.inference import FORMAT, LungSegmenter, _standardize, load_segmenter
+from covidcxr.segment.loading import FORMAT, load_segmenter
 from covidcxr.segment.masks import dice, read_mask
 from covidcxr.segment.model import UNet, lung_logit
+from covidcxr.segment.segmenter import LungSegmenter, _standardize
 
 log = logging.getLogger(__name__)
 
