@@ -146,9 +146,6 @@ def test_predict_flags_nonsense_and_gives_it_no_disease_label(setup, tmp_path, w
 def test_predict_without_segmenter_weights_says_unchecked(setup, tmp_path, monkeypatch, capsys, caplog) -> None:
     ckpt, imgs, _ = setup
     monkeypatch.setenv("COVIDCXR_WEIGHTS_DIR", str(tmp_path / "no-weights"))
-    import covidcxr.segment.loading as inf
-
-    monkeypatch.setattr(inf, "_LOADED", {})
     out = tmp_path / "u.jsonl"
     assert _predict(str(imgs[0]), "--out", str(out), "--model", str(ckpt), "--workers", "0", "-q") == 0
     r = _jsonl(out)[0]

@@ -212,17 +212,13 @@ def test_gate_failure_is_per_image_and_reported_down(case: dict[str, Any], weigh
     pytest.importorskip("fastapi")
     from fastapi.testclient import TestClient
 
-    import covidcxr.segment.loading as inf
-    import covidcxr.segment.plausibility as plaus
     from covidcxr.serve import create_app
 
     film = case["inputs"]["film"][0].read_bytes()
     app = create_app(case["models"]["film"])
     gate = app.state.service.gate
     gate.down_after = 2
-    with TestClient(app) as client:
-        monkeypatch.setattr(inf, "_LOADED", {})
-        monkeypatch.setattr(plaus, "_CACHED", {})
+    with TestClient(app) as client:  # the gate loads its U-Net on its first check: here, without weights
         monkeypatch.setenv("COVIDCXR_WEIGHTS_DIR", str(tmp_path / "no-weights"))  # the U-Net cannot load
         for n in (1, 2):
             j = client.post("/v1/predict", files={"file": ("f.png", film, "image/png")}).json()
@@ -231,9 +227,7 @@ def test_gate_failure_is_per_image_and_reported_down(case: dict[str, Any], weigh
             h = client.get("/healthz").json()
             assert h["plausibility"]["failures"] == n
         assert h["status"] == "degraded" and h["plausibility"]["state"] == "down"
-        monkeypatch.setenv("COVIDCXR_WEIGHTS_DIR", str(weights_dir))  # the weights are back
-        inf._LOADED.clear()
-        plaus._CACHED.clear()
+        monkeypatch.setenv("COVIDCXR_WEIGHTS_DIR", str(weights_dir))  # the weights are back: the next image loads them
         j = client.post("/v1/predict", files={"file": ("f.png", film, "image/png")}).json()
         assert j["plausibility"]["verdict"] == "frontal_cxr", j["plausibility"]  # checked again: not sticky
         h = client.get("/healthz").json()
@@ -280,17 +274,13 @@ def test_dicom_engine_logs_when_the_gate_is_down(case: dict[str, Any], tmp_path:
     """§2.1 for the node: each failed check is per image, and the node's log says once that the gate is down."""
     import logging
 
-    import covidcxr.segment.loading as inf
-    import covidcxr.segment.plausibility as plaus
     from covidcxr.dicom.analysis import Engine
     from covidcxr.io import read_image
 
     engine = Engine.from_paths(str(case["models"]["film"]))
     engine.gate.down_after = 3
     image = read_image(case["inputs"]["film"][0])
-    monkeypatch.setattr(inf, "_LOADED", {})
-    monkeypatch.setattr(plaus, "_CACHED", {})
-    monkeypatch.setenv("COVIDCXR_WEIGHTS_DIR", str(tmp_path / "no-weights"))
+    monkeypatch.setenv("COVIDCXR_WEIGHTS_DIR", str(tmp_path / "no-weights"))  # before the gate's first check
     with caplog.at_level(logging.WARNING):
         for _ in range(4):
             a = engine.analyze(image)

@@ -236,11 +236,9 @@ def test_unet_session_reuses_its_optimised_graph(onnx_case, samples_dir, tmp_pat
     (tmp_path / "segment").mkdir()
     (tmp_path / "segment" / name).symlink_to((onnx_case["cache"] / "segment" / name).resolve())
     monkeypatch.setenv("COVIDCXR_CACHE", str(tmp_path))
-    monkeypatch.setattr(inf, "_LOADED", {})
     film = read_image(samples_dir / "nih-00000001_000.png")
 
     def load():
-        inf._LOADED.clear()
         return inf.load_segmenter(inf.PRETRAINED, size=256, backend="onnx", torch_free=True)
 
     first = load()

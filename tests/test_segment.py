@@ -212,3 +212,61 @@ def test_segment_predict_cli_rejects_unknown_model(tmp_path, capsys):
     rc = main(["segment", "predict", str(img), "--model", str(tmp_path / "nope.pt"), "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err
     assert rc != 0 and "nope.pt" in err and "Traceback" not in err
+
+
+def _segment_imports() -> dict[str, set[str]]:
+    """Which covidcxr.segment modules each one imports, at module level or inside a function."""
+    import ast
+
+    pkg = Path(__file__).resolve().parents[1] / "src" / "covidcxr" / "segment"
+    names = {p.stem for p in pkg.glob("*.py") if p.stem != "__init__"}
+    graph: dict[str, set[str]] = {}
+    for name in names:
+        deps = set()
+        for node in ast.walk(ast.parse((pkg / f"{name}.py").read_text())):
+            mods = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            deps |= {m.split(".")[2] for m in mods if m.startswith("covidcxr.segment.")}
+        graph[name] = deps & names
+    return graph
+
+
+def test_segment_modules_import_no_circle():
+    """Issue 21 §1: plausibility <-> inference imported each other; now every import goes one way."""
+    graph = _segment_imports()
+    assert {"segmenter", "loading", "maskcache", "lungcrop", "writer", "plausibility"} <= set(graph)
+    state: dict[str, int] = {}
+
+    def visit(node: str, path: list[str]) -> None:
+        state[node] = 1
+        for dep in sorted(graph[node]):
+            assert state.get(dep) != 1, f"import circle: {' -> '.join(path + [node, dep])}"
+            if dep not in state:
+                visit(dep, path + [node])
+        state[node] = 2
+
+    for name in sorted(graph):
+        if name not in state:
+            visit(name, [])
+    assert "plausibility" in graph["writer"] and "writer" not in graph["plausibility"]
+
+
+def test_no_process_global_segmenter_memo(trained, tmp_path):
+    """Issue 21 §1: load_segmenter loads each time (no hidden _LOADED), and each plausibility gate holds its own
+    segmenter and mask cache (no hidden _CACHED): a gate that failed to load tries again on the next image."""
+    from covidcxr.predict.gate import PlausibilityGate
+    from covidcxr.segment import load_segmenter
+
+    _, _, res = trained
+    assert load_segmenter(res["checkpoint"]) is not load_segmenter(res["checkpoint"])
+    a = synthetic_cxr(0)[0].astype(np.float32) / 255
+    missing = tmp_path / "later.pt"
+    gate = PlausibilityGate(segmenter=str(missing))
+    assert gate.check(a)["verdict"] == "unchecked" and gate.failures == 1
+    missing.write_bytes(Path(res["checkpoint"]).read_bytes())
+    assert gate.check(a)["verdict"] in ("frontal_cxr", "not_a_frontal_cxr") and gate.failures == 1
+    other = PlausibilityGate(segmenter=str(missing))
+    other.check(a)
+    assert other.checker() is not gate.checker() and gate.checker().calls == 1 and other.checker().calls == 1
+    gate.check(a)
+    assert gate.checker().calls == 1  # answered from the gate's own mask cache

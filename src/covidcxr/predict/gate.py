@@ -66,7 +66,11 @@ class PlausibilityGate:
                  backend: str = "torch", torch_free: bool = False, down_after: int = DOWN_AFTER):
         self.enabled = enabled
         self.label_implausible = label_implausible
+        #: the segmenter to load (name, path, LungSegmenter; None: the pretrained U-Net at the check's size)
         self.segmenter = segmenter
+        #: the loaded segmenter with its mask cache, held for the gate's life; loaded on the first check that
+        #: needs it, and tried again on the next image when loading fails (no per-process memo)
+        self._checker: Any = None
         self.backend = backend
         #: the ONNX paths must not import torch: they run the lung U-Net's ONNX export with onnxruntime alone
         #: (``covidcxr.segment.loading.export_onnx`` writes it once); without the export only the rules that
@@ -118,6 +122,14 @@ class PlausibilityGate:
                       "why); records say 'unchecked' until it works again", self.down_after)
         return reason
 
+    def checker(self) -> Any:
+        """The gate's segmenter (a CachedSegmenter), loaded on first use; raises when it cannot be loaded."""
+        if self._checker is None:
+            from covidcxr.segment.plausibility import check_segmenter
+
+            self._checker = check_segmenter(self.segmenter, backend=self.backend, torch_free=self.torch_free)
+        return self._checker
+
     def check(self, image: np.ndarray) -> dict[str, Any]:
         """``{"verdict", "plausible", "reason", "rule"}`` for one H x W [0, 1] image."""
         if not self.enabled:
@@ -132,8 +144,7 @@ class PlausibilityGate:
             from covidcxr.segment.plausibility import check_plausibility
 
             with self._lock:
-                v = check_plausibility(img, segmenter=self.segmenter, backend=self.backend,
-                                       torch_free=self.torch_free)
+                v = check_plausibility(img, segmenter=self.checker())
                 if self.down:
                     log.warning("plausibility gate is up again after %d failed images", self.consecutive_failures)
                 self.consecutive_failures = 0

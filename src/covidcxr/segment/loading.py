@@ -116,9 +116,6 @@ def _file_digest(p: Path) -> str:
     return file_sha256(p)
 
 
-_LOADED: dict[tuple, LungSegmenter] = {}
-
-
 def load_segmenter(spec: str | os.PathLike | LungSegmenter | None = None, *, size: int | None = None,
                    backend: str = "torch", threshold: float = 0.5, torch_free: bool = False) -> LungSegmenter:
     """A :class:`LungSegmenter` by catalogue name or file (``None``: :func:`default_segmenter`).
@@ -128,7 +125,9 @@ def load_segmenter(spec: str | os.PathLike | LungSegmenter | None = None, *, siz
     :func:`cache_dir` (written on first use); ``"auto"`` picks onnx when onnxruntime is installed.
     ``torch_free=True`` (the ONNX predictors): only an existing export of the pretrained U-Net is
     loaded, with onnxruntime alone; when there is none, :class:`NoTorchFreeSegmenter` says what to run
-    instead of importing torch to write it. Loaded segmenters are kept per process.
+    instead of importing torch to write it. Every call loads: whoever segments many images keeps the
+    segmenter it got (the plausibility gate holds its own; a :class:`~covidcxr.segment.maskspec.MaskSpec`
+    loads once per process).
     """
     if isinstance(spec, LungSegmenter):
         return spec
@@ -142,10 +141,6 @@ def load_segmenter(spec: str | os.PathLike | LungSegmenter | None = None, *, siz
             backend = "torch"
     if backend not in ("torch", "onnx"):
         raise _segmenter_error()(f"unknown segmenter backend {backend!r}; choose torch, onnx or auto")
-    # an ONNX session belongs to the export it was loaded from: another COVIDCXR_CACHE is another session
-    key = (spec, size, backend, threshold, str(cache_dir()) if backend == "onnx" else None)
-    if key in _LOADED:
-        return _LOADED[key]
     if torch_free and (backend != "onnx" or spec != PRETRAINED):
         raise NoTorchFreeSegmenter(f"{spec}: only the ONNX export of {PRETRAINED} loads without torch "
                                  f"(backend {backend!r}; onnxruntime installed?)")
@@ -156,11 +151,9 @@ def load_segmenter(spec: str | os.PathLike | LungSegmenter | None = None, *, siz
         preset = get_preset("lung-unet", size)
         onnx_path = onnx_file(PRETRAINED_SHA256, preset.size)
         if onnx_path.is_file():
-            seg = LungSegmenter(None, preset.size, str(onnx_path), {"catalogue": spec}, preset=preset, name=spec,
-                                digest=PRETRAINED_SHA256, backend="onnx", session=_onnx_session(onnx_path),
-                                threshold=threshold)
-            _LOADED[key] = seg
-            return seg
+            return LungSegmenter(None, preset.size, str(onnx_path), {"catalogue": spec}, preset=preset, name=spec,
+                                 digest=PRETRAINED_SHA256, backend="onnx", session=_onnx_session(onnx_path),
+                                 threshold=threshold)
         if torch_free:
             raise NoTorchFreeSegmenter(
                 f"no ONNX export of {PRETRAINED} at {preset.size} px ({onnx_path}); write it once (needs torch and "
@@ -172,7 +165,6 @@ def load_segmenter(spec: str | os.PathLike | LungSegmenter | None = None, *, siz
         if not onnx_path.is_file():
             seg.export_onnx(onnx_path)
         seg.session, seg.backend = _onnx_session(onnx_path), "onnx"
-    _LOADED[key] = seg
     return seg
 
 

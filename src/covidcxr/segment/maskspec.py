@@ -11,6 +11,7 @@ silently at inference.
 
 from __future__ import annotations
 
+import functools
 import threading
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
@@ -69,27 +70,32 @@ class MaskSpec:
         return provider(self)(image)
 
 
-_PROVIDERS: dict[MaskSpec, Callable[[np.ndarray], np.ndarray]] = {}
 _LOCK = threading.Lock()
 
 
 def provider(spec: MaskSpec) -> Callable[[np.ndarray], np.ndarray]:
     """The mask function of ``spec`` in this process (loaded once); :class:`MaskSpecError` when it cannot be
     loaded or its weights are not the recorded ones."""
-    with _LOCK:
-        if spec in _PROVIDERS:
-            return _PROVIDERS[spec]
-        from covidcxr.segment.lungcrop import lung_crop_provider
+    with _LOCK:  # one load per process even when two threads ask at once
+        return _process_provider(spec)
 
-        kw: dict[str, Any] = {"backend": "onnx", "torch_free": True} if spec.torch_free else {"backend": spec.backend}
-        try:
-            fn = lung_crop_provider(spec.name, spec.dilation, **kw)
-        except Exception as err:  # no weights, no ONNX export: one line naming the segmenter
-            raise MaskSpecError(f"the lung segmenter {spec.describe()} could not be loaded: "
-                                f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from None
-        found = str(getattr(fn.segmenter, "digest", "") or "")  # type: ignore[attr-defined]
-        if spec.sha256 and found and found != spec.sha256:
-            raise MaskSpecError(f"the model's lung crop was trained with segmenter {spec.describe()}, but "
-                                f"{spec.name} here has sha256 {found[:12]}; refusing to crop with another segmenter")
-        _PROVIDERS[spec] = fn
-        return fn
+
+# The one per-process memo of the segment package, on purpose: a MaskSpec travels by value into decode workers,
+# training data loaders and Ray tasks and is called once per image; without the memo every image would load the
+# U-Net again and lose the mask cache (a training run re-segments each image every epoch). Keyed by the frozen
+# spec (segmenter name + sha256 + dilation + backend); a failed load raises and is not remembered.
+@functools.lru_cache(maxsize=8)
+def _process_provider(spec: MaskSpec) -> Callable[[np.ndarray], np.ndarray]:
+    from covidcxr.segment.lungcrop import lung_crop_provider
+
+    kw: dict[str, Any] = {"backend": "onnx", "torch_free": True} if spec.torch_free else {"backend": spec.backend}
+    try:
+        fn = lung_crop_provider(spec.name, spec.dilation, **kw)
+    except Exception as err:  # no weights, no ONNX export: one line naming the segmenter
+        raise MaskSpecError(f"the lung segmenter {spec.describe()} could not be loaded: "
+                            f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from None
+    found = str(getattr(fn.segmenter, "digest", "") or "")  # type: ignore[attr-defined]
+    if spec.sha256 and found and found != spec.sha256:
+        raise MaskSpecError(f"the model's lung crop was trained with segmenter {spec.describe()}, but "
+                            f"{spec.name} here has sha256 {found[:12]}; refusing to crop with another segmenter")
+    return fn

@@ -16,7 +16,8 @@ the classifier must still read).
 
 The rules run on the mask alone (:func:`assess`), so a caller that already has a mask pays
 nothing more; :func:`check_plausibility` segments first (pretrained ``lung-unet-vgg11`` at
-:data:`SIZE` px, masks cached by image hash). The thresholds (:data:`LIMITS`) and the measured
+:data:`SIZE` px, masks cached by image hash in the segmenter that :func:`check_segmenter` returns: keep it
+and pass it in to check many images with one load). The thresholds (:data:`LIMITS`) and the measured
 false-flag and catch rates are in ``docs/explain.md``.
 """
 
@@ -214,30 +215,29 @@ def _shape_rules(m: dict) -> tuple[str, str] | None:
     return None
 
 
-def _segmenter(segmenter: Any = None, backend: str = "auto", torch_free: bool = False):
+def check_segmenter(segmenter: Any = None, backend: str = "auto", torch_free: bool = False) -> Any:
+    """The segmenter the check runs, behind a mask cache (a :class:`~covidcxr.segment.maskcache.CachedSegmenter`).
+
+    ``segmenter``: a CachedSegmenter (returned as it is), a LungSegmenter, a name or path (loaded), or ``None``:
+    the pretrained ``lung-unet-vgg11`` at :data:`SIZE` px. A name or ``None`` loads the weights on every call:
+    whoever checks many images keeps the result and passes it back in (the plausibility gate holds its own).
+    """
     from covidcxr.segment.loading import PRETRAINED, load_segmenter
     from covidcxr.segment.maskcache import CachedSegmenter
 
     if isinstance(segmenter, CachedSegmenter):
         return segmenter
     if segmenter is None or isinstance(segmenter, (str, os.PathLike)):
-        seg = load_segmenter(segmenter or PRETRAINED, size=SIZE if segmenter in (None, PRETRAINED) else None,
-                             backend=backend, torch_free=torch_free)
-    else:
-        seg = segmenter
-    key = id(seg)
-    if key not in _CACHED:
-        _CACHED[key] = CachedSegmenter(seg)
-    return _CACHED[key]
-
-
-_CACHED: dict[int, Any] = {}
+        segmenter = load_segmenter(segmenter or PRETRAINED, size=SIZE if segmenter in (None, PRETRAINED) else None,
+                                   backend=backend, torch_free=torch_free)
+    return CachedSegmenter(segmenter)
 
 
 def check_plausibility(image: np.ndarray, segmenter: Any = None, mask: np.ndarray | None = None,
                        backend: str = "auto", torch_free: bool = False) -> Plausibility:
     """Verdict for one H x W [0,1] image. ``segmenter``: a name/path, a LungSegmenter, a
-    CachedSegmenter, or ``None`` (pretrained ``lung-unet-vgg11`` at :data:`SIZE` px).
+    CachedSegmenter, or ``None`` (pretrained ``lung-unet-vgg11`` at :data:`SIZE` px); see :func:`check_segmenter`
+    (a name or ``None`` loads the U-Net on every call).
     ``mask``: skip segmenting and judge this mask. ``backend``: "auto" runs onnxruntime when it is
     installed (20-30 % less CPU than torch, benchmarks/segment_speed.py), torch-free once the export
     exists (:func:`covidcxr.segment.loading.export_onnx`). ``torch_free=True``: never import torch
@@ -255,7 +255,7 @@ def check_many(images: Sequence[np.ndarray], segmenter: Any = None, masks: Seque
         return [o or assess(mk, im) for o, im, mk in zip(out, images, masks)]
     todo = [i for i, o in enumerate(out) if o is None]
     if todo:
-        seg = _segmenter(segmenter, backend, torch_free)
+        seg = check_segmenter(segmenter, backend, torch_free)
         found = seg.segment_many([images[i] for i in todo], batch_size=batch_size)
         for i, mk in zip(todo, found):
             out[i] = assess(mk, images[i], seg.id)
