@@ -383,3 +383,21 @@ def test_api_key_file_errors_are_one_line(ckpt: Path, tmp_path: Path, capsys: py
         assert main(["serve", "--model", str(ckpt), "--api-key-file", str(path)]) == 1
         err = capsys.readouterr().err.strip()
         assert msg in err and str(path) in err and "\n" not in err, err
+
+
+def test_create_app_takes_a_config_or_keyword_settings(ckpt: Path) -> None:
+    """One ServeConfig (what `covidcxr serve` builds) or keyword overrides give the same service; a misspelt
+    setting is an error, not silently ignored."""
+    from covidcxr.serve import ServeConfig
+
+    config = ServeConfig(model=str(ckpt), api_key="", max_upload_mb=1.5, max_batch=1, queue=3, plausibility=False)
+    by_config = create_app(config)
+    by_keywords = create_app(ckpt, api_key="", max_upload_mb=1.5, max_batch=1, queue=3, plausibility=False)
+    with TestClient(by_config) as a, TestClient(by_keywords) as b:
+        limits = a.get("/v1/model").json()["limits"]
+        assert limits == b.get("/v1/model").json()["limits"]
+        assert limits["max_upload_mb"] == 1.5 and limits["max_batch"] == 1 and limits["queue"] == 3
+        assert a.get("/healthz").json()["plausibility"]["state"] == "off"
+    assert ServeConfig.build(config, max_batch=4).max_batch == 4 and config.max_batch == 1
+    with pytest.raises(TypeError, match="max_batches"):
+        create_app(ckpt, max_batches=2)

@@ -57,7 +57,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from covidcxr.cli import UserError
     from covidcxr.predict import Predictor, PredictorError, SeverityScorer, SeverityUnavailable
     from covidcxr.reference_models import model_or_default
-    from covidcxr.serve import create_app
+    from covidcxr.serve import ServeConfig, create_app
 
     args.model = model_or_default(args.model)  # no --model: the reference classifier, said in one line
 
@@ -82,25 +82,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
             raise UserError(str(err)) from None
         except Exception as err:  # SeverityError / CheckpointError name the file already
             raise UserError(f"--severity {args.severity}: {err}") from None
-    app = create_app(
-        args.model,
-        backend=args.backend,
-        max_upload_mb=args.max_upload_mb,
-        max_concurrency=args.max_concurrency,
-        queue=args.queue,
-        queue_timeout=args.queue_timeout,
-        threads=args.threads,
-        cors_origins=args.cors_origin,
-        severity_path=args.severity,
-        always_severity=args.always_severity,
-        predictor=predictor,
-        plausibility=not args.no_plausibility,
-        label_implausible=args.label_implausible,
-        api_key=api_key,
-        max_batch=args.max_batch,
-        max_wait_ms=args.max_wait_ms,
+    config = ServeConfig(
+        model=str(args.model), backend=args.backend, threads=args.threads,
+        severity=str(args.severity) if args.severity else None, always_severity=args.always_severity,
+        plausibility=not args.no_plausibility, label_implausible=args.label_implausible,
+        api_key=api_key, cors_origins=tuple(args.cors_origin or ()),
+        max_upload_mb=args.max_upload_mb, max_concurrency=args.max_concurrency, queue=args.queue,
+        queue_timeout=args.queue_timeout, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
         decode_workers=args.decode_workers,
     )
+    app = create_app(config, predictor=predictor)
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: listening on {args.host}; anyone who can reach it can upload images "
               "(set COVIDCXR_API_KEY or --api-key-file, and put it behind TLS)", file=sys.stderr)

@@ -51,6 +51,7 @@ from covidcxr.predict.inputs import Item
 from covidcxr.predict.pipeline import Pipeline
 from covidcxr.preprocess import PresetError
 from covidcxr.serve.batcher import BatcherFull, BatchTiming, MicroBatcher
+from covidcxr.serve.config import ServeConfig
 from covidcxr.serve.schemas import ErrorResponse, HealthResponse, Limits, ModelCard, ModelRef, PredictResponse
 
 log = logging.getLogger("covidcxr.serve")
@@ -58,10 +59,6 @@ STATIC = Path(__file__).parent / "static"
 API_KEY_ENV = "COVIDCXR_API_KEY"
 DISPLAY_SIZE = 512  # side of the image returned for the page (the model input, upscaled for the eye)
 RETRY_AFTER_S = 2
-#: measured defaults (docs/benchmarks.md "Service"): batches of up to 8 images, formed within 10 ms
-DEFAULT_MAX_BATCH = 8
-DEFAULT_MAX_WAIT_MS = 10.0
-DEFAULT_DECODE_WORKERS = 2
 
 _ERRORS = {
     400: {"model": ErrorResponse, "description": "The body is not a well-formed multipart form"},
@@ -394,65 +391,44 @@ def _validation_detail(exc: RequestValidationError) -> str:
     return "invalid request: " + "; ".join(parts) if parts else "invalid request"
 
 
-def create_app(
-    model_path: str | os.PathLike | None = None,
-    api_key: str | None = None,
-    max_upload_mb: float = 20.0,
-    max_concurrency: int = 2,
-    queue: int = 8,
-    *,
-    backend: str | None = None,
-    queue_timeout: float = 30.0,
-    threads: int | None = None,
-    cors_origins: Sequence[str] | None = None,
-    severity_path: str | os.PathLike | None = None,
-    always_severity: bool = False,
-    predictor: Predictor | None = None,
-    max_batch: int = DEFAULT_MAX_BATCH,
-    max_wait_ms: float = DEFAULT_MAX_WAIT_MS,
-    decode_workers: int = DEFAULT_DECODE_WORKERS,
-    api_key_file: str | os.PathLike | None = None,
-    plausibility: bool = True,
-    label_implausible: bool = False,
-) -> FastAPI:
-    """Build the app for a checkpoint or ONNX file (or a ready ``predictor``).
-
-    ``api_key=None`` reads ``api_key_file``, else ``COVIDCXR_API_KEY``; an empty key means no authentication.
-    ``max_batch`` > 1 batches concurrent requests (up to ``max_batch`` images within ``max_wait_ms``);
-    ``max_batch=1`` runs each request alone in one of ``max_concurrency`` slots.
-    ``cors_origins`` lists browser origins allowed to call the API; none by default.
-    ``plausibility``/``label_implausible``: the frontal-CXR gate of :mod:`covidcxr.predict.gate`.
+def create_app(config: ServeConfig | str | os.PathLike | None = None, *, predictor: Predictor | None = None,
+               **overrides: Any) -> FastAPI:
+    """Build the app from a :class:`~covidcxr.serve.config.ServeConfig` (or a model path), for a checkpoint or
+    ONNX file or a ready ``predictor``. Keyword ``overrides`` replace config fields (``create_app(path,
+    api_key="", max_batch=1)`` as before); see ServeConfig for what each setting does.
     """
+    c = ServeConfig.build(config, **overrides)
     if predictor is None:
-        if model_path is None:
-            raise ValueError("create_app needs model_path or predictor")
-        predictor = Predictor.from_path(model_path, backend=backend, threads=threads)
-    if threads and predictor.backend_name == "torch":  # the ONNX backend must not import torch
+        if c.model is None:
+            raise ValueError("create_app needs a model path or a predictor")
+        predictor = Predictor.from_path(c.model, backend=c.backend, threads=c.threads)
+    if c.threads and predictor.backend_name == "torch":  # the ONNX backend must not import torch
         from covidcxr.predict.backend_torch import set_threads
 
-        set_threads(threads)
-    severity = SeverityScorer.from_path(severity_path) if severity_path else None
+        set_threads(c.threads)
+    severity = SeverityScorer.from_path(c.severity) if c.severity else None
     from covidcxr.predict.pipeline import PipelineConfig
 
-    config = PipelineConfig(model=str(predictor.path), backend=predictor.backend_name, threads=threads,
-                            plausibility=plausibility, label_implausible=label_implausible,
-                            severity=str(severity_path) if severity_path else None, always_severity=always_severity)
+    config = PipelineConfig(model=str(predictor.path), backend=predictor.backend_name, threads=c.threads,
+                            plausibility=c.plausibility, label_implausible=c.label_implausible,
+                            severity=c.severity, always_severity=c.always_severity)
     service = Service(Pipeline(config, predictor=predictor, severity=severity, heatmapper=True))
-    if api_key is not None:
-        key = api_key
-    elif api_key_file is not None:
-        key = read_api_key_file(api_key_file)
+    if c.api_key is not None:
+        key = c.api_key
+    elif c.api_key_file is not None:
+        key = read_api_key_file(c.api_key_file)
     else:
         key = os.environ.get(API_KEY_ENV, "")
-    batched = int(max_batch) > 1
+    batched = int(c.max_batch) > 1
     # late binding: the batch function is looked up per call (tests and wrappers may replace it)
-    batcher = MicroBatcher(lambda x: service.predict_batch(x), max_batch, max_wait_ms) if batched else None
-    limiter = _Limiter(int(max_batch) if batched else max_concurrency, queue, queue_timeout)
+    batcher = MicroBatcher(lambda x: service.predict_batch(x), c.max_batch, c.max_wait_ms) if batched else None
+    limiter = _Limiter(int(c.max_batch) if batched else c.max_concurrency, c.queue, c.queue_timeout)
     decode_limiter: list[anyio.CapacityLimiter] = []  # made inside the event loop, on first use
     limits = Limits(
-        max_upload_mb=max_upload_mb, max_concurrency=limiter.concurrency, queue=limiter.capacity - limiter.concurrency,
-        queue_timeout_s=queue_timeout, max_batch=int(max_batch), max_wait_ms=float(max_wait_ms) if batched else None,
-        decode_workers=int(decode_workers) if batched else None,
+        max_upload_mb=c.max_upload_mb, max_concurrency=limiter.concurrency, queue=limiter.capacity - limiter.concurrency,
+        queue_timeout_s=c.queue_timeout, max_batch=int(c.max_batch),
+        max_wait_ms=float(c.max_wait_ms) if batched else None,
+        decode_workers=int(c.decode_workers) if batched else None,
     )
 
     @asynccontextmanager
@@ -524,19 +500,19 @@ def create_app(
             heatmap_available=service.heatmapper is not None,
             heatmap_note=service.heatmap_note,
             severity=severity.info() if severity else None,
-            always_severity=always_severity,
+            always_severity=c.always_severity,
             limits=limits,
         )
 
     async def _batched(data: bytes, filename: str | None, heatmap: bool, image: bool) -> dict[str, Any]:
         if not decode_limiter:
-            decode_limiter.append(anyio.CapacityLimiter(max(1, int(decode_workers))))
+            decode_limiter.append(anyio.CapacityLimiter(max(1, int(c.decode_workers))))
         prep = await anyio.to_thread.run_sync(service.prepare, data, filename, limiter=decode_limiter[0])
         try:
-            with anyio.fail_after(queue_timeout):
+            with anyio.fail_after(c.queue_timeout):
                 row, timing = await batcher.submit(prep.tensor)
         except TimeoutError:
-            raise limiter._busy_error(f"waited {queue_timeout:.0f} s for a batch") from None
+            raise limiter._busy_error(f"waited {c.queue_timeout:.0f} s for a batch") from None
         except BatcherFull as err:
             raise limiter._busy_error(str(err)) from None
         return await anyio.to_thread.run_sync(service.finish, prep, row, heatmap, image, timing,
@@ -586,17 +562,17 @@ def create_app(
 
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
-    if cors_origins:
+    if c.cors_origins:
         from fastapi.middleware.cors import CORSMiddleware
 
         app.add_middleware(
-            CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["GET", "POST"],
+            CORSMiddleware, allow_origins=list(c.cors_origins), allow_methods=["GET", "POST"],
             allow_headers=["X-API-Key", "Content-Type"],
         )
-    app.add_middleware(_UploadLimit, limit_bytes=int(max_upload_mb * 1e6), paths=["/v1/predict"])
+    app.add_middleware(_UploadLimit, limit_bytes=int(c.max_upload_mb * 1e6), paths=["/v1/predict"])
     app.add_middleware(_SecurityHeaders)
     log.info("serving %s (%s, %s backend); %s; auth %s; CORS %s", predictor.name, predictor.arch,
              predictor.backend_name,
-             f"batches of <= {max_batch} within {max_wait_ms:g} ms" if batched else f"{max_concurrency} slots",
-             "on" if key else "off", ",".join(cors_origins) if cors_origins else "closed")
+             f"batches of <= {c.max_batch} within {c.max_wait_ms:g} ms" if batched else f"{c.max_concurrency} slots",
+             "on" if key else "off", ",".join(c.cors_origins) if c.cors_origins else "closed")
     return app
