@@ -270,3 +270,19 @@ def test_no_process_global_segmenter_memo(trained, tmp_path):
     assert other.checker() is not gate.checker() and gate.checker().calls == 1 and other.checker().calls == 1
     gate.check(a)
     assert gate.checker().calls == 1  # answered from the gate's own mask cache
+
+
+def test_train_segmenter_takes_a_config(trained, tmp_path):
+    """SegmenterTrainConfig (what `covidcxr segment train` builds) and keyword overrides of it; a misspelt
+    setting is a TypeError, not silently ignored."""
+    from covidcxr.segment.training import SegmenterTrainConfig
+
+    _, manifest, _ = trained
+    config = SegmenterTrainConfig(size=32, epochs=5, batch_size=2, base=4, depth=2, max_steps=3)
+    res = train_segmenter(manifest, tmp_path / "run", config, max_steps=2, seed=1)
+    training = json.loads((tmp_path / "run" / "metrics.json").read_text())["training"]
+    assert training["steps"] == 2 and training["seed"] == 1 and training["batch_size"] == 2
+    assert Path(res["checkpoint"]).is_file() and config.max_steps == 3
+    with pytest.raises(TypeError, match="epoch"):
+        train_segmenter(manifest, tmp_path / "other", epoch=3)
+    assert not (tmp_path / "other").exists()

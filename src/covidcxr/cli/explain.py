@@ -254,15 +254,14 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
 
 def cmd_segment_train(args: argparse.Namespace) -> int:
-    from covidcxr.segment import train_segmenter
+    from covidcxr.segment.training import SegmenterTrainConfig, train_segmenter
 
     _threads(args)
-    res = train_segmenter(args.data, args.out, init=args.init, size=args.size, epochs=args.epochs,
-                          batch_size=args.batch_size, lr=args.lr, base=args.base,
-                          train_encoder=args.train_encoder, encoder_lr_scale=args.encoder_lr_scale,
-                          val_fraction=args.val_fraction,
-                          max_steps=args.max_steps, max_minutes=args.max_minutes, seed=args.seed,
-                          log_fn=lambda line: print(line, flush=True))
+    config = SegmenterTrainConfig(init=args.init, size=args.size, base=args.base, train_encoder=args.train_encoder,
+                                  encoder_lr_scale=args.encoder_lr_scale, epochs=args.epochs,
+                                  batch_size=args.batch_size, lr=args.lr, max_steps=args.max_steps,
+                                  max_minutes=args.max_minutes, val_fraction=args.val_fraction, seed=args.seed)
+    res = train_segmenter(args.data, args.out, config, log_fn=lambda line: print(line, flush=True))
     print(json.dumps(res, indent=2))
     return 0
 

@@ -27,8 +27,9 @@ import json
 import logging
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import cv2
 import numpy as np
@@ -36,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from covidcxr.overrides import with_overrides
 from covidcxr.segment.loading import FORMAT, load_segmenter
 from covidcxr.segment.masks import dice, read_mask
 from covidcxr.segment.model import UNet, lung_logit
@@ -165,40 +167,52 @@ def lr_factor(progress: float, warmup: float = 0.05, floor: float = 0.01) -> flo
     return warm * (floor + (1 - floor) * 0.5 * (1 + np.cos(np.pi * p)))
 
 
-def train_segmenter(
-    manifest: str | os.PathLike,
-    out: str | os.PathLike,
-    *,
-    init: str | None = None,
-    size: int = 256,
-    epochs: int = 40,
-    batch_size: int = 8,
-    lr: float | None = None,
-    base: int = 16,
-    depth: int = 4,
-    freeze_encoder: bool = True,
-    train_encoder: str | None = None,
-    encoder_lr_scale: float = 0.1,
-    val_fraction: float = 0.2,
-    max_steps: int | None = None,
-    max_minutes: float | None = None,
-    seed: int = 0,
-    log_fn: Callable[[str], None] | None = None,
-) -> dict:
+@dataclass(frozen=True)
+class SegmenterTrainConfig:
+    """How ``covidcxr segment train`` trains; :func:`train_segmenter` takes one (or keyword overrides)."""
+
+    # start: None trains the compact U-Net from scratch (``base`` channels, ``depth`` levels; ``size`` a multiple
+    # of 2**depth); a segmenter name or file fine-tunes it at its own preset (``size`` overrides the preset's)
+    init: str | None = None
+    size: int = 256
+    base: int = 16
+    depth: int = 4
+    # fine-tuning only: which encoder layers learn (ENCODER_TRAINED: "none", "deep", "all"; None follows
+    # freeze_encoder, the old spelling), at encoder_lr_scale x lr
+    freeze_encoder: bool = True
+    train_encoder: str | None = None
+    encoder_lr_scale: float = 0.1
+    # schedule: lr None is 1e-3 (fine-tune) or 2e-3 (scratch), warmed up then cosine; training stops after
+    # epochs, max_steps or max_minutes (the schedule anneals within max_minutes), whichever comes first
+    epochs: int = 40
+    batch_size: int = 8
+    lr: float | None = None
+    max_steps: int | None = None
+    max_minutes: float | None = None
+    # data: the validation share of patients when the manifest has no split column; the seed of that split,
+    # of the weights and of the augmentation
+    val_fraction: float = 0.2
+    seed: int = 0
+
+
+def train_segmenter(manifest: str | os.PathLike, out: str | os.PathLike, config: SegmenterTrainConfig | None = None,
+                    *, log_fn: Callable[[str], None] | None = None, **overrides: Any) -> dict:
     """Train (``init=None``) or fine-tune (``init``: a segmenter name or file) on the manifest's masks.
 
-    Keeps the best-validation-Dice weights in ``out/segmenter.pt``; returns the metrics written to
-    ``out/metrics.json`` (Dice per split at original resolution, patient-bootstrap 95 % CI).
-    ``train_encoder`` (fine-tuning only): ``"none"`` (default), ``"deep"`` (last VGG stage) or
-    ``"all"``, at ``encoder_lr_scale`` x ``lr``; ``freeze_encoder=False`` is the old spelling of
-    ``"all"``. ``max_minutes``: the schedule anneals within that wall-clock budget and training stops
-    when it is spent (see the module docstring).
+    ``config``: a :class:`SegmenterTrainConfig`; keyword ``overrides`` replace its fields
+    (``train_segmenter(m, out, epochs=3)``). Keeps the best-validation-Dice weights in ``out/segmenter.pt``;
+    returns the metrics written to ``out/metrics.json`` (Dice per split at original resolution,
+    patient-bootstrap 95 % CI). See the module docstring for the schedule and ``max_minutes``.
     """
+    c = with_overrides(SegmenterTrainConfig, config, overrides, where="train_segmenter")
+    init, size, epochs, batch_size, lr, seed = c.init, c.size, c.epochs, c.batch_size, c.lr, c.seed
+    base, depth, max_steps, max_minutes = c.base, c.depth, c.max_steps, c.max_minutes
+    encoder_lr_scale = c.encoder_lr_scale
     from covidcxr.data import ManifestError
     from covidcxr.models.checkpoint import atomic_torch_save
 
     say = log_fn or log.info
-    trained_enc = (train_encoder or ("none" if freeze_encoder else "all")) if init else "none"
+    trained_enc = (c.train_encoder or ("none" if c.freeze_encoder else "all")) if init else "none"
     if trained_enc not in ENCODER_TRAINED:
         raise ValueError(f"train_encoder must be one of {', '.join(ENCODER_TRAINED)}, not {trained_enc!r}")
     torch.manual_seed(seed)
@@ -224,7 +238,7 @@ def train_segmenter(
             return _standardize(img, size)
 
     df = _mask_rows(manifest)
-    groups = _split_rows(df, val_fraction, seed)
+    groups = _split_rows(df, c.val_fraction, seed)
     if not groups["train"]:
         raise ManifestError(f"{manifest}: no training images with masks")
     t_load = time.time()

@@ -425,7 +425,8 @@ def create_app(config: ServeConfig | str | os.PathLike | None = None, *, predict
     limiter = _Limiter(int(c.max_batch) if batched else c.max_concurrency, c.queue, c.queue_timeout)
     decode_limiter: list[anyio.CapacityLimiter] = []  # made inside the event loop, on first use
     limits = Limits(
-        max_upload_mb=c.max_upload_mb, max_concurrency=limiter.concurrency, queue=limiter.capacity - limiter.concurrency,
+        max_upload_mb=c.max_upload_mb, max_concurrency=limiter.concurrency,
+        queue=limiter.capacity - limiter.concurrency,
         queue_timeout_s=c.queue_timeout, max_batch=int(c.max_batch),
         max_wait_ms=float(c.max_wait_ms) if batched else None,
         decode_workers=int(c.decode_workers) if batched else None,
