@@ -173,3 +173,18 @@ def test_evaluate_rejects_probabilities_outside_0_1(capsys: pytest.CaptureFixtur
             main(["evaluate", "--model", "m.ckpt", "--data", "d.csv", "--out", "o", opt, val])
         assert exc.value.code == 2
         assert f"argument {opt}:" in capsys.readouterr().err
+
+
+def test_evaluate_checkpoint_takes_a_config(ckpts: list[Path], manifest: Path, tmp_path: Path) -> None:
+    """EvaluateConfig (what `covidcxr evaluate` builds) and keyword overrides give the same metrics; a misspelt
+    setting is a TypeError, not silently ignored."""
+    from covidcxr.evaluate import EvaluateConfig, evaluate_checkpoint
+
+    config = EvaluateConfig(split="val", n_boot=5, seed=3, progress=False)
+    by_config = evaluate_checkpoint(ckpts[0], manifest, config, out=tmp_path / "a")
+    by_keywords = evaluate_checkpoint(ckpts[0], manifest, split="val", n_boot=5, seed=3, progress=False,
+                                      out=tmp_path / "b")
+    assert by_config["data"]["split"] == "val" and by_config["metrics"] == by_keywords["metrics"]
+    assert evaluate_checkpoint(ckpts[0], manifest, config, split="test", out=tmp_path / "c")["data"]["split"] == "test"
+    with pytest.raises(TypeError, match="nboot"):
+        evaluate_checkpoint(ckpts[0], manifest, nboot=5, out=tmp_path / "d")

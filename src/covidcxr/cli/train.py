@@ -143,14 +143,15 @@ def _read_summary(run: Path) -> dict | None:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from covidcxr.evaluate import MetricsError, evaluate_checkpoint
+    from covidcxr.evaluate import EvaluateConfig, MetricsError, evaluate_checkpoint
     from covidcxr.predict import PredictorError
 
+    config = EvaluateConfig(split=args.split, n_boot=args.n_boot, seed=args.seed,
+                            target_sensitivity=args.target_sensitivity, calibrate=args.calibrate,
+                            set_threshold=args.set_threshold, threshold=args.threshold, batch_size=args.batch_size,
+                            num_workers=args.workers)
     try:
-        res = evaluate_checkpoint(args.model, args.data, args.split, args.out, n_boot=args.n_boot, seed=args.seed,
-                                  target_sensitivity=args.target_sensitivity, calibrate=args.calibrate,
-                                  set_threshold=args.set_threshold,
-                                  threshold=args.threshold, batch_size=args.batch_size, num_workers=args.workers)
+        res = evaluate_checkpoint(args.model, args.data, config, out=args.out)
     except (MetricsError, PredictorError) as err:
         raise _user_error(err) from None
     from covidcxr.evaluate.report import _fmt_ci

@@ -10,7 +10,9 @@ serve any predictor.
 from __future__ import annotations
 
 from covidcxr.evaluate.compare import compare, count_macs, cpu_latency_ms
-from covidcxr.evaluate.core import SPLIT_CHOICES, evaluate_checkpoint, evaluate_predictions, select_split
+from covidcxr.evaluate.core import (
+    SPLIT_CHOICES, EvaluateConfig, evaluate_checkpoint, evaluate_predictions, select_split,
+)
 from covidcxr.evaluate.groups import group_report, group_table, non_dominant_specificity, worst_group_sensitivity
 from covidcxr.evaluate.metrics import (
     MetricsError,
@@ -33,6 +35,7 @@ __all__ = [
     "compute_metrics",
     "count_macs",
     "cpu_latency_ms",
+    "EvaluateConfig",
     "evaluate_checkpoint",
     "evaluate_predictions",
     "expected_calibration_error",

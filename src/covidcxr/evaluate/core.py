@@ -6,6 +6,7 @@ import hashlib
 import json
 import logging
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -25,6 +26,7 @@ from covidcxr.evaluate.metrics import (
     predict_labels,
 )
 from covidcxr.evaluate.groups import group_report, training_dominant_sources
+from covidcxr.overrides import with_overrides
 
 log = logging.getLogger(__name__)
 
@@ -252,31 +254,42 @@ def val_operating_point(
     return op
 
 
-def evaluate_checkpoint(
-    model: str | Path,
-    manifest: str | Path,
-    split: str = "test",
-    out: str | Path = "report",
-    *,
-    n_boot: int = 1000,
-    seed: int = 0,
-    target_sensitivity: float = 0.95,
-    calibrate: bool = False,
-    set_threshold: bool = False,
-    threshold: float | None = None,
-    batch_size: int = 16,
-    num_workers: int = 0,
-    positive: str = "COVID-19",
-    progress: bool = True,
-) -> dict[str, Any]:
-    """Evaluate a checkpoint on a manifest split and write REPORT/{metrics.json, report.html, report.md,
+@dataclass(frozen=True)
+class EvaluateConfig:
+    """How ``covidcxr evaluate`` evaluates; :func:`evaluate_checkpoint` takes one (or keyword overrides)."""
+
+    # what: the manifest split evaluated; the class whose operating point is reported (and set)
+    split: str = "test"
+    positive: str = POSITIVE_CLASS
+    # figures: bootstrap resamples over patients for the 95 % CIs (0: none) and their seed; the sensitivity the
+    # reported (and, with set_threshold, stored) operating point reaches
+    n_boot: int = 1000
+    seed: int = 0
+    target_sensitivity: float = 0.95
+    # the checkpoint's decision: calibrate fits a temperature on the val split and stores it; set_threshold chooses
+    # the threshold reaching target_sensitivity on val (never on the evaluated split) and stores it; threshold
+    # overrides the stored one for this evaluation only (None: the checkpoint's, else argmax)
+    calibrate: bool = False
+    set_threshold: bool = False
+    threshold: float | None = None
+    # inference: batch size, decode worker processes, a progress bar
+    batch_size: int = 16
+    num_workers: int = 0
+    progress: bool = True
+
+
+def evaluate_checkpoint(model: str | Path, manifest: str | Path, config: EvaluateConfig | None = None, *,
+                        out: str | Path = "report", **overrides: Any) -> dict[str, Any]:
+    """Evaluate a checkpoint on a manifest split and write OUT/{metrics.json, report.html, report.md,
     predictions.csv, *.png}. Returns the metrics.json content.
 
-    ``calibrate`` fits a temperature on the manifest's ``val`` split and stores it in the checkpoint.
-    ``set_threshold`` chooses the COVID-19 threshold reaching ``target_sensitivity`` on the ``val`` split
-    (never on the evaluated split) and stores it in the checkpoint, for predict and serve.
-    ``threshold`` overrides the checkpoint's COVID-19 threshold (default: the checkpoint's, else argmax).
+    ``config``: an :class:`EvaluateConfig` (what each setting does); keyword ``overrides`` replace its fields
+    (``evaluate_checkpoint(m, manifest, split="val", out="rep", n_boot=20)``).
     """
+    c = with_overrides(EvaluateConfig, config, overrides, where="evaluate_checkpoint")
+    split, n_boot, seed, positive, target_sensitivity = c.split, c.n_boot, c.seed, c.positive, c.target_sensitivity
+    calibrate, set_threshold, threshold = c.calibrate, c.set_threshold, c.threshold
+    batch_size, num_workers, progress = c.batch_size, c.num_workers, c.progress
     from covidcxr.data import read_manifest
     from covidcxr.evaluate.inference import predict_frame
     from covidcxr.evaluate.report import write_report
