@@ -370,6 +370,19 @@ def test_cli_cv_mean_and_ridge(tiny: dict[str, Path]) -> None:
     assert "n/a" in table  # Pearson r of the constant baseline is undefined, not 0
 
 
+def test_cross_validate_takes_a_config(tiny: dict[str, Path], tmp_path: Path) -> None:
+    """CVConfig (what `severity cv` builds) and keyword overrides of it; a misspelt setting is a TypeError."""
+    from covidcxr.severity.cv import CVConfig, cross_validate
+
+    config = CVConfig(init=str(tiny["detector"]), size=64, splits=2, methods=("mean",))
+    rep = cross_validate(tiny["manifest"], tmp_path / "a", config)
+    again = cross_validate(tiny["manifest"], tmp_path / "b", config, splits=3)
+    assert rep["splits"] == 2 and again["splits"] == 3 and rep["methods"] == ["mean"]
+    assert len(pd.read_csv(tmp_path / "b" / "cv_splits.csv")) == 3
+    with pytest.raises(TypeError, match="n_splits"):
+        cross_validate(tiny["manifest"], tmp_path / "c", config, n_splits=2)
+
+
 def test_cli_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     bad = tmp_path / "scores.csv"
     bad.write_text("filename,Geographic,Opacity\na.jpg,12,1\n")

@@ -157,16 +157,15 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_cv(args: argparse.Namespace) -> int:
-    from covidcxr.severity.cv import cross_validate, markdown_table
+    from covidcxr.severity.cv import CVConfig, cross_validate, markdown_table
 
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    rep = cross_validate(
-        args.data, args.out, init=args.init, arch=args.arch, weights=args.weights, preset=args.preset, size=args.size,
-        images=args.images,
-        splits=args.splits, test_fraction=args.test_fraction, methods=methods, max_epochs=args.max_epochs,
-        batch_size=args.batch_size, lr=args.lr, freeze_epochs=args.freeze_epochs, augment=args.augment,
-        seed=args.seed, level_threshold=args.level_threshold,
-    )
+    methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
+    config = CVConfig(init=args.init, arch=args.arch, weights=args.weights, preset=args.preset, size=args.size,
+                      images=args.images, splits=args.splits, test_fraction=args.test_fraction, methods=methods,
+                      max_epochs=args.max_epochs, batch_size=args.batch_size, lr=args.lr,
+                      freeze_epochs=args.freeze_epochs, augment=args.augment, seed=args.seed,
+                      level_threshold=args.level_threshold)
+    rep = cross_validate(args.data, args.out, config)
     print(f"Monte-Carlo CV: {rep['splits']} patient splits of {rep['n_images']} scored images "
           f"({rep['n_patients']} patients), init: {rep['init']}")
     print(markdown_table(rep["summary"]), end="")

@@ -21,12 +21,14 @@ import json
 import logging
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 import pandas as pd
 
+from covidcxr.overrides import with_overrides
 from covidcxr.severity import labels as L_
 from covidcxr.severity.labels import SCORES, SeverityError
 from covidcxr.severity.metrics import corrected_t_interval, level_point, score_point
@@ -83,27 +85,45 @@ def _summarise(values: np.ndarray, n_train: int, n_test: int) -> dict[str, Any]:
             "ci95_corrected": corrected_t_interval(v, n_train, n_test)}
 
 
-def cross_validate(
-    data: str | os.PathLike,
-    out: str | os.PathLike,
-    init: str | os.PathLike | None = None,
-    arch: str = "resnet18",
-    preset: str | None = None,
-    size: int | None = 128,
-    weights: str | None = None,
-    images: str | os.PathLike | None = None,
-    splits: int = 5,
-    test_fraction: float = 0.2,
-    methods: Sequence[str] = METHODS,
-    max_epochs: int = 5,
-    batch_size: int = 16,
-    lr: float = 1e-3,
-    freeze_epochs: int = 0,
-    augment: str = "light",
-    seed: int = 0,
-    level_threshold: float = L_.PROXY_THRESHOLD,
-) -> dict[str, Any]:
-    """Run the CV; writes ``cv.json``, ``cv_splits.csv`` and ``cv_table.md`` to ``out``."""
+@dataclass(frozen=True)
+class CVConfig:
+    """How ``covidcxr severity cv`` cross-validates; :func:`cross_validate` takes one (or keyword overrides)."""
+
+    # the starting network: a COVID detector checkpoint (init), else arch with weights (none | imagenet | catalogue
+    # name | PATH); preset and size of its input (None: the detector's or the arch's default); images: the folder
+    # the table's paths are relative to
+    init: str | None = None
+    arch: str = "resnet18"
+    preset: str | None = None
+    size: int | None = 128
+    weights: str | None = None
+    images: str | None = None
+    # the splits: splits random patient-level train/test splits with test_fraction of the patients held out
+    splits: int = 5
+    test_fraction: float = 0.2
+    # the methods compared on every split (METHODS: mean, ridge, finetune) and finetune's training
+    methods: tuple[str, ...] = METHODS
+    max_epochs: int = 5
+    batch_size: int = 16
+    lr: float = 1e-3
+    freeze_epochs: int = 0
+    augment: str = "light"
+    seed: int = 0
+    # the PROXY level: level2 when the geographic extent reaches this
+    level_threshold: float = L_.PROXY_THRESHOLD
+
+
+def cross_validate(data: str | os.PathLike, out: str | os.PathLike, config: CVConfig | None = None,
+                   **overrides: Any) -> dict[str, Any]:
+    """Run the CV; writes ``cv.json``, ``cv_splits.csv`` and ``cv_table.md`` to ``out``.
+
+    ``config``: a :class:`CVConfig` (what each setting does); keyword ``overrides`` replace its fields.
+    """
+    c = with_overrides(CVConfig, config, overrides, where="cross_validate")
+    init, arch, preset, size, weights, images = c.init, c.arch, c.preset, c.size, c.weights, c.images
+    splits, test_fraction, methods, seed = c.splits, c.test_fraction, c.methods, c.seed
+    level_threshold = c.level_threshold
+    max_epochs, batch_size, lr, freeze_epochs, augment = c.max_epochs, c.batch_size, c.lr, c.freeze_epochs, c.augment
     import torch
 
     from covidcxr.severity.evaluate import DISCLAIMER, jsonable
