@@ -241,7 +241,7 @@ def export_segmenters(model_path: str | os.PathLike, plausibility: bool = True) 
 
         out.append(export_segmenter(PRETRAINED, size=SIZE))
     bundle = read_bundle(model_path)
-    if getattr(Preset.from_dict(bundle.get("preset")), "lung_crop", False):
+    if Preset.from_dict(bundle.get("preset")).needs_lung_mask:
         from covidcxr.segment.maskspec import MaskSpec
 
         spec = MaskSpec.for_model(bundle.get("training"))

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
@@ -26,6 +27,8 @@ import numpy as np
 
 if TYPE_CHECKING:  # torch is imported where a tensor is made: the ONNX paths run without it
     import torch
+
+log = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -73,6 +76,10 @@ class Preset:
     channel_stack: tuple[str, ...] = ()
     #: gamma of the BEASF channel
     beasf_gamma: float = 1.5
+    #: where ``hist_template``'s mapping is fitted: "film" (every pixel) or "lung" (only the pixels inside the
+    #: lung mask, the mapping then applied to the whole film; :func:`match_histogram_in_mask`). "lung" needs a
+    #: lung mask, as the lung crop does. Left out of :meth:`to_dict` when "film", so older fingerprints hold.
+    hist_region: str = "film"
     #: a lung-crop preset's mask function ``(image) -> bool mask`` (picklable: a MaskSpec); not serialised:
     #: a checkpoint records its segmenter in ``training.lung_segmenter``
     masks: Any = field(default=None, compare=False, repr=False)
@@ -88,6 +95,11 @@ class Preset:
         if self.interpolation not in _INTERP:
             raise PresetError(f"preset {self.name}: interpolation {self.interpolation!r}; "
                               f"choose one of {sorted(_INTERP)}")
+        if self.hist_region not in HIST_REGIONS:
+            raise PresetError(f"preset {self.name}: hist_region {self.hist_region!r}; "
+                              f"choose one of {list(HIST_REGIONS)}")
+        if self.hist_region == "lung" and not self.hist_template:
+            raise PresetError(f"preset {self.name}: hist_region lung needs a hist_template")
         t = self.hist_template
         if t and (len(t) < 2 or any(b < a for a, b in zip(t, t[1:])) or t[0] < 0 or t[-1] > 255):
             raise PresetError(f"preset {self.name}: hist_template must be >= 2 non-decreasing gray values in 0..255")
@@ -98,6 +110,8 @@ class Preset:
         d.pop("masks", None)  # the segmenter is recorded beside the preset (training.lung_segmenter)
         for k in _TUPLE_FIELDS:
             d[k] = list(getattr(self, k))
+        if d.get("hist_region") == "film":  # the default: absent, as in every file written before it existed
+            d.pop("hist_region")
         return d
 
     @classmethod
@@ -123,6 +137,11 @@ class Preset:
         """Short hash of every field; two presets that differ in anything differ here."""
         return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:12]
 
+    @property
+    def needs_lung_mask(self) -> bool:
+        """Whether :meth:`prepare` needs a lung mask: a lung crop, or lung-field histogram standardisation."""
+        return self.lung_crop or self.hist_region == "lung"
+
     def with_masks(self, masks: Any) -> "Preset":
         """The same preset cropping with ``masks`` (a mask function, e.g. a MaskSpec) when no mask is given."""
         return dataclasses.replace(self, masks=masks)
@@ -140,15 +159,21 @@ class Preset:
         img = np.asarray(image, dtype=np.float32)
         if img.ndim != 2:
             raise PresetError(f"expected a 2-D grayscale image, got shape {img.shape}")
+        # the lung mask, when one is needed, follows the image through every crop (one segmentation per film)
+        lung = self._lung_mask(img, mask) if self.needs_lung_mask else None
         if self.lung_crop:
-            img = self._lung_crop(img, mask)
+            y0, y1, x0, x1 = mask_box(lung, self.lung_margin)
+            img, lung = img[y0:y1, x0:x1], lung[y0:y1, x0:x1]
         if self.crop_top > 0:
-            img = img[int(round(img.shape[0] * self.crop_top)) :, :]
+            top = int(round(img.shape[0] * self.crop_top))
+            img = img[top:, :]
+            lung = lung[top:, :] if lung is not None else None
         if self.center_square:
             h, w = img.shape
             s = min(h, w)
             y0, x0 = (h - s) // 2, (w - s) // 2
             img = img[y0 : y0 + s, x0 : x0 + s]
+            lung = lung[y0 : y0 + s, x0 : x0 + s] if lung is not None else None
         if self.clahe_clip > 0 and "clahe" not in self.channel_stack:
             u8 = np.clip(img * 255.0 + 0.5, 0, 255).astype(np.uint8)
             clahe = cv2.createCLAHE(clipLimit=self.clahe_clip, tileGridSize=(self.clahe_tiles, self.clahe_tiles))
@@ -163,10 +188,23 @@ class Preset:
         if self.hist_template or self.channel_stack:
             # COVID-CXNet works on 8-bit images: quantise, then match to the template
             u8 = np.clip(img * 255.0 + 0.5, 0, 255).astype(np.uint8)
-            if self.hist_template:
+            if self.hist_template and self.hist_region == "lung":
+                small = cv2.resize(lung.astype(np.uint8), (self.size, self.size), interpolation=cv2.INTER_NEAREST)
+                u8 = self._match_in_lungs(u8, small > 0)
+            elif self.hist_template:
                 u8 = match_histogram(u8, self.hist_template)
             img = u8.astype(np.float32) / 255.0
         return img
+
+    def _match_in_lungs(self, u8: np.ndarray, lung: np.ndarray) -> np.ndarray:
+        """Lung-field standardisation, or the whole-film one (counted, logged) when the mask is too small."""
+        lut = lung_lut(u8, lung, self.hist_template)
+        if lut is not None:
+            return lut[u8]
+        _LUNG_FALLBACKS[0] += 1
+        log.debug("preset %s: lung mask covers %.1f%% of the film; whole-film histogram standardisation used",
+                  self.name, 100.0 * float(np.mean(lung)))
+        return match_histogram(u8, NIH_CXR14_TEMPLATE)
 
     def finalize(self, image: np.ndarray | torch.Tensor) -> torch.Tensor:
         """Channels and intensity scaling: C x H x W float32 tensor."""
@@ -277,17 +315,33 @@ class Preset:
             return v * self.channels
         raise PresetError(f"preset {self.name}: {len(v)} mean/std values for {self.channels} channels")
 
-    def _lung_crop(self, img: np.ndarray, mask: np.ndarray | Callable[[np.ndarray], np.ndarray] | None) -> np.ndarray:
-        """``mask``: a lung mask, a mask function ``(image) -> mask``, or None (the preset's own ``masks``)."""
+    def _lung_mask(self, img: np.ndarray, mask: np.ndarray | Callable[[np.ndarray], np.ndarray] | None) -> np.ndarray:
+        """The boolean lung mask at ``img``'s shape. ``mask``: a lung mask, a mask function ``(image) -> mask``,
+        or None (the preset's own ``masks``)."""
         provider = mask if callable(mask) else (self.masks if mask is None else None)
         if mask is None and provider is None:
+            what = "crops to the lungs" if self.lung_crop else "standardises the histogram inside the lungs"
             raise PresetError(
-                f"preset {self.name} crops to the lungs but got no lung mask and has no lung segmenter; pass a "
+                f"preset {self.name} {what} but got no lung mask and has no lung segmenter; pass a "
                 "mask, or give the preset one: preset.with_masks(covidcxr.segment.maskspec.MaskSpec('lung-unet-vgg11'))"
             )
         if provider is not None:
             mask = provider(img)
-        return crop_to_mask(img, mask, self.lung_margin)
+        m = np.asarray(mask)
+        if m.shape != img.shape:
+            m = cv2.resize(m.astype(np.uint8), (img.shape[1], img.shape[0]), interpolation=cv2.INTER_NEAREST)
+        return m > 0
+
+
+def mask_box(mask: np.ndarray, margin: float = 0.05) -> tuple[int, int, int, int]:
+    """``(y0, y1, x0, x1)``: the bounding box of ``mask`` widened by ``margin`` of each side; the whole image when
+    the mask is empty or degenerate (under 16 pixels), rather than a crop to noise."""
+    h, w = mask.shape
+    ys, xs = np.nonzero(mask)
+    if len(ys) < 16:
+        return 0, h, 0, w
+    dy, dx = int(margin * h), int(margin * w)
+    return max(0, ys.min() - dy), min(h, ys.max() + 1 + dy), max(0, xs.min() - dx), min(w, xs.max() + 1 + dx)
 
 
 def crop_to_mask(img: np.ndarray, mask: np.ndarray, margin: float = 0.05) -> np.ndarray:
@@ -295,19 +349,14 @@ def crop_to_mask(img: np.ndarray, mask: np.ndarray, margin: float = 0.05) -> np.
     m = np.asarray(mask)
     if m.shape != img.shape:
         m = cv2.resize(m.astype(np.uint8), (img.shape[1], img.shape[0]), interpolation=cv2.INTER_NEAREST)
-    ys, xs = np.nonzero(m > 0)
-    if len(ys) < 16:  # empty or degenerate mask: keep the whole image rather than crop to noise
-        return img
-    h, w = img.shape
-    dy, dx = int(margin * h), int(margin * w)
-    y0, y1 = max(0, ys.min() - dy), min(h, ys.max() + 1 + dy)
-    x0, x1 = max(0, xs.min() - dx), min(w, xs.max() + 1 + dx)
+    y0, y1, x0, x1 = mask_box(m > 0, margin)
     return img[y0:y1, x0:x1]
 
 
 # --------------------------------------------------------------------------- COVID-CXNet enhancements
 
 _TUPLE_FIELDS = ("value_range", "mean", "std", "hist_template", "channel_stack")
+HIST_REGIONS = ("film", "lung")
 _INTERP = {"auto", "cubic"}
 
 
@@ -368,6 +417,61 @@ def match_histogram(image: np.ndarray, template: tuple[float, ...] | np.ndarray)
     return np.clip(lut, 0, 255).astype(np.uint8)[img]
 
 
+#: a lung mask under this fraction of the prepared film (or under 64 pixels) is taken as a segmenter failure:
+#: lung-field standardisation falls back to the whole film for that film (a normal lung field covers 20-40 %)
+LUNG_HIST_MIN_FRACTION = 0.02
+#: the in-lung percentiles between which the quantile mapping holds; beyond them it goes on linearly
+LUNG_HIST_LANDMARKS = (1.0, 99.0)
+_LUNG_FALLBACKS = [0]
+
+
+def lung_hist_fallbacks() -> int:
+    """How many films this process standardised over the whole film because their lung mask was too small."""
+    return _LUNG_FALLBACKS[0]
+
+
+def lung_lut(image: np.ndarray, mask: np.ndarray, template: tuple[float, ...] | np.ndarray) -> np.ndarray | None:
+    """The 256-entry uint8 look-up table of lung-field histogram standardisation, fitted on ``image[mask]`` only.
+
+    Between the lung's 1st and 99th percentile gray levels (:data:`LUNG_HIST_LANDMARKS`) it is
+    :func:`match_histogram`'s quantile mapping of the in-mask histogram onto ``template``; beyond them the
+    in-mask CDF is flat and would crush every darker or brighter pixel (mediastinum, bone, background) to one
+    value, so the mapping goes on linearly with its mean slope over the lung range, as Nyul & Udupa (1999)
+    extend their landmark mapping. None when the mask covers under :data:`LUNG_HIST_MIN_FRACTION` of the
+    image or under 64 pixels, or the lung field is one gray level (the caller falls back to the whole film).
+    """
+    img = np.asarray(image)
+    if img.dtype != np.uint8:
+        raise PresetError(f"histogram matching needs a uint8 image, got {img.dtype}")
+    m = np.asarray(mask, dtype=bool)
+    if m.shape != img.shape:
+        raise PresetError(f"lung mask shape {m.shape} differs from the image's {img.shape}")
+    n = int(m.sum())
+    if n < max(64, LUNG_HIST_MIN_FRACTION * img.size):
+        return None
+    counts = np.bincount(img[m], minlength=256)
+    cdf = np.cumsum(counts) / n
+    lo = int(np.searchsorted(cdf, LUNG_HIST_LANDMARKS[0] / 100.0))
+    hi = int(np.searchsorted(cdf, LUNG_HIST_LANDMARKS[1] / 100.0))
+    if hi <= lo:
+        return None
+    t = np.asarray(template, dtype=np.float64)
+    lut = np.interp(cdf, np.linspace(0.0, 1.0, len(t)), t)
+    slope = (lut[hi] - lut[lo]) / (hi - lo)
+    levels = np.arange(256, dtype=np.float64)
+    lut[:lo] = lut[lo] + slope * (levels[:lo] - lo)
+    lut[hi + 1 :] = lut[hi] + slope * (levels[hi + 1 :] - hi)
+    return np.clip(lut, 0, 255).astype(np.uint8)
+
+
+def match_histogram_in_mask(image: np.ndarray, mask: np.ndarray,
+                            template: tuple[float, ...] | np.ndarray) -> np.ndarray:
+    """``image`` (uint8) standardised by :func:`lung_lut` fitted inside ``mask``; the whole-film
+    :func:`match_histogram` to :data:`NIH_CXR14_TEMPLATE` when the mask is too small."""
+    lut = lung_lut(image, mask, template)
+    return lut[image] if lut is not None else match_histogram(np.asarray(image), NIH_CXR14_TEMPLATE)
+
+
 def histogram_template(images: Any, n: int = 101) -> tuple[float, ...]:
     """A ``hist_template`` for :func:`match_histogram`: the pooled gray values of ``images`` (uint8 arrays,
     already at the preset's size) at ``n`` evenly spaced quantiles, rounded to 0.01.
@@ -414,6 +518,22 @@ NIH_CXR14_TEMPLATE: tuple[float, ...] = (
     166.54, 167.99, 169.44, 170.89, 172.33, 173.77, 175.2, 176.62, 178.06, 179.51, 180.95, 182.38, 183.81, 185.25,
     186.69, 188.13, 189.58, 191.02, 192.48, 193.96, 195.48, 197.01, 198.57, 200.16, 201.77, 203.4, 205.04, 206.7,
     208.4, 210.17, 212.03, 214.0, 216.07, 218.24, 220.53, 222.94, 225.6, 228.65, 232.5, 237.93, 255.0,
+)
+
+
+#: The reference of lung-field standardisation (``data.hist_standardize: lung``): the pooled gray values inside
+#: the lung masks of the first 48 films (name order) of the shared NIH ChestX-ray14 subset, each resized to
+#: 256 px (``imagenet@256`` geometry) and masked by the pretrained lung U-Net as the lung crop masks it
+#: (lung-unet-vgg11, sha256 3e169d71d101, dilated 3 %; median lung fraction 0.39), at quantiles 0, 0.01, ..., 1:
+#: ``scripts/lung_hist_template.py``.
+NIH_CXR14_LUNG_TEMPLATE: tuple[float, ...] = (
+    0.0, 34.74, 41.77, 46.94, 51.35, 55.3, 58.97, 62.39, 65.62, 68.61, 71.4, 74.06, 76.51, 78.79, 80.94, 82.98,
+    84.9, 86.68, 88.37, 89.99, 91.58, 93.15, 94.64, 96.09, 97.51, 98.91, 100.28, 101.65, 102.98, 104.3, 105.61,
+    106.88, 108.14, 109.36, 110.57, 111.76, 112.94, 114.13, 115.28, 116.44, 117.58, 118.71, 119.86, 120.99, 122.11,
+    123.24, 124.35, 125.48, 126.61, 127.73, 128.84, 129.95, 131.04, 132.13, 133.24, 134.33, 135.4, 136.46, 137.54,
+    138.63, 139.75, 140.89, 142.05, 143.22, 144.4, 145.6, 146.82, 148.06, 149.33, 150.62, 151.94, 153.28, 154.65,
+    156.08, 157.55, 159.04, 160.57, 162.14, 163.76, 165.48, 167.27, 169.13, 171.04, 173.01, 175.05, 177.09, 179.19,
+    181.3, 183.46, 185.68, 187.98, 190.37, 192.84, 195.47, 198.14, 201.03, 204.16, 207.6, 211.63, 217.22, 241.0,
 )
 
 PRESETS: dict[str, Preset] = {
@@ -828,11 +948,23 @@ def standardized(preset: Preset, mode: str | None) -> Preset:
     whole film), so that films from different sources share one histogram. The template is a preset
     field, so it travels inside checkpoints and inference applies it too. A preset that already matches
     to a template keeps its own.
+
+    ``lung``: the mapping is fitted on the pixels inside the lung mask only (:func:`lung_lut`, to the NIH
+    ChestX-ray14 lung-field quantiles :data:`NIH_CXR14_LUNG_TEMPLATE`) and applied to the whole film; the
+    preset then needs a lung mask (:attr:`Preset.needs_lung_mask`), given as the lung crop's is. It replaces
+    any whole-film template the preset had (a film template is no reference for lung pixels).
     """
     if mode in (None, "", "none"):
         return preset
+    if mode == "lung":
+        if preset.hist_region == "lung":
+            return preset
+        return dataclasses.replace(
+            preset, hist_template=NIH_CXR14_LUNG_TEMPLATE, hist_region="lung",
+            description=(preset.description + "; " if preset.description else "")
+            + "histogram-standardised inside the lung mask to the NIH ChestX-ray14 lung-field quantiles")
     if mode != "film":
-        raise PresetError(f"histogram standardisation {mode!r}; choose film or none")
+        raise PresetError(f"histogram standardisation {mode!r}; choose film, lung or none")
     if preset.hist_template:
         return preset
     return dataclasses.replace(preset, hist_template=NIH_CXR14_TEMPLATE,

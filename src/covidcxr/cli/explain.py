@@ -187,7 +187,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
     args.model = model_or_default(args.model)  # no --model: the reference classifier, said in one line
     loaded = load(args.model)
-    if loaded.preset.lung_crop:  # the segmenter its checkpoint records, or --seg-model given by hand
+    if loaded.preset.needs_lung_mask:  # the segmenter its checkpoint records, or --seg-model given by hand
         from covidcxr.segment.maskspec import MaskSpec
 
         spec = MaskSpec(str(args.seg_model)) if args.seg_model else MaskSpec.for_model(loaded.training)

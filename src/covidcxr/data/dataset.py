@@ -16,7 +16,7 @@ from covidcxr.data.cache import PreparedCache
 from covidcxr.data.labels import CLASSES
 from covidcxr.data.manifest import ManifestError
 from covidcxr.io import CXRReadError, read_image
-from covidcxr.preprocess import AUGMENT_RECIPES, Augment, Preset, get_preset
+from covidcxr.preprocess import AUGMENT_RECIPES, Augment, Preset, get_preset, lung_hist_fallbacks
 
 log = logging.getLogger(__name__)
 SCORE_COLUMNS = ("geographic_extent", "opacity")
@@ -116,7 +116,7 @@ class CXRDataset(Dataset):
     def prepared(self, i: int) -> np.ndarray:
         """H x W [0,1] float32 after ``preset.prepare``, from the cache when possible."""
         path = self.paths[i]
-        mask_path = self._mask_path(i) if self.preset.lung_crop else None
+        mask_path = self._mask_path(i) if self.preset.needs_lung_mask else None
         key = None
         if self.cache is not None:
             try:
@@ -130,7 +130,10 @@ class CXRDataset(Dataset):
         mask = None
         if mask_path is not None:
             mask = read_image(mask_path) > 0.5
+        before = lung_hist_fallbacks()
         out = self.preset.prepare(img, mask)
+        if lung_hist_fallbacks() > before:  # the segmenter found (almost) no lung: said per film, never fatal
+            log.warning("%s: lung mask empty or tiny; histogram standardised over the whole film instead", path)
         if self.cache is not None and key is not None:
             return self.cache.put(key, out)
         return out

@@ -236,8 +236,8 @@ def audit_model(
                     lung_full, source = read_mask(mp, img.shape), "manifest"
                 elif seg is not None:
                     lung_full, source = seg(img), f"segmenter {seg.id}"
-                crop_mask = lung_full if preset.lung_crop else None
-                if preset.lung_crop and crop_mask is None:
+                crop_mask = lung_full if preset.needs_lung_mask else None
+                if preset.needs_lung_mask and crop_mask is None:
                     raise PresetError(f"{path}: preset {preset.name} needs a lung mask and no segmenter is "
                                       f"available ({seg_note}); pass --seg-model")
                 prepared = preset.prepare(img, crop_mask)

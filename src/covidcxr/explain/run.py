@@ -57,7 +57,7 @@ def prepare_image(path: str | os.PathLike, preset, mask: np.ndarray | None = Non
     from covidcxr.preprocess import PresetError
 
     img = read_image(path)
-    if preset.lung_crop and mask is None:
+    if preset.needs_lung_mask and mask is None:
         masks = preset.masks
         if masks is None:  # a preset without its model's segmenter: the pretrained U-Net, as older checkpoints
             from covidcxr.segment.maskspec import MaskSpec

@@ -88,10 +88,11 @@ class Predictor:
         return predictor
 
     def _ensure_lung_masks(self) -> None:
-        """A lung-crop preset (COVID-CXNet style) needs a lung mask for every image, as in training: the
+        """A lung-crop preset (COVID-CXNet style), or one standardising the histogram inside the lungs
+        (``data.hist_standardize: lung``), needs a lung mask for every image, as in training: the
         segmenter the checkpoint records (the pretrained U-Net for older ones), loaded here so that a missing
         or different one is one line now; the ONNX backend loads its ONNX export, torch-free."""
-        if not self.preset.lung_crop:
+        if not self.preset.needs_lung_mask:
             return
         from covidcxr.segment.maskspec import MaskSpec, MaskSpecError, provider
 
@@ -99,7 +100,8 @@ class Predictor:
         try:
             provider(self.mask_spec)
         except MaskSpecError as err:
-            raise PredictorError(f"{self.path}: its preset {self.preset.name} crops to the lungs, but {err}") from None
+            what = "crops to the lungs" if self.preset.lung_crop else "standardises the histogram inside the lungs"
+            raise PredictorError(f"{self.path}: its preset {self.preset.name} {what}, but {err}") from None
         self.preset = self.preset.with_masks(self.mask_spec)  # travels with the preset (workers, Ray tasks)
 
     @classmethod
@@ -185,7 +187,7 @@ class Predictor:
         return self.preset.array(image, self.masks())
 
     def masks(self) -> Any:
-        """The lung-mask function of a lung-crop model in this process, else None."""
+        """The lung-mask function of a model that needs lung masks, in this process, else None."""
         return self.loader().masks()
 
     def loader(self, extra_presets: dict[str, Preset] | None = None) -> Loader:

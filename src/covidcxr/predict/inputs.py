@@ -6,6 +6,7 @@ A file that cannot be read becomes an item with an ``error`` string; a batch nev
 
 from __future__ import annotations
 
+import logging
 import multiprocessing as mp
 import os
 from dataclasses import dataclass, field
@@ -15,8 +16,9 @@ from typing import Any, Iterable, Iterator, Sequence
 import numpy as np
 
 from covidcxr.io import SUPPORTED_SUFFIXES, CXRReadError, read_image
-from covidcxr.preprocess import Preset, PresetError
+from covidcxr.preprocess import Preset, PresetError, lung_hist_fallbacks
 
+log = logging.getLogger(__name__)
 
 def _looks_like_dicom(path: Path) -> bool:
     try:
@@ -110,8 +112,11 @@ class Loader:
         try:
             image = read_image(path)
             masks = self.masks()
-            arr = self.preset.array(image, masks if self.preset.lung_crop else None)
-            extra = {name: p.array(image, masks) if getattr(p, "lung_crop", False) else p.array(image)
+            before = lung_hist_fallbacks()
+            arr = self.preset.array(image, masks if self.preset.needs_lung_mask else None)
+            if lung_hist_fallbacks() > before:  # the segmenter found (almost) no lung: said, never fatal
+                log.warning("%s: lung mask empty or tiny; histogram standardised over the whole film instead", path)
+            extra = {name: p.array(image, masks) if getattr(p, "needs_lung_mask", False) else p.array(image)
                      for name, p in self.extra}
             return Item(path, arr, extra)
         except CXRReadError as err:

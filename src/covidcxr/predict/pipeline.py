@@ -35,7 +35,7 @@ import numpy as np
 from covidcxr.decision import POSITIVE_CLASS
 from covidcxr.predict.core import Predictor
 from covidcxr.predict.gate import DOWN_AFTER, PlausibilityGate
-from covidcxr.predict.inputs import Item, Loader, as_extra_presets, stack
+from covidcxr.predict.inputs import Item, Loader, as_extra_presets, log, stack
 from covidcxr.predict.records import PredictorError
 
 #: transient record keys (arrays) that no output writes: see :func:`covidcxr.predict.records.strip_transient`
@@ -139,9 +139,15 @@ class Pipeline:
 
         Raises :class:`covidcxr.preprocess.PresetError` when the model's preset cannot use the image.
         """
+        from covidcxr.preprocess import lung_hist_fallbacks
+
+        before = lung_hist_fallbacks()
         arr = self.predictor.preprocess(image)
+        if lung_hist_fallbacks() > before:  # the segmenter found (almost) no lung: said, never fatal
+            log.warning("%s: lung mask empty or tiny; histogram standardised over the whole film instead",
+                        key or "image")
         masks = self.predictor.masks()  # a lung-crop model's segmenter (None otherwise)
-        extra = {name: p.array(image, masks) if getattr(p, "lung_crop", False) else p.array(image)
+        extra = {name: p.array(image, masks) if getattr(p, "needs_lung_mask", False) else p.array(image)
                  for name, p in as_extra_presets(self.extra_presets())
                  if name != "plausibility"}  # the gate reads the decoded image itself
         return Item(key, arr, extra, image=image)

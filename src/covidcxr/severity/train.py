@@ -42,7 +42,7 @@ def prepare_images(df: pd.DataFrame, preset: Preset) -> tuple[list[np.ndarray], 
     for i, (path, mpath) in enumerate(zip(df["path"], df.get("mask_path", [""] * len(df)))):
         try:
             mask = None
-            if mpath and preset.lung_crop:
+            if mpath and preset.needs_lung_mask:
                 mask = read_image(mpath) > 0.5
             arrays.append(preset.prepare(read_image(path), mask))
             ok[i] = True

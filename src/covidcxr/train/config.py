@@ -41,6 +41,8 @@ DEFAULTS: dict[str, Any] = {
         "group_min_size": 5,
         # histogram standardisation of the input (stored in the checkpoint's preset, so inference applies it):
         # null (off) | film (the whole film's gray levels matched to the NIH ChestX-ray14 reference quantiles)
+        # | lung (the mapping fitted on the pixels inside the lung mask of the run's lung segmenter, to NIH
+        # ChestX-ray14 lung-field quantiles, then applied to the whole film; docs/recipes.md)
         "hist_standardize": None,
         "minority_fraction": 0.5,
         # the class the rebalance sampler fills minority_fraction of each batch with (COVID-Net: COVID-19,
@@ -141,7 +143,7 @@ _ENUMS = {
     ("optimizer", "name"): {"adam", "adamw", "sgd"},
     ("scheduler", "name"): {"none", "step", "plateau", "cosine"},
     ("data", "sampler"): {None, "rebalance", "weighted", "group_balanced"},
-    ("data", "hist_standardize"): {None, "film"},
+    ("data", "hist_standardize"): {None, "film", "lung"},
     ("loss", "kind"): {"erm", "group_dro"},
     ("adversary", "kind"): {None, "source"},
     ("adversary", "grl_schedule"): {"dann", "constant"},

@@ -172,7 +172,7 @@ def resolve_config_path(name: str | os.PathLike) -> Path:
 
 def prepare(cfg: dict, data: str | os.PathLike) -> tuple[Any, Any, list[str], dict[str, Any]]:
     """The DataModule, preset, class names and training summary for a config and a manifest."""
-    from covidcxr.data import CXRDataModule, read_manifest
+    from covidcxr.data import CXRDataModule, DataConfig, read_manifest
     from covidcxr.data.labels import task_classes
     from covidcxr.models import get_spec
     from covidcxr.preprocess import get_preset
@@ -183,8 +183,8 @@ def prepare(cfg: dict, data: str | os.PathLike) -> tuple[Any, Any, list[str], di
         from covidcxr.preprocess import standardized
 
         preset = standardized(preset, cfg["data"]["hist_standardize"])
-    if preset.lung_crop:  # COVID-CXNet-style lung crop: $COVIDCXR_LUNG_MODEL or the pretrained lung U-Net,
-        from covidcxr.segment.maskspec import MaskSpec  # carried by the preset into the loader workers
+    if preset.needs_lung_mask:  # lung crop or lung-field standardisation: $COVIDCXR_LUNG_MODEL or the pretrained
+        from covidcxr.segment.maskspec import MaskSpec  # lung U-Net, carried by the preset into the loader workers
 
         preset = preset.with_masks(MaskSpec.for_training())
     d = cfg["data"]
@@ -204,11 +204,12 @@ def prepare(cfg: dict, data: str | os.PathLike) -> tuple[Any, Any, list[str], di
 
     df, dropped_labels = keep_labels(df, list(label_map), cfg["data"]["label_filter"] or None, where=data)
     _check_splits(df, data)
-    dm = CXRDataModule(df, preset, batch_size=d["batch_size"], num_workers=d["num_workers"], augment=_augment(cfg),
-                       cache_dir=d["cache_dir"], sampler=d["sampler"], minority_fraction=d["minority_fraction"],
-                       seed=cfg["seed"], classes=label_map, pin_memory=bool(d["pin_memory"]),
-                       minority_label=d.get("minority_label"), group_max_repeat=d["group_max_repeat"],
-                       group_min_size=d["group_min_size"])
+    dm = CXRDataModule(df, preset, DataConfig(
+        batch_size=d["batch_size"], num_workers=d["num_workers"], pin_memory=bool(d["pin_memory"]),
+        augment=_augment(cfg), cache_dir=d["cache_dir"], sampler=d["sampler"],
+        minority_fraction=d["minority_fraction"], minority_label=d.get("minority_label"),
+        group_max_repeat=d["group_max_repeat"], group_min_size=d["group_min_size"], seed=cfg["seed"],
+        classes=label_map))
     summary = {
         "run_name": cfg["name"],
         "recipe": cfg["name"],
@@ -225,7 +226,7 @@ def prepare(cfg: dict, data: str | os.PathLike) -> tuple[Any, Any, list[str], di
         "torch": str(torch.__version__),
         "lightning": str(L.__version__),
     }
-    if preset.lung_crop:  # which segmenter cropped the training images: inference uses that one or refuses
+    if preset.needs_lung_mask:  # which segmenter masked the training images: inference uses that one or refuses
         from covidcxr.segment.maskspec import TRAINING_KEY
 
         summary[TRAINING_KEY] = preset.masks.record()
@@ -255,7 +256,7 @@ def _prepare_findings(cfg: dict, data: str | os.PathLike, preset: Any) -> tuple[
 
     The outputs are the findings seen in the training rows ("No Finding" included, as a label of its own:
     its neuron becomes the COVID stage's "normal" row)."""
-    from covidcxr.data import CXRDataModule, read_manifest
+    from covidcxr.data import CXRDataModule, DataConfig, read_manifest
 
     d = cfg["data"]
     if cfg["loss"]["class_weights"] is not None or d["sampler"] is not None:
@@ -273,9 +274,9 @@ def _prepare_findings(cfg: dict, data: str | os.PathLike, preset: Any) -> tuple[
                           f"in 'val' (found {len(classes)} finding(s), {(df['split'] == 'val').sum()} val rows)")
     _check_splits(df, data)
     label_map = {lab: i for i, lab in enumerate(sorted(df["label"].astype(str).unique()))}  # unused by the loss
-    dm = CXRDataModule(df, preset, batch_size=d["batch_size"], num_workers=d["num_workers"], augment=_augment(cfg),
-                       cache_dir=d["cache_dir"], sampler=None, seed=cfg["seed"], classes=label_map,
-                       pin_memory=bool(d["pin_memory"]))
+    dm = CXRDataModule(df, preset, DataConfig(
+        batch_size=d["batch_size"], num_workers=d["num_workers"], pin_memory=bool(d["pin_memory"]),
+        augment=_augment(cfg), cache_dir=d["cache_dir"], sampler=None, seed=cfg["seed"], classes=label_map))
     summary = {
         "run_name": cfg["name"], "recipe": cfg["name"], "recipe_description": cfg["recipe"], "config": cfg,
         "task": "findings-multilabel",
@@ -338,7 +339,9 @@ def finalize_best(best: Path, module: Any, dm: Any, cfg: dict[str, Any]) -> dict
         ds = dm.dataset("val")
         # the images as inference reads them (predict / evaluate / serve): decoded afresh, not from the
         # training cache, whose 8-bit quantisation moved p(COVID-19) by up to 0.17 on a fine-tuned MobileNetV2
-        fresh = CXRDataset(ds.frame, lm.preset, augment=None, cache_dir=None, classes=ds.classes)
+        # (a lung-mask preset keeps the training run's segmenter: the stored preset carries none)
+        fresh = CXRDataset(ds.frame, lm.preset.with_masks(ds.preset.masks), augment=None, cache_dir=None,
+                           classes=ds.classes)
         loader = torch.utils.data.DataLoader(fresh, batch_size=dm.batch_size, num_workers=dm.num_workers)
         probs = []
         with torch.no_grad():
