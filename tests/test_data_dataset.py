@@ -191,6 +191,21 @@ def test_datamodule_loaders(manifest, tmp_path):
     assert set(dm2.dataset("train").frame["label"]) == {"COVID-19", "normal"}
 
 
+def test_datamodule_takes_a_config(manifest, tmp_path):
+    """DataConfig (what `covidcxr train` builds) and keyword overrides of it; a misspelt setting is a TypeError."""
+    from covidcxr.data import DataConfig
+
+    config = DataConfig(batch_size=4, sampler="rebalance", minority_label="COVID-19", seed=1)
+    dm = CXRDataModule(manifest, PRESET, config)
+    assert dm.batch_size == 4 and dm.train_sampler().minority_class == 2 and dm.config is config
+    other = CXRDataModule(manifest, PRESET, config, batch_size=2, label_filter=["COVID-19", "normal"])
+    other.setup()
+    assert other.batch_size == 2 and set(other.dataset("train").frame["label"]) == {"COVID-19", "normal"}
+    assert next(iter(other.train_dataloader()))["image"].shape[0] == 2
+    with pytest.raises(TypeError, match="batchsize"):
+        CXRDataModule(manifest, PRESET, batchsize=4)
+
+
 def test_datamodule_workers(manifest):
     dm = CXRDataModule(manifest, PRESET, batch_size=8, num_workers=2)
     n = sum(len(b["index"]) for b in dm.val_dataloader())

@@ -21,4 +21,4 @@ def with_overrides(cls: type[C], config: C | None, overrides: Mapping[str, Any],
     unknown = sorted(set(changes) - known)
     if unknown:
         raise TypeError(f"{where or cls.__name__} got unknown settings {unknown}; {cls.__name__} has {sorted(known)}")
-    return replace(base, **changes)  # type: ignore[type-var]
+    return replace(base, **changes) if changes else base  # type: ignore[type-var]

@@ -26,16 +26,17 @@ from covidcxr.data.splits import build_manifest
 __all__ = [
     "CLASSES", "ManifestError", "read_manifest", "write_manifest", "read_covidx_labels", "write_covidx_labels",
     "build_manifest", "load_source", "ADAPTERS", "map_finding", "normalize_label", "CXRDataset", "CXRDataModule",
+    "DataConfig",
     "rebalancing_sampler", "RebalancingSampler", "WeightedSampler", "class_weights", "PreparedCache",
     "audit_manifest", "keep_labels",
 ]
 
 
 def __getattr__(name: str) -> Any:
-    if name == "CXRDataModule":
-        from covidcxr.data.datamodule import CXRDataModule
+    if name in ("CXRDataModule", "DataConfig"):
+        from covidcxr.data import datamodule
 
-        return CXRDataModule
+        return getattr(datamodule, name)
     if name == "audit_manifest":
         from covidcxr.data.audit import audit_manifest
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Callable, Literal, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, Literal, Mapping, Sequence
 
 import lightning as L
 import pandas as pd
@@ -18,44 +19,66 @@ import numpy as np
 
 from covidcxr.data.sampling import (GroupBalancedSampler, ShuffleSampler, WeightedSampler, class_weights,
                                     merge_small_groups, rebalancing_sampler)
+from covidcxr.overrides import with_overrides
 from covidcxr.preprocess import Augment, Preset, get_preset
 
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class DataConfig:
+    """How :class:`CXRDataModule` loads a manifest (``covidcxr train`` builds it from a recipe's ``data`` section)."""
+
+    # batches: size, decode worker processes, pinned memory for a GPU
+    batch_size: int = 8
+    num_workers: int = 0
+    pin_memory: bool = False
+    # images: augmentation of the training split only (an Augment or a recipe name); a folder caching prepared images
+    augment: Augment | str | None = None
+    cache_dir: str | os.PathLike | None = None
+    # sampling of the training split: None (shuffle), "rebalance" (minority_fraction of every batch from the rarest
+    # label, or minority_label), "weighted" (balanced class weights) or "group_balanced" (every (source, class) cell
+    # equally often, within group_max_repeat and group_min_size: covidcxr.data.sampling.GroupBalancedSampler); seed
+    sampler: Literal["rebalance", "weighted", "group_balanced"] | None = None
+    minority_fraction: float = 0.5
+    minority_label: str | None = None
+    group_max_repeat: float = 4.0
+    group_min_size: int = 5
+    seed: int = 0
+    # rows: the split names; labels to keep (a list, or a function frame -> boolean mask); class names (index =
+    # position) or a mapping {label: index} to merge classes
+    train_split: str = "train"
+    val_split: str = "val"
+    test_split: str = "test"
+    label_filter: Sequence[str] | Callable[[pd.DataFrame], pd.Series] | None = None
+    classes: Sequence[str] | Mapping[str, int] = tuple(CLASSES)
+
+
 class CXRDataModule(L.LightningDataModule):
     """Train/val/test loaders from one manifest (``split`` column) and one preprocessing preset.
 
-    ``sampler``: None (shuffle), ``"rebalance"`` (COVID-Net: ``minority_fraction`` of every batch from
-    the minority class: the rarest training label, or ``minority_label``, e.g. ``"COVID-19"``), ``"weighted"``
-    (sample with balanced class weights) or ``"group_balanced"`` (every (source, class) cell of the train split
-    equally often; ``group_max_repeat`` and ``group_min_size`` set its limits, see
-    :class:`~covidcxr.data.sampling.GroupBalancedSampler`). Each is sharded per rank under DDP and re-seeded
-    per epoch. Batches carry ``source`` and ``group`` indices, numbered by :attr:`sources` (all splits'). ``label_filter``: labels to keep (a list) or a function
-    ``frame -> boolean mask``. Augmentation applies to the training split only.
+    ``config``: a :class:`DataConfig` (batching, sampling, augmentation, which rows); keyword ``overrides`` replace
+    its fields (``CXRDataModule(manifest, preset, batch_size=4, sampler="rebalance")``). Each sampler is sharded
+    per rank under DDP and re-seeded per epoch. Batches carry ``source`` and ``group`` indices, numbered by
+    :attr:`sources` (all splits').
     """
 
     def __init__(self, manifest: str | os.PathLike | pd.DataFrame, preset: str | Preset | dict = "covidnet",
-                 batch_size: int = 8, num_workers: int = 0, augment: Augment | str | None = None,
-                 cache_dir: str | os.PathLike | None = None,
-                 sampler: Literal["rebalance", "weighted", "group_balanced"] | None = None,
-                 minority_fraction: float = 0.5,
-                 seed: int = 0, train_split: str = "train", val_split: str = "val", test_split: str = "test",
-                 label_filter: Sequence[str] | Callable[[pd.DataFrame], pd.Series] | None = None,
-                 classes: Sequence[str] | Mapping[str, int] = CLASSES, pin_memory: bool = False,
-                 minority_label: str | None = None, group_max_repeat: float = 4.0, group_min_size: int = 5):
+                 config: DataConfig | None = None, **overrides: Any):
         super().__init__()
-        if sampler not in (None, "rebalance", "weighted", "group_balanced"):
-            raise ValueError(f"sampler must be None, 'rebalance', 'weighted' or 'group_balanced', not {sampler!r}")
-        self.group_max_repeat, self.group_min_size = float(group_max_repeat), int(group_min_size)
+        c = with_overrides(DataConfig, config, overrides, where="CXRDataModule")
+        if c.sampler not in (None, "rebalance", "weighted", "group_balanced"):
+            raise ValueError(f"sampler must be None, 'rebalance', 'weighted' or 'group_balanced', not {c.sampler!r}")
+        self.config = c
+        self.group_max_repeat, self.group_min_size = float(c.group_max_repeat), int(c.group_min_size)
         self.manifest = manifest
         self.preset = get_preset(preset)
-        self.batch_size, self.num_workers = int(batch_size), int(num_workers)
-        self.augment, self.cache_dir = augment, cache_dir
-        self.sampler, self.minority_fraction, self.seed = sampler, minority_fraction, int(seed)
-        self.splits = {"train": train_split, "val": val_split, "test": test_split}
-        self.label_filter, self.classes, self.pin_memory = label_filter, classes, pin_memory
-        self.minority_label = minority_label
+        self.batch_size, self.num_workers = int(c.batch_size), int(c.num_workers)
+        self.augment, self.cache_dir = c.augment, c.cache_dir
+        self.sampler, self.minority_fraction, self.seed = c.sampler, c.minority_fraction, int(c.seed)
+        self.splits = {"train": c.train_split, "val": c.val_split, "test": c.test_split}
+        self.label_filter, self.classes, self.pin_memory = c.label_filter, c.classes, c.pin_memory
+        self.minority_label = c.minority_label
         self.datasets: dict[str, CXRDataset] = {}
         self.frame: pd.DataFrame | None = None
         self.sources: list[str] = []
