@@ -172,7 +172,7 @@ def resolve_config_path(name: str | os.PathLike) -> Path:
 
 def prepare(cfg: dict, data: str | os.PathLike) -> tuple[Any, Any, list[str], dict[str, Any]]:
     """The DataModule, preset, class names and training summary for a config and a manifest."""
-    from covidcxr.data import CXRDataModule, read_manifest
+    from covidcxr.data import CXRDataModule, DataConfig, read_manifest
     from covidcxr.data.labels import task_classes
     from covidcxr.models import get_spec
     from covidcxr.preprocess import get_preset
@@ -204,11 +204,12 @@ def prepare(cfg: dict, data: str | os.PathLike) -> tuple[Any, Any, list[str], di
 
     df, dropped_labels = keep_labels(df, list(label_map), cfg["data"]["label_filter"] or None, where=data)
     _check_splits(df, data)
-    dm = CXRDataModule(df, preset, batch_size=d["batch_size"], num_workers=d["num_workers"], augment=_augment(cfg),
-                       cache_dir=d["cache_dir"], sampler=d["sampler"], minority_fraction=d["minority_fraction"],
-                       seed=cfg["seed"], classes=label_map, pin_memory=bool(d["pin_memory"]),
-                       minority_label=d.get("minority_label"), group_max_repeat=d["group_max_repeat"],
-                       group_min_size=d["group_min_size"])
+    dm = CXRDataModule(df, preset, DataConfig(
+        batch_size=d["batch_size"], num_workers=d["num_workers"], pin_memory=bool(d["pin_memory"]),
+        augment=_augment(cfg), cache_dir=d["cache_dir"], sampler=d["sampler"],
+        minority_fraction=d["minority_fraction"], minority_label=d.get("minority_label"),
+        group_max_repeat=d["group_max_repeat"], group_min_size=d["group_min_size"], seed=cfg["seed"],
+        classes=label_map))
     summary = {
         "run_name": cfg["name"],
         "recipe": cfg["name"],
@@ -255,7 +256,7 @@ def _prepare_findings(cfg: dict, data: str | os.PathLike, preset: Any) -> tuple[
 
     The outputs are the findings seen in the training rows ("No Finding" included, as a label of its own:
     its neuron becomes the COVID stage's "normal" row)."""
-    from covidcxr.data import CXRDataModule, read_manifest
+    from covidcxr.data import CXRDataModule, DataConfig, read_manifest
 
     d = cfg["data"]
     if cfg["loss"]["class_weights"] is not None or d["sampler"] is not None:
@@ -273,9 +274,9 @@ def _prepare_findings(cfg: dict, data: str | os.PathLike, preset: Any) -> tuple[
                           f"in 'val' (found {len(classes)} finding(s), {(df['split'] == 'val').sum()} val rows)")
     _check_splits(df, data)
     label_map = {lab: i for i, lab in enumerate(sorted(df["label"].astype(str).unique()))}  # unused by the loss
-    dm = CXRDataModule(df, preset, batch_size=d["batch_size"], num_workers=d["num_workers"], augment=_augment(cfg),
-                       cache_dir=d["cache_dir"], sampler=None, seed=cfg["seed"], classes=label_map,
-                       pin_memory=bool(d["pin_memory"]))
+    dm = CXRDataModule(df, preset, DataConfig(
+        batch_size=d["batch_size"], num_workers=d["num_workers"], pin_memory=bool(d["pin_memory"]),
+        augment=_augment(cfg), cache_dir=d["cache_dir"], sampler=None, seed=cfg["seed"], classes=label_map))
     summary = {
         "run_name": cfg["name"], "recipe": cfg["name"], "recipe_description": cfg["recipe"], "config": cfg,
         "task": "findings-multilabel",
