@@ -288,3 +288,19 @@ def test_dicom_engine_logs_when_the_gate_is_down(case: dict[str, Any], tmp_path:
     assert engine.health()["plausibility"]["state"] == "down"
     assert engine.health()["plausibility"]["failures"] == 4
     assert caplog.text.count("plausibility gate is down") == 1
+
+
+def test_gate_sees_the_same_input_from_every_entry_point(case: dict[str, Any], tmp_path: Path) -> None:
+    """The gate got the full-size image in the service and the DICOM node but the decode workers' 512 px copy in
+    the CLI and Ray paths, so one film could get two verdicts. Every entry point now gives it the same input
+    (through the pipeline): the same verdict, reason and measured lung share."""
+    import cv2
+
+    model = case["models"]["film"]
+    film = tmp_path / "film-1280.png"  # a film the decode workers shrink for the gate (the sample is 512 px)
+    small = cv2.imread(str(case["inputs"]["film"][0]), cv2.IMREAD_GRAYSCALE)
+    cv2.imwrite(str(film), cv2.resize(small, (1280, 1280), interpolation=cv2.INTER_CUBIC))
+    cli = _cli(model, [film], tmp_path / "p.jsonl")[film.name]["plausibility"]
+    assert cli["verdict"] == "frontal_cxr" and 0.04 < cli["lung_fraction"] < 0.7
+    assert _service(model, [film])[film.name]["plausibility"] == cli
+    assert _engine(model, [film])[film.name]["plausibility"] == cli

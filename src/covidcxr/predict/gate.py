@@ -109,6 +109,11 @@ class PlausibilityGate:
     def extra_presets(self) -> dict[str, Any]:
         return {"plausibility": PlausibilityInput()} if self.enabled else {}
 
+    @staticmethod
+    def input(image: np.ndarray) -> np.ndarray:
+        """The gate's input from a decoded image: what the decode workers make (:class:`PlausibilityInput`)."""
+        return PlausibilityInput().array(image)
+
     def _failed(self, err: BaseException) -> str:
         reason = f"plausibility check unavailable: {type(err).__name__}: {err}".splitlines()[0]
         self.failures += 1
@@ -131,7 +136,8 @@ class PlausibilityGate:
         return self._checker
 
     def check(self, image: np.ndarray) -> dict[str, Any]:
-        """``{"verdict", "plausible", "reason", "rule"}`` for one H x W [0, 1] image."""
+        """``{"verdict", "plausible", "reason", "rule"}`` for one H x W [0, 1] image, and ``lung_fraction`` (the share
+        of the image the lung mask covers) when the U-Net ran."""
         if not self.enabled:
             return {"verdict": "unchecked", "plausible": None, "reason": self.off_reason, "rule": None}
         from covidcxr.segment.plausibility import precheck  # torch-free: aspect ratio, a uniform picture
@@ -149,7 +155,8 @@ class PlausibilityGate:
                     log.warning("plausibility gate is up again after %d failed images", self.consecutive_failures)
                 self.consecutive_failures = 0
                 self.checked += 1
-            return {"verdict": v.verdict, "plausible": bool(v.plausible), "reason": v.reason, "rule": v.rule}
+            return {"verdict": v.verdict, "plausible": bool(v.plausible), "reason": v.reason, "rule": v.rule,
+                    "lung_fraction": v.measurements.get("fraction")}
         except Exception as err:  # no weights, a broken segmenter: this image is unchecked; the next is tried again
             with self._lock:
                 reason = self._failed(err)

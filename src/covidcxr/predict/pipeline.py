@@ -8,7 +8,8 @@ the Ray actors) builds a :class:`Pipeline` once and asks it for records; none of
 
 Steps, in this order, for each item (issue 21 §1, shared/design/README.md):
 
-1. gate       the frontal-CXR plausibility check (:mod:`covidcxr.predict.gate`); a failure is per image;
+1. gate       the frontal-CXR plausibility check (:mod:`covidcxr.predict.gate`) on the same 512 px copy of the
+              image at every entry point (:meth:`Pipeline.gate_input`); a failure is per image;
 2. classify   the backend -> probabilities; a non-finite row is an error record, never a label;
 3. calibrate  the checkpoint's temperature (in :meth:`Predictor.probabilities`);
 4. decide     the checkpoint's decision rule -> label; the conformal prediction set when the checkpoint
@@ -147,10 +148,21 @@ class Pipeline:
             log.warning("%s: lung mask empty or tiny; histogram standardised over the whole film instead",
                         key or "image")
         masks = self.predictor.masks()  # a lung-crop model's segmenter (None otherwise)
+        # the same extra inputs as the decode workers make (the gate's small copy included): see gate_input
         extra = {name: p.array(image, masks) if getattr(p, "needs_lung_mask", False) else p.array(image)
-                 for name, p in as_extra_presets(self.extra_presets())
-                 if name != "plausibility"}  # the gate reads the decoded image itself
+                 for name, p in as_extra_presets(self.extra_presets())}
         return Item(key, arr, extra, image=image)
+
+    def gate_input(self, item: Item) -> np.ndarray | None:
+        """What the plausibility gate judges, the same at every entry point: the image shrunk to
+        :class:`~covidcxr.predict.gate.PlausibilityInput`'s size (512 px on its long side), made in the decode
+        workers (CLI, Ray), by :meth:`prepare` (DICOM node) or here from the decoded image (the service's items).
+        A full-size image gave another lung share, so one film could get two verdicts."""
+        if not self.gate.enabled:  # records say 'unchecked' (turned off): nothing to shrink
+            return None
+        if "plausibility" in item.extra:
+            return item.extra["plausibility"]
+        return self.gate.input(item.image) if item.image is not None else None
 
     # ------------------------------------------------------------------ run
     def classify(self, items: Sequence[Item]) -> list[np.ndarray | None]:
@@ -182,7 +194,7 @@ class Pipeline:
         if rec["error"]:  # non-finite output: an error, never a label (issue 21 §2.2)
             return self.error_record(item.path, rec["error"])
         model_label = rec["label"]
-        self.gate.apply(rec, item.image if item.image is not None else item.extra.get("plausibility"))
+        self.gate.apply(rec, self.gate_input(item))
         if p.site is not None:
             from covidcxr.site.sets import describe_set, is_uncertain, prediction_set
 
