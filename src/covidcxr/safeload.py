@@ -71,3 +71,14 @@ def torch_load(path: str | os.PathLike, *, trust: bool | None = None) -> Any:
             f"{Path(path)}: refused: the file holds pickled Python objects, not only weights ({why}); "
             "loading it could run code: pass --trust-checkpoint only if you trust where it came from"
         ) from None
+
+
+def load_or_raise(path: str | os.PathLike, error: type[Exception], what: str = "checkpoint") -> Any:
+    """:func:`torch_load`, with every failure as one ``error`` line naming the file: refused pickled objects
+    (the :class:`UnsafeFileError` message), or a file torch cannot read ("PATH: cannot read WHAT (...)")."""
+    try:
+        return torch_load(path)  # weights_only=True unless the user passed --trust-checkpoint
+    except UnsafeFileError as err:
+        raise error(str(err)) from None
+    except Exception as err:
+        raise error(f"{path}: cannot read {what} ({type(err).__name__}: {err})") from None

@@ -154,14 +154,9 @@ def read_bundle(path: str | os.PathLike) -> dict[str, Any]:
         from covidcxr.models.reference import read_safetensors_bundle
 
         return read_safetensors_bundle(p)
-    from covidcxr.safeload import UnsafeFileError, torch_load
+    from covidcxr.safeload import load_or_raise
 
-    try:
-        obj = torch_load(p)  # weights_only=True unless the user passed --trust-checkpoint
-    except UnsafeFileError as err:
-        raise CheckpointError(str(err)) from None
-    except Exception as err:
-        raise CheckpointError(f"{path}: cannot read checkpoint ({type(err).__name__}: {err})") from None
+    obj = load_or_raise(path, CheckpointError)
     if isinstance(obj, dict) and "covidcxr" in obj:  # Lightning checkpoint written by covidcxr train
         obj = obj["covidcxr"]
     if not isinstance(obj, dict) or obj.get("format") != FORMAT:

@@ -199,14 +199,9 @@ def _load(spec: str, size: int | None, threshold: float) -> LungSegmenter:
     if not p.is_file():
         raise SegmenterError(f"{spec}: segmentation model not found (name one of the catalogue, "
                              f"e.g. {PRETRAINED}, or a `covidcxr segment train` checkpoint)")
-    from covidcxr.safeload import UnsafeFileError, torch_load
+    from covidcxr.safeload import load_or_raise
 
-    try:
-        b = torch_load(p)  # weights_only=True unless the user passed --trust-checkpoint
-    except UnsafeFileError as err:
-        raise SegmenterError(str(err)) from None
-    except Exception as err:
-        raise SegmenterError(f"{spec}: cannot read segmentation checkpoint ({type(err).__name__}: {err})") from None
+    b = load_or_raise(spec, SegmenterError, "segmentation checkpoint")
     digest = _file_digest(p)
     if isinstance(b, dict) and b.get("format") == FORMAT:
         arch = b.get("arch", "unet")
