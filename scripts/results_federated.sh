@@ -133,8 +133,12 @@ for s in $SETTINGS; do
     timing "$s: data build" $(( $(elapsed) - t0 ))
   fi
   M="$S/manifest.csv"
-  SITES=${LOCAL_SITES:-$($PY -c "import pandas as pd,sys; d=pd.read_csv(sys.argv[1]); print(' '.join(sorted(d.loc[d.split=='train','source'].astype(str).unique())))" "$M")}
-  echo "$s: sites with training rows: $SITES"
+  ALL_SITES=$($PY -c "import pandas as pd,sys; d=pd.read_csv(sys.argv[1]); print(' '.join(sorted(d.loc[d.split=='train','source'].astype(str).unique())))" "$M")
+  SITES=${LOCAL_SITES:-$ALL_SITES}
+  echo "$s: sites with training rows: $ALL_SITES (local-only runs: $SITES)"
+  for site in $ALL_SITES; do
+    case " $SITES " in *" $site "*) ;; *) done_ok "$s" "local-$site" || mark "$s" "local-$site" "not run: left out of LOCAL_SITES";; esac
+  done
 
   # ---- centralised and local-only trainings, JOBS side by side
   want central && { pool; run "$s" central "$S/central" -- $CX train --config "$RECIPE" --data "$M" --out "$S/central" \

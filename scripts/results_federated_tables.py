@@ -253,7 +253,7 @@ def targets(r: Runs) -> list[str]:
 def timings(r: Runs) -> list[str]:
     t = read_tsv(r.root / "timings.tsv", ["step", "seconds"])
     if t.empty:
-        return []
+        return ["*no timings recorded.*", ""]
     t["seconds"] = pd.to_numeric(t["seconds"], errors="coerce")
     return ["| step | wall time |", "|---|---|"] + [f"| {x.step} | {x.seconds / 60:.1f} min |" for x in t.itertuples()] + [""]
 
