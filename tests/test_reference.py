@@ -176,3 +176,46 @@ def test_pack_refuses_over_budget(tmp_path, monkeypatch):
         reference.pack(ckpt, "covidcxr-reference", version="10.0", out_dir=tmp_path / "ok")
     assert (tmp_path / "ok" / "covidcxr-reference.safetensors").read_bytes() == before  # nothing replaced
     assert not [p for p in (tmp_path / "ok").iterdir() if p.name.startswith(".")]
+
+
+def _films(shared_dir: Path) -> list[str]:
+    """Real films that no calibration reads: the source excerpts (Cohen, Actualmed, Figure1 in their original layouts,
+    256 px) and the reader samples, less the MONOCHROME1 reader test (not a film a model should be asked about)."""
+    from covidcxr.predict import collect_inputs
+
+    files = [f for f in collect_inputs([shared_dir / "source-samples"]) if "/images/" in f.replace("\\", "/")]
+    return files + [str(p) for p in sorted((shared_dir / "samples").iterdir()) if "monochrome1" not in p.name]
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="reference 1.0.0 misses the bar (measured: 96.0% of 50 films; its own gate: "
+                   "96.6% of 378 val+test images): threshold 0.041 sits in its probability mass and the INT8 error is "
+                   "spread over the whole network (docs/deployment.md, 'The default model'); strict: passing means "
+                   "the export can be served, so this mark goes")
+def test_int8_reference_agrees_with_fp32_on_independent_films(shared_dir, tmp_path):
+    """The reference exported to INT8 as `covidcxr export --quantize int8` does (train-split calibration of the
+    merged benchmark, keep_fp32 auto) labels >= 98 % of real films no calibration read as fp32 does."""
+    pytest.importorskip("onnxruntime")
+    from covidcxr.data import build_manifest
+    from covidcxr.export import export_onnx
+    from covidcxr.io import read_image
+    from covidcxr.predict import Predictor
+    from covidcxr.quantize import _manifest_rows, _spread, quantize_file
+
+    nih, han = shared_dir / "nih-cxr14-subset", shared_dir / "hannover-covid"
+    if not nih.is_dir() or not han.is_dir():
+        pytest.skip(f"merged benchmark sources not found under {shared_dir}")
+    build_manifest(sources=[("csv", str(shared_dir / "covid-cxr-dev" / "metadata.csv")), ("nih", str(nih)),
+                            ("hannover", str(han))], out=tmp_path / "data", seed=62)
+    cal, _ = _manifest_rows(tmp_path / "data" / "manifest.csv", ["train"])
+    films = _films(shared_dir)
+    assert len(films) >= 40 and not set(films) & set(cal)
+    export_onnx("reference", tmp_path / "ref.fp32.onnx", parity_images=films[:4])
+    fp32 = Predictor.from_path(tmp_path / "ref.fp32.onnx", backend="onnx")
+    quantize_file(fp32, tmp_path / "ref.int8.onnx", [cal[i] for i in _spread(cal, 128)], keep_fp32="auto")
+    int8 = Predictor.from_path(tmp_path / "ref.int8.onnx", backend="onnx")
+    x = np.stack([fp32.preprocess(read_image(f)) for f in films])
+    la = [fp32.record(r)["label"] for r in fp32.probabilities(x)]
+    lb = [int8.record(r)["label"] for r in int8.probabilities(x)]
+    agree = float(np.mean([u == v for u, v in zip(la, lb)]))
+    assert agree >= 0.98, f"INT8 labels agree with fp32 on {agree:.1%} of {len(films)} independent films"
