@@ -125,6 +125,23 @@ def pack(
     return write_manifest(out)
 
 
+def update_card(name: str, card: dict[str, Any], out_dir: str | os.PathLike | None = None) -> dict[str, Any]:
+    """Replace the card stored in a shipped model's JSON sidecar (weights untouched); MANIFEST.json's sha256 follow.
+
+    For figures measured after packing (scripts/model_card.py --refresh). Returns the manifest rows.
+    """
+    name = rm.canonical(name)
+    out = Path(out_dir) if out_dir is not None else rm.REFERENCE_DIR
+    side = out / f"{name}.json"
+    meta = json.loads(side.read_text(encoding="utf-8"))
+    meta["card"] = dict(card)
+    tmp = out / f".{name}.json.tmp"
+    tmp.write_text(json.dumps(_jsonable(meta), indent=1, sort_keys=True) + "\n", encoding="utf-8")
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, side)
+    return write_manifest(out)
+
+
 def write_manifest(out_dir: str | os.PathLike | None = None) -> dict[str, Any]:
     """(Re)write MANIFEST.json from the files present; refuse when they exceed the size budget."""
     out = Path(out_dir) if out_dir is not None else rm.REFERENCE_DIR
