@@ -18,6 +18,9 @@
 #   SMOKE=1 bash scripts/train_reference.sh         # plumbing check: 64 px, 1 epoch, few batches; packs nothing
 #   STAGE=post bash scripts/train_reference.sh      # steps 3-5 on an existing RUNS/run/best.ckpt
 #   STAGE=card bash scripts/train_reference.sh      # only step 5, on an existing RUNS folder
+#   .venv/bin/python scripts/model_card.py RUNS --refresh  # run outputs gone: keep the shipped models and their
+#                                   # stored figures; re-read INT8 (RUNS/onnx, RUNS/int8.status), the audit
+#                                   # (RUNS/audit) and leave-one-source-out (results-out/run3/loso)
 #
 # Environment: RUNS (default reference-out/), RECIPE, SEED (0), EPOCHS (3), SIZE (224), THREADS (2), BOOT (1000),
 # SEV_EPOCHS (4), AUDIT_LIMIT (60), MAX_STEPS (stop after that many optimiser steps; the shipped 1.0.0 run was

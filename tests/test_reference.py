@@ -219,3 +219,24 @@ def test_int8_reference_agrees_with_fp32_on_independent_films(shared_dir, tmp_pa
     lb = [int8.record(r)["label"] for r in int8.probabilities(x)]
     agree = float(np.mean([u == v for u, v in zip(la, lb)]))
     assert agree >= 0.98, f"INT8 labels agree with fp32 on {agree:.1%} of {len(films)} independent films"
+
+
+def test_update_card_keeps_the_manifest_sha256_true(tmp_path):
+    """scripts/model_card.py --refresh rewrites only the stored card: weights untouched, MANIFEST follows the sidecar."""
+    from covidcxr import models
+    from covidcxr.models import reference
+    from covidcxr.preprocess import get_preset
+
+    ckpt = tmp_path / "tiny.ckpt"
+    models.save(ckpt, models.build("squeezenet1_1", num_classes=3), classes=["normal", "pneumonia", "COVID-19"],
+                preset=get_preset("imagenet"))
+    out = tmp_path / "ref"
+    reference.pack(ckpt, "covidcxr-reference", version="9.9", card={"name": "x", "figures": {}}, out_dir=out)
+    weights = (out / "covidcxr-reference.safetensors").read_bytes()
+    rows = reference.update_card("reference", {"name": "x", "figures": {"audit": {"images": 3}}}, out_dir=out)
+    side = out / "covidcxr-reference.json"
+    assert json.loads(side.read_text())["card"]["figures"]["audit"] == {"images": 3}
+    assert rows[rm.CLASSIFIER]["metadata_sha256"] == _sha256(side)
+    assert json.loads((out / "MANIFEST.json").read_text()) == rows
+    assert (out / "covidcxr-reference.safetensors").read_bytes() == weights
+    assert json.loads(side.read_text())["training"]["model_version"] == "9.9"
