@@ -21,10 +21,10 @@
 # fills the federated:begin/end block of docs/federated.md. Research use only: no clinical performance claim.
 #
 #   SMOKE=1 bash scripts/results_federated.sh                           # plumbing: 64 px, 1 round, 2 batches
-#   NICENESS=0 SIZE=128 ROUNDS=3 bash scripts/results_federated.sh      # the run in docs/federated.md
+#   NICENESS=0 bash scripts/results_federated.sh                        # the run in docs/federated.md (224 px, 3 rounds)
 #   CONTINUE=1 bash scripts/results_federated.sh                        # pick up an interrupted run
 #
-# Environment: RUNS (default results-out/federated, ignored by git), SIZE (px; default 128), ROUNDS (default 3),
+# Environment: RUNS (default results-out/federated, ignored by git), SIZE (px; default 224), ROUNDS (default 3),
 # LOCAL_EPOCHS (default 1), SETTINGS (default "split holdout"), STRATEGIES (what to run, default "central local
 # fedavg fedprox fedbn fedavg-robust fedavg-dp"; the others get a "not run" row), LOCAL_SITES (default: every
 # source with training rows), DP_SETTINGS (default split), DP_NOISE (1.0), DP_CLIP (1.0), PROX_MU (0.01), RECIPE
@@ -45,9 +45,10 @@ if [ "$SMOKE" = 1 ]; then
   SIZE=${SIZE:-64}; ROUNDS=${ROUNDS:-1}; LOCAL_EPOCHS=${LOCAL_EPOCHS:-1}; BOOT=${BOOT:-50}; LIMIT=${LIMIT:-2}
   DOC=${DOC:-}
 else
-  # the run in docs/federated.md: 128 px, 3 rounds of 1 local epoch (= 3 epochs centralised: 1 head warm-up
-  # + 2 fine-tuning, as in docs/results.md's reduced runs), sized to finish in under an hour on 2 cores
-  SIZE=${SIZE:-128}; ROUNDS=${ROUNDS:-3}; LOCAL_EPOCHS=${LOCAL_EPOCHS:-1}; BOOT=${BOOT:-1000}; LIMIT=${LIMIT:-}
+  # the run in docs/federated.md: the recipe's 224 px, 3 rounds of 1 local epoch (= 3 epochs centralised: 1 head
+  # warm-up + 2 fine-tuning, as in docs/results.md's main run); one fine-tuning epoch of the largest site (nih,
+  # 469 images) took 37 s on one core of the idle 2-core machine (11 s at 128 px): about 45 min in all
+  SIZE=${SIZE:-224}; ROUNDS=${ROUNDS:-3}; LOCAL_EPOCHS=${LOCAL_EPOCHS:-1}; BOOT=${BOOT:-1000}; LIMIT=${LIMIT:-}
   DOC=${DOC-docs/federated.md}
 fi
 SETTINGS=${SETTINGS:-split holdout}
