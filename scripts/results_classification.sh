@@ -34,7 +34,7 @@
 # the recipe's own), STAGES (default "split holdout audit severity paired loso": split / holdout = the two
 # settings' trainings, audit and severity chain on split, paired = the paired bootstraps, loso = the
 # leave-one-source-out runs; the tables are always written), LOSO_SOURCES (default "actualmed cohen figure1
-# hannover nih"), LOSO_RECIPES (default "mnv2 robust"; the lung-crop recipe is not run there).
+# hannover nih"), LOSO_RECIPES (default "mnv2 robust robustlp"; the lung-crop recipe is not run there).
 # Research use only: nothing here is a clinical performance claim.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -52,14 +52,14 @@ for st in $STAGES; do
   case "$st" in split|holdout|audit|severity|paired|loso) ;; *) echo "error: unknown stage $st (known: split holdout audit severity paired loso)" >&2; exit 2;; esac
 done
 LOSO_SOURCES=${LOSO_SOURCES:-actualmed cohen figure1 hannover nih}
-LOSO_RECIPES=${LOSO_RECIPES:-mnv2 robust}
+LOSO_RECIPES=${LOSO_RECIPES:-mnv2 robust robustlp}
 if [ "$SMOKE" = 1 ]; then
   MODELS=${MODELS:-scratch probe mnv2 effl0 twice}   # lungcrop would segment the whole test split: MODELS=... to add it
   EPOCHS=${EPOCHS:-1}; SIZE=${SIZE:-64}; BOOT=${BOOT_SMOKE:-50}; SEV_EPOCHS=${SEV_EPOCHS:-1}; SEV_SPLITS=${SEV_SPLITS:-2}
   LIMIT=(--set trainer.limit_train_batches=2 --set trainer.limit_val_batches=2); AUDIT_LIMIT=(--limit 8)
   DOC=${DOC:-}
 else
-  MODELS=${MODELS:-scratch probe mnv2 effl0 lungcrop twice robust}
+  MODELS=${MODELS:-scratch probe mnv2 effl0 lungcrop twice robust robustlp}
   # the run in docs/results.md: 45 min on the idle 2-core machine (224 px, the recipes' size; 3 epochs =
   # 1 head warm-up + 2 fine-tuning, where the MobileNetV2 recipe's val AUC had levelled off in docs/training.md)
   EPOCHS=${EPOCHS:-3}; SIZE=${SIZE:-224}; SEV_EPOCHS=${SEV_EPOCHS:-4}; SEV_SPLITS=${SEV_SPLITS:-5}
@@ -102,7 +102,8 @@ LABEL[effl0]="EfficientNet-Lite0, fine-tuned";   CONFIG[effl0]=configs/transfer-
 LABEL[lungcrop]="MobileNetV2, CXNet-style lung crop"; CONFIG[lungcrop]=configs/transfer-cxnet-lungcrop.yaml; SETS[lungcrop]=""
 LABEL[twice]="MobileNetV2, twice transfer (ImageNet → NIH → 3 classes)"; CONFIG[twice]=configs/twice-transfer-mobilenet_v2.yaml; SETS[twice]=""
 LABEL[robust]="MobileNetV2, group-robust"; CONFIG[robust]=configs/robust-mobilenet_v2.yaml; SETS[robust]=""
-ALL_IDS="scratch probe mnv2 effl0 lungcrop twice robust"
+LABEL[robustlp]="MobileNetV2, group-balanced linear probe"; CONFIG[robustlp]=configs/robust-probe-mobilenet_v2.yaml; SETS[robustlp]=""
+ALL_IDS="scratch probe mnv2 effl0 lungcrop twice robust robustlp"
 for m in $MODELS $(has loso && echo "$LOSO_RECIPES"); do
   [ -n "${LABEL[$m]:-}" ] || { echo "error: unknown model id $m (known: ${!LABEL[*]})" >&2; exit 2; }
 done
@@ -280,7 +281,8 @@ models_of() { has "$1" || return 0; if [ "$1" = holdout ]; then echo "$HOLDOUT_M
 # the lung-crop recipe waits for the masks of step 1b, the linear probe (no backward through the body) is cheap.
 ORDER=()
 for sm in split/mnv2 holdout/scratch split/scratch holdout/twice split/twice split/robust holdout/robust holdout/effl0 \
-          split/effl0 holdout/mnv2 holdout/lungcrop split/lungcrop holdout/probe split/probe; do
+          split/effl0 holdout/mnv2 holdout/lungcrop split/lungcrop holdout/probe split/probe holdout/robustlp \
+          split/robustlp; do
   case " $(models_of "${sm%/*}") " in *" ${sm#*/} "*) ORDER+=("$sm") ;; esac
 done
 
@@ -342,8 +344,8 @@ for s in split holdout; do
     $PY -m covidcxr.evaluate.paired "$RUNS/$s/scratch-report" "$RUNS/$s/$m-report" "${neg[@]}" --bootstrap "$BOOT" \
       --out "$RUNS/$s/$m-paired.json" > "$RUNS/$s/$m-paired.log" 2>&1 || echo "paired $s/$m failed: $(tail -1 "$RUNS/$s/$m-paired.log")"
   done
-  # twice transfer and the group-robust recipe against once transfer (the fine-tuned MobileNetV2), same test images
-  for b in twice robust; do
+  # twice transfer and the group-robust recipes against once transfer (the fine-tuned MobileNetV2), same test images
+  for b in twice robust robustlp; do
     [ -f "$RUNS/$s/$b-report/predictions.csv" ] && [ -f "$RUNS/$s/mnv2-report/predictions.csv" ] || continue
     $PY -m covidcxr.evaluate.paired "$RUNS/$s/mnv2-report" "$RUNS/$s/$b-report" "${neg[@]}" --bootstrap "$BOOT" \
       --out "$RUNS/$s/$b-vs-mnv2-paired.json" > "$RUNS/$s/$b-vs-mnv2-paired.log" 2>&1 \

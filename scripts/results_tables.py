@@ -250,7 +250,8 @@ def paired_table(runs: Path, setting: str, models: list[dict]) -> list[str]:
     lines += [] if base != "ok" else ["", "Δ = model − scratch ResNet-18 on the same test images; 95 % CI from a paired patient "
               "bootstrap (both models scored on each resample; patients resampled within their class; "
               f"{n_boot} replicates; `python -m covidcxr.evaluate.paired`). * = CI excludes 0.", ""]
-    for b, name in (("twice", "Twice transfer"), ("robust", "Group-robust recipe")):
+    for b, name in (("twice", "Twice transfer"), ("robust", "Group-robust recipe"),
+                    ("robustlp", "Group-balanced linear probe")):
         p = load(runs / setting / f"{b}-vs-mnv2-paired.json")  # against once transfer, same test images
         if p is not None:
             pm = p["metrics"]
@@ -364,29 +365,30 @@ def targets(runs: Path, models: list[dict]) -> list[str]:
 
 
 def robust_targets(runs: Path) -> list[tuple[str, str, bool]]:
-    """Issue 18 §4's targets for the group-robust recipe (id ``robust``), where its results exist."""
+    """Issue 18 §4's targets for each group-robust recipe (ids ``robust``, ``robustlp``), where its results exist."""
     rows = []
 
     def nds(m: dict | None) -> dict | None:
         return ((m or {}).get("groups") or {}).get("non_dominant_specificity")
 
-    h = nds(_metrics(runs, "holdout", "robust")) if status(runs, "holdout", "robust") == "ok" else None
-    if h and h.get("value") is not None:
-        rows.append(("robust recipe, no calibration: non-dominant-source specificity ≥ 0.5 (actualmed hold-out)",
-                     f"{fig(h)} (n={h['n_images']})", h["value"] >= 0.5))
-    loso = []
-    for d in sorted((runs / "loso").glob("*/robust-report/metrics.json")):
-        v = nds(load(d))
-        if v and v.get("value") is not None and status(runs, f"loso/{d.parent.parent.name}", "robust") == "ok":
-            loso.append((d.parent.parent.name, v))
-    if loso:
-        rows.append(("robust recipe, no calibration: non-dominant-source specificity ≥ 0.5 (each LOSO source)",
-                     "; ".join(f"{src}: {fig(v)}" for src, v in loso), all(v["value"] >= 0.5 for _, v in loso)))
-    p = load(runs / "split" / "robust-vs-mnv2-paired.json")
-    if p and p["metrics"]["auc"].get("diff") is not None:
-        a = p["metrics"]["auc"]
-        rows.append(("robust recipe: patient-split COVID-19 AUC not below the transfer recipe's by more than 0.02",
-                     f"Δ {diff(a)} (robust − fine-tuned MobileNetV2, paired)", a["diff"] >= -0.02))
+    for rid, name in (("robust", "robust recipe"), ("robustlp", "group-balanced linear probe")):
+        h = nds(_metrics(runs, "holdout", rid)) if status(runs, "holdout", rid) == "ok" else None
+        if h and h.get("value") is not None:
+            rows.append((f"{name}, no calibration: non-dominant-source specificity ≥ 0.5 (actualmed hold-out)",
+                         f"{fig(h)} (n={h['n_images']})", h["value"] >= 0.5))
+        loso = []
+        for d in sorted((runs / "loso").glob(f"*/{rid}-report/metrics.json")):
+            v = nds(load(d))
+            if v and v.get("value") is not None and status(runs, f"loso/{d.parent.parent.name}", rid) == "ok":
+                loso.append((d.parent.parent.name, v))
+        if loso:
+            rows.append((f"{name}, no calibration: non-dominant-source specificity ≥ 0.5 (each LOSO source)",
+                         "; ".join(f"{src}: {fig(v)}" for src, v in loso), all(v["value"] >= 0.5 for _, v in loso)))
+        p = load(runs / "split" / f"{rid}-vs-mnv2-paired.json")
+        if p and p["metrics"]["auc"].get("diff") is not None:
+            a = p["metrics"]["auc"]
+            rows.append((f"{name}: patient-split COVID-19 AUC not below the transfer recipe's by more than 0.02",
+                         f"Δ {diff(a)} ({rid} − fine-tuned MobileNetV2, paired)", a["diff"] >= -0.02))
     return rows
 
 

@@ -42,6 +42,13 @@ TRIALS: dict[str, list[str]] = {
     "gb_hist": [*GROUPED, "data.hist_standardize=film"],
     "gb_dro_adv_aug": [*GROUPED, "loss.kind=group_dro", "loss.dro_eta=0.01", "adversary.kind=source",
                        "adversary.weight=0.1", "data.augment=source-random"],
+    "gb_dro_adv_hist": [*GROUPED, "loss.kind=group_dro", "loss.dro_eta=0.01", "adversary.kind=source",
+                        "adversary.weight=0.1", "data.hist_standardize=film"],
+    # linear probes (model.freeze_backbone: the body stays frozen for every epoch): the ImageNet
+    # features kept as they are, the question issue 18 asks ("fine-tuning must not lose what the features hold")
+    "gb_lp": [*GROUPED, "model.freeze_backbone=true", "optimizer.lr=3e-3"],
+    "gb_dro_lp": [*GROUPED, "loss.kind=group_dro", "loss.dro_eta=0.01", "model.freeze_backbone=true",
+                  "optimizer.lr=3e-3"],
 }
 
 
