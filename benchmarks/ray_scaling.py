@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
 
             # the gate off, as the local baseline above (predict_paths): the figures compare the engines only
             run = predict_ray([], onnx, out, files=files, workers=workers, batch_size=args.batch_size, threads=1,
-                              shard_size=100, config=PipelineConfig(model=str(onnx), threads=1, plausibility=False))
+                              shard_size=100, pipeline=PipelineConfig(model=str(onnx), threads=1, plausibility=False))
             shutdown()
             res[f"ray{workers}_img_s"] = run.written / run.seconds
             res[f"ray{workers}_startup_s"] = round(start_s, 1)

@@ -93,7 +93,7 @@ def test_ray_equals_single_process_and_resumes(local_ray, onnx_model: Path, inpu
                                                reference: dict[str, dict], tmp_path: Path) -> None:
     out = tmp_path / "shards"
     run = predict_ray([], onnx_model, out, files=inputs, workers=2, batch_size=8, shard_size=10, threads=1,
-                      config=_config(onnx_model))
+                      pipeline=_config(onnx_model))
     assert run.written == len(inputs) and run.failed == 2 and run.duplicates_dropped == 0
     assert len(run.shards) == -(-len(inputs) // 10)
     recs = read_records(out)
@@ -103,10 +103,10 @@ def test_ray_equals_single_process_and_resumes(local_ray, onnx_model: Path, inpu
 
     # a rerun without --resume is refused; with it, nothing is left to do
     with pytest.raises(RayEngineError, match="--resume"):
-        predict_ray([], onnx_model, out, files=inputs, workers=2, config=_config(onnx_model))
+        predict_ray([], onnx_model, out, files=inputs, workers=2, pipeline=_config(onnx_model))
     # with it, only the two failed inputs are tried again (as the local engine's --resume does)
     again = predict_ray([], onnx_model, out, files=inputs, workers=2, resume=True,
-                        config=_config(onnx_model))
+                        pipeline=_config(onnx_model))
     assert again.skipped_done == len(inputs) - 2 and again.written == 2 and again.failed == 2
     assert len(again.shards) == 1
     _check_equivalent(read_records(out), reference, inputs)  # one record per input: the latest
@@ -115,10 +115,39 @@ def test_ray_equals_single_process_and_resumes(local_ray, onnx_model: Path, inpu
     lost_paths = {json.loads(line)["path"] for line in lost.read_text().splitlines()}
     lost.unlink()
     third = predict_ray([], onnx_model, out, files=inputs, workers=2, batch_size=8, shard_size=10, resume=True,
-                        config=_config(onnx_model))
+                        pipeline=_config(onnx_model))
     redo = lost_paths | {r["path"] for r in read_records(out, latest=False) if r["error"]}  # failed ones again too
     assert third.written == len(redo) and third.skipped_done == len(inputs) - len(redo)
     _check_equivalent(read_records(out), reference, inputs)
+
+
+@pytest.mark.timeout(300)
+def test_config_form_equals_keyword_form(local_ray, onnx_model: Path, inputs: list[str],
+                                         reference: dict[str, dict], tmp_path: Path) -> None:
+    """predict_ray(..., RayConfig(...)) and predict_ray(..., **settings) run the same engine; keywords override a
+    config's fields; a misspelt setting is a TypeError before any folder or cluster work (issue 21 §1)."""
+    from covidcxr.predict.distributed import RayConfig
+
+    few = inputs[:5] + inputs[-2:]  # five images, the unreadable file and the missing one
+    settings = dict(workers=1, batch_size=4, shard_size=3, threads=1, pipeline=_config(onnx_model))
+    config = RayConfig(**settings)
+    by_config = predict_ray([], onnx_model, tmp_path / "config", config, files=few)
+    by_keywords = predict_ray([], onnx_model, tmp_path / "keywords", files=few, **settings)
+    for run in (by_config, by_keywords):
+        assert (run.total, run.written, run.failed, run.workers, len(run.shards)) == (7, 7, 2, 1, 3)
+    recs = read_records(tmp_path / "config")
+    _check_equivalent(recs, {r["path"]: r for r in read_records(tmp_path / "keywords")}, few)
+    _check_equivalent(recs, reference, few)
+    assert [Path(s).name for s in by_config.shards] == [Path(s).name for s in by_keywords.shards]
+
+    # a keyword overrides the config's field: resume the config's folder (only the two failed inputs again)
+    with pytest.raises(RayEngineError, match="--resume"):
+        predict_ray([], onnx_model, tmp_path / "config", config, files=few)
+    again = predict_ray([], onnx_model, tmp_path / "config", config, files=few, resume=True)
+    assert (again.skipped_done, again.written, again.failed) == (5, 2, 2)
+    with pytest.raises(TypeError, match=r"predict_ray got unknown settings \['worker'\]"):
+        predict_ray([], onnx_model, tmp_path / "typo", config, files=few, worker=2)
+    assert not (tmp_path / "typo").exists()
 
 
 @pytest.mark.timeout(300)
@@ -144,7 +173,7 @@ def test_worker_killed_mid_run_completes_without_duplicates(local_ray, onnx_mode
     out = tmp_path / "shards"
     run = predict_ray([], onnx_model, out, files=inputs, workers=2, batch_size=4, shard_size=8, threads=1,
                       fmt="parquet", progress=kill_one_actor, pid_file=str(pid_file),
-                      config=_config(onnx_model))
+                      pipeline=_config(onnx_model))
     assert killed, "the test did not get to kill an actor"
     assert len(pid_file.read_text().split()) >= 3  # the killed actor was restarted (or replaced)
     assert run.written == len(inputs)

@@ -181,14 +181,13 @@ def _predict_ray(args: argparse.Namespace) -> int:
         raise UserError(f"no images found in {' '.join(args.paths)} (looked for PNG, JPEG, TIFF, BMP and DICOM files)")
     if any(Path(f).resolve() == Path(args.out).resolve() for f in args.paths):
         raise UserError(f"--out {args.out} is also an input; choose another folder")
-    from covidcxr.predict.distributed import RayEngineError, predict_ray, read_records, shutdown
+    from covidcxr.predict.distributed import RayConfig, RayEngineError, predict_ray, read_records, shutdown
 
+    config = RayConfig(address=args.address, workers=max(1, args.workers), threads=args.threads or 1,
+                       num_gpus=args.gpus_per_worker, batch_size=args.batch_size, fmt=args.format,
+                       shard_size=args.shard_size, resume=args.resume, pipeline=_config(args))
     try:
-        run = predict_ray(
-            args.paths, args.model, args.out, backend=args.backend, address=args.address, workers=max(1, args.workers),
-            batch_size=args.batch_size, threads=args.threads or 1, fmt=args.format, shard_size=args.shard_size,
-            num_gpus=args.gpus_per_worker, files=files, resume=args.resume, config=_config(args),
-        )
+        run = predict_ray(args.paths, args.model, args.out, config, files=files)
     except (RayEngineError, PredictorError) as err:
         raise UserError(str(err)) from None
     finally:

@@ -33,8 +33,10 @@ from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
+from covidcxr.overrides import with_overrides
 from covidcxr.predict.inputs import Item, Loader, collect_inputs
 from covidcxr.predict.output import resolved
+from covidcxr.predict.pipeline import PipelineConfig
 from covidcxr.predict.records import PredictorError, jsonable, strip_transient
 
 log = logging.getLogger(__name__)
@@ -212,56 +214,70 @@ def _init_ray(address: str | None, num_cpus: int | None, workers: int) -> Any:
     return ray
 
 
+@dataclass(frozen=True)
+class RayConfig:
+    """How the Ray engine runs (``covidcxr predict --engine ray`` fills it from its options); :func:`predict_ray`
+    takes one (or keyword overrides). Picklable, as the pipeline config it carries."""
+
+    # the cluster: None starts a local Ray ("auto": the cluster of `ray start`, "ray://HOST:PORT": Ray Client);
+    # num_cpus: logical CPUs of a local one (None: the machine's, at least one per actor plus one for decoding)
+    address: str | None = None
+    num_cpus: int | None = None
+    # the actor pool: predictor actors, intra-op threads and GPUs per actor (GPUs > 0: torch on cuda, one actor
+    # per GPU with 1); images per decode task and per actor call
+    workers: int = 2
+    threads: int | None = 1
+    num_gpus: float = 0.0
+    batch_size: int = 16
+    # the output folder: shard format (jsonl or parquet) and records per shard; resume keeps the successful
+    # records already there and predicts the rest (without it a folder holding shards is refused)
+    fmt: str = "jsonl"
+    shard_size: int = 1000
+    resume: bool = False
+    # what each actor's pipeline does (plausibility gate, severity, backend, ...); None: the model with the gate
+    # on, as `covidcxr predict` without options. Its model, threads and device are set by predict_ray
+    pipeline: PipelineConfig | None = None
+
+
 def predict_ray(
     paths: Iterable[str | os.PathLike],
     model: str | os.PathLike,
     out_dir: str | os.PathLike,
+    config: RayConfig | None = None,
     *,
-    backend: str | None = None,
-    address: str | None = None,
-    workers: int = 2,
-    batch_size: int = 16,
-    threads: int | None = 1,
-    fmt: str = "jsonl",
-    shard_size: int = 1000,
-    num_cpus: int | None = None,
-    num_gpus: float = 0.0,
-    progress: Callable[[int, int], None] | None = None,
     files: Sequence[str] | None = None,
-    resume: bool = False,
+    progress: Callable[[int, int], None] | None = None,
     pid_file: str | None = None,
-    config: Any = None,
+    **overrides: Any,
 ) -> RayRun:
     """Predict every input once on Ray Data; write sharded records into ``out_dir``; resume what is there.
 
-    ``workers``: predictor actors (one per GPU with ``num_gpus=1``); ``threads``: intra-op threads per actor.
-    ``progress(done, total)`` is called after each record batch (the kill test uses it).
-    ``resume``: keep the successful records already in ``out_dir`` and predict the other inputs (failed ones
-    again); without it a folder that already holds shards is refused (a run never mixes into or overwrites
-    earlier results), and so is one written by another model.
-    ``config``: the :class:`~covidcxr.predict.pipeline.PipelineConfig` (plausibility gate, severity, ...);
-    default: the model with the gate on, as ``covidcxr predict`` without options.
+    ``config``: a :class:`RayConfig` (what each setting does); keyword ``overrides`` replace its fields
+    (``predict_ray([], m, out, files=fs, workers=1, resume=True)``); a misspelt one is a TypeError.
+    ``files``: the inputs already listed (else :func:`collect_inputs` of ``paths``).
+    ``progress(done, total)`` is called after each record batch; ``pid_file``: each actor appends its process
+    id (the kill test needs a process to kill).
     """
+    c = with_overrides(RayConfig, config, overrides, where="predict_ray")
+    fmt, workers, batch_size, num_gpus = c.fmt, c.workers, c.batch_size, c.num_gpus
     if fmt not in ("jsonl", "parquet"):
         raise RayEngineError(f"unknown output format {fmt!r}; choose jsonl or parquet")
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise RayEngineError(f"{out}: --out must be a folder for --engine ray (it gets part-NNNNN.{fmt} shards)")
     # the model loads here too: a bad file is one line before any cluster work
-    from covidcxr.predict.pipeline import Pipeline, PipelineConfig
+    from covidcxr.predict.pipeline import Pipeline
 
-    if config is None:
-        config = PipelineConfig(model=str(model), backend=backend, threads=threads)
+    pipeline = c.pipeline if c.pipeline is not None else PipelineConfig(model=str(model))
     # absolute: the actors may run in another working directory
-    config = config.with_model(Path(model).resolve() if Path(model).is_file() else model)
-    config = _replace(config, backend=backend if backend is not None else config.backend, threads=threads,
-                      device="cuda" if num_gpus else config.device)
-    pipe = Pipeline(config)  # here too: a bad file is one line before any cluster work
+    pipeline = _replace(pipeline.with_model(Path(model).resolve() if Path(model).is_file() else model),
+                        threads=c.threads, device="cuda" if num_gpus else pipeline.device)
+    pipe = Pipeline(pipeline)  # here too: a bad file is one line before any cluster work
     all_files = list(files) if files is not None else collect_inputs(paths)
     out.mkdir(parents=True, exist_ok=True)
     for stale in out.glob(".part-*.tmp"):  # a shard that was being written when a run died
         stale.unlink()
-    if _shard_paths(out) and not resume:
+    if _shard_paths(out) and not c.resume:
         raise RayEngineError(f"{out}: already holds result shards; pass --resume to continue that run, "
                              "or choose another --out folder")
     earlier = read_records(out)
@@ -273,10 +289,10 @@ def predict_ray(
     todo = [f for f in dict.fromkeys(all_files) if resolved(f) not in done]
     run = RayRun(out_dir=str(out), total=len(all_files), skipped_done=len(all_files) - len(todo), written=0,
                  failed=0, workers=workers)
-    writer = _ShardWriter(out, fmt, shard_size)
+    writer = _ShardWriter(out, fmt, c.shard_size)
     t0 = time.perf_counter()
     if todo:
-        ray = _init_ray(address, num_cpus, workers)
+        ray = _init_ray(c.address, c.num_cpus, workers)
         import ray.data
 
         ctx = ray.data.DataContext.get_current()
@@ -287,7 +303,7 @@ def predict_ray(
                             batch_format="numpy", num_cpus=1, max_retries=3)
         ds = ds.map_batches(
             _PredictActor,
-            fn_constructor_args=(config, pid_file),
+            fn_constructor_args=(pipeline, pid_file),
             batch_size=batch_size, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=max(1, workers)),
             num_cpus=1,
             num_gpus=num_gpus or None, max_restarts=3, max_task_retries=3,
@@ -325,4 +341,4 @@ def shutdown() -> None:
         pass
 
 
-__all__ = ["RayEngineError", "RayRun", "PredictorError", "predict_ray", "read_records", "shutdown"]
+__all__ = ["RayConfig", "RayEngineError", "RayRun", "PredictorError", "predict_ray", "read_records", "shutdown"]
