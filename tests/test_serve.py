@@ -385,6 +385,33 @@ def test_api_key_file_errors_are_one_line(ckpt: Path, tmp_path: Path, capsys: py
         assert msg in err and str(path) in err and "\n" not in err, err
 
 
+def test_serve_options_default_to_serve_config(capsys: pytest.CaptureFixture) -> None:
+    """`covidcxr serve`'s defaults are ServeConfig's (one source of truth): options left out give
+    ServeConfig(model=...) field for field, --help shows those values, and the parser builds without FastAPI."""
+    import subprocess
+    import sys
+
+    from covidcxr.cli import build_parser, main
+    from covidcxr.cli.serve import serve_config
+    from covidcxr.serve import ServeConfig
+
+    assert serve_config(build_parser().parse_args(["serve", "--model", "m.onnx"])) == ServeConfig(model="m.onnx")
+    with pytest.raises(SystemExit) as done:
+        main(["serve", "--help"])
+    assert done.value.code == 0
+    shown = " ".join(capsys.readouterr().out.split())
+    d = ServeConfig()
+    for option, value in (("--max-batch", d.max_batch), ("--max-wait-ms", d.max_wait_ms),
+                          ("--decode-workers", d.decode_workers), ("--max-concurrency", d.max_concurrency),
+                          ("--queue", d.queue), ("--queue-timeout", d.queue_timeout),
+                          ("--max-upload-mb", d.max_upload_mb)):
+        own_help = shown.split(f"{option} {option[2:].upper().replace('-', '_')} ", 1)[1].split(" --", 1)[0]
+        assert f"(default: {value}" in own_help, (option, own_help)
+    code = "import sys, covidcxr.cli; covidcxr.cli.build_parser(); assert 'fastapi' not in sys.modules, 'fastapi'"
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+
+
 def test_create_app_takes_a_config_or_keyword_settings(ckpt: Path) -> None:
     """One ServeConfig (what `covidcxr serve` builds) or keyword overrides give the same service; a misspelt
     setting is an error, not silently ignored."""

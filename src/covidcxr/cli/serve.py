@@ -6,6 +6,9 @@ import argparse
 import sys
 
 from covidcxr.cli import add_default_model, add_trust_checkpoint, float_between, int_at_least
+from covidcxr.serve.config import ServeConfig  # no FastAPI: the defaults below are ServeConfig's (one source)
+
+_DEFAULTS = ServeConfig()
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -20,24 +23,27 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     add_trust_checkpoint(s)
     add_default_model(s)
-    s.add_argument("--backend", choices=["torch", "onnx"], default=None)
+    s.add_argument("--backend", choices=["torch", "onnx"], default=_DEFAULTS.backend)
     s.add_argument("--host", default="127.0.0.1", help="bind address (default: 127.0.0.1, loopback only)")
     s.add_argument("--port", type=int, default=8000)
-    s.add_argument("--max-upload-mb", type=float_between(0, low_open=True), default=20.0, help="larger uploads get 413 (default: 20)")
-    s.add_argument("--max-batch", type=int_at_least(1), default=8,
+    s.add_argument("--max-upload-mb", type=float_between(0, low_open=True), default=_DEFAULTS.max_upload_mb,
+                   help="larger uploads get 413 (default: %(default)s)")
+    s.add_argument("--max-batch", type=int_at_least(1), default=_DEFAULTS.max_batch,
                    help="largest micro-batch; 1 turns batching off (default: %(default)s, measured)")
-    s.add_argument("--max-wait-ms", type=float_between(0, 10000), default=10.0,
+    s.add_argument("--max-wait-ms", type=float_between(0, 10000), default=_DEFAULTS.max_wait_ms,
                    help="longest wait for a batch to fill, from its oldest request (default: %(default)s, measured)")
-    s.add_argument("--decode-workers", type=int_at_least(1), default=2,
+    s.add_argument("--decode-workers", type=int_at_least(1), default=_DEFAULTS.decode_workers,
                    help="threads that decode and preprocess uploads when batching (default: %(default)s)")
-    s.add_argument("--max-concurrency", type=int_at_least(1), default=2,
-                   help="inferences running at once without batching (--max-batch 1) (default: 2)")
-    s.add_argument("--queue", type=int_at_least(0), default=8,
-                   help="requests allowed to wait beyond the running batch (or slots); more get 503 (default: 8)")
+    s.add_argument("--max-concurrency", type=int_at_least(1), default=_DEFAULTS.max_concurrency,
+                   help="inferences running at once without batching (--max-batch 1) (default: %(default)s)")
+    s.add_argument("--queue", type=int_at_least(0), default=_DEFAULTS.queue,
+                   help="requests allowed to wait beyond the running batch (or slots); more get 503 "
+                   "(default: %(default)s)")
     s.add_argument("--api-key-file", metavar="FILE", help="read the API key from FILE (first line) instead of "
                    "COVIDCXR_API_KEY")
-    s.add_argument("--queue-timeout", type=float, default=30.0, help="seconds a request may wait before 503")
-    s.add_argument("--threads", type=int, default=None, help="intra-op threads per inference")
+    s.add_argument("--queue-timeout", type=float, default=_DEFAULTS.queue_timeout,
+                   help="seconds a request may wait before 503 (default: %(default)s)")
+    s.add_argument("--threads", type=int, default=_DEFAULTS.threads, help="intra-op threads per inference")
     s.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
                    help="allow this browser origin (repeatable); CORS is closed by default")
     s.add_argument("--severity", metavar="SEV_CKPT", help="severity checkpoint, or 'reference' (the shipped one)")
@@ -51,13 +57,26 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 
+def serve_config(args: argparse.Namespace, api_key: str | None = None) -> ServeConfig:
+    """The :class:`ServeConfig` of these options (``api_key``: read from --api-key-file; None: ServeConfig's rule)."""
+    return ServeConfig(
+        model=str(args.model) if args.model else None, backend=args.backend, threads=args.threads,
+        severity=str(args.severity) if args.severity else None, always_severity=args.always_severity,
+        plausibility=not args.no_plausibility, label_implausible=args.label_implausible,
+        api_key=api_key, cors_origins=tuple(args.cors_origin or ()),
+        max_upload_mb=args.max_upload_mb, max_concurrency=args.max_concurrency, queue=args.queue,
+        queue_timeout=args.queue_timeout, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
+        decode_workers=args.decode_workers,
+    )
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from covidcxr.cli import UserError
     from covidcxr.predict import Predictor, PredictorError, SeverityScorer, SeverityUnavailable
     from covidcxr.reference_models import model_or_default
-    from covidcxr.serve import ServeConfig, create_app
+    from covidcxr.serve import create_app
 
     args.model = model_or_default(args.model)  # no --model: the reference classifier, said in one line
 
@@ -82,16 +101,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             raise UserError(str(err)) from None
         except Exception as err:  # SeverityError / CheckpointError name the file already
             raise UserError(f"--severity {args.severity}: {err}") from None
-    config = ServeConfig(
-        model=str(args.model), backend=args.backend, threads=args.threads,
-        severity=str(args.severity) if args.severity else None, always_severity=args.always_severity,
-        plausibility=not args.no_plausibility, label_implausible=args.label_implausible,
-        api_key=api_key, cors_origins=tuple(args.cors_origin or ()),
-        max_upload_mb=args.max_upload_mb, max_concurrency=args.max_concurrency, queue=args.queue,
-        queue_timeout=args.queue_timeout, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
-        decode_workers=args.decode_workers,
-    )
-    app = create_app(config, predictor=predictor)
+    app = create_app(serve_config(args, api_key), predictor=predictor)
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: listening on {args.host}; anyone who can reach it can upload images "
               "(set COVIDCXR_API_KEY or --api-key-file, and put it behind TLS)", file=sys.stderr)
