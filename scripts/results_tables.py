@@ -67,7 +67,9 @@ def status(runs: Path, setting: str, mid: str) -> str:
     """"ok", or why there is no result (not run: reason / failed: last log line)."""
     st = read_tsv(runs / "status.tsv", ["setting", "id", "status"])
     hit = st[(st["setting"] == setting) & (st["id"] == mid)]
-    return hit["status"].iloc[-1] if len(hit) else "not run"
+    # a later CONTINUE=1 run that left this stage out appends "not run": it must not hide an earlier result
+    ran = hit[~hit["status"].str.startswith("not run")]
+    return (ran if len(ran) else hit)["status"].iloc[-1] if len(hit) else "not run"
 
 
 def data_table(runs: Path) -> list[str]:
