@@ -187,18 +187,23 @@ def loso_summary(loso: Path | None, model_id: str) -> tuple[list[str], list[list
     for src in sources:
         m = load_json(loso / src / f"{model_id}-report" / "metrics.json") if loso else None
         if m is None:
-            rows.append([src, "not measured", "", "", ""])
+            rows.append([src, "not measured", "", "", "", "", ""])
             continue
         mm = m["metrics"]
         pc = mm["per_class"].get("COVID-19") or {}
         cc = mm.get("class_counts") or {}
         t = (m.get("model") or {}).get("training") or {}
+        nrm = mm["per_class"].get("normal") or {}
+        nds = (m.get("groups") or {}).get("non_dominant_specificity") or {}
         figs[src] = {"n_images": mm["n_images"], "n_patients": mm["n_patients"], "class_counts": cc,
                      "covid_sensitivity": pc.get("sensitivity"), "covid_auc": pc.get("auc"),
+                     "normal_sensitivity": nrm.get("sensitivity"), "non_dominant_specificity": nds or None,
                      "preset": t.get("preset"), "epochs_trained": (t.get("epoch") or 0) + 1 if "epoch" in t else None}
         rows.append([src, f"{mm['n_images']} / {mm['n_patients']}", ", ".join(f"{k} {v}" for k, v in cc.items() if v),
                      ci(pc.get("sensitivity")) if cc.get("COVID-19") else "n/a (no COVID-19)",
-                     ci(pc.get("auc")) if (pc.get("auc") or {}).get("value") is not None else "n/a (one class only)"])
+                     ci(pc.get("auc")) if (pc.get("auc") or {}).get("value") is not None else "n/a (one class only)",
+                     ci(nrm.get("sensitivity")) if cc.get("normal") else "n/a (no normal)",
+                     ci(nds) if nds.get("value") is not None else "n/a"])
     done = [r for r in rows if r[1] != "not measured"]
     if not done:
         return [f"Leave-one-source-out: not measured for the reference recipe (no {_rel(loso)}/<source>/"
@@ -213,7 +218,8 @@ def loso_summary(loso: Path | None, model_id: str) -> tuple[list[str], list[list
 
 def loso_table(rows: list[list[Any]]) -> dict[str, Any]:
     return {"caption": LOSO_CAPTION, "columns": ["held-out source", "images / patients", "classes",
-                                                 "COVID-19 sensitivity", "COVID-19 AUC"], "rows": rows}
+                                                 "COVID-19 sensitivity", "COVID-19 AUC", "normal sensitivity",
+                                                 "non-dominant-source specificity"], "rows": rows}
 
 
 LOSO_CAPTION = "Leave-one-source-out, reference recipe (95% patient-bootstrap CIs)"
