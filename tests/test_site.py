@@ -345,23 +345,28 @@ def test_site_calibrate_refusals(run: Path, data: dict, tmp_path: Path, capsys: 
 
 
 def test_site_sets_travel_to_onnx(run: Path, data: dict, tmp_path: Path) -> None:
-    """An ONNX export of a site checkpoint carries site_calibration: its records give the same sets."""
+    """An ONNX export of a site checkpoint carries site_calibration and logit_bias: its records give the same
+    probabilities and sets."""
     pytest.importorskip("onnxruntime")
     from covidcxr.export import export_onnx
     from covidcxr.predict import Predictor
 
     site_ckpt = tmp_path / "site.ckpt"
     assert main(["site", "calibrate", "--model", str(run), "--data", str(data["local"]), "--out", str(site_ckpt),
-                 "--folds", "2", "--bootstrap", "0"]) == 0
+                 "--folds", "2", "--bootstrap", "0", "--bias"]) == 0
     export_onnx(site_ckpt, tmp_path / "site.onnx", parity_images=data["test_paths"][:2])
     paths = data["test_paths"][:6]
-    sets = {}
+    sets, probs = {}, {}
     for name in ("site.ckpt", "site.onnx"):
         pred = Predictor.from_path(tmp_path / name)
         assert pred.site is not None and pred.site["site"] == "local", name
+        assert pred.logit_bias is not None and pred.logit_bias == pytest.approx(pred.site["logit_bias"]), name
+        recs = list(pred.predict_paths(paths))
+        probs[name] = np.array([[r["probabilities"][c] for c in pred.classes] for r in recs])
         sets[name] = [prediction_set([r["probabilities"][c] for c in pred.classes], pred.classes, pred.site)
-                      for r in pred.predict_paths(paths)]
+                      for r in recs]
     assert sets["site.ckpt"] == sets["site.onnx"] and len(sets["site.ckpt"]) == 6
+    np.testing.assert_allclose(probs["site.onnx"], probs["site.ckpt"], atol=1e-4)
 
 
 def test_site_without_a_class_calibrates_and_keeps_it_in_every_set(run: Path, data: dict, tmp_path: Path,
@@ -381,3 +386,88 @@ def test_site_without_a_class_calibrates_and_keeps_it_in_every_set(run: Path, da
     assert s["metrics"]["after"]["sensitivity"]["pneumonia"] is None
     assert "pneumonia is always in the prediction set" in printed
     assert "pneumonia" in prediction_set([0.5, 0.0, 0.5], CLASSES, s)
+
+
+# --------------------------------------------------------------------------- --bias (bias-corrected temperature scaling)
+
+
+def _softmax_np(u: np.ndarray) -> np.ndarray:
+    e = np.exp(u - u.max(1, keepdims=True))
+    return e / e.sum(1, keepdims=True)
+
+
+def test_bias_temperature_recovers_a_known_bias() -> None:
+    from covidcxr.site.calibrate import fit_bias_temperature
+
+    rng = np.random.default_rng(0)
+    z = rng.normal(0, 2, (20000, 3))
+    b0, t0 = np.array([0.8, -1.2, 0.4]), 1.5  # biases summing to 0: the penalty's choice among equivalent shifts
+    p = _softmax_np(z / t0 + b0)
+    y = (rng.random((len(z), 1)) > p.cumsum(1)).sum(1)  # labels drawn from softmax(z / T0 + b0)
+    t, b = fit_bias_temperature(z, y)
+    assert t == pytest.approx(t0, rel=0.05)
+    np.testing.assert_allclose(b, b0, atol=0.08)
+
+
+def test_bias_of_a_class_without_local_cases_is_finite_and_negative() -> None:
+    from covidcxr.site.calibrate import fit_bias_temperature
+
+    rng = np.random.default_rng(1)
+    y = rng.choice([0, 2], 60)  # no class-1 film at the site, as pneumonia at actualmed
+    z = rng.normal(0, 1, (60, 3)) + 2.0 * np.eye(3)[y]
+    t, b = fit_bias_temperature(z, y)
+    assert np.isfinite(b).all() and 0 < t
+    assert b[1] < 0 and b[1] < min(b[0], b[2])
+    assert (_softmax_np(z / t + b)[:, 1] > 0).all()  # rarer, never impossible
+    _, weak = fit_bias_temperature(z, y, l2=0.05)  # a weaker penalty lets it fall further, still finite
+    assert np.isfinite(weak[1]) and weak[1] < b[1]
+
+
+def test_logit_bias_is_checked_on_load() -> None:
+    from covidcxr.decision import logit_bias_of, softmax_with_temperature
+
+    assert logit_bias_of(None, 3, "x.ckpt") is None and logit_bias_of([1, 0, -1], 3, "x.ckpt") == [1.0, 0.0, -1.0]
+    for bad in ([1.0, 2.0], [0.0, float("nan"), 0.0], "abc"):
+        with pytest.raises(ValueError, match="x.ckpt: logit_bias"):
+            logit_bias_of(bad, 3, "x.ckpt")
+    z = np.array([[1.0, 2.0, 3.0]])
+    np.testing.assert_allclose(softmax_with_temperature(z, 2.0, None), _softmax_np(z / 2.0))
+    np.testing.assert_allclose(softmax_with_temperature(z, 2.0, [1.0, 0.0, -1.0]), _softmax_np(z / 2.0 + [1, 0, -1]))
+
+
+def test_site_calibrate_bias_reaches_predict(run: Path, data: dict, tmp_path: Path,
+                                             capsys: pytest.CaptureFixture) -> None:
+    """--bias: the checkpoint carries logit_bias and `covidcxr predict` gives softmax(z / T + b)."""
+    from covidcxr.cli.models import checkpoint_card
+    from covidcxr.io import read_image
+    from covidcxr.models import load
+    from covidcxr.models.checkpoint import read_bundle
+
+    local = pd.read_csv(data["local"])
+    csv = tmp_path / "nopneu.csv"
+    local[local["label"] != "pneumonia"].to_csv(csv, index=False)
+    out = tmp_path / "bias.ckpt"
+    args = ["site", "calibrate", "--model", str(run), "--data", str(csv), "--out", str(out), "--folds", "2",
+            "--bootstrap", "0"]
+    assert "--bias-l2 needs --bias" in _refusal(args[2:] + ["--bias-l2", "1"], capsys)
+    assert main(args + ["--bias"]) == 0
+    printed = capsys.readouterr().out
+    b = read_bundle(out)
+    bias, s = b["logit_bias"], b["site_calibration"]
+    assert len(bias) == 3 and np.isfinite(bias).all() and s["logit_bias"] == bias and s["bias"]["l2"] == 0.5
+    assert bias[CLASSES.index("pneumonia")] < 0  # no local pneumonia: made rarer
+    assert "logit bias" in printed and checkpoint_card(str(out))["logit_bias"] == bias
+    assert "logit_bias" not in read_bundle(run)  # the parent is untouched
+
+    paths = data["test_paths"][:4]
+    preds = tmp_path / "preds.jsonl"
+    assert main(["predict", *paths, "--model", str(out), "--out", str(preds), "--workers", "0", "-q"]) == 0
+    recs = {r["path"]: r for r in map(json.loads, preds.read_text().splitlines())}
+    lm = load(run)  # the parent's weights (no --adapt-bn): the site checkpoint's T and b, applied here by hand
+    x = torch.stack([torch.from_numpy(lm.preset.array(read_image(p))) for p in paths])
+    with torch.no_grad():
+        z = lm.model(x).double().numpy()
+    expected = _softmax_np(z / b["temperature"] + np.array(bias))
+    got = np.array([[recs[p]["probabilities"][c] for c in CLASSES] for p in paths])
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+    assert not np.allclose(got, _softmax_np(z / b["temperature"]), atol=1e-3)  # the bias did something

@@ -118,10 +118,13 @@ def _input_range(preset: Preset) -> list[float]:
 
 # --------------------------------------------------------------------------- files
 def inference_config(preset: Preset, classes: Sequence[str], temperature: float,
-                     threshold: float | None) -> dict[str, Any]:
+                     threshold: float | None, logit_bias: Sequence[float] | None = None) -> dict[str, Any]:
     post: list[dict[str, Any]] = []
     if float(temperature) != 1.0:
         post.append({"_target_": "Lambdad", "keys": "pred", "func": f"$lambda x: x / {float(temperature)!r}"})
+    if logit_bias is not None:  # a site calibrate --bias checkpoint: softmax(z / T + b), as covidcxr predict
+        post.append({"_target_": "Lambdad", "keys": "pred",
+                     "func": f"$lambda x: x + torch.tensor({[float(v) for v in logit_bias]!r}, dtype=x.dtype)"})
     post.append({"_target_": "Activationsd", "keys": "pred", "softmax": True})
     return {
         "imports": ["$import json", "$import cv2", "$import numpy as np", "$import torch"],
@@ -130,6 +133,7 @@ def inference_config(preset: Preset, classes: Sequence[str], temperature: float,
         "classes": list(classes),
         "covid_threshold": threshold,
         "temperature": float(temperature),
+        "logit_bias": None if logit_bias is None else [float(v) for v in logit_bias],
         "network_def": "$torch.jit.load(@bundle_root + '/models/model.ts', map_location='cpu')",
         "network": "$@network_def.to(@device).eval()",
         "preprocessing": preprocessing(preset),
@@ -281,7 +285,7 @@ def export_bundle(model: str | os.PathLike, out_dir: str | os.PathLike, *, overw
     meta = metadata(lm.preset, lm.classes, name=name, version=version, card=card, metrics=val or {},
                     temperature=lm.temperature, threshold=lm.threshold)
     (out / "configs" / "metadata.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-    cfg = inference_config(lm.preset, lm.classes, lm.temperature, lm.threshold)
+    cfg = inference_config(lm.preset, lm.classes, lm.temperature, lm.threshold, lm.logit_bias)
     (out / "configs" / "inference.json").write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
     (out / "docs" / "README.md").write_text(_readme(name, version, card, lm.preset, lm_card), encoding="utf-8")
     (out / "docs" / "license.txt").write_text(

@@ -114,8 +114,11 @@ class DecisionRule:
         return d
 
 
-def softmax_with_temperature(logits: Any, temperature: float = 1.0) -> np.ndarray:
-    """Row-wise softmax of ``logits / temperature`` in float64 (stable), returned as float64.
+def softmax_with_temperature(logits: Any, temperature: float = 1.0, bias: Any = None) -> np.ndarray:
+    """Row-wise softmax of ``logits / temperature + bias`` in float64 (stable), returned as float64.
+
+    ``bias`` (one value per class, or None) is a site checkpoint's ``logit_bias`` (bias-corrected temperature
+    scaling, :mod:`covidcxr.site.calibrate`); None or absent is exactly softmax(logits / temperature).
 
     A row with a NaN or infinite logit comes out non-finite (NaN): :func:`finite_rows` tells the
     caller, who must turn it into an error, never a label.
@@ -123,10 +126,26 @@ def softmax_with_temperature(logits: Any, temperature: float = 1.0) -> np.ndarra
     if hasattr(logits, "detach"):  # a torch tensor (tests and callers holding torch outputs)
         logits = logits.detach().float().cpu().numpy()
     z = np.asarray(logits, dtype=np.float64) / float(temperature or 1.0)
+    if bias is not None:
+        z = z + np.asarray(bias, dtype=np.float64)
     with np.errstate(invalid="ignore", over="ignore"):
         z = z - z.max(axis=1, keepdims=True)
         e = np.exp(z)
         return e / e.sum(axis=1, keepdims=True)
+
+
+def logit_bias_of(value: Any, n_classes: int, where: str) -> list[float] | None:
+    """A checkpoint's ``logit_bias`` checked: None (no bias: plain temperature scaling) or ``n_classes`` finite
+    floats; anything else is a ValueError naming ``where`` (the file)."""
+    if value is None:
+        return None
+    try:
+        b = [float(v) for v in value]
+    except (TypeError, ValueError):
+        raise ValueError(f"{where}: logit_bias {value!r} is not a list of numbers") from None
+    if len(b) != n_classes or not all(np.isfinite(b)):
+        raise ValueError(f"{where}: logit_bias {b} must hold {n_classes} finite numbers (one per class)")
+    return b
 
 
 def finite_rows(probs: Any) -> np.ndarray:

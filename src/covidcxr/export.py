@@ -2,12 +2,13 @@
 
 The exported graph takes an ``N x C x H x W`` float32 batch (N is dynamic) already preprocessed
 by the preset stored in the metadata, and has two outputs: ``logits`` (raw) and
-``probabilities`` (softmax of logits / temperature). Metadata (``metadata_props``, JSON values):
+``probabilities`` (softmax of logits / temperature + logit_bias). Metadata (``metadata_props``, JSON values):
 
     covidcxr.preset       Preset.to_dict()  (rebuild with covidcxr.preprocess.get_preset(dict))
     covidcxr.classes      ["normal", "pneumonia", "COVID-19"]
     covidcxr.threshold    COVID-19 operating threshold or null (argmax)
     covidcxr.temperature  calibration temperature
+    covidcxr.logit_bias   per-class bias after the temperature (a ``site calibrate --bias`` checkpoint) or null
     covidcxr.arch, covidcxr.task, covidcxr.training, covidcxr.metrics,
     covidcxr.source_sha256 (the checkpoint it came from), covidcxr.covidcxr_version
 
@@ -45,16 +46,22 @@ class ExportError(RuntimeError):
 class _Exportable(nn.Module):
     """The model plus its calibrated softmax, so the ONNX file is usable without covidcxr."""
 
-    def __init__(self, model: nn.Module, temperature: float):
+    def __init__(self, model: nn.Module, temperature: float, logit_bias: Sequence[float] | None = None,
+                 n_classes: int = 1):
         super().__init__()
         self.model = model
         self.register_buffer("temperature", torch.tensor(float(temperature or 1.0)))
+        # no bias: no Add node, the graph exported before logit_bias existed
+        self.has_bias = logit_bias is not None
+        self.register_buffer("logit_bias", torch.tensor(list(logit_bias) if self.has_bias else [0.0] * n_classes,
+                                                        dtype=torch.float32))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         logits = self.model(x)
         if isinstance(logits, (tuple, list)):
             logits = logits[0]
-        return logits, torch.softmax(logits / self.temperature, dim=1)
+        z = logits / self.temperature
+        return logits, torch.softmax(z + self.logit_bias if self.has_bias else z, dim=1)
 
 
 @dataclass
@@ -184,7 +191,7 @@ def _export_onnx(model_path: str | os.PathLike, out: Path, parity_images: Sequen
         log.warning("exporting a %s model; the label rule assumes classification", src.task)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    wrapper = _Exportable(src.torch_model, src.temperature).eval()
+    wrapper = _Exportable(src.torch_model, src.temperature, src.logit_bias, len(src.classes)).eval()
     size = src.preset.size
     example = torch.zeros(2, src.preset.channels, size, size)
 
@@ -209,6 +216,7 @@ def _export_onnx(model_path: str | os.PathLike, out: Path, parity_images: Sequen
             "classes": src.classes,
             "threshold": src.threshold,
             "temperature": src.temperature,
+            "logit_bias": src.logit_bias,
             "arch": src.arch,
             "task": src.task,
             "name": src.name,

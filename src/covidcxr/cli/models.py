@@ -90,6 +90,7 @@ def checkpoint_card(path: str) -> dict:
         "threshold": b.get("threshold"),
         "operating_point": (b.get("metrics") or {}).get("operating_point", {}).get("note"),
         "temperature": b.get("temperature"),
+        "logit_bias": b.get("logit_bias"),
         "weights_init": init.get("weights", "unknown"),
         "weights_source": init.get("source"),
         "weights_sha256": init.get("sha256"),

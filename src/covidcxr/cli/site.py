@@ -41,6 +41,14 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="per-class coverage of the prediction sets (default 0.9)")
     k.add_argument("--adapt-bn", action="store_true",
                    help="re-estimate BatchNorm statistics on the local images (AdaBN)")
+    k.add_argument("--bias", action="store_true",
+                   help="bias-corrected temperature scaling: fit one logit bias per class with the temperature, "
+                        "softmax(z / T + b), so the model follows the site's class mix (the threshold and sets are "
+                        "then fitted on these probabilities); an L2 penalty keeps the bias of a class with no local "
+                        "films finite: that class becomes rarer, never impossible")
+    k.add_argument("--bias-l2", type=float, default=None, metavar="W",
+                   help="weight W of the L2 penalty W * ||b||^2 added to the summed local NLL (default 0.5, a "
+                        "Gaussian prior of sd 1 on each bias); larger keeps the biases nearer 0")
     k.add_argument("--site", help="site name recorded in the checkpoint (default: the manifest's file name)")
     k.add_argument("--recalibrate", action="store_true", help="calibrate a checkpoint that is already site-calibrated")
     k.add_argument("--folds", type=int_at_least(2), default=5, help="cross-fitting folds, by patient (default 5)")
@@ -95,17 +103,24 @@ def _fmt(v: Any) -> str:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
+    from covidcxr.cli import UserError
     from covidcxr.site.calibrate import calibrate_site
 
+    if args.bias_l2 is not None and not args.bias:
+        raise UserError("--bias-l2 needs --bias (it weighs the penalty on the logit biases)")
     info = calibrate_site(args.model, args.data, args.out, coverage=args.coverage, adapt_bn=args.adapt_bn,
                           site=args.site, recalibrate=args.recalibrate, folds=args.folds,
                           target_sensitivity=args.target_sensitivity, batch_size=args.batch_size,
-                          num_workers=args.workers, seed=args.seed, n_boot=args.bootstrap)
+                          num_workers=args.workers, seed=args.seed, n_boot=args.bootstrap, bias=args.bias,
+                          **({} if args.bias_l2 is None else {"bias_l2": args.bias_l2}))
     n = ", ".join(f"{c} {k}" for c, k in info["n_per_class"].items())
     print(f"site {info['site']!r}: {info['n_images']} local images of {info['n_patients']} patients ({n})")
     print(f"temperature {info['temperature']:.3f} (parent {info['parent']['temperature']:.3f}); "
           f"{info['threshold_rule']}: threshold {_fmt(info['threshold'])} (parent {_fmt(info['parent']['threshold'])})"
           + (f"; BatchNorm statistics re-estimated in {info['bn_layers_adapted']} layers" if info["adapt_bn"] else ""))
+    if info.get("logit_bias") is not None:
+        print("logit bias (softmax(z / T + b), L2 weight " f"{info['bias']['l2']:g}): "
+              + ", ".join(f"{c} {v:+.3f}" for c, v in zip(info["conformal"]["classes"], info["logit_bias"])))
     conf = info["conformal"]
     for c in conf["always_in"]:
         need = math.floor(round(1 / (1 - info["coverage"]), 9))  # (n + 1) * alpha > 1

@@ -140,6 +140,8 @@ def algorithm(engine: Engine, analysis: Analysis | None = None) -> hd.sr.Algorit
         f"operating point: COVID-19 when P(COVID-19) >= {p.threshold}" if p.threshold is not None
         else "operating point: none stored (label = most probable class)",
         f"temperature {p.temperature:g}",
+        *([f"logit bias {', '.join(f'{c} {v:+.3f}' for c, v in zip(p.classes, p.logit_bias))}"]
+          if getattr(p, "logit_bias", None) is not None else []),
         f"arch {p.arch}",
         f"covidcxr {__version__}",
     ]

@@ -34,6 +34,7 @@ import torch
 from covidcxr.decision import DecisionRule
 from covidcxr.explain.methods import Context, explain
 from covidcxr.explain.render import save_overlay, to_model
+from covidcxr.explain.run import probabilities
 
 log = logging.getLogger(__name__)
 
@@ -258,7 +259,7 @@ def audit_model(
             continue
         x = torch.stack([it.x for it in items])
         with torch.no_grad():
-            p0 = torch.softmax(net(x) / loaded.temperature, 1)
+            p0 = probabilities(net, x, loaded.temperature, loaded.logit_bias)
         rule = DecisionRule.from_predictor(loaded)  # the checkpoint's operating point, as predict labels
         pred = torch.as_tensor(rule.label_indices(p0.numpy(), classes), dtype=torch.long)
         heats = {m: explain(net, x, m, target=pred, ctx=ctx).cpu().numpy() for m in methods}
@@ -267,7 +268,7 @@ def audit_model(
             names = list(variants)
             xv = torch.stack([preset.finalize(variants[n]) for n in names])
             with torch.no_grad():
-                pv = torch.softmax(net(xv) / loaded.temperature, 1).numpy()
+                pv = probabilities(net, xv, loaded.temperature, loaded.logit_bias).numpy()
             k = int(pred[i])
             row = it.row
             rec = {

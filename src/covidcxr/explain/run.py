@@ -67,9 +67,12 @@ def prepare_image(path: str | os.PathLike, preset, mask: np.ndarray | None = Non
     return Prepared(str(path), preset(img, mask), img.shape, mask, img)
 
 
-def probabilities(model: torch.nn.Module, x: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+def probabilities(model: torch.nn.Module, x: torch.Tensor, temperature: float = 1.0,
+                  logit_bias: Sequence[float] | None = None) -> torch.Tensor:
+    """softmax(logits / T + bias), as predict gives (covidcxr.decision.softmax_with_temperature)."""
     with torch.no_grad():
-        return torch.softmax(model(x) / float(temperature or 1.0), dim=1)
+        z = model(x) / float(temperature or 1.0)
+        return torch.softmax(z + torch.as_tensor(logit_bias, dtype=z.dtype) if logit_bias is not None else z, dim=1)
 
 
 def _short(name: str, n: int = 48) -> str:
@@ -144,7 +147,7 @@ def explain_files(
         if not items:
             continue
         x = torch.stack([it.tensor for it in items])
-        probs = probabilities(model, x, loaded.temperature)
+        probs = probabilities(model, x, loaded.temperature, loaded.logit_bias)
         pred = torch.as_tensor(rule.label_indices(probs.numpy(), classes), dtype=torch.long)
         tgt = torch.full_like(pred, classes.index(target)) if target is not None else pred
         stems = [_unique_stem(it.path, used) for it in items]

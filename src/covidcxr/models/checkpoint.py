@@ -14,6 +14,9 @@ A checkpoint is a dict saved with ``torch.save``::
     metrics         validation / test figures known at save time
     threshold       operating threshold for the positive class (COVID-19), or None for argmax
     temperature     calibration temperature (1.0 = none)
+    logit_bias      optional, one float per class: probabilities are softmax(logits / temperature + logit_bias)
+                    (bias-corrected temperature scaling, written by ``covidcxr site calibrate --bias``);
+                    absent = softmax(logits / temperature)
     init            how the weights were initialised (source, kept neurons), from covidcxr.models.create
     covidcxr_version
 
@@ -55,6 +58,8 @@ class LoadedModel:
     metrics: dict[str, Any] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)
     path: str | None = None
+    #: per-class logit bias applied after the temperature (site calibrate --bias), None = none
+    logit_bias: list[float] | None = None
 
 
 def _version() -> str:
@@ -179,6 +184,12 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> LoadedM
         preset = Preset.from_dict(b.get("preset"))
     except PresetError as err:
         raise CheckpointError(f"{path}: {err}") from None
+    from covidcxr.decision import logit_bias_of
+
+    try:
+        logit_bias = logit_bias_of(b.get("logit_bias"), len(b["classes"]), str(path))
+    except ValueError as err:
+        raise CheckpointError(str(err)) from None
     try:
         model = build(b["arch"], **b.get("arch_kwargs", {}))
     except (KeyError, TypeError, ValueError) as err:
@@ -207,4 +218,5 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> LoadedM
         metrics=b.get("metrics", {}),
         meta={k: v for k, v in b.items() if k not in ("state_dict",)},
         path=str(path),
+        logit_bias=logit_bias,
     )

@@ -2,7 +2,8 @@
 
 A predictor wraps either a covidcxr checkpoint (PyTorch eager) or an ONNX file written by
 :func:`covidcxr.export.export_onnx` (onnxruntime). Both backends return logits; everything
-after that -- temperature scaling, softmax, the operating threshold -- happens here, once,
+after that -- temperature scaling, a site checkpoint's logit bias, softmax, the operating threshold --
+happens here, once,
 so the two backends cannot drift apart. Nothing here imports torch unless ``backend="torch"``,
 nor FastAPI or Ray.
 """
@@ -18,7 +19,7 @@ import numpy as np
 
 from covidcxr.predict.backend_onnx import OnnxBackend, decode_meta, file_sha256
 from covidcxr.predict.inputs import Item, Loader, as_extra_presets, collect_inputs, iter_batches, stack
-from covidcxr.decision import DecisionRule, finite_rows, softmax_with_temperature
+from covidcxr.decision import DecisionRule, finite_rows, logit_bias_of, softmax_with_temperature
 from covidcxr.predict.records import RESEARCH_NOTICE, PredictorError, jsonable
 from covidcxr.preprocess import Preset, PresetError
 from covidcxr.site.sets import site_info
@@ -53,6 +54,8 @@ class Predictor:
     site: dict[str, Any] | None = None
     #: a lung-crop model's segmenter (covidcxr.segment.maskspec.MaskSpec): travels into workers and Ray tasks
     mask_spec: Any = None
+    #: per-class bias added after the temperature (a ``site calibrate --bias`` checkpoint), None = none
+    logit_bias: list[float] | None = None
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -128,6 +131,7 @@ class Predictor:
             metrics=dict(lm.metrics),
             torch_model=lm.model,
             site=site_info(lm.meta),
+            logit_bias=lm.logit_bias,
         )
 
     @classmethod
@@ -163,7 +167,15 @@ class Predictor:
             metrics=dict(meta.get("metrics") or {}),
             meta=meta,
             site=site_info(meta),
+            logit_bias=cls._onnx_bias(meta, p),
         )
+
+    @staticmethod
+    def _onnx_bias(meta: dict[str, Any], p: Path) -> list[float] | None:
+        try:
+            return logit_bias_of(meta.get("logit_bias"), len(meta["classes"]), str(p))
+        except ValueError as err:
+            raise PredictorError(str(err)) from None
 
     def require_classifier(self, severity_option: str) -> None:
         """Refuse a severity checkpoint as the screening model: its regression outputs are not classes."""
@@ -196,7 +208,7 @@ class Predictor:
 
     def probabilities(self, batch: Any) -> np.ndarray:
         """N x C x H x W preprocessed batch (array or tensor) -> N x classes calibrated probabilities (float64)."""
-        return softmax_with_temperature(self.backend.logits(batch), self.temperature)
+        return softmax_with_temperature(self.backend.logits(batch), self.temperature, self.logit_bias)
 
     @property
     def decision_rule(self) -> DecisionRule:
@@ -300,6 +312,7 @@ class Predictor:
             "threshold": self.threshold,
             "decision_rule": self.decision_rule.to_dict(self.classes),
             "temperature": self.temperature,
+            "logit_bias": self.logit_bias,
             "preset": self.preset.to_dict(),
             "training": jsonable(self.training),
             "metrics": jsonable(self.metrics),

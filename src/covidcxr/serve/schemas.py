@@ -96,6 +96,8 @@ class ModelCard(BaseModel):
     threshold: float | None
     decision_rule: dict[str, Any] | None = None
     temperature: float
+    logit_bias: list[float] | None = Field(None, description="per-class bias after the temperature "
+                                           "(site calibrate --bias): softmax(logits / T + bias)")
     preset: dict[str, Any]
     training: dict[str, Any]
     metrics: dict[str, Any]

@@ -4,11 +4,14 @@ From the local cases it fits, in this order:
 
 1. optionally (``adapt_bn``) BatchNorm running statistics re-estimated on the local images (AdaBN,
    Li et al. 2016): only the BN buffers change, no weight does;
-2. a temperature (Guo et al. 2017, :func:`covidcxr.evaluate.fit_temperature`) on the local labels;
+2. a temperature (Guo et al. 2017, :func:`covidcxr.evaluate.fit_temperature`) on the local labels, or with
+   ``bias`` a temperature and one logit bias per class together (bias-corrected temperature scaling, BCTS,
+   Alexandari, Kundaje & Shrikumar, ICML 2020: softmax(z / T + b), :func:`fit_bias_temperature`), which can
+   follow the site's class priors (e.g. a site without pneumonia films) where a temperature cannot;
 3. the COVID-19 operating threshold reaching the parent's target sensitivity on the local cases (the
    validation operating-point logic of :func:`covidcxr.evaluate.core.val_operating_point`);
 4. class-conditional (Mondrian) split-conformal prediction sets at ``coverage`` (crepes), from the
-   scores 1 - p(true class) after the new temperature (:mod:`covidcxr.site.sets`).
+   scores 1 - p(true class) after the new temperature (and bias) (:mod:`covidcxr.site.sets`).
 
 The new checkpoint's ordinary ``temperature``/``threshold`` fields hold the local values, so every
 entry point uses them unchanged; the parent's values and everything else are kept under
@@ -40,6 +43,12 @@ POSITIVE = "COVID-19"
 #: fewest local cases of a class to fit a threshold and report a sensitivity
 MIN_PER_CLASS = 5
 DEFAULT_TARGET = 0.95
+#: BCTS objective: sum over the local films of -log p(true class) + BIAS_L2 * ||b||^2 (a Gaussian prior of
+#: sd 1 on each bias). It keeps the bias of a class with no local films finite: that class is made rarer,
+#: never impossible. With no penalty its bias would run to -inf.
+BIAS_L2 = 0.5
+#: the temperature's search range, as covidcxr.evaluate.fit_temperature's
+T_RANGE = (0.05, 20.0)
 
 
 # --------------------------------------------------------------------------- reading the local cases
@@ -146,11 +155,40 @@ def model_logits(model: nn.Module, images: np.ndarray, batch_size: int = 16) -> 
 # --------------------------------------------------------------------------- fitting
 
 
-def _softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
-    z = np.asarray(logits, dtype=np.float64) / float(temperature)
-    z = z - z.max(1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(1, keepdims=True)
+def _softmax(logits: np.ndarray, temperature: float = 1.0, bias: Sequence[float] | None = None) -> np.ndarray:
+    from covidcxr.decision import softmax_with_temperature
+
+    return softmax_with_temperature(logits, temperature, bias)  # the one rule every entry point uses
+
+
+def fit_bias_temperature(logits: np.ndarray, y: np.ndarray, l2: float = BIAS_L2) -> tuple[float, list[float]]:
+    """Bias-corrected temperature scaling (Alexandari et al. 2020): T > 0 and b (one per class) minimising
+    sum_i -log softmax(z_i / T + b)[y_i] + l2 * ||b||^2, by scipy L-BFGS-B with the exact gradient
+    (log T bounded to :data:`T_RANGE`). The penalty also fixes the free shift of b (softmax ignores a constant
+    added to every bias): at the optimum the biases sum to 0."""
+    from scipy.optimize import minimize
+
+    z = np.asarray(logits, dtype=np.float64)
+    y = np.asarray(y, dtype=np.int64)
+    n, k = z.shape
+    onehot = np.eye(k)[y]
+
+    def objective(theta: np.ndarray) -> tuple[float, np.ndarray]:
+        t, b = math.exp(theta[0]), theta[1:]
+        u = z / t + b
+        u = u - u.max(1, keepdims=True)
+        logp = u - np.log(np.exp(u).sum(1, keepdims=True))
+        g = np.exp(logp) - onehot  # d NLL / d u, per film and class
+        f = -float((logp * onehot).sum()) + l2 * float(b @ b)
+        grad_logt = float((g * (-z / t)).sum())  # du/dlogT = -z / T
+        return f, np.concatenate([[grad_logt], g.sum(0) + 2 * l2 * b])
+
+    bounds = [(math.log(T_RANGE[0]), math.log(T_RANGE[1]))] + [(None, None)] * k
+    res = minimize(objective, np.zeros(k + 1), jac=True, method="L-BFGS-B", bounds=bounds,
+                   options={"maxiter": 1000, "gtol": 1e-8})
+    if not res.success:
+        log.warning("bias-corrected temperature scaling: L-BFGS-B stopped early (%s)", res.message)
+    return float(math.exp(res.x[0])), [float(v) for v in res.x[1:]]
 
 
 def fit_conformal(probs: np.ndarray, y: np.ndarray, classes: Sequence[str], coverage: float) -> dict[str, Any]:
@@ -172,7 +210,7 @@ def fit_conformal(probs: np.ndarray, y: np.ndarray, classes: Sequence[str], cove
             always.append(c)
     return {
         "method": f"class-conditional (Mondrian) split-conformal, crepes {getattr(crepes, '__version__', '')}".strip(),
-        "score": "1 - p(class), after the site temperature",
+        "score": "1 - p(class), after the site temperature (and logit bias, with --bias)",
         "classes": list(classes),
         "thresholds": thresholds,
         "always_in": always,
@@ -197,20 +235,26 @@ def crepes_sets(conf: dict[str, Any], probs: np.ndarray) -> np.ndarray:
 
 
 def fit_site(logits: np.ndarray, y: np.ndarray, patients: Sequence[str], classes: Sequence[str], coverage: float,
-             target: float | None) -> dict[str, Any]:
-    """Temperature, COVID-19 threshold and conformal thresholds from local logits and labels."""
+             target: float | None, bias: bool = False, bias_l2: float = BIAS_L2) -> dict[str, Any]:
+    """Temperature (and, with ``bias``, per-class logit biases), then the COVID-19 threshold and conformal
+    thresholds on the probabilities they give, from local logits and labels."""
     from covidcxr.evaluate.core import val_operating_point
     from covidcxr.evaluate.metrics import fit_temperature
 
     classes = list(classes)
-    temperature = fit_temperature(y, _softmax(logits))
-    probs = _softmax(logits, temperature)
+    logit_bias = None
+    if bias:
+        temperature, logit_bias = fit_bias_temperature(logits, y, bias_l2)
+    else:
+        temperature = fit_temperature(y, _softmax(logits))
+    probs = _softmax(logits, temperature, logit_bias)
     threshold, op = None, None
     if target is not None and POSITIVE in classes and (y == classes.index(POSITIVE)).any():
         frame = pd.DataFrame({"label": [classes[i] for i in y], "patient_id": list(patients)})
         op = val_operating_point(frame, probs, classes, POSITIVE, float(target))
         threshold = op.get("threshold")
-    return {"temperature": float(temperature), "threshold": None if threshold is None else float(threshold),
+    return {"temperature": float(temperature), "logit_bias": logit_bias,
+            "threshold": None if threshold is None else float(threshold),
             "operating_point": op, "conformal": fit_conformal(probs, y, classes, coverage)}
 
 
@@ -253,7 +297,8 @@ def _fold_ids(y: np.ndarray, patients: Sequence[str], folds: int, seed: int) -> 
 
 def cross_fit(model: nn.Module, images: np.ndarray, parent_logits: np.ndarray, y: np.ndarray,
               patients: Sequence[str], classes: Sequence[str], *, coverage: float, target: float | None,
-              adapt_bn: bool, folds: int, seed: int, batch_size: int) -> dict[str, Any]:
+              adapt_bn: bool, folds: int, seed: int, batch_size: int, bias: bool = False,
+              bias_l2: float = BIAS_L2) -> dict[str, Any]:
     """Out-of-fold probabilities, labels and sets after site calibration (k folds by patient)."""
     fold = _fold_ids(y, patients, folds, seed)
     k = int(fold.max()) + 1
@@ -269,8 +314,8 @@ def cross_fit(model: nn.Module, images: np.ndarray, parent_logits: np.ndarray, y
             adapt_batchnorm(m, images[train], batch_size)
             logits = model_logits(m, images, batch_size)
         fitted = fit_site(logits[train], y[train], [patients[i] for i in np.flatnonzero(train)], classes, coverage,
-                          target)
-        p = _softmax(logits[test], fitted["temperature"])
+                          target, bias, bias_l2)
+        p = _softmax(logits[test], fitted["temperature"], fitted["logit_bias"])
         probs[test] = p
         pred[test] = _labels(p, classes, fitted["threshold"])
         site = {"conformal": fitted["conformal"]}
@@ -296,8 +341,11 @@ def _frame(paths: Sequence[str], patients: Sequence[str], y: np.ndarray, pred: n
 def calibrate_site(model: str | os.PathLike, data: str | os.PathLike, out: str | os.PathLike, *,
                    coverage: float = 0.9, adapt_bn: bool = False, site: str | None = None,
                    recalibrate: bool = False, folds: int = 5, target_sensitivity: float | None = None,
-                   batch_size: int = 16, num_workers: int = 0, seed: int = 0, n_boot: int = 1000) -> dict[str, Any]:
-    """Fit the site calibration, write the site checkpoint ``out`` and return its ``site_calibration`` dict."""
+                   batch_size: int = 16, num_workers: int = 0, seed: int = 0, n_boot: int = 1000,
+                   bias: bool = False, bias_l2: float = BIAS_L2) -> dict[str, Any]:
+    """Fit the site calibration, write the site checkpoint ``out`` and return its ``site_calibration`` dict.
+    ``bias``: bias-corrected temperature scaling (a temperature and one logit bias per class, L2 weight
+    ``bias_l2``) instead of the temperature alone."""
     from covidcxr.evaluate.paired import paired_bootstrap
     from covidcxr.models.checkpoint import atomic_torch_save, read_bundle
     from covidcxr.models.features import SUMMARY_KEY
@@ -305,6 +353,8 @@ def calibrate_site(model: str | os.PathLike, data: str | os.PathLike, out: str |
     model, data, out = Path(model), Path(data), Path(out)
     if not 0 < coverage < 1:
         raise SiteError(f"--coverage {coverage}: must lie strictly between 0 and 1")
+    if bias_l2 <= 0:
+        raise SiteError(f"--bias-l2 {bias_l2}: must be > 0 (it keeps the bias of a class without local films finite)")
     if folds < 2:
         raise SiteError(f"--folds {folds}: cross-fitting needs at least 2 folds")
     for what, p in (("--model", model), ("--data", data)):
@@ -358,17 +408,17 @@ def calibrate_site(model: str | os.PathLike, data: str | os.PathLike, out: str |
     net = lm.model
     parent_logits = model_logits(net, images, batch_size)
     # before: the parent exactly as deployed (its temperature, its threshold); nothing fitted, nothing to cross-fit
-    before_probs = _softmax(parent_logits, lm.temperature)
+    before_probs = _softmax(parent_logits, lm.temperature, lm.logit_bias)
     before_pred = _labels(before_probs, classes, lm.threshold)
     cv = cross_fit(net, images, parent_logits, y, patients, classes, coverage=coverage, target=target,
-                   adapt_bn=adapt_bn, folds=folds, seed=seed, batch_size=batch_size)
+                   adapt_bn=adapt_bn, folds=folds, seed=seed, batch_size=batch_size, bias=bias, bias_l2=bias_l2)
 
     n_bn = 0
     logits = parent_logits
     if adapt_bn:
         n_bn = adapt_batchnorm(net, images, batch_size)
         logits = model_logits(net, images, batch_size)
-    fitted = fit_site(logits, y, patients, classes, coverage, target)
+    fitted = fit_site(logits, y, patients, classes, coverage, target, bias, bias_l2)
     conformal = {k: v for k, v in fitted["conformal"].items() if not k.startswith("_")}
 
     a = _frame(paths, patients, y, before_pred, before_probs, classes)
@@ -378,7 +428,8 @@ def calibrate_site(model: str | os.PathLike, data: str | os.PathLike, out: str |
         "data": f"the {len(y)} local cases of {data.name} ({len(set(patients))} patients)",
         "folds": cv["folds"], "by": "patient_id",
         "how": ("before: the parent checkpoint as it is (its temperature and threshold); after: out-of-fold, each "
-                f"fold scored by {'AdaBN, ' if adapt_bn else ''}temperature, threshold and conformal sets fitted "
+                f"fold scored by {'AdaBN, ' if adapt_bn else ''}temperature{', logit biases' if bias else ''}, "
+                "threshold and conformal sets fitted "
                 "on the other folds' patients"),
         "before": _figures(y, before_probs, before_pred, classes, None),
         "after": _figures(y, cv["probs"], cv["pred"], classes, cv["sets"]),
@@ -386,7 +437,7 @@ def calibrate_site(model: str | os.PathLike, data: str | os.PathLike, out: str |
         "crepes_agreement": cv["crepes_agreement"],
     }
     parent_meta = {"path": str(model.resolve()), "sha256": file_sha256(model), "temperature": lm.temperature,
-                   "threshold": lm.threshold, "operating_point": parent_op or None}
+                   "logit_bias": lm.logit_bias, "threshold": lm.threshold, "operating_point": parent_op or None}
     if bundle.get(SITE_KEY):
         parent_meta["site_calibration"] = {k: bundle[SITE_KEY].get(k) for k in ("site", "date", "parent")}
     op = fitted["operating_point"]
@@ -404,6 +455,10 @@ def calibrate_site(model: str | os.PathLike, data: str | os.PathLike, out: str |
         "n_patients": int(len(set(patients))),
         "coverage": float(coverage),
         "temperature": fitted["temperature"],
+        "logit_bias": fitted["logit_bias"],
+        "bias": ({"method": "bias-corrected temperature scaling (Alexandari et al. 2020), scipy L-BFGS-B",
+                  "objective": f"sum of -log p(true class) + {bias_l2} * ||b||^2", "l2": float(bias_l2)}
+                 if bias else None),
         "threshold": fitted["threshold"],
         "threshold_rule": (f"{POSITIVE} sensitivity >= {target} on the local cases" if fitted["threshold"] is not None
                            else "argmax (no COVID-19 output or no target)"),
@@ -420,6 +475,10 @@ def calibrate_site(model: str | os.PathLike, data: str | os.PathLike, out: str |
             new.pop(SUMMARY_KEY)
     new["temperature"] = fitted["temperature"]
     new["threshold"] = fitted["threshold"]
+    if fitted["logit_bias"] is not None:
+        new["logit_bias"] = fitted["logit_bias"]
+    else:  # fitted from the raw logits: a recalibrated --bias parent's bias no longer applies
+        new.pop("logit_bias", None)
     new_metrics = dict(new.get("metrics") or {})
     if op is not None:
         new_metrics["operating_point"] = _jsonable(op)

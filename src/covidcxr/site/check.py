@@ -181,7 +181,7 @@ def check_site(model: str | os.PathLike, inputs: Sequence[str | os.PathLike], ou
     paths, feats, logits, failures = site_features(lm, files, batch_size, num_workers)
     if not paths:
         raise SiteError(f"none of the {len(files)} input file(s) could be read (first: {failures[0]['error']})")
-    probs = softmax_with_temperature(logits, lm.temperature)
+    probs = softmax_with_temperature(logits, lm.temperature, lm.logit_bias)
     rule = DecisionRule.from_checkpoint(lm.threshold, lm.metrics)
     labels = [lm.classes[i] for i in rule.label_indices(probs, lm.classes)]
     try:

@@ -7,18 +7,21 @@
     site             site name given with --site (free text)
     date             ISO-8601 UTC time of the calibration, e.g. "2026-12-07T15:04:05Z"
     data             the local manifest's path and sha256
-    parent           {"path", "sha256" (of the parent checkpoint file), "temperature", "threshold",
-                      "operating_point"}: the parent's own values, kept here because the site
+    parent           {"path", "sha256" (of the parent checkpoint file), "temperature", "logit_bias",
+                      "threshold", "operating_point"}: the parent's own values, kept here because the site
                       checkpoint's ordinary ``temperature``/``threshold`` fields are the local ones
     n_per_class      {class: number of local images}, n_images, n_patients
     coverage         nominal per-class coverage 1 - alpha, e.g. 0.9
     temperature      temperature fitted on the local cases (also the checkpoint's ``temperature``)
+    logit_bias       with ``--bias``: per-class biases fitted with the temperature (also the checkpoint's
+                     ``logit_bias``; probabilities are softmax(z / T + b)), else None; ``bias`` records
+                     the method and its L2 weight
     threshold        COVID-19 threshold chosen on the local cases (also the checkpoint's ``threshold``)
                      and how (``threshold_rule``)
     adapt_bn         True when BatchNorm statistics were re-estimated on the local images (AdaBN)
     conformal        {
         "method":     "class-conditional (Mondrian) split-conformal, crepes <version>",
-        "score":      "1 - p(class)", computed on the probabilities *after* the site temperature,
+        "score":      "1 - p(class)", computed on the probabilities *after* the site temperature (and bias),
         "classes":    class names in logit order,
         "thresholds": {class: q or None}; class c is in the set when 1 - p(c) <= q;
                       None: the class is always in the set,
