@@ -7,7 +7,9 @@ RUNS is the folder of scripts/results_classification.sh (stage holdout): RUNS/ho
 actualmed person in test and trained RUNS/holdout/ID/best.ckpt without actualmed. For each model id this
 1. writes the local manifest RUNS/site/actualmed.csv: the actualmed test rows (absolute paths, patient ids);
 2. runs `covidcxr site check` on those films (no labels) -> RUNS/site/ID-check/site_check.json;
-3. runs `covidcxr site calibrate` on them, without and with --adapt-bn -> RUNS/site/ID-site[-adabn].ckpt.
+3. runs `covidcxr site calibrate` on them, without and with --adapt-bn, each without and with --bias
+   (bias-corrected temperature scaling: per-class logit biases fitted with the temperature)
+   -> RUNS/site/ID-site[-adabn][-bias].ckpt.
    The command cross-fits by patient (k folds, StratifiedGroupKFold on patient_id: calibration and scoring
    never share a patient) and records, in the checkpoint, the before/after figures and the paired,
    patient-level bootstrap of after - before (covidcxr.evaluate.paired) computed from the out-of-fold
@@ -29,6 +31,19 @@ import pandas as pd
 
 BEGIN, END = "<!-- site:begin -->", "<!-- site:end -->"
 SOURCE = "actualmed"
+#: (--adapt-bn, --bias) of each site calibrate run, in table order
+VARIANTS = ((False, False), (True, False), (False, True), (True, True))
+
+
+def site_ckpt(site: Path, m: str, adabn: bool, bias: bool) -> Path:
+    return site / f"{m}-site{'-adabn' if adabn else ''}{'-bias' if bias else ''}.ckpt"
+
+
+def _bias(info: dict[str, Any]) -> str:
+    b = info.get("logit_bias")
+    if b is None:
+        return "no"
+    return "yes (" + ", ".join(f"{c} {v:+.2f}" for c, v in zip(info["conformal"]["classes"], b)) + ")"
 
 
 def local_manifest(runs: Path, out: Path) -> pd.DataFrame:
@@ -125,14 +140,16 @@ def render(runs: Path, ids: list[str], rows: pd.DataFrame, coverage: float, pare
             "before = the checkpoint as trained, its own temperature and threshold; after = out-of-fold, each fold "
             "scored by what was fitted on the other folds' patients). Differences: after − before, paired "
             "patient bootstrap, 95 % CI.", "",
-            "| model | AdaBN | folds | temperature parent → site | COVID-19 threshold parent → site | macro "
+            "| model | AdaBN | bias (logit bias per class) | folds | temperature parent → site | COVID-19 threshold parent → site | macro "
             "sensitivity before → after | difference [95 % CI] | per-class sensitivity before → after | COVID-19 AUC "
             "before → after | AUC difference [95 % CI] |",
-            "|---|---|---|---|---|---|---|---|---|---|"]
+            "|---|---|---|---|---|---|---|---|---|---|---|"]
     sets = []
     for m in ids:
-        for adabn in (False, True):
-            ck = runs / "site" / f"{m}-site{'-adabn' if adabn else ''}.ckpt"
+        for adabn, bias in VARIANTS:
+            ck = site_ckpt(runs / "site", m, adabn, bias)
+            if not ck.is_file():
+                continue
             info = site_info(ck)
             mt = info["metrics"]
             b, a, pb = mt["before"], mt["after"], (mt.get("paired_bootstrap") or {}).get("metrics", {})
@@ -140,7 +157,7 @@ def render(runs: Path, ids: list[str], rows: pd.DataFrame, coverage: float, pare
                             for c in b["sensitivity"] if b["sensitivity"][c] is not None)
             ms, au = pb.get("macro_sensitivity", {}), pb.get("auc", {})
             par = info["parent"]
-            out.append(f"| {m} | {'yes' if adabn else 'no'} | {mt['folds']} | {_f(par.get('temperature'))} → "
+            out.append(f"| {m} | {'yes' if adabn else 'no'} | {_bias(info)} | {mt['folds']} | {_f(par.get('temperature'))} → "
                        f"{_f(info.get('temperature'))} | {_f(par.get('threshold'))} → {_f(info.get('threshold'))} | "
                        f"{_f(b['macro_sensitivity'])}"
                        f"{_ci(ms, 'a_ci')} → {_f(a['macro_sensitivity'])}{_ci(ms, 'b_ci')} | "
@@ -149,7 +166,7 @@ def render(runs: Path, ids: list[str], rows: pd.DataFrame, coverage: float, pare
             conf = info["conformal"]
             cov = "; ".join(f"{c} {_f(v, 2)} (n={int((rows['label'] == c).sum())})"
                             for c, v in a["set_coverage"].items() if v is not None)
-            sets.append(f"| {m} | {'yes' if adabn else 'no'} | {cov} | {a['mean_set_size']:.2f} | "
+            sets.append(f"| {m} | {'yes' if adabn else 'no'} | {'yes' if bias else 'no'} | {cov} | {a['mean_set_size']:.2f} | "
                         f"{a['fraction_uncertain']:.0%} | {', '.join(conf.get('always_in') or []) or 'none'} | "
                         + "; ".join(f"{c} {n}" for c, n in conf["n"].items()) + " |")
     out += ["", f"**Conformal prediction sets** (class-conditional split-conformal, crepes; nominal coverage "
@@ -157,9 +174,9 @@ def render(runs: Path, ids: list[str], rows: pd.DataFrame, coverage: float, pare
             "about 4/5 of a class's films calibrate them); 'always in' and the calibration counts are those of "
             "the final site checkpoint, fitted on all the local films. A class with fewer films than "
             "the coverage needs is always in the set.", "",
-            "| model | AdaBN | per-class coverage, out-of-fold (films) | mean set size | 'uncertain: refer' | "
+            "| model | AdaBN | bias | per-class coverage, out-of-fold (films) | mean set size | 'uncertain: refer' | "
             "always in the set (final checkpoint) | calibration films per class (final) |",
-            "|---|---|---|---|---|---|---|"] + sets
+            "|---|---|---|---|---|---|---|---|"] + sets
     return "\n".join(out) + "\n"
 
 
@@ -204,14 +221,15 @@ def main(argv: list[str] | None = None) -> int:
         if not (a.reuse and (site / f"{m}-check" / "site_check.json").is_file()):
             todo.append(([cx, "site", "check", str(site / "actualmed.csv"), "--model", ckpt, "--out",
                           str(site / f"{m}-check")], site / f"{m}-check.log"))
-        for adabn in (False, True):
-            out = site / f"{m}-site{'-adabn' if adabn else ''}.ckpt"
+        for adabn, bias in VARIANTS:
+            out = site_ckpt(site, m, adabn, bias)
             if a.reuse and out.is_file():
                 continue
             out.unlink(missing_ok=True)
             todo.append(([cx, "site", "calibrate", "--model", ckpt, "--data", str(site / "actualmed.csv"), "--out",
                           str(out), "--site", SOURCE, "--coverage", str(a.coverage), "--folds", str(a.folds),
-                          "--bootstrap", str(a.bootstrap)] + (["--adapt-bn"] if adabn else []), out.with_suffix(".log")))
+                          "--bootstrap", str(a.bootstrap)] + (["--adapt-bn"] if adabn else [])
+                         + (["--bias"] if bias else []), out.with_suffix(".log")))
     # the commands are independent (each reads the parent checkpoint, writes its own output): side by side
     with ThreadPoolExecutor(max_workers=max(1, a.jobs)) as pool:
         list(pool.map(lambda t: run(*t), todo))
