@@ -458,6 +458,11 @@ def test_site_calibrate_bias_reaches_predict(run: Path, data: dict, tmp_path: Pa
     assert bias[CLASSES.index("pneumonia")] < 0  # no local pneumonia: made rarer
     assert "logit bias" in printed and checkpoint_card(str(out))["logit_bias"] == bias
     assert "logit_bias" not in read_bundle(run)  # the parent is untouched
+    # evaluate --calibrate would refit T alone under a bias fitted with the old T: refused, one line
+    assert main(["evaluate", "--model", str(out), "--data", str(data["train"]), "--split", "val", "--calibrate",
+                 "--out", str(tmp_path / "rep")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "site calibrate --recalibrate --bias" in err and "\n" not in err
 
     paths = data["test_paths"][:4]
     preds = tmp_path / "preds.jsonl"

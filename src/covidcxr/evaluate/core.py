@@ -296,6 +296,10 @@ def evaluate_checkpoint(model: str | Path, manifest: str | Path, config: Evaluat
     from covidcxr.predict import Predictor
 
     predictor = Predictor.from_path(model)
+    if calibrate and predictor.logit_bias is not None:  # a new T alone would leave b fitted for the old one
+        raise MetricsError(f"{model}: a site checkpoint with a logit bias (site calibrate --bias); --calibrate would "
+                           "refit its temperature alone: recalibrate it with `covidcxr site calibrate --recalibrate "
+                           "--bias` instead")
     classes = list(predictor.classes)
     df = read_manifest(manifest)
     frame = select_split(df, split, manifest)
