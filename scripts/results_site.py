@@ -29,6 +29,9 @@ from typing import Any
 
 import pandas as pd
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # scripts/, also when loaded by file path
+from docblock import replace_block  # noqa: E402
+
 BEGIN, END = "<!-- site:begin -->", "<!-- site:end -->"
 SOURCE = "actualmed"
 #: (--adapt-bn, --bias) of each site calibrate run, in table order
@@ -181,11 +184,9 @@ def render(runs: Path, ids: list[str], rows: pd.DataFrame, coverage: float, pare
 
 
 def fill(doc: Path, block: str) -> None:
-    text = doc.read_text()
-    if BEGIN not in text or END not in text:
-        raise SystemExit(f"error: {doc}: markers {BEGIN} / {END} not found")
-    head, rest = text.split(BEGIN, 1)
-    doc.write_text(head + BEGIN + "\n" + block + END + rest.split(END, 1)[1])
+    err = replace_block(doc, BEGIN, END, block)
+    if err:
+        raise SystemExit(err)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -22,6 +22,9 @@ from typing import Any
 
 import pandas as pd
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # scripts/, also when loaded by file path
+from docblock import replace_block  # noqa: E402
+
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
 CLASSES = ["normal", "pneumonia", "COVID-19"]
 SETTINGS = {"split": "Patient-level split (seed 62)", "holdout": "Source hold-out: trained without actualmed, tested on actualmed"}
@@ -473,13 +476,10 @@ def main(argv: list[str] | None = None) -> int:
     text = build(a.runs)
     (a.runs / "results_tables.md").write_text(text + "\n", encoding="utf-8")
     if a.doc:
-        doc = a.doc.read_text(encoding="utf-8")
-        if BEGIN not in doc or END not in doc:
-            print(f"error: {a.doc}: no {BEGIN} ... {END} block to replace", file=sys.stderr)
+        err = replace_block(a.doc, BEGIN, END, text)
+        if err:
+            print(err, file=sys.stderr)
             return 2
-        head, rest = doc.split(BEGIN, 1)
-        _, tail = rest.split(END, 1)
-        a.doc.write_text(head + BEGIN + "\n" + text + "\n" + END + tail, encoding="utf-8")
     print(f"tables: {a.runs / 'results_tables.md'}" + (f"; updated {a.doc}" if a.doc else ""))
     return 0
 
