@@ -352,6 +352,35 @@ def test_unreachable_server_is_one_line(tmp_path: Path) -> None:
     assert time.time() - t0 < 280
 
 
+def test_server_short_of_sites_ends_with_one_line_while_a_site_is_connected(tmp_path: Path) -> None:
+    """2 sites needed, 1 comes: the server prints one error line and its process ends (Flower's gRPC threads
+    once kept it alive for ever with the site still connected, and `federated simulate` then hung)."""
+    from covidcxr.federated.simulation import free_port
+
+    manifest = make_sites(tmp_path / "data", {"site-a": 3})
+    addr = f"127.0.0.1:{free_port()}"
+    slog = open(tmp_path / "server.log", "w")
+    server = subprocess.Popen([CLI, "federated", "server", "--config", RECIPE, *SETS, "--rounds", "1", "--address",
+                               addr, "--out", str(tmp_path / "fed"), "--insecure", "--sites", "2", "--min-sites", "2",
+                               "--connect-timeout", "20"], stdout=slog, stderr=subprocess.STDOUT, env=_env())
+    client = subprocess.Popen([CLI, "federated", "client", "--data", str(manifest), "--server", addr, "--site",
+                               "site-a", "--insecure", "--connect-timeout", str(BOUND)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_env())
+    try:
+        rc = server.wait(timeout=BOUND)
+        text = (tmp_path / "server.log").read_text(errors="replace")
+        assert rc == 2, text
+        assert "Traceback" not in text
+        errors = [ln for ln in text.splitlines() if "error" in ln.lower()]
+        assert len(errors) == 1 and "only 1 site(s) connected" in errors[0], text
+    finally:
+        for p in (client, server):
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        slog.close()
+
+
 # ---------------------------------------------------------------------------------------------- DP
 
 

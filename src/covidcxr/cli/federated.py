@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 from pathlib import Path
 
 from covidcxr.cli import UserError, float_between, int_at_least
@@ -167,7 +169,11 @@ def cmd_server(args: argparse.Namespace) -> int:
                          certificates=certs, connect_timeout=args.connect_timeout, round_timeout=args.round_timeout,
                          overwrite=args.overwrite, record_opens=True, verbose=bool(getattr(args, "verbose", False)))
     except FederatedError as err:
-        raise UserError(str(err)) from None
+        # Flower's gRPC threads are not daemon threads: after a failed run with a site still connected they
+        # would keep this process alive for ever, so the error line is printed and the process ends here
+        print(f"covidcxr federated: error: {err}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(2)
     _report(fed, Path(args.out))
     return 0
 

@@ -85,6 +85,9 @@ def simulate(plan_args: list[str], data: str | os.PathLike, site_column: str, ou
         fh = open(logs / "server.log", "w", encoding="utf-8")
         files.append(fh)
         server = subprocess.Popen(server_cmd, stdout=fh, stderr=subprocess.STDOUT, env=env)
+        # the sites give up on a server they cannot reach within a minute; on a loaded machine the server's
+        # imports alone can take longer, so start them only once it listens
+        _wait_listening(port, server, logs / "server.log", bound=min(timeout, 900.0))
         for name, manifest in sites.items():
             fh = open(logs / f"site-{name}.log", "w", encoding="utf-8")
             files.append(fh)
@@ -119,6 +122,27 @@ def simulate(plan_args: list[str], data: str | os.PathLike, site_column: str, ou
         for fh in files:
             fh.close()
     return json.loads((out / "history.json").read_text(encoding="utf-8"))
+
+
+def _wait_listening(port: int, server: subprocess.Popen, log_path: Path, bound: float) -> None:
+    """Return once the server accepts TCP connections on loopback ``port``; FederatedError if it exits first
+    or does not listen within ``bound`` seconds."""
+    import socket
+
+    t0 = time.time()
+    while True:
+        if server.poll() is not None:
+            raise FederatedError(f"the federated server exited before it listened (exit {server.returncode}); "
+                                 f"see {log_path}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1.0):
+                return
+        except OSError:
+            pass
+        if time.time() - t0 > bound:
+            raise FederatedError(f"the federated server did not listen on port {port} within {bound:g} s; "
+                                 f"see {log_path}")
+        time.sleep(0.2)
 
 
 def _echo(path: Path, start: int) -> int:
