@@ -49,6 +49,8 @@ TRIALS: dict[str, list[str]] = {
     "gb_lp": [*GROUPED, "model.freeze_backbone=true", "optimizer.lr=3e-3"],
     "gb_dro_lp": [*GROUPED, "loss.kind=group_dro", "loss.dro_eta=0.01", "model.freeze_backbone=true",
                   "optimizer.lr=3e-3"],
+    # the probe on lung-field standardised films (the mapping fitted inside the pretrained U-Net's lung mask)
+    "gb_lp_lunghist": [*GROUPED, "model.freeze_backbone=true", "optimizer.lr=3e-3", "data.hist_standardize=lung"],
 }
 
 
