@@ -369,14 +369,20 @@ def test_site_sets_travel_to_onnx(run: Path, data: dict, tmp_path: Path) -> None
     np.testing.assert_allclose(probs["site.onnx"], probs["site.ckpt"], atol=1e-4)
 
 
+def _without_pneumonia(local_csv: str | Path, tmp_path: Path) -> Path:
+    """The local manifest without its pneumonia films (like the actualmed hold-out: COVID-19 and normal only)."""
+    local = pd.read_csv(local_csv)
+    csv = tmp_path / "nopneu.csv"
+    local[local["label"] != "pneumonia"].to_csv(csv, index=False)
+    return csv
+
+
 def test_site_without_a_class_calibrates_and_keeps_it_in_every_set(run: Path, data: dict, tmp_path: Path,
                                                                    capsys: pytest.CaptureFixture) -> None:
     """Like the actualmed hold-out (COVID-19 and normal films, no pneumonia): calibrated, pneumonia never excluded."""
     from covidcxr.models.checkpoint import read_bundle
 
-    local = pd.read_csv(data["local"])
-    csv = tmp_path / "nopneu.csv"
-    local[local["label"] != "pneumonia"].to_csv(csv, index=False)
+    csv = _without_pneumonia(data["local"], tmp_path)
     out = tmp_path / "nopneu.ckpt"
     assert main(["site", "calibrate", "--model", str(run), "--data", str(csv), "--out", str(out),
                  "--folds", "2", "--bootstrap", "0"]) == 0
@@ -443,9 +449,7 @@ def test_site_calibrate_bias_reaches_predict(run: Path, data: dict, tmp_path: Pa
     from covidcxr.models import load
     from covidcxr.models.checkpoint import read_bundle
 
-    local = pd.read_csv(data["local"])
-    csv = tmp_path / "nopneu.csv"
-    local[local["label"] != "pneumonia"].to_csv(csv, index=False)
+    csv = _without_pneumonia(data["local"], tmp_path)
     out = tmp_path / "bias.ckpt"
     args = ["site", "calibrate", "--model", str(run), "--data", str(csv), "--out", str(out), "--folds", "2",
             "--bootstrap", "0"]
