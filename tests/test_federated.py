@@ -345,8 +345,8 @@ def test_unreachable_server_is_one_line(tmp_path: Path) -> None:
     r = subprocess.run([CLI, "federated", "client", "--data", str(manifest), "--server", f"127.0.0.1:{free_port()}",
                         "--site", "site-a", "--insecure", "--connect-timeout", "3"],
                        capture_output=True, text=True, timeout=300, env=_env())
-    assert r.returncode == 1
-    assert "Traceback" not in r.stderr
+    assert r.returncode == 1, r.stderr
+    assert "Traceback" not in r.stderr, r.stderr
     errors = [ln for ln in r.stderr.splitlines() if "error" in ln.lower() or "fail" in ln.lower()]
     assert len(errors) == 1 and "cannot reach the federated server at 127.0.0.1:" in errors[0], r.stderr
     assert time.time() - t0 < 280
@@ -359,14 +359,22 @@ def test_server_short_of_sites_ends_with_one_line_while_a_site_is_connected(tmp_
 
     manifest = make_sites(tmp_path / "data", {"site-a": 3})
     addr = f"127.0.0.1:{free_port()}"
-    slog = open(tmp_path / "server.log", "w")
-    server = subprocess.Popen([CLI, "federated", "server", "--config", RECIPE, *SETS, "--rounds", "1", "--address",
-                               addr, "--out", str(tmp_path / "fed"), "--insecure", "--sites", "2", "--min-sites", "2",
-                               "--connect-timeout", "20"], stdout=slog, stderr=subprocess.STDOUT, env=_env())
+    slog, clog = open(tmp_path / "server.log", "w"), open(tmp_path / "client.log", "w")
+    # the site starts first, so this also checks that a site started before its coordinator keeps dialling; the
+    # server starts once the site has imported everything, so its clock for round 1 covers only the site's
+    # back-off (at most 5 s), not a loaded machine's import time (CI once saw 0 sites connect within 20 s)
     client = subprocess.Popen([CLI, "federated", "client", "--data", str(manifest), "--server", addr, "--site",
                                "site-a", "--insecure", "--connect-timeout", str(BOUND)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_env())
+                              stdout=clog, stderr=subprocess.STDOUT, env=_env())
+    server = None
     try:
+        _wait(lambda: "connecting to" in (tmp_path / "client.log").read_text(errors="replace")
+              or client.poll() is not None, BOUND, "the site to dial the server")
+        assert client.poll() is None, (tmp_path / "client.log").read_text(errors="replace")
+        server = subprocess.Popen([CLI, "federated", "server", "--config", RECIPE, *SETS, "--rounds", "1",
+                                   "--address", addr, "--out", str(tmp_path / "fed"), "--insecure", "--sites", "2",
+                                   "--min-sites", "2", "--connect-timeout", "30"],
+                                  stdout=slog, stderr=subprocess.STDOUT, env=_env())
         rc = server.wait(timeout=BOUND)
         text = (tmp_path / "server.log").read_text(errors="replace")
         assert rc == 2, text
@@ -375,10 +383,11 @@ def test_server_short_of_sites_ends_with_one_line_while_a_site_is_connected(tmp_
         assert len(errors) == 1 and "only 1 site(s) connected" in errors[0], text
     finally:
         for p in (client, server):
-            if p.poll() is None:
+            if p is not None and p.poll() is None:
                 p.kill()
                 p.wait()
         slog.close()
+        clog.close()
 
 
 # ---------------------------------------------------------------------------------------------- DP

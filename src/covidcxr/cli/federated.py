@@ -96,7 +96,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "architecture differ from it")
     c.add_argument("--audit-dir", help="keep a copy of everything this site sends (per round .npz and .json)")
     c.add_argument("--connect-timeout", type=float_between(0.0, low_open=True), default=60.0,
-                   help="give up after this many seconds without reaching the server (default 60)")
+                   help="keep dialling a server that is not up yet for this many seconds, then give up (default 60)")
     c.set_defaults(func=cmd_client)
 
 

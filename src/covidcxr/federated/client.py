@@ -16,6 +16,8 @@ import json
 import logging
 import math
 import os
+import threading
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -306,6 +308,18 @@ def make_client(site_client: SiteClient) -> Any:
     return _Numpy().to_client()
 
 
+def _grpc_reason(err: Exception) -> str:
+    """gRPC's status and detail (``UNAVAILABLE: failed to connect to all addresses...``), not its multi-line repr."""
+    code, details = getattr(err, "code", None), getattr(err, "details", None)
+    if callable(code) and callable(details):
+        try:
+            return f"{code().name}: {details()}"
+        except Exception:  # noqa: BLE001  (not a finished RPC: fall back to the text)
+            pass
+    text = str(err).strip()
+    return f"{type(err).__name__}: {text.splitlines()[0]}" if text else type(err).__name__
+
+
 def quiet_flower(verbose: bool = False) -> None:
     """Flower's own console lines (deprecation banners, per-retry warnings) only with --verbose."""
     logging.getLogger("alembic").setLevel(logging.INFO if verbose else logging.WARNING)  # Flower's state store
@@ -315,6 +329,17 @@ def quiet_flower(verbose: bool = False) -> None:
     lg.propagate = False  # Flower prints through its own handler; through ours too would double every line
     lg.setLevel(logging.DEBUG if verbose else logging.ERROR)
     warnings.filterwarnings("ignore", message=r".*`validation_step` but have no `val_dataloader`")
+    threading.excepthook = _without_grpc_closed_channel_race
+
+
+def _without_grpc_closed_channel_race(args: threading.ExceptHookArgs) -> None:
+    """gRPC's connectivity poller thread may still run when a failed dial closes its channel and then dies with
+    "Cannot monitor channel state: Channel closed!": a harmless race that printed a traceback beside our one
+    error line. Every other thread error still goes to Python's hook."""
+    if isinstance(args.exc_value, ValueError) and "Channel closed" in str(args.exc_value):
+        log.debug("gRPC connectivity poller ended with its closed channel: %s", args.exc_value)
+        return
+    threading.__excepthook__(args)
 
 
 def run_client(site: str, data: str | os.PathLike, server: str, *, insecure: bool = False,
@@ -338,16 +363,27 @@ def run_client(site: str, data: str | os.PathLike, server: str, *, insecure: boo
     app = ClientApp(client_fn=lambda context: client, mods=[_audit_mod(Path(audit_dir) if audit_dir else None),
                                                              _dp_clip_mod])
     log.info("site %s: connecting to %s (%s)", site, server, "insecure" if insecure else "TLS")
-    try:
-        start_client_internal(server_address=server, node_config={}, load_client_app_fn=lambda *a: app,
-                              root_certificates=Path(tls_ca).read_bytes() if tls_ca else None,
-                              insecure=insecure, max_wait_time=connect_timeout)
-    except Exception as err:  # grpc's error on giving up is a long multi-line repr: keep its first line
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        if sc.module is None and sc.refused is None:
-            raise FederatedError(f"cannot reach the federated server at {server} within {connect_timeout:g} s "
-                                 f"({type(err).__name__}: {first[:160]})") from None
-        raise FederatedError(f"site {site}: connection to {server} lost ({type(err).__name__}: {first[:160]})") from None
+    certs = Path(tls_ca).read_bytes() if tls_ca else None
+    deadline = time.monotonic() + connect_timeout
+    wait = 1.0
+    while True:
+        try:
+            start_client_internal(server_address=server, node_config={}, load_client_app_fn=lambda *a: app,
+                                  root_certificates=certs, insecure=insecure,
+                                  max_wait_time=max(1.0, deadline - time.monotonic()))
+            break
+        except Exception as err:  # grpc's error on giving up is a long multi-line repr: keep its first line
+            first = _grpc_reason(err)
+            if sc.module is not None or sc.refused is not None:
+                raise FederatedError(f"site {site}: connection to {server} lost ({first[:160]})") from None
+            # Flower's bidirectional stream fails at once while nothing listens (its own back-off covers only
+            # later reconnects), so a site started before its coordinator dials again here until its bound
+            if time.monotonic() + wait > deadline:
+                raise FederatedError(f"cannot reach the federated server at {server} within {connect_timeout:g} s "
+                                     f"({first[:160]})") from None
+            log.debug("site %s: %s not reachable yet (%s); dialling again in %.0f s", site, server, first[:80], wait)
+            time.sleep(wait)
+            wait = min(wait * 2, 5.0)
     if sc.refused is not None:
         raise FederatedError(f"site {site} refused by this run: {sc.refused}")
     log.info("site %s: the coordinator ended the run", site)
