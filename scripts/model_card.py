@@ -378,7 +378,8 @@ def classifier_card(runs: Path, version: str, recipe: str, seed: int, loso: Path
             SITE_STEPS,
             "Re-running scripts/train_reference.sh with the same seed on the same data gives the same split and "
             "manifest sha256; the weights differ in the last digits (CPU thread scheduling is not bit-reproducible), "
-            "so the test figures are expected within the CIs above, not identical.",
+            "so the test figures are expected within the CIs above, not identical. `RERUN=1 bash "
+            "scripts/train_reference.sh` checks it and sets the figures side by side (docs/reproducibility.md).",
         ]},
     ]
     return {"name": "covidcxr-reference", "version": version, "license": LICENSE,
