@@ -32,7 +32,8 @@
 # replicates, default 1000), LIMIT (trainer.limit_train/val_batches, default all), JOBS (central and local
 # trainings side by side, one torch thread each, default 2; the federated runs go one at a time: each runs one
 # process per site), NICENESS (default 10), RUN_TIMEOUT (seconds per training, 0 = none), CONTINUE=1 (keep
-# the data builds and every run whose status is ok; redo the rest), DOC (default docs/federated.md),
+# the data builds and every run whose status is ok; redo the rest), DOC (default docs/federated.md), BLOCK (its
+# generated block's name, default federated: a second run gets a block of its own),
 # COVIDCXR_SHARED (default ../shared), COVIDCXR_WEIGHTS_DIR (default $COVIDCXR_SHARED/weights).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -197,6 +198,6 @@ p = sys.argv[1]; d = json.load(open(p))
 d.update(finished=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M"), minutes=int(sys.argv[2]))
 json.dump(d, open(p, "w"), indent=2)
 EOF
-if [ -n "$DOC" ] && [ "$SMOKE" != 1 ]; then $PY scripts/results_federated_tables.py "$RUNS" --doc "$DOC"
+if [ -n "$DOC" ] && [ "$SMOKE" != 1 ]; then $PY scripts/results_federated_tables.py "$RUNS" --doc "$DOC" --block "${BLOCK:-federated}"
 else $PY scripts/results_federated_tables.py "$RUNS"; fi
 echo "total $(( $(elapsed) / 60 )) min; checkpoints and reports under $RUNS"

@@ -24,7 +24,8 @@ import pandas as pd
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # scripts/, also when loaded by file path
 from docblock import replace_block  # noqa: E402
 
-BEGIN, END = "<!-- federated:begin -->", "<!-- federated:end -->"
+BEGIN, END = "<!-- federated:begin -->", "<!-- federated:end -->"  # the default block (--block federated)
+
 SETTINGS = {"split": "Patient-level split (seed 62): pooled test split of all five sources",
             "holdout": "Source hold-out: trained without actualmed (four sites), tested on actualmed"}
 FEDERATED = ["fedavg", "fedprox", "fedbn", "fedavg-robust", "fedavg-dp"]
@@ -298,6 +299,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("runs", type=Path, help="the RUNS folder of scripts/results_federated.sh")
     ap.add_argument("--doc", type=Path, help="markdown file whose federated:begin/end block is replaced")
+    ap.add_argument("--block", default="federated",
+                    help="the block's name: NAME:begin / NAME:end markers (default federated; a second run, e.g. "
+                         "more rounds at a smaller size, gets its own block beside the first)")
     a = ap.parse_args(argv)
     if not (a.runs / "status.tsv").is_file():
         print(f"error: {a.runs}: no status.tsv (not a results_federated.sh run folder)", file=sys.stderr)
@@ -305,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
     text = build(a.runs)
     (a.runs / "federated_tables.md").write_text(text + "\n", encoding="utf-8")
     if a.doc:
-        err = replace_block(a.doc, BEGIN, END, text)
+        err = replace_block(a.doc, f"<!-- {a.block}:begin -->", f"<!-- {a.block}:end -->", text)
         if err:
             print(err, file=sys.stderr)
             return 2

@@ -98,3 +98,14 @@ def test_doc_block_is_replaced_and_a_doc_without_markers_is_one_line(tmp_path: P
     assert rt.main([str(runs), "--doc", str(bad)]) == 2
     err = capsys.readouterr().err.strip()
     assert str(bad) in err and "\n" not in err
+
+
+def test_a_named_block_is_filled_and_the_default_block_beside_it_is_kept(tmp_path: Path) -> None:
+    rt = _script()
+    runs, _ = _runs(tmp_path, {"central": 1.0})
+    doc = tmp_path / "federated.md"
+    doc.write_text(f"{rt.BEGIN}\nFIRST-RUN\n{rt.END}\n<!-- longer:begin -->\nOLD\n<!-- longer:end -->\n")
+    assert rt.main([str(runs), "--doc", str(doc), "--block", "longer"]) == 0
+    body = doc.read_text()
+    assert "FIRST-RUN" in body and "OLD" not in body
+    assert "#### Targets" in body.split("<!-- longer:begin -->")[1]
