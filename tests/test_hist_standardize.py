@@ -131,6 +131,55 @@ def test_dataset_reads_manifest_masks_and_logs_the_fallback_per_film(tmp_path: P
     assert [r.getMessage().split(":")[0] for r in caplog.records] == [rows[1]["path"]]
 
 
+class _Masks:
+    """A picklable stand-in segmenter: the same fixed mask for every film, with the record a MaskSpec has."""
+
+    def __init__(self, mask: np.ndarray, name: str = "stand-in") -> None:
+        self.mask, self.name = mask, name
+
+    def __call__(self, image: np.ndarray) -> np.ndarray:
+        return cv2.resize(self.mask.astype(np.uint8), image.shape[::-1], interpolation=cv2.INTER_NEAREST) > 0
+
+    def record(self) -> dict[str, str]:
+        return {"name": self.name, "sha256": "0" * 64}
+
+
+def test_with_a_segmenter_the_dataset_standardises_with_its_mask_not_the_manifest_one(tmp_path: Path) -> None:
+    """Training, the val threshold and prediction must fit the mapping on the same mask: inference has only the
+    segmenter's, so a hand-drawn manifest mask (here a quarter of the film's lungs) is not used for it."""
+    from covidcxr.data.dataset import CXRDataset
+
+    img, mask = _film(20)
+    drawn = np.zeros_like(mask)
+    drawn[: mask.shape[0] // 2, : mask.shape[1] // 2] = mask[: mask.shape[0] // 2, : mask.shape[1] // 2]
+    cv2.imwrite(str(tmp_path / "f.png"), (img * 255).astype(np.uint8))
+    cv2.imwrite(str(tmp_path / "m.png"), drawn.astype(np.uint8) * 255)
+    frame = pd.DataFrame([{"path": str(tmp_path / "f.png"), "mask_path": str(tmp_path / "m.png"), "label": "normal"}])
+    plain = standardized(get_preset("imagenet@64"), "lung")
+    seg = plain.with_masks(_Masks(mask))
+    got = CXRDataset(frame, seg).prepared(0)
+    film = cv2.imread(str(tmp_path / "f.png"), cv2.IMREAD_GRAYSCALE).astype(np.float32) / 255
+    assert np.allclose(got, seg.prepare(film, None))  # the segmenter's mask, as predict would take it
+    assert not np.allclose(got, seg.prepare(film, drawn))
+    assert np.allclose(CXRDataset(frame, plain).prepared(0), plain.prepare(film, drawn))  # no segmenter: the manifest's
+
+
+def test_the_image_cache_keeps_films_of_different_segmenters_apart(tmp_path: Path) -> None:
+    from covidcxr.data.dataset import CXRDataset, cache_fingerprint
+
+    img, mask = _film(21)
+    cv2.imwrite(str(tmp_path / "f.png"), (img * 255).astype(np.uint8))
+    frame = pd.DataFrame([{"path": str(tmp_path / "f.png"), "label": "normal"}])
+    lung = standardized(get_preset("imagenet@64"), "lung")
+    a, b = lung.with_masks(_Masks(mask, "seg-a")), lung.with_masks(_Masks(~mask, "seg-b"))
+    assert cache_fingerprint(a) != cache_fingerprint(b)
+    plain = get_preset("imagenet@64")  # no lung mask needed: the segmenter plays no part in its films
+    assert cache_fingerprint(plain.with_masks(_Masks(mask, "seg-a"))) == cache_fingerprint(plain)
+    first = CXRDataset(frame, a, cache_dir=tmp_path / "cache").prepared(0)
+    second = CXRDataset(frame, b, cache_dir=tmp_path / "cache").prepared(0)
+    assert not np.allclose(first, second)
+
+
 # --------------------------------------------------------------------------- checkpoints, predict, training
 
 

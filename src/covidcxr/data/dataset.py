@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import math
 import os
@@ -30,6 +32,17 @@ def _label_index(classes: Sequence[str] | Mapping[str, int]) -> dict[str, int]:
 
 def _blank(v: object) -> bool:
     return v is None or (isinstance(v, float) and math.isnan(v)) or str(v).strip() == ""
+
+
+def cache_fingerprint(preset: Preset) -> str:
+    """The prepared-image cache's folder name: the preset's fingerprint and, where its films need a lung mask, the
+    segmenter that makes them (the preset's own fingerprint leaves it out), so another segmenter never reads
+    films cropped or standardised with the old one's masks."""
+    fp = preset.fingerprint()
+    rec = getattr(preset.masks, "record", None)
+    if preset.needs_lung_mask and callable(rec):
+        fp += "-" + hashlib.sha256(json.dumps(rec(), sort_keys=True).encode()).hexdigest()[:8]
+    return fp
 
 
 class CXRDataset(Dataset):
@@ -70,7 +83,7 @@ class CXRDataset(Dataset):
             sources = sorted({str(v) for v in frame.get("source", pd.Series(dtype=str)) if not _blank(v)})
         self.sources = [str(s) for s in sources]
         self.cache_dir = cache_dir
-        self.cache = PreparedCache(cache_dir, self.preset.fingerprint()) if cache_dir else None
+        self.cache = PreparedCache(cache_dir, cache_fingerprint(self.preset)) if cache_dir else None
         self.epoch = 0
         self._refresh()
 
@@ -110,6 +123,11 @@ class CXRDataset(Dataset):
         self.epoch = int(epoch)
 
     def _mask_path(self, i: int) -> str | None:
+        # lung-field standardisation takes the segmenter's mask even where the manifest has one: its template was
+        # built from segmenter masks and inference has only those (a hand-drawn mask can cover half the area, and
+        # the fitted mapping would differ between training, threshold choice and prediction)
+        if self.preset.hist_region == "lung" and self.preset.masks is not None:
+            return None
         m = self.masks[i]
         return None if _blank(m) else str(m)
 
