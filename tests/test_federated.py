@@ -403,7 +403,8 @@ def test_dp_clips_each_site_noises_the_mean_and_reports_epsilon(tmp_path: Path) 
     z, clip, delta = 0.5, 0.25, 1e-5
     r = subprocess.run([CLI, "federated", "simulate", "--config", RECIPE, "--data", str(manifest), "--site-column",
                         "source", "--rounds", "1", "--strategy", "fedavg", "--dp-noise", str(z), "--dp-clip", str(clip),
-                        "--dp-delta", str(delta), "--out", str(out), *SETS],
+                        "--dp-delta", str(delta), "--out", str(out), *SETS,
+                        "--set", "data.hist_standardize=film"],  # the checkpoint must carry the sites' preset
                        capture_output=True, text=True, timeout=BOUND, env=_env())
     assert r.returncode == 0, r.stderr[-3000:]
     sites = ["site-a", "site-b"]
@@ -416,6 +417,9 @@ def test_dp_clips_each_site_noises_the_mean_and_reports_epsilon(tmp_path: Path) 
     from covidcxr.models.checkpoint import read_bundle
 
     b = read_bundle(out / "last.ckpt")
+    from covidcxr.preprocess import NIH_CXR14_TEMPLATE
+
+    assert tuple(b["preset"]["hist_template"]) == tuple(NIH_CXR14_TEMPLATE)  # the sites trained standardised films
     keys = _exchanged("fedavg")
     mean = _weighted_mean([(u, 1) for u in sent])
     noise = np.concatenate([(b["state_dict"][k].numpy().astype(np.float64) - m).ravel() for k, m in zip(keys, mean)

@@ -243,12 +243,13 @@ class _SiteAware:
 
     def _save(self, rnd: int, pooled: dict[str, float]) -> None:
         from covidcxr.models.checkpoint import atomic_torch_save, make_bundle
+        from covidcxr.train.runner import segmenter_record
 
         cfg = self.plan.config
         fed = self.summary()
         training = {"run_name": cfg["name"], "recipe": cfg["name"], "recipe_description": cfg.get("recipe", ""),
                     "config": cfg, "preset": self.preset.name, "weights_init": cfg["model"]["weights"],
-                    "seed": cfg["seed"], "epoch": rnd, "federated": fed}
+                    "seed": cfg["seed"], "epoch": rnd, "federated": fed, **segmenter_record(self.preset)}
         kwargs = {"num_classes": len(self.classes), "in_chans": self.preset.channels,
                   **(cfg["model"].get("kwargs") or {}), **(getattr(self.model, "covidcxr_arch_kwargs", None) or {})}
         bundle = make_bundle(self.model, arch=cfg["model"]["arch"], classes=self.classes, preset=self.preset,
@@ -310,14 +311,13 @@ def run_server(plan: Plan, address: str, out: str | os.PathLike, *, sites: int =
     opened = _record_opens(out) if record_opens else None
     min_sites = min(min_sites or min(2, sites), sites)
     from covidcxr.federated.client import quiet_flower
-    from covidcxr.preprocess import get_preset
     from covidcxr.train.module import init_model
-    from covidcxr.train.runner import _default_preset
+    from covidcxr.train.runner import training_preset
 
     quiet_flower(verbose)
     cfg = plan.config
     ident = identity(cfg)
-    preset = get_preset(cfg["data"]["preset"] or _default_preset(cfg), size=cfg["data"]["size"])
+    preset = training_preset(cfg)  # as the sites' (standardisation, lung segmenter): the checkpoint must carry it
     kwargs = {"in_chans": preset.channels, **(cfg["model"].get("kwargs") or {})}
     import torch
 

@@ -170,14 +170,12 @@ def resolve_config_path(name: str | os.PathLike) -> Path:
     return p
 
 
-def prepare(cfg: dict, data: str | os.PathLike) -> tuple[Any, Any, list[str], dict[str, Any]]:
-    """The DataModule, preset, class names and training summary for a config and a manifest."""
-    from covidcxr.data import CXRDataModule, DataConfig, read_manifest
-    from covidcxr.data.labels import task_classes
-    from covidcxr.models import get_spec
+def training_preset(cfg: dict) -> Any:
+    """The preset a recipe trains with: its named preset at its size, histogram standardisation, and the lung
+    segmenter where the films need a mask. Every place that trains or records a recipe's preset (covidcxr train,
+    a federated site, the federated coordinator's checkpoint) takes it from here."""
     from covidcxr.preprocess import get_preset
 
-    get_spec(cfg["model"]["arch"])  # unknown architecture: fail before reading data
     preset = get_preset(cfg["data"]["preset"] or _default_preset(cfg), size=cfg["data"]["size"])
     if cfg["data"].get("hist_standardize"):
         from covidcxr.preprocess import standardized
@@ -187,6 +185,27 @@ def prepare(cfg: dict, data: str | os.PathLike) -> tuple[Any, Any, list[str], di
         from covidcxr.segment.maskspec import MaskSpec  # lung U-Net, carried by the preset into the loader workers
 
         preset = preset.with_masks(MaskSpec.for_training())
+    return preset
+
+
+def segmenter_record(preset: Any) -> dict[str, Any]:
+    """``{training key: segmenter record}`` for a preset whose films need a lung mask, else ``{}``: inference uses
+    that segmenter or refuses."""
+    if not preset.needs_lung_mask:
+        return {}
+    from covidcxr.segment.maskspec import TRAINING_KEY
+
+    return {TRAINING_KEY: preset.masks.record()}
+
+
+def prepare(cfg: dict, data: str | os.PathLike) -> tuple[Any, Any, list[str], dict[str, Any]]:
+    """The DataModule, preset, class names and training summary for a config and a manifest."""
+    from covidcxr.data import CXRDataModule, DataConfig, read_manifest
+    from covidcxr.data.labels import task_classes
+    from covidcxr.models import get_spec
+
+    get_spec(cfg["model"]["arch"])  # unknown architecture: fail before reading data
+    preset = training_preset(cfg)
     d = cfg["data"]
     if d.get("task") == "findings":
         return _prepare_findings(cfg, data, preset)
@@ -226,10 +245,7 @@ def prepare(cfg: dict, data: str | os.PathLike) -> tuple[Any, Any, list[str], di
         "torch": str(torch.__version__),
         "lightning": str(L.__version__),
     }
-    if preset.needs_lung_mask:  # which segmenter masked the training images: inference uses that one or refuses
-        from covidcxr.segment.maskspec import TRAINING_KEY
-
-        summary[TRAINING_KEY] = preset.masks.record()
+    summary.update(segmenter_record(preset))  # which segmenter masked the training images
     return dm, preset, classes, summary
 
 
