@@ -75,6 +75,29 @@ def settings_of(t: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in out.items() if v is not None}
 
 
+# where a run's files went, and how it was stopped (compared through MAX_STEPS above), not what it trained
+NOT_COMPARED = {"data.cache_dir", "trainer.progress_bar", "trainer.max_steps"}
+
+
+def flat(d: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(d, dict):
+        return {prefix: d}
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(flat(v, f"{prefix}.{k}" if prefix else str(k)))
+    return out
+
+
+def config_differences(shipped: dict[str, Any], rerun: dict[str, Any]) -> dict[str, Any]:
+    """Every recipe setting (the full resolved config both checkpoints store) that the re-run changed: another
+    recipe, batch limits, augmentation... so that "the same" is never said of a run that was not."""
+    a, b = flat(shipped.get("config") or {}), flat(rerun.get("config") or {})
+    out = {k: b.get(k) for k in sorted(set(a) | set(b)) if k not in NOT_COMPARED and a.get(k) != b.get(k)}
+    if shipped.get("recipe") != rerun.get("recipe"):
+        out["recipe"] = rerun.get("recipe")
+    return out
+
+
 def shipped_settings() -> dict[str, Any]:
     """The settings the shipped classifier was trained with, as its checkpoint records them."""
     from covidcxr.reference_models import CLASSIFIER, card, metadata
@@ -143,8 +166,10 @@ def main() -> int:
     minutes = (f"{sum(int(x) for x in secs.read_text().split() if x.isdigit()) / 60:.0f}" if secs.is_file() else "?")
     from covidcxr.models.checkpoint import read_bundle
 
-    used = settings_of(read_bundle(a.runs / "run" / "best.ckpt").get("training") or {})
+    ran = read_bundle(a.runs / "run" / "best.ckpt").get("training") or {}
+    used = settings_of(ran)
     differ = {k: v for k, v in used.items() if str(settings.get(k)) != str(v)}
+    differ.update(config_differences(metadata(CLASSIFIER).get("training") or {}, ran))
     text = render(rows, a.runs, ship_sha == new_sha, (ship_sha, new_sha), settings, differ, minutes)
     (a.runs / "rerun.json").write_text(json.dumps({"same_split": ship_sha == new_sha, "settings": settings,
                                                    "settings_that_differ": differ,

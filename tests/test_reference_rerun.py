@@ -56,3 +56,20 @@ def test_shipped_settings_are_shell_assignments_read_from_the_shipped_checkpoint
     t = metadata(CLASSIFIER)["training"]
     assert got["RECIPE"] == t["recipe_file"] and got["SEED"] == str(t["seed"])
     assert got["SIZE"] == str(t["config"]["data"]["size"]) and got["EPOCHS"] == str(t["config"]["trainer"]["max_epochs"])
+
+
+def test_another_recipe_or_batch_limits_are_never_called_the_same() -> None:
+    rr = _script()
+    shipped = {"recipe": "transfer-mobilenet_v2",
+               "config": {"data": {"size": 224, "cache_dir": "a/cache", "sampler": None},
+                          "trainer": {"max_steps": -1, "limit_train_batches": None}}}
+    same = {"recipe": "transfer-mobilenet_v2",
+            "config": {"data": {"size": 224, "cache_dir": "b/cache", "sampler": None},
+                       "trainer": {"max_steps": 56, "limit_train_batches": None}}}
+    assert rr.config_differences(shipped, same) == {}  # where the cache went and the stop are not the recipe
+    other = {"recipe": "robust-mobilenet_v2",
+             "config": {"data": {"size": 224, "cache_dir": "b/cache", "sampler": "group_balanced"},
+                        "trainer": {"max_steps": 56, "limit_train_batches": 2}}}
+    assert rr.config_differences(shipped, other) == {"data.sampler": "group_balanced",
+                                                     "trainer.limit_train_batches": 2,
+                                                     "recipe": "robust-mobilenet_v2"}
