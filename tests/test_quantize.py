@@ -235,3 +235,53 @@ def test_mobilenet_v2_keeps_its_first_blocks_fp32(weights_dir: Path, manifest: P
     for n in convs:  # the kept convs take fp32 weights; every other conv takes dequantized int8 weights
         assert (n.input[1] in deq) == (n.name not in fp32_nodes), n.name
     assert sum(n.name not in fp32_nodes for n in convs) >= 26
+
+
+def test_the_probability_head_after_the_logits_stays_fp32(tmp_path: Path) -> None:
+    """A site checkpoint's bias adds an Add between the logits and the Softmax: like the Div by the temperature,
+    it is left out of quantization, so the INT8 file's probabilities are exactly softmax(logits / T + b)."""
+    import onnx
+    import onnxruntime as ort
+    import torch
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    from covidcxr.export import _Exportable
+    from covidcxr.quantize import OP_TYPES, _after_logits
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+                              torch.nn.Flatten(), torch.nn.Linear(4, 3))
+    T, b = 1.7, [0.4, -0.9, 0.5]
+    fp32 = tmp_path / "m.onnx"
+    torch.onnx.export(_Exportable(net, T, b, 3).eval(), (torch.zeros(1, 3, 16, 16),), str(fp32), dynamo=False,
+                      input_names=["image"], output_names=["logits", "probabilities"],
+                      dynamic_axes={"image": {0: "n"}, "logits": {0: "n"}, "probabilities": {0: "n"}})
+    head = _after_logits(fp32)
+    ops = {n.name: n.op_type for n in onnx.load(str(fp32)).graph.node}
+    assert sorted(ops[n] for n in head) == ["Add", "Div", "Softmax"]
+
+    rng = np.random.default_rng(0)
+    batches = [rng.normal(size=(4, 3, 16, 16)).astype(np.float32) for _ in range(4)]
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.it = iter(batches)
+
+        def get_next(self):
+            x = next(self.it, None)
+            return None if x is None else {"image": x}
+
+    int8 = tmp_path / "m.int8.onnx"
+    quantize_static(str(fp32), str(int8), Reader(), quant_format=QuantFormat.QDQ, op_types_to_quantize=OP_TYPES,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, nodes_to_exclude=head,
+                    extra_options={"OpTypesToExcludeOutputQuantization": ["Gemm", "MatMul"]})
+    g = onnx.load(str(int8)).graph
+    assert any(n.op_type == "QuantizeLinear" for n in g.node)  # the body is quantized
+    made_by = {o: n for n in g.node for o in n.output}
+    add = next(n for n in g.node if n.op_type == "Add")
+    assert all(i not in made_by or made_by[i].op_type != "DequantizeLinear" for i in add.input)
+    sess = ort.InferenceSession(str(int8), providers=["CPUExecutionProvider"])
+    logits, probs = sess.run(None, {"image": batches[0]})
+    z = logits / T + np.asarray(b, np.float32)
+    want = np.exp(z - z.max(1, keepdims=True))
+    assert np.allclose(probs, want / want.sum(1, keepdims=True), atol=1e-6)

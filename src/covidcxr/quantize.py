@@ -42,7 +42,7 @@ from covidcxr.predict import ONNX_META_PREFIX, POSITIVE_CLASS, Predictor, file_s
 
 log = logging.getLogger(__name__)
 
-#: operators quantized; the Softmax/Div of the graph's ``probabilities`` output stay fp32
+#: operators quantized; the nodes after the logits (Div, the bias Add, Softmax: ``probabilities``) stay fp32
 OP_TYPES = ["Conv", "Gemm", "MatMul", "Add", "Mul", "Relu", "Clip", "MaxPool", "AveragePool",
             "GlobalAveragePool", "Concat", "Flatten", "Reshape", "Transpose", "Sigmoid", "HardSigmoid"]
 CALIBRATION_METHODS = ("minmax", "percentile", "entropy")
@@ -244,6 +244,28 @@ def _conv_nodes(path: Path) -> list[str]:
     return [n.name for n in onnx.load(str(path), load_external_data=False).graph.node if n.op_type == "Conv"]
 
 
+def _after_logits(path: Path) -> list[str]:
+    """The nodes that turn the logits into ``probabilities`` (Div by the temperature, the bias Add, Softmax): they
+    stay fp32, as the logits do; 8-bit steps there would only move the probabilities near the threshold."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    if not graph.output:
+        return []
+    consumers: dict[str, list[Any]] = {}
+    for n in graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    seen: list[str] = []
+    todo = [graph.output[0].name]  # covidcxr exports: logits first
+    while todo:
+        for n in consumers.get(todo.pop(), []):
+            if n.name not in seen:
+                seen.append(n.name)
+                todo.extend(n.output)
+    return seen
+
+
 def _run_logits(path: Path, reader: "_Calibration", threads: int | None = 1) -> np.ndarray:
     import onnxruntime as ort
 
@@ -302,6 +324,7 @@ def _quantize_file(fp32: Predictor, out: Path, cal_files: Sequence[str], method:
         cm = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
               "entropy": CalibrationMethod.Entropy}[method]
         convs = _conv_nodes(pre)
+        head = _after_logits(pre)
         if keep_fp32 == "auto":
             counts = [0] + [k for k in (1, 2, 4, 8, 16, 32, 64) if k <= len(convs) // 2]
         else:
@@ -315,7 +338,7 @@ def _quantize_file(fp32: Predictor, out: Path, cal_files: Sequence[str], method:
                 quantize_static(
                     str(pre), str(target), reader, quant_format=QuantFormat.QDQ, op_types_to_quantize=OP_TYPES,
                     per_channel=per_channel, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                    calibrate_method=cm, nodes_to_exclude=convs[:k],
+                    calibrate_method=cm, nodes_to_exclude=convs[:k] + head,
                     # the logits stay fp32: rounding them to 8 bits would only add error at the threshold
                     extra_options={"ActivationSymmetric": False, "WeightSymmetric": True,
                                    "OpTypesToExcludeOutputQuantization": ["Gemm", "MatMul"]},
