@@ -381,6 +381,12 @@ def test_server_short_of_sites_ends_with_one_line_while_a_site_is_connected(tmp_
         assert "Traceback" not in text
         errors = [ln for ln in text.splitlines() if "error" in ln.lower()]
         assert len(errors) == 1 and "only 1 site(s) connected" in errors[0], text
+        # the site was connected: it says the coordinator went away, at once, not that it cannot reach it
+        assert client.wait(timeout=BOUND) == 1
+        ctext = (tmp_path / "client.log").read_text(errors="replace")
+        cerrors = [ln for ln in ctext.splitlines() if "error" in ln.lower()]
+        assert len(cerrors) == 1 and "the connection to" in cerrors[0] and "ended before the run did" in cerrors[0], ctext
+        assert "Traceback" not in ctext
     finally:
         for p in (client, server):
             if p is not None and p.poll() is None:

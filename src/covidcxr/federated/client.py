@@ -308,6 +308,17 @@ def make_client(site_client: SiteClient) -> Any:
     return _Numpy().to_client()
 
 
+def _never_reached(err: Exception) -> bool:
+    """Whether gRPC failed to open a connection at all (nothing listening, a name that does not resolve, a TLS
+    handshake refused): then dialling again makes sense. A stream that was open and then closed is not this."""
+    code = getattr(err, "code", None)
+    try:
+        name = code().name if callable(code) else ""
+    except Exception:  # noqa: BLE001  (not a finished RPC)
+        return True
+    return name == "UNAVAILABLE" and "failed to connect" in _grpc_reason(err).lower()
+
+
 def _grpc_reason(err: Exception) -> str:
     """gRPC's status and detail (``UNAVAILABLE: failed to connect to all addresses...``), not its multi-line repr."""
     code, details = getattr(err, "code", None), getattr(err, "details", None)
@@ -374,8 +385,11 @@ def run_client(site: str, data: str | os.PathLike, server: str, *, insecure: boo
             break
         except Exception as err:  # grpc's error on giving up is a long multi-line repr: keep its first line
             first = _grpc_reason(err)
-            if sc.module is not None or sc.refused is not None:
-                raise FederatedError(f"site {site}: connection to {server} lost ({first[:160]})") from None
+            if sc.refused is not None:  # the refusal is the reason, whatever the connection did next
+                raise FederatedError(f"site {site} refused by this run: {sc.refused}") from None
+            if sc.module is not None or not _never_reached(err):  # it was connected: the coordinator went away
+                raise FederatedError(f"site {site}: the connection to {server} ended before the run did "
+                                     f"({first[:160]})") from None
             # Flower's bidirectional stream fails at once while nothing listens (its own back-off covers only
             # later reconnects), so a site started before its coordinator dials again here until its bound
             if time.monotonic() + wait > deadline:
