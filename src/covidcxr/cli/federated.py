@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -169,11 +168,8 @@ def cmd_server(args: argparse.Namespace) -> int:
                          certificates=certs, connect_timeout=args.connect_timeout, round_timeout=args.round_timeout,
                          overwrite=args.overwrite, record_opens=True, verbose=bool(getattr(args, "verbose", False)))
     except FederatedError as err:
-        # Flower's gRPC threads are not daemon threads: after a failed run with a site still connected they
-        # would keep this process alive for ever, so the error line is printed and the process ends here
         print(f"covidcxr federated: error: {err}", file=sys.stderr, flush=True)
-        sys.stdout.flush()
-        os._exit(2)
+        return 2
     _report(fed, Path(args.out))
     return 0
 

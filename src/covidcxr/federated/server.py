@@ -342,15 +342,13 @@ def run_server(plan: Plan, address: str, out: str | os.PathLike, *, sites: int =
             target_delta=plan.dp.delta, population_size=sites,
             neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE,
             sampling_method=SamplingMethod.NO_AMPLIFICATION))
-    from flwr.compat.server.app import start_server
     from flwr.server import ServerConfig
 
     log.info("federated %s: %d round(s) of %d local epoch(s), waiting for %d site(s) on %s (%s)", plan.strategy,
              plan.rounds, plan.local_epochs, sites, address, "TLS" if certificates else "insecure")
     t0 = time.time()
     try:
-        start_server(server_address=address, config=ServerConfig(num_rounds=plan.rounds, round_timeout=round_timeout),
-                     strategy=top, certificates=certificates)
+        _serve(address, ServerConfig(num_rounds=plan.rounds, round_timeout=round_timeout), top, certificates)
     finally:
         if opened is not None:
             (out / "server-opened-files.txt").write_text("\n".join(dict.fromkeys(opened)) + "\n", encoding="utf-8")
@@ -361,3 +359,34 @@ def run_server(plan: Plan, address: str, out: str | os.PathLike, *, sites: int =
     if strategy.best is None:
         raise FederatedError(f"{out}: no round finished (no site contributed); no checkpoint written")
     return fed
+
+
+def _serve(address: str, config: Any, strategy: Any, certificates: tuple[bytes, bytes, bytes] | None) -> None:
+    """Flower's long-running server (``flwr.compat`` ``start_server``), with its gRPC server stopped however the
+    run ends: Flower stops it only after a run that finished, and its non-daemon gRPC threads then kept a failed
+    coordinator's process alive for ever while a site stayed connected."""
+    from flwr.server.server import init_defaults, run_fl
+    from flwr.server.superlink.fleet.grpc_bidi.grpc_server import start_grpc_server
+    from flwr.supercore.address import parse_address
+    from flwr.supercore.grpc import GRPC_MAX_MESSAGE_LENGTH
+
+    parsed = parse_address(address)
+    if not parsed:
+        raise FederatedError(f"--address {address!r} is not HOST:PORT")
+    host, port, is_v6 = parsed
+    address = f"[{host}]:{port}" if is_v6 else f"{host}:{port}"
+    server, config = init_defaults(server=None, config=config, strategy=strategy, client_manager=None)
+    grpc_server = start_grpc_server(client_manager=server.client_manager(), server_address=address,
+                                    max_message_length=GRPC_MAX_MESSAGE_LENGTH, certificates=certificates)
+    try:
+        run_fl(server=server, config=config)
+    finally:
+        # a failed run stops with sites still connected: their streams end with Flower's GrpcBridgeClosed, which
+        # gRPC would log as a traceback beside our one error line (the sites themselves say the run ended)
+        logging.getLogger("grpc._server").addFilter(_without_closed_bridge)
+        grpc_server.stop(grace=1).wait(10)
+
+
+def _without_closed_bridge(record: logging.LogRecord) -> bool:
+    exc = record.exc_info[1] if record.exc_info else None
+    return type(exc).__name__ != "GrpcBridgeClosed"
