@@ -113,6 +113,53 @@ def test_interrupted_run_leaves_a_valid_file_and_says_how_far(setup, tmp_path, c
     assert [r["path"] for r in _jsonl(out)] == [str(p) for p in imgs]
 
 
+def test_a_killed_run_resumes_from_what_it_had_written(setup, tmp_path) -> None:
+    """SIGKILL (no Python handler runs): the records already written are in the temporary file beside --out;
+    --resume picks them up, predicts only the rest, and leaves one file with every input once."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import cv2
+
+    ckpt, _, _ = setup
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    yy, xx = np.mgrid[0:1400, 0:1400]
+    cv2.imwrite(str(scans / "base.png"), ((xx + yy) % 256).astype(np.uint8))  # large: each read takes a while
+    for i in range(150):  # hard links: distinct inputs, one file on disk
+        os.link(scans / "base.png", scans / f"s{i:03d}.png")
+    (scans / "base.png").unlink()
+    out = tmp_path / "preds.jsonl"
+    cli = str(Path(sys.executable).with_name("covidcxr"))
+    proc = subprocess.Popen([cli, "predict", str(scans), "--out", str(out), "--batch-size", "1", *_args(ckpt)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def written() -> int:
+        return sum(len(_jsonl(f)) for f in tmp_path.glob(".preds.*.partial.jsonl"))
+
+    end = time.time() + 600
+    while written() < 3 and proc.poll() is None and time.time() < end:
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    assert not out.exists() and written() >= 3
+    r = subprocess.run([cli, "predict", str(scans), "--out", str(out), "--resume", *_args(ckpt)],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert "interrupted run(s) on it" in r.stderr
+    import re
+
+    kept = re.search(r"(\d+) of 150 inputs already have a record", r.stderr)
+    assert kept and int(kept.group(1)) >= 3, r.stderr  # those were not predicted again
+    paths = [rec["path"] for rec in _jsonl(out)]
+    assert sorted(paths) == sorted(str(p) for p in scans.glob("*.png")) and len(set(paths)) == 150
+    assert not list(tmp_path.glob(".preds.*partial*"))  # the killed run's file was taken in and removed
+
+
 # --------------------------------------------------------------------------- issue 11 §6: plausibility gate
 
 

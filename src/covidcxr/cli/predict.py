@@ -93,20 +93,27 @@ def cmd_predict(args: argparse.Namespace) -> int:
     files = collect_inputs(args.paths)
     if not files:
         raise UserError(f"no images found in {' '.join(args.paths)} (looked for PNG, JPEG, TIFF, BMP and DICOM files)")
-    from covidcxr.predict.output import OutputError, SafeRecordWriter, check_output_path, read_done, resolved
+    from covidcxr.predict.output import (OutputError, SafeRecordWriter, check_output_path, leftovers, read_done,
+                                         resolved)
 
     carried: list = []
+    consumed: list = []
     try:
         if args.resume and not args.out:
             raise OutputError("--resume needs --out (the file to continue)")
         if args.out:
             check_output_path(args.out, args.paths, files)
         if args.resume:
+            consumed = leftovers(args.out)
             carried, done = read_done(args.out, predictor.classes, predictor.sha256)
             total_inputs = len(files)
             files = [f for f in files if resolved(f) not in done]
-            print(f"--resume: {len(carried)} of {total_inputs} inputs already have a record in {args.out}; "
-                  f"{len(files)} to go", file=sys.stderr)
+            print(f"--resume: {len(carried)} of {total_inputs} inputs already have a record in {args.out}"
+                  + (f" or {len(consumed)} interrupted run(s) on it" if consumed else "")
+                  + f"; {len(files)} to go", file=sys.stderr)
+        elif args.out and leftovers(args.out):
+            print(f"note: an interrupted run on {args.out} left records in {leftovers(args.out)[-1]}; "
+                  "--resume would continue it", file=sys.stderr)
     except OutputError as err:
         raise UserError(str(err)) from None
 
@@ -122,7 +129,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
         from covidcxr.cli.dicom import dicom_writer
 
         dicom_out = dicom_writer(args.dicom_out, predictor)
-    writer = SafeRecordWriter(args.out, predictor.classes, carried) if args.out else RecordWriter(None, predictor.classes)
+    writer = (SafeRecordWriter(args.out, predictor.classes, carried, consumed) if args.out
+              else RecordWriter(None, predictor.classes))
     summary = Summary()
     complete = False
     try:

@@ -63,52 +63,85 @@ def _check_model(out: str | os.PathLike, found: str | None, model_sha256: str | 
                       f"{model_sha256[:12]}); one output file never mixes two models. Choose another --out")
 
 
+def leftovers(out: str | os.PathLike) -> list[Path]:
+    """Records of interrupted runs on ``out``: the temporary file a killed run (SIGTERM, SIGKILL, power loss)
+    left beside it, and ``<out>.partial<suffix>`` of a run interrupted without ``--resume``; oldest first."""
+    o = Path(out)
+    found = [*o.parent.glob(f".{glob_escape(o.stem)}.*.partial{glob_escape(o.suffix)}"),
+             o.with_name(f"{o.stem}.partial{o.suffix}")]
+    return sorted((f for f in found if f.is_file() and f.stat().st_size > 0), key=lambda f: f.stat().st_mtime)
+
+
+def glob_escape(text: str) -> str:
+    return "".join(f"[{c}]" if c in "*?[]" else c for c in text)
+
+
 def read_done(out: str | os.PathLike, classes: Sequence[str], model_sha256: str | None = None
               ) -> tuple[list[dict[str, Any]], set[str]]:
-    """The successful records of an earlier ``--out`` (for ``--resume``) and their resolved input paths.
+    """The successful records of an earlier ``--out`` (for ``--resume``) and their resolved input paths, with
+    those of interrupted runs on it (:func:`leftovers`), each input once (``--out`` first).
 
-    A JSON-lines file may end in a partial line (a run killed by an older version): it is ignored.
+    A JSON-lines file may end in a partial line (a run killed mid-write): it is ignored.
     A CSV written for other classes cannot be continued and is an :class:`OutputError`; so is a file
     any of whose records was made by a model other than ``model_sha256`` (when given).
     """
-    p = Path(out)
-    if not p.is_file() or p.stat().st_size == 0:
-        return [], set()
     keep: list[dict[str, Any]] = []
-    if output_format(str(p)) == "csv":
-        with open(p, newline="", encoding="utf-8") as fh:
-            reader = csv.DictReader(fh)
-            want = {f"p_{c}" for c in classes}
-            if reader.fieldnames is None or "path" not in reader.fieldnames or not want <= set(reader.fieldnames):
-                raise OutputError(f"--resume: {out} was not written by covidcxr predict for this model's classes "
-                                  f"({', '.join(classes)}); choose another --out")
-            all_rows = [r for r in reader if r.get("path")]
-        for n, r in enumerate(all_rows, 2):
-            _check_model(out, r.get("model_sha256"), model_sha256, f"row {n}")
-        rows = [r for r in all_rows if not r.get("error")]
-        return rows, {resolved(r["path"]) for r in rows}
-    with open(p, encoding="utf-8") as fh:
-        for n, line in enumerate(fh, 1):
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line cut short by a hard kill
-            if not isinstance(rec, dict) or "path" not in rec:
-                raise OutputError(f"--resume: {out} line {n} is not a covidcxr predict record; choose another --out")
-            model = rec.get("model") if isinstance(rec.get("model"), dict) else {}
-            _check_model(out, model.get("sha256"), model_sha256, f"line {n}")
-            if not rec.get("error"):
+    done: set[str] = set()
+    for f in [Path(out), *leftovers(out)]:
+        if not f.is_file() or f.stat().st_size == 0:
+            continue
+        for rec in _records(f, out, classes, model_sha256):
+            key = resolved(rec["path"])
+            if key not in done:
+                done.add(key)
                 keep.append(rec)
-    return keep, {resolved(r["path"]) for r in keep}
+    return keep, done
+
+
+def _records(p: Path, out: str | os.PathLike, classes: Sequence[str], model_sha256: str | None
+             ) -> list[dict[str, Any]]:
+    name = str(out) if p == Path(out) else f"{out} (interrupted run: {p.name})"
+    try:
+        if output_format(str(out)) == "csv":
+            with open(p, newline="", encoding="utf-8") as fh:
+                reader = csv.DictReader(fh)
+                want = {f"p_{c}" for c in classes}
+                if reader.fieldnames is None or "path" not in reader.fieldnames or not want <= set(reader.fieldnames):
+                    raise OutputError(f"--resume: {name} was not written by covidcxr predict for this model's "
+                                      f"classes ({', '.join(classes)}); choose another --out")
+                all_rows = [r for r in reader if r.get("path")]
+            for n, r in enumerate(all_rows, 2):
+                _check_model(name, r.get("model_sha256"), model_sha256, f"row {n}")
+            return [r for r in all_rows if not r.get("error")]
+        keep = []
+        with open(p, encoding="utf-8") as fh:
+            for n, line in enumerate(fh, 1):
+                line = line.strip()
+                if not line:
+                    continue
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a line cut short by a hard kill
+                if not isinstance(rec, dict) or "path" not in rec:
+                    raise OutputError(f"--resume: {name} line {n} is not a covidcxr predict record; "
+                                      "choose another --out")
+                model = rec.get("model") if isinstance(rec.get("model"), dict) else {}
+                _check_model(name, model.get("sha256"), model_sha256, f"line {n}")
+                if not rec.get("error"):
+                    keep.append(rec)
+        return keep
+    except UnicodeDecodeError:
+        raise OutputError(f"--resume: {name} is not UTF-8 text (re-saved by another program?); it cannot be "
+                          "continued. Choose another --out") from None
 
 
 class SafeRecordWriter(RecordWriter):
     """A :class:`RecordWriter` on a temporary file beside ``out``, renamed into place by :meth:`finish`."""
 
-    def __init__(self, out: str, classes: Sequence[str], carried: Sequence[dict[str, Any]] = ()):
+    def __init__(self, out: str, classes: Sequence[str], carried: Sequence[dict[str, Any]] = (),
+                 consumed: Sequence[Path] = ()):
+        self.consumed = list(consumed)  # interrupted runs' files whose records ``carried`` holds
         self.final = Path(out)
         self.final.parent.mkdir(parents=True, exist_ok=True)
         self.existed = self.final.exists()
@@ -151,6 +184,9 @@ class SafeRecordWriter(RecordWriter):
         os.chmod(self.tmp, 0o666 & ~mask)  # mkstemp made it 0600; the output gets ordinary permissions
         if complete or not self.existed or self.carried:
             os.replace(self.tmp, self.final)
+            for f in self.consumed:  # their records are in ``out`` now
+                if f != self.tmp:
+                    f.unlink(missing_ok=True)
             return self.final
         keep = self.final.with_name(f"{self.final.stem}.partial{self.final.suffix}")
         os.replace(self.tmp, keep)
