@@ -266,3 +266,46 @@ def test_tiff_16bit(tmp_path):
     Image.fromarray(arr).save(p, format="TIFF")
     np.testing.assert_allclose(read_image(p), arr / 65535.0, atol=1e-6)
     assert inspect(p).format == "tiff"
+
+
+def test_nan_or_infinite_pixels_are_a_read_error(tmp_path):
+    for bad in (np.nan, np.inf):
+        f = gradient(128, 128).astype(np.float32)
+        f[10:20, 10:20] = bad
+        p = tmp_path / f"f{bad}.tif"
+        Image.fromarray(f, "F").save(p)
+        assert "NaN or infinite pixel values" in _err(p)
+
+
+def test_a_decoder_surprise_on_a_corrupt_file_is_a_read_error(tmp_path):
+    # a TIFF whose image-size tags point past the end of the file: Pillow raises TypeError, not OSError
+    good = tmp_path / "g.tif"
+    Image.fromarray(gradient(128, 128)).save(good)
+    data = bytearray(good.read_bytes())
+    p = tmp_path / "bad.tif"
+    p.write_bytes(bytes(data[:8]) + b"\x01\x00" + b"\x00\x01\x04\x00\x01\x00\x00\x00\xff\xff\xff\x7f" + b"\x00" * 8)
+    msg = _err(p)
+    assert "cannot decode" in msg or "corrupt" in msg
+    # a DICOM whose transfer syntax UID is no transfer syntax: pydicom raises ValueError deep in its decoder
+    q = write_dicom(tmp_path / "ts.dcm", dicom_dataset())
+    ts = str(read_dicom_ts(q)).encode()
+    q.write_bytes(q.read_bytes().replace(ts, b"1.2.840.10008.9.9.9"[: len(ts)].ljust(len(ts), b"9"), 1))
+    assert str(read_dicom_ts(q)) != ts.decode()
+    msg = _err(q)
+    assert "cannot decode DICOM file" in msg or "transfer syntax" in msg.lower()
+
+
+def read_dicom_ts(path):
+    import pydicom
+
+    return pydicom.dcmread(path, stop_before_pixels=True).file_meta.TransferSyntaxUID
+
+
+def test_a_file_too_large_for_one_image_is_refused_unread(tmp_path, monkeypatch):
+    monkeypatch.setattr(cio, "MAX_PIXELS", 100 * 100)
+    p = tmp_path / "huge.png"
+    with open(p, "wb") as fh:  # sparse: a PNG signature and then nothing, far past the limit
+        fh.write(b"\x89PNG\r\n\x1a\n")
+        fh.truncate(cio.max_file_bytes() + 1)
+    monkeypatch.setattr(type(p), "read_bytes", lambda self: pytest.fail("read before its size was checked"))
+    assert "refused unread" in _err(p)

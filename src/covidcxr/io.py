@@ -150,6 +150,8 @@ def _read_raster(data: bytes, path: str | None) -> tuple[np.ndarray, ImageInfo]:
         scale = 65535.0 if bits == 16 else float(max(arr.max(initial=1), 1))
     elif mode == "F":
         arr = np.asarray(img, dtype=np.float32)
+        if not np.isfinite(arr).all():
+            raise CXRReadError(path, "image has NaN or infinite pixel values")
         lo, hi = float(arr.min()), float(arr.max())
         arr = (arr - lo) / (hi - lo if hi > lo else 1.0)
         bits, scale = 32, 1.0
@@ -650,6 +652,11 @@ def _voi_range(ds: Any, arr: np.ndarray) -> tuple[float, float]:
 # --------------------------------------------------------------------------- public API
 
 
+def max_file_bytes() -> int:
+    """The largest image file read: an uncompressed MAX_PIXELS image at 32 bits per pixel, plus a header."""
+    return 4 * MAX_PIXELS + MAX_DICOM_HEADER_BYTES
+
+
 def _load_bytes(path: str | os.PathLike) -> bytes:
     p = Path(path)
     if not p.exists():
@@ -657,6 +664,11 @@ def _load_bytes(path: str | os.PathLike) -> bytes:
     if p.is_dir():
         raise CXRReadError(path, "is a directory, not an image file")
     try:
+        size = p.stat().st_size
+        limit = max_file_bytes()
+        if size > limit:  # checked before reading: a huge file never reaches memory
+            raise CXRReadError(path, f"file is {size:,} bytes, above the limit of {limit:,} for one image (4 bytes "
+                                     "for each of covidcxr.io.MAX_PIXELS pixels plus a header); refused unread")
         data = p.read_bytes()
     except OSError as err:
         raise CXRReadError(path, f"cannot read file ({err.strerror or err})") from None
@@ -670,14 +682,25 @@ def decode(data: bytes, path: str | os.PathLike | None = None) -> tuple[np.ndarr
     if not data:
         raise CXRReadError(path, "file is empty (0 bytes)")
     kind = _sniff(data)
+    name = str(path) if path else None
     if kind == "dicom":
-        return _read_dicom(data, str(path) if path else None)
-    if kind in ("png", "jpeg", "tiff", "bmp"):
-        return _read_raster(data, str(path) if path else None)
-    # DICOM without the 128-byte preamble is still legal; try it before giving up.
-    if path is not None and Path(str(path)).suffix.lower() in DICOM_SUFFIXES:
-        return _read_dicom(data, str(path))
-    raise CXRReadError(path, "not a supported image (expected PNG, JPEG, TIFF or DICOM content)")
+        reader = _read_dicom
+    elif kind in ("png", "jpeg", "tiff", "bmp"):
+        reader = _read_raster
+    elif path is not None and Path(str(path)).suffix.lower() in DICOM_SUFFIXES:
+        reader = _read_dicom  # DICOM without the 128-byte preamble is still legal; try it before giving up
+    else:
+        raise CXRReadError(path, "not a supported image (expected PNG, JPEG, TIFF or DICOM content)")
+    try:
+        arr, info = reader(data, name)
+    except (CXRReadError, MemoryError, KeyboardInterrupt):
+        raise
+    except Exception as err:  # noqa: BLE001  a decoder's own surprise on a corrupt file is still a bad file
+        raise CXRReadError(path, f"cannot decode {'DICOM' if reader is _read_dicom else kind.upper()} file "
+                                 f"({type(err).__name__}: {str(err)[:200] or 'no detail'})") from None
+    if not np.isfinite(arr).all():  # a float TIFF or DICOM with NaN/Inf pixels would give NaN probabilities
+        raise CXRReadError(path, "image has NaN or infinite pixel values")
+    return arr, info
 
 
 def read_image_with_info(path: str | os.PathLike) -> tuple[np.ndarray, ImageInfo]:
