@@ -64,6 +64,22 @@ def test_output_that_is_an_input_is_refused(setup, capsys) -> None:
     assert imgs[0].read_bytes() == img_before
 
 
+def test_a_folder_as_out_or_heatmaps_among_the_inputs_are_refused_up_front(setup, tmp_path, capsys) -> None:
+    ckpt, imgs, _ = setup
+    assert _predict(*map(str, imgs), "--out", str(tmp_path), *_args(ckpt)) == 1
+    err = capsys.readouterr().err
+    assert "is a folder" in err and err.count("\n") == 1
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    for p in imgs[:2]:
+        (scans / p.name).write_bytes(p.read_bytes())
+    out = tmp_path / "p.jsonl"
+    assert _predict(str(scans), "--out", str(out), "--heatmap", str(scans), *_args(ckpt)) == 1
+    err = capsys.readouterr().err
+    assert "holds its input" in err and err.count("\n") == 1
+    assert sorted(f.name for f in scans.iterdir()) == sorted(p.name for p in imgs[:2]) and not out.exists()
+
+
 def test_resume_skips_done_inputs_and_appends(setup, tmp_path, capsys) -> None:
     ckpt, imgs, manifest = setup
     out = tmp_path / "preds.jsonl"

@@ -337,7 +337,7 @@ def test_site_calibrate_refusals(run: Path, data: dict, tmp_path: Path, capsys: 
     err = _refusal([*base, "--data", csv("nopid.csv", local.drop(columns=["patient_id"]))], capsys)
     assert "no 'patient_id' column" in err
     err = _refusal(["--model", str(run), "--out", str(run), "--data", str(data["local"])], capsys)
-    assert "never overwrites its input" in err
+    assert "would write over its input" in err
     unknown = local.copy()
     unknown.loc[unknown.index[0], "label"] = "tuberculosis"
     assert "tuberculosis" in _refusal([*base, "--data", csv("unk.csv", unknown)], capsys)
@@ -480,3 +480,20 @@ def test_site_calibrate_bias_reaches_predict(run: Path, data: dict, tmp_path: Pa
     got = np.array([[recs[p]["probabilities"][c] for c in CLASSES] for p in paths])
     np.testing.assert_allclose(got, expected, atol=1e-5)
     assert not np.allclose(got, _softmax_np(z / b["temperature"]), atol=1e-3)  # the bias did something
+
+
+def test_site_check_with_the_reference_model_by_name(tmp_path: Path, capsys) -> None:
+    """`--model reference` names the shipped file: the report records that file and its sha256."""
+    import cv2
+
+    from covidcxr.reference_models import CLASSIFIER, weights_file
+    from covidcxr.site.check import file_sha256
+
+    rng = np.random.default_rng(3)
+    for i in range(3):
+        cv2.imwrite(str(tmp_path / f"s{i}.png"), (rng.random((256, 256)) * 255).astype(np.uint8))
+    rc = main(["site", "check", str(tmp_path), "--model", "reference", "--out", str(tmp_path / "check")])
+    assert rc == 0, capsys.readouterr().err
+    rep = json.loads((tmp_path / "check" / "site_check.json").read_text())
+    assert rep["model"] == str(weights_file(CLASSIFIER).resolve())
+    assert rep["model_sha256"] == file_sha256(weights_file(CLASSIFIER))

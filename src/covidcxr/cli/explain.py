@@ -229,9 +229,14 @@ def cmd_explain(args: argparse.Namespace) -> int:
         print(md)
         return 1 if failed else 0
     methods = args.method or ["gradcam"]
-    records, failures = explain_files(files, loaded, methods, out, batch_size=args.batch_size,
-                                      target=args.target, ctx=ctx, heat_scale=args.heat_scale,
-                                      on_error=lambda f, r: _err("explain", f, r))
+    from covidcxr.outpaths import OverwriteError
+
+    try:
+        records, failures = explain_files(files, loaded, methods, out, batch_size=args.batch_size,
+                                          target=args.target, ctx=ctx, heat_scale=args.heat_scale,
+                                          on_error=lambda f, r: _err("explain", f, r))
+    except OverwriteError as err:
+        raise UserError(str(err)) from None
     n_img = len({r.file for r in records})
     print(f"explained {n_img} image(s) with {', '.join(methods)} -> {out} ({len(failures)} failed)")
     if records:

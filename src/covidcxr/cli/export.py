@@ -73,6 +73,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         raise UserError("--calibrate is only used with --quantize int8")
     target = Path(args.onnx)
     fp32_out = target.with_name(target.stem + ".fp32.onnx") if args.quantize else target
+    _refuse_writing_inputs(args, [target, fp32_out])
     try:
         report = export_onnx(
             args.model,
@@ -112,6 +113,24 @@ def _export_segmenters(args: argparse.Namespace) -> None:
         return
     for p in paths:
         print(f"lung U-Net for the ONNX paths (plausibility check / lung crop): {p}")
+
+
+def _refuse_writing_inputs(args: argparse.Namespace, outputs: list[Path]) -> None:
+    """An export never writes over the model it exports (or its metadata file) or a file it reads."""
+    from covidcxr.cli import UserError
+    from covidcxr.outpaths import OverwriteError, refuse_overwrite
+    from covidcxr.reference_models import ReferenceModelError, resolve_model
+
+    try:
+        model = Path(resolve_model(args.model))
+    except ReferenceModelError as err:
+        raise UserError(str(err)) from None
+    inputs = [model, model.with_suffix(".json") if model.suffix == ".safetensors" else None, args.calibrate,
+              *(p for p in (args.parity_images or []) if Path(p).is_file())]
+    try:
+        refuse_overwrite(outputs, inputs, "covidcxr export")
+    except OverwriteError as err:
+        raise UserError(str(err)) from None
 
 
 def _quantize(args: argparse.Namespace, fp32_out: Path, target: Path) -> int:

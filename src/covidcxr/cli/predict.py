@@ -102,7 +102,17 @@ def cmd_predict(args: argparse.Namespace) -> int:
         if args.resume and not args.out:
             raise OutputError("--resume needs --out (the file to continue)")
         if args.out:
+            if Path(args.out).is_dir():
+                raise OutputError(f"--out {args.out} is a folder; give the records' file (preds.jsonl or preds.csv)")
             check_output_path(args.out, args.paths, files)
+        if args.heatmap:  # overlays written among the inputs would be read as X-rays by the next run
+            from covidcxr.outpaths import OverwriteError, refuse_inputs_in
+
+            try:
+                refuse_inputs_in(args.heatmap, files, "covidcxr predict --heatmap",
+                                 "its overlays would be read as X-rays by the next run")
+            except OverwriteError as err:
+                raise OutputError(str(err)) from None
         if args.resume:
             consumed = leftovers(args.out)
             carried, done = read_done(args.out, predictor.classes, predictor.sha256)

@@ -192,6 +192,7 @@ def build_manifest(
     if not 0 <= test_fraction < 1 or not 0 <= val_fraction < 1 or val_fraction + test_fraction >= 1:
         raise ValueError(f"bad split fractions val={val_fraction} test={test_fraction}")
     sources = list(sources)
+    _refuse_writing_sources(sources, Path(out))
     t0 = time.perf_counter()
     df, dropped, notes = load_sources(sources, **kw)
     t_load = time.perf_counter()
@@ -237,6 +238,24 @@ def build_manifest(
     (out / "summary.md").write_text(_summary_md(summary))
     log.info("wrote %s: %s", out / "manifest.csv", summary["by_split"])
     return df
+
+
+#: what ``build_manifest`` writes into ``out``
+OUTPUT_FILES = ("manifest.csv", "summary.json", "summary.md")
+
+
+def _refuse_writing_sources(sources: list[tuple[str, str]], out: Path) -> None:
+    """``data build`` never writes over a source: not its CSV, and not into a source's own folder."""
+    from covidcxr.outpaths import OverwriteError, refuse_overwrite, same_file
+
+    try:
+        refuse_overwrite([out / n for n in OUTPUT_FILES], [p for _, p in sources], "covidcxr data build")
+        for _, p in sources:
+            if Path(p).is_dir() and out.is_dir() and same_file(p, out):
+                raise OverwriteError(f"{out}: covidcxr data build would write {', '.join(OUTPUT_FILES)} into the "
+                                     f"source folder {p}; choose another --out")
+    except OverwriteError as err:
+        raise ManifestError(str(err)) from None
 
 
 def parse_source_spec(spec: str) -> tuple[str, str]:

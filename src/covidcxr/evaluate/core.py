@@ -278,6 +278,11 @@ class EvaluateConfig:
     progress: bool = True
 
 
+#: every file ``evaluate`` writes into its report folder
+REPORT_FILES = ("metrics.json", "predictions.csv", "report.md", "report.html", "confusion_matrix.png", "roc.png",
+                "pr.png", "reliability.png")
+
+
 def evaluate_checkpoint(model: str | Path, manifest: str | Path, config: EvaluateConfig | None = None, *,
                         out: str | Path = "report", **overrides: Any) -> dict[str, Any]:
     """Evaluate a checkpoint on a manifest split and write OUT/{metrics.json, report.html, report.md,
@@ -305,6 +310,14 @@ def evaluate_checkpoint(model: str | Path, manifest: str | Path, config: Evaluat
     frame = select_split(df, split, manifest)
     label_indices(frame, classes, manifest)  # fail before inference on foreign labels
     out = Path(out)
+    from covidcxr.outpaths import OverwriteError, refuse_overwrite
+
+    try:  # a manifest or model kept in the report folder under a report file's name survives
+        refuse_overwrite([out / n for n in REPORT_FILES], [manifest, predictor.path or model], "covidcxr evaluate")
+    except OverwriteError as err:
+        raise MetricsError(str(err)) from None
+    if out.exists() and not out.is_dir():
+        raise MetricsError(f"{out}: --out must be a folder (the report's files go into it), not a file")
     out.mkdir(parents=True, exist_ok=True)
 
     pr = predict_frame(predictor, frame, batch_size=batch_size, num_workers=num_workers, progress=progress)

@@ -112,7 +112,12 @@ def explain_files(
     from covidcxr.io import CXRReadError
     from covidcxr.preprocess import PresetError
 
+    from covidcxr.outpaths import refuse_inputs_in
+
     out = Path(out)
+    # overlays are named after their inputs (a.png -> a_gradcam.png): in the inputs' own folder one could write
+    # over another input, and the next run would read the overlays as X-rays
+    refuse_inputs_in(out, paths, "covidcxr explain", "an overlay could replace an input and be read as one next time")
     out.mkdir(parents=True, exist_ok=True)
     model, preset, classes = loaded.model.eval(), loaded.preset, list(loaded.classes)
     ctx = ctx or Context(arch=loaded.arch, preset=preset)

@@ -19,6 +19,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from covidcxr.outpaths import same_file
 from covidcxr.predict.writers import RecordWriter, output_format
 
 
@@ -26,23 +27,15 @@ class OutputError(ValueError):
     """``--out`` cannot be used as given (it is an input, or a file --resume cannot continue)."""
 
 
-def _same_file(a: Path, b: Path) -> bool:
-    try:
-        return a.exists() and b.exists() and os.path.samefile(a, b)
-    except OSError:
-        return False
-
-
 def check_output_path(out: str | os.PathLike, inputs: Iterable[str | os.PathLike],
                       files: Iterable[str | os.PathLike] = ()) -> None:
     """Refuse an output path that is also an input: a manifest or image given, or an image found in a folder."""
     o = Path(out)
-    real = Path(os.path.realpath(o))
     for src in [*inputs, *files]:
         s = Path(src)
         if s.is_dir():
             continue
-        if Path(os.path.realpath(s)) == real or _same_file(o, s):
+        if same_file(o, s):
             raise OutputError(f"--out {out} is also an input ({src}); writing it would destroy the input. "
                               "Choose another output file")
 

@@ -75,7 +75,10 @@ def read_local_manifest(path: str | os.PathLike, site: str) -> pd.DataFrame:
             return read_manifest(p, check_leakage=False)
         except ManifestError as err:
             raise SiteError(str(err)) from None
-    df = pd.read_csv(p, dtype={"patient_id": str, "path": str, "label": str})
+    try:
+        df = pd.read_csv(p, dtype={"patient_id": str, "path": str, "label": str})
+    except Exception as err:  # e.g. not UTF-8 (re-saved by a spreadsheet): one line, as the header read
+        raise SiteError(f"{p}: not a readable CSV ({type(err).__name__}: {str(err)[:200]})") from None
     for col in ("path", "label", "patient_id"):
         bad = df[col].isna() | (df[col].astype(str).str.strip() == "")
         if bad.any():
@@ -357,9 +360,15 @@ def calibrate_site(model: str | os.PathLike, data: str | os.PathLike, out: str |
         raise SiteError(f"--bias-l2 {bias_l2}: must be > 0 (it keeps the bias of a class without local films finite)")
     if folds < 2:
         raise SiteError(f"--folds {folds}: cross-fitting needs at least 2 folds")
-    for what, p in (("--model", model), ("--data", data)):
-        if out.resolve() == p.resolve() or (out.exists() and p.exists() and os.path.samefile(out, p)):
-            raise SiteError(f"{out}: --out is the {what} file; site calibrate never overwrites its input")
+    from covidcxr.outpaths import OverwriteError, refuse_overwrite
+    from covidcxr.reference_models import resolve_model
+
+    model_file = Path(resolve_model(model))  # "reference" is the shipped file, with its metadata beside it
+    try:
+        refuse_overwrite([out], [model_file, data, model_file.with_suffix(".json")
+                                 if model_file.suffix == ".safetensors" else None], "covidcxr site calibrate")
+    except OverwriteError as err:
+        raise SiteError(str(err)) from None
     bundle = read_bundle(model)
     if bundle.get(SITE_KEY) and not recalibrate:
         prev = bundle[SITE_KEY]

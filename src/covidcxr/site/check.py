@@ -164,6 +164,7 @@ def check_site(model: str | os.PathLike, inputs: Sequence[str | os.PathLike], ou
     from covidcxr.decision import DecisionRule, softmax_with_temperature
     from covidcxr.predict.inputs import collect_inputs
     from covidcxr.site.sets import SITE_KEY, is_uncertain, prediction_set
+    from covidcxr.reference_models import resolve_model
 
     out = Path(out)
     if out.exists() and not out.is_dir():
@@ -191,8 +192,8 @@ def check_site(model: str | os.PathLike, inputs: Sequence[str | os.PathLike], ou
     site = lm.meta.get(SITE_KEY)
     sets = [prediction_set(p, lm.classes, site) for p in probs] if isinstance(site, dict) else None
     report: dict[str, Any] = {
-        "model": str(Path(model).resolve()),
-        "model_sha256": file_sha256(model),
+        "model": str(Path(resolve_model(model)).resolve()),  # "reference": the shipped file
+        "model_sha256": file_sha256(resolve_model(model)),
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "inputs": [str(p) for p in inputs],
         "n_images": len(paths),
