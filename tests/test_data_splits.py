@@ -193,3 +193,15 @@ def test_cli_build_and_inspect(gen_csv, tmp_path, capsys, samples_dir):
     lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
     assert len(lines) == 2 and str(bad) in lines[0] and "empty" in lines[1]
     assert "Traceback" not in err
+
+
+def test_a_manifest_listing_one_image_twice_is_refused_in_one_line(tmp_path):
+    from covidcxr.data.manifest import ManifestError, read_manifest
+
+    m = tmp_path / "m.csv"
+    pd.DataFrame({"path": ["a.png", "b.png", "a.png"], "label": ["normal", "COVID-19", "normal"],
+                  "patient_id": ["p1", "p2", "p1"], "source": ["s"] * 3}).to_csv(m, index=False)
+    with pytest.raises(ManifestError) as err:
+        read_manifest(m)
+    msg = str(err.value)
+    assert "1 row(s) repeat an image" in msg and "line 4" in msg and "a.png" in msg and "\n" not in msg

@@ -65,6 +65,11 @@ def read_manifest(path: str | os.PathLike, require_split: bool = False, check_le
     for col in _PATH_COLUMNS:
         if col in df.columns:
             df[col] = _resolve(df[col], base)
+    dup = df["path"].duplicated(keep="first")
+    if dup.any():  # counted twice, an image would weigh double in every metric and in training
+        first = int(dup.idxmax())
+        raise ManifestError(f"{p}: {int(dup.sum())} row(s) repeat an image already listed (first at line "
+                            f"{first + 2}: {df['path'].iloc[first]}); each image goes in once")
     if "split" in df.columns:
         unknown = sorted(set(df["split"].dropna()) - set(SPLITS))
         if unknown:
