@@ -115,3 +115,17 @@ def test_explain_never_writes_into_the_folder_of_its_inputs(study, tmp_path, cap
     shutil.copy(study["imgs"][1], b)
     line = _refused(["explain", str(folder), "--model", str(study["ckpt"]), "--out", str(folder)], capsys, a, b)
     assert "holds its input" in line
+
+
+def test_evaluate_refuses_a_split_that_lists_one_image_twice(study, tmp_path, capsys) -> None:
+    """Not an overwrite, but the same family of bad input: a repeated row would count one image twice in every
+    metric (training only warns: oversampling by repetition is legitimate there)."""
+    manifest = tmp_path / "m.csv"
+    paths = [str(p) for p in study["imgs"]] + [str(study["imgs"][0])]
+    pd.DataFrame({"path": paths, "label": ["normal", "COVID-19"] * 3 + ["normal"],
+                  "patient_id": [f"p{i}" for i in range(6)] + ["p0"], "split": ["test"] * 7,
+                  "source": ["site"] * 7}).to_csv(manifest, index=False)
+    line = _refused(["evaluate", "--model", str(study["ckpt"]), "--data", str(manifest), "--split", "test",
+                     "--out", str(tmp_path / "report")], capsys, manifest)
+    assert "1 row(s) repeat an image" in line and "line 8" in line
+    assert not (tmp_path / "report" / "metrics.json").exists()

@@ -8,11 +8,14 @@ columns a source carries. ``path`` and ``mask_path`` may be relative to the mani
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+
+log = logging.getLogger(__name__)
 
 REQUIRED_COLUMNS = ["patient_id", "path", "label", "source"]
 OPTIONAL_COLUMNS = ["split", "view", "geographic_extent", "opacity", "severity_level", "mask_path"]
@@ -32,6 +35,19 @@ def _resolve(col: pd.Series, base: Path) -> pd.Series:
         return str(p if p.is_absolute() else (base / p).resolve())
 
     return col.map(one)
+
+
+def repeated_images(df: pd.DataFrame, where: str | os.PathLike) -> str | None:
+    """One line naming the rows that list an image already listed, or None. A metric would count such an
+    image twice, so ``evaluate`` and ``site calibrate`` refuse them; training only warns (oversampling)."""
+    dup = df["path"].duplicated(keep="first").to_numpy()
+    if not dup.any():
+        return None
+    first = int(np.argmax(dup))
+    idx = df.index[first]
+    line = int(idx) + 2 if isinstance(idx, (int, np.integer)) else first + 2  # the CSV line (header is line 1)
+    return (f"{where}: {int(dup.sum())} row(s) repeat an image already listed (first at line {line}: "
+            f"{df['path'].iloc[first]}); each image counts once")
 
 
 def read_manifest(path: str | os.PathLike, require_split: bool = False, check_leakage: bool = True) -> pd.DataFrame:
@@ -65,11 +81,9 @@ def read_manifest(path: str | os.PathLike, require_split: bool = False, check_le
     for col in _PATH_COLUMNS:
         if col in df.columns:
             df[col] = _resolve(df[col], base)
-    dup = df["path"].duplicated(keep="first")
-    if dup.any():  # counted twice, an image would weigh double in every metric and in training
-        first = int(dup.idxmax())
-        raise ManifestError(f"{p}: {int(dup.sum())} row(s) repeat an image already listed (first at line "
-                            f"{first + 2}: {df['path'].iloc[first]}); each image goes in once")
+    repeats = repeated_images(df, p)
+    if repeats:  # deliberate oversampling is legitimate in training; evaluate and site calibrate refuse it
+        log.warning(repeats)
     if "split" in df.columns:
         unknown = sorted(set(df["split"].dropna()) - set(SPLITS))
         if unknown:

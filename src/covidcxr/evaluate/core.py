@@ -296,6 +296,7 @@ def evaluate_checkpoint(model: str | Path, manifest: str | Path, config: Evaluat
     calibrate, set_threshold, threshold = c.calibrate, c.set_threshold, c.threshold
     batch_size, num_workers, progress = c.batch_size, c.num_workers, c.progress
     from covidcxr.data import read_manifest
+    from covidcxr.data.manifest import repeated_images
     from covidcxr.evaluate.inference import predict_frame
     from covidcxr.evaluate.report import write_report
     from covidcxr.predict import Predictor
@@ -309,6 +310,9 @@ def evaluate_checkpoint(model: str | Path, manifest: str | Path, config: Evaluat
     df = read_manifest(manifest)
     frame = select_split(df, split, manifest)
     label_indices(frame, classes, manifest)  # fail before inference on foreign labels
+    repeats = repeated_images(frame, manifest)
+    if repeats:  # one image counted twice would bias every metric and narrow every CI
+        raise MetricsError(repeats)
     out = Path(out)
     from covidcxr.outpaths import OverwriteError, refuse_overwrite
 

@@ -380,6 +380,11 @@ def calibrate_site(model: str | os.PathLike, data: str | os.PathLike, out: str |
     classes = list(lm.classes)
     site = site or data.stem
     df = read_local_manifest(data, site)
+    from covidcxr.data.manifest import repeated_images
+
+    repeats = repeated_images(df, data)
+    if repeats:  # a repeated case would weigh double in the fitted temperature, threshold and conformal sets
+        raise SiteError(repeats)
     unknown = sorted(set(df["label"].astype(str)) - set(classes))
     if unknown:
         raise SiteError(f"{data}: label(s) {unknown} are not outputs of the model {classes}")
