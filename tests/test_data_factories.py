@@ -200,3 +200,26 @@ def make_manifest_set(root: Path, n_patients: int = 30, images_per_patient: int 
                          "view": "PA", "geographic_extent_mean": score, "opacity_mean": score, "mask": ""})
     pd.DataFrame(rows).to_csv(root / "metadata.csv", index=False)
     return root / "metadata.csv"
+
+
+def tiny_classifier_and_scans(root: Path, n: int = 5, scans: str = "") -> tuple[Path, list[Path]]:
+    """An untrained 3-class ResNet-18 checkpoint at 64 px and ``n`` noise PNGs (in ``root/scans``): enough for the
+    CLI's input and output handling, which does not care what the model says."""
+    import torch
+
+    from covidcxr import models
+    from covidcxr.preprocess import get_preset
+
+    torch.manual_seed(0)
+    ckpt = root / "m.ckpt"
+    models.save(ckpt, models.build("resnet18", num_classes=3), arch="resnet18",
+                classes=["normal", "pneumonia", "COVID-19"], preset=get_preset("deepcovid", size=64))
+    rng = np.random.default_rng(0)
+    folder = root / scans
+    folder.mkdir(parents=True, exist_ok=True)
+    imgs = []
+    for i in range(n):
+        p = folder / f"img{i}.png"
+        Image.fromarray((rng.random((96, 80)) * 255).astype(np.uint8)).save(p)
+        imgs.append(p)
+    return ckpt, imgs

@@ -8,30 +8,17 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 
-from covidcxr import models
 from covidcxr.cli import main
-from covidcxr.preprocess import get_preset
+from test_data_factories import tiny_classifier_and_scans
 
 CLASSES = ["normal", "pneumonia", "COVID-19"]
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[Path], Path]:
-    import cv2
-
     root = tmp_path_factory.mktemp("predict_out")
-    torch.manual_seed(0)
-    ckpt = root / "m.ckpt"
-    models.save(ckpt, models.build("resnet18", num_classes=3), arch="resnet18", classes=CLASSES,
-                preset=get_preset("deepcovid", size=64))
-    rng = np.random.default_rng(0)
-    imgs = []
-    for i in range(5):
-        p = root / f"img{i}.png"
-        cv2.imwrite(str(p), (rng.random((96, 80)) * 255).astype(np.uint8))
-        imgs.append(p)
+    ckpt, imgs = tiny_classifier_and_scans(root, n=5)
     manifest = root / "m.csv"
     pd.DataFrame({"path": [str(p) for p in imgs], "label": ["normal"] * 5}).to_csv(manifest, index=False)
     return ckpt, imgs, manifest
