@@ -79,6 +79,7 @@ DATA=(--source "csv=$SHARED/data/covid-cxr-dev/metadata.csv" --source "nih=$SHAR
       --source "hannover=$SHARED/data/hannover-covid")
 
 START=$(date +%s)
+INVOCATION_START=$START
 if [ "$CONTINUE" = 1 ] && [ -f "$RUNS/start_epoch" ]; then START=$(cat "$RUNS/start_epoch"); else echo "$START" > "$RUNS/start_epoch"; fi
 [ "$CONTINUE" = 1 ] || { : > "$RUNS/status.tsv"; : > "$RUNS/timings.tsv"; : > "$RUNS/runs.tsv"; }
 touch "$RUNS/status.tsv" "$RUNS/timings.tsv" "$RUNS/runs.tsv"
@@ -191,11 +192,15 @@ EOF
   timing "$s: paired bootstrap vs central" $(( $(elapsed) - t0 ))
 done
 
-timing "whole script" "$(elapsed)"
-$PY - "$RUNS/run.json" "$(( ($(elapsed) + 30) / 60 ))" <<'EOF'
+# this invocation's own wall time (a CONTINUE=1 run after a pause must not count the pause); the run's minutes
+# are the sum over its invocations
+timing "whole script" "$(( $(date +%s) - INVOCATION_START ))"
+$PY - "$RUNS/run.json" "$RUNS/timings.tsv" <<'EOF'
 import datetime, json, sys
-p = sys.argv[1]; d = json.load(open(p))
-d.update(finished=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M"), minutes=int(sys.argv[2]))
+p, timings = sys.argv[1], sys.argv[2]; d = json.load(open(p))
+secs = [int(line.rstrip("\n").split("\t")[1]) for line in open(timings) if line.startswith("whole script\t")]
+d.update(finished=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M"),
+         minutes=int((sum(secs) + 30) // 60), invocations=len(secs))
 json.dump(d, open(p, "w"), indent=2)
 EOF
 if [ -n "$DOC" ] && [ "$SMOKE" != 1 ]; then $PY scripts/results_federated_tables.py "$RUNS" --doc "$DOC" --block "${BLOCK:-federated}"
