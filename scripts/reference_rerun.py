@@ -102,7 +102,8 @@ def shipped_settings() -> dict[str, Any]:
     """The settings the shipped classifier was trained with, as its checkpoint records them."""
     from covidcxr.reference_models import CLASSIFIER, card, metadata
 
-    return {**settings_of(metadata(CLASSIFIER).get("training") or {}), "VERSION": card(CLASSIFIER).get("version")}
+    out = {**settings_of(metadata(CLASSIFIER).get("training") or {}), "VERSION": card(CLASSIFIER).get("version")}
+    return {k: v for k, v in out.items() if v is not None}
 
 
 def render(rows: list[dict[str, Any]], runs: Path, same_split: bool, manifests: tuple[str, str],
@@ -142,7 +143,11 @@ def main() -> int:
                     help="print the shipped run's settings as shell assignments (RECIPE=..., SEED=..., ...)")
     a = ap.parse_args()
     if a.shipped_settings:
-        for k, v in shipped_settings().items():
+        try:
+            settings = shipped_settings()
+        except (OSError, ValueError) as err:  # the shipped model or its metadata missing or unreadable
+            sys.exit(f"reference_rerun: cannot read the shipped model's settings: {err}")
+        for k, v in settings.items():
             print(f"{k}={v}")
         return 0
     if a.runs is None:

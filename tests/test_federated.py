@@ -350,6 +350,13 @@ def test_unreachable_server_is_one_line(tmp_path: Path) -> None:
     errors = [ln for ln in r.stderr.splitlines() if "error" in ln.lower() or "fail" in ln.lower()]
     assert len(errors) == 1 and "cannot reach the federated server at 127.0.0.1:" in errors[0], r.stderr
     assert time.time() - t0 < 280
+    # a name that does not resolve (yet: a coordinator not started in its compose file) is dialled again too
+    r = subprocess.run([CLI, "federated", "client", "--data", str(manifest), "--server", "coordinator.invalid:9092",
+                        "--site", "site-a", "--insecure", "--connect-timeout", "3"],
+                       capture_output=True, text=True, timeout=300, env=_env())
+    errors = [ln for ln in r.stderr.splitlines() if "error" in ln.lower() or "fail" in ln.lower()]
+    assert r.returncode == 1 and len(errors) == 1, r.stderr
+    assert "cannot reach the federated server at coordinator.invalid:9092 within 3 s" in errors[0], r.stderr
 
 
 def test_server_short_of_sites_ends_with_one_line_while_a_site_is_connected(tmp_path: Path) -> None:

@@ -61,10 +61,13 @@ def test_a_folder_as_out_or_heatmaps_among_the_inputs_are_refused_up_front(setup
     for p in imgs[:2]:
         (scans / p.name).write_bytes(p.read_bytes())
     out = tmp_path / "p.jsonl"
-    assert _predict(str(scans), "--out", str(out), "--heatmap", str(scans), *_args(ckpt)) == 1
-    err = capsys.readouterr().err
-    assert "holds its input" in err and err.count("\n") == 1
-    assert sorted(f.name for f in scans.iterdir()) == sorted(p.name for p in imgs[:2]) and not out.exists()
+    for heat in (scans, scans / "overlays"):  # the folder searched, or one inside it (searched recursively)
+        assert _predict(str(scans), "--out", str(out), "--heatmap", str(heat), *_args(ckpt)) == 1
+        err = capsys.readouterr().err
+        assert "a folder it searches for inputs" in err and err.count("\n") == 1
+        assert sorted(f.name for f in scans.iterdir()) == sorted(p.name for p in imgs[:2]) and not out.exists()
+    # a file named on its own does not make its folder a searched one
+    assert _predict(str(scans / imgs[0].name), "--out", str(out), "--heatmap", str(scans), *_args(ckpt)) == 0
 
 
 def test_resume_skips_done_inputs_and_appends(setup, tmp_path, capsys) -> None:
@@ -114,6 +117,25 @@ def test_interrupted_run_leaves_a_valid_file_and_says_how_far(setup, tmp_path, c
     monkeypatch.setattr(SafeRecordWriter, "write", real_write)
     assert _predict(*map(str, imgs), "--out", str(out), "--resume", *_args(ckpt)) == 0
     assert [r["path"] for r in _jsonl(out)] == [str(p) for p in imgs]
+
+
+def test_resume_takes_only_this_outputs_interrupted_files_and_never_a_running_ones(tmp_path) -> None:
+    from covidcxr.predict.output import SafeRecordWriter, leftovers
+
+    rec = json.dumps({"path": "x.png", "label": "normal"}) + "\n"
+    mine = tmp_path / ".preds.ab12cd_9.partial.jsonl"
+    other = tmp_path / ".preds.site2.ab12cd_9.partial.jsonl"  # the temporary file of preds.site2.jsonl
+    for f in (mine, other):
+        f.write_text(rec)
+    assert leftovers(tmp_path / "preds.jsonl") == [mine]
+    assert leftovers(tmp_path / "preds.site2.jsonl") == [other]
+    running = SafeRecordWriter(str(tmp_path / "run.jsonl"), CLASSES)  # holds its temporary file locked
+    running.write({"path": "y.png", "label": "normal", "probabilities": {}})
+    try:
+        assert leftovers(tmp_path / "run.jsonl") == []
+    finally:
+        running.finish(True)
+    assert (tmp_path / "run.jsonl").is_file()
 
 
 def test_a_killed_run_resumes_from_what_it_had_written(setup, tmp_path) -> None:

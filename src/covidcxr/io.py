@@ -11,6 +11,7 @@ cannot reach logs or outputs.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io as _io
 import logging
@@ -653,8 +654,9 @@ def _voi_range(ds: Any, arr: np.ndarray) -> tuple[float, float]:
 
 
 def max_file_bytes() -> int:
-    """The largest image file read: an uncompressed MAX_PIXELS image at 32 bits per pixel, plus a header."""
-    return 4 * MAX_PIXELS + MAX_DICOM_HEADER_BYTES
+    """The largest image file read: an uncompressed MAX_PIXELS image at 64 bits per pixel (a float64 TIFF,
+    16-bit RGBA), plus a header."""
+    return 8 * MAX_PIXELS + MAX_DICOM_HEADER_BYTES
 
 
 def _load_bytes(path: str | os.PathLike) -> bytes:
@@ -667,7 +669,7 @@ def _load_bytes(path: str | os.PathLike) -> bytes:
         size = p.stat().st_size
         limit = max_file_bytes()
         if size > limit:  # checked before reading: a huge file never reaches memory
-            raise CXRReadError(path, f"file is {size:,} bytes, above the limit of {limit:,} for one image (4 bytes "
+            raise CXRReadError(path, f"file is {size:,} bytes, above the limit of {limit:,} for one image (8 bytes "
                                      "for each of covidcxr.io.MAX_PIXELS pixels plus a header); refused unread")
         data = p.read_bytes()
     except OSError as err:
@@ -693,8 +695,13 @@ def decode(data: bytes, path: str | os.PathLike | None = None) -> tuple[np.ndarr
         raise CXRReadError(path, "not a supported image (expected PNG, JPEG, TIFF or DICOM content)")
     try:
         arr, info = reader(data, name)
-    except (CXRReadError, MemoryError, KeyboardInterrupt):
+    except (CXRReadError, MemoryError, KeyboardInterrupt, ImportError):
         raise
+    except OSError as err:
+        if err.errno in (errno.ENOSPC, errno.EACCES, errno.EMFILE, errno.ENFILE):  # this machine's fault, not the file's
+            raise
+        raise CXRReadError(path, f"cannot decode {'DICOM' if reader is _read_dicom else kind.upper()} file "
+                                 f"({type(err).__name__}: {str(err)[:200] or 'no detail'})") from None
     except Exception as err:  # noqa: BLE001  a decoder's own surprise on a corrupt file is still a bad file
         raise CXRReadError(path, f"cannot decode {'DICOM' if reader is _read_dicom else kind.upper()} file "
                                  f"({type(err).__name__}: {str(err)[:200] or 'no detail'})") from None

@@ -44,3 +44,15 @@ def refuse_inputs_in(folder: str | os.PathLike, inputs: Iterable[str | os.PathLi
         if Path(i).is_file() and same_file(Path(i).parent, folder):
             raise OverwriteError(f"{folder}: {command} writes into a folder that holds its input {i} ({why}); "
                                  "choose another output folder")
+
+
+def refuse_inside(folder: str | os.PathLike, searched: Iterable[str | os.PathLike], command: str, why: str) -> None:
+    """Raise :class:`OverwriteError` when the output ``folder`` is, or lies under, a folder the command searches
+    for inputs (recursively): what it writes there would be read as input by its next run."""
+    out = Path(os.path.realpath(folder))
+    for d in searched:
+        if Path(d).is_dir():
+            top = Path(os.path.realpath(d))
+            if out == top or top in out.parents:
+                raise OverwriteError(f"{folder}: {command} writes inside {d}, a folder it searches for inputs "
+                                     f"({why}); choose a folder outside it")

@@ -105,12 +105,12 @@ def cmd_predict(args: argparse.Namespace) -> int:
             if Path(args.out).is_dir():
                 raise OutputError(f"--out {args.out} is a folder; give the records' file (preds.jsonl or preds.csv)")
             check_output_path(args.out, args.paths, files)
-        if args.heatmap:  # overlays written among the inputs would be read as X-rays by the next run
-            from covidcxr.outpaths import OverwriteError, refuse_inputs_in
+        if args.heatmap and pipe.heatmapper is not None:  # overlays inside a searched folder: read as X-rays next
+            from covidcxr.outpaths import OverwriteError, refuse_inside  # time
 
             try:
-                refuse_inputs_in(args.heatmap, files, "covidcxr predict --heatmap",
-                                 "its overlays would be read as X-rays by the next run")
+                refuse_inside(args.heatmap, args.paths, "covidcxr predict --heatmap",
+                              "its overlays would be read as X-rays by the next run")
             except OverwriteError as err:
                 raise OutputError(str(err)) from None
         if args.resume:

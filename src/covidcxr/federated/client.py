@@ -316,7 +316,9 @@ def _never_reached(err: Exception) -> bool:
         name = code().name if callable(code) else ""
     except Exception:  # noqa: BLE001  (not a finished RPC)
         return True
-    return name == "UNAVAILABLE" and "failed to connect" in _grpc_reason(err).lower()
+    reason = _grpc_reason(err).lower()
+    return name == "UNAVAILABLE" and any(k in reason for k in ("failed to connect", "errors resolving",
+                                                                 "dns resolution failed", "name resolution"))
 
 
 def _grpc_reason(err: Exception) -> str:

@@ -13,7 +13,9 @@ import json
 import logging
 import math
 import os
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -317,7 +319,10 @@ def run_server(plan: Plan, address: str, out: str | os.PathLike, *, sites: int =
     quiet_flower(verbose)
     cfg = plan.config
     ident = identity(cfg)
-    preset = training_preset(cfg)  # as the sites' (standardisation, lung segmenter): the checkpoint must carry it
+    try:  # as the sites' (standardisation, lung segmenter): the checkpoint must carry it
+        preset = training_preset(cfg)
+    except RuntimeError as err:  # e.g. the lung segmenter's weights missing here: one line, not a traceback
+        raise FederatedError(f"the recipe's preset cannot be built at the coordinator: {err}") from None
     kwargs = {"in_chans": preset.channels, **(cfg["model"].get("kwargs") or {})}
     import torch
 
@@ -378,13 +383,30 @@ def _serve(address: str, config: Any, strategy: Any, certificates: tuple[bytes, 
     server, config = init_defaults(server=None, config=config, strategy=strategy, client_manager=None)
     grpc_server = start_grpc_server(client_manager=server.client_manager(), server_address=address,
                                     max_message_length=GRPC_MAX_MESSAGE_LENGTH, certificates=certificates)
+    previous = _stop_on_signals(grpc_server)
     try:
         run_fl(server=server, config=config)
     finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         # a failed run stops with sites still connected: their streams end with Flower's GrpcBridgeClosed, which
         # gRPC would log as a traceback beside our one error line (the sites themselves say the run ended)
         logging.getLogger("grpc._server").addFilter(_without_closed_bridge)
         grpc_server.stop(grace=1).wait(10)
+
+
+def _stop_on_signals(grpc_server: Any) -> dict[int, Any]:
+    """Ctrl-C or SIGTERM stop the gRPC server first, which ends every site's stream, so a round waiting on its
+    sites returns at once (as Flower's own start_server does); then the run ends as interrupted. Returns the
+    handlers it replaced (none off the main thread, where Python allows no handler)."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+
+    def stop(signum: int, frame: Any) -> None:
+        grpc_server.stop(0)
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    return {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
 
 
 def _without_closed_bridge(record: logging.LogRecord) -> bool:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -58,11 +59,33 @@ def _check_model(out: str | os.PathLike, found: str | None, model_sha256: str | 
 
 def leftovers(out: str | os.PathLike) -> list[Path]:
     """Records of interrupted runs on ``out``: the temporary file a killed run (SIGTERM, SIGKILL, power loss)
-    left beside it, and ``<out>.partial<suffix>`` of a run interrupted without ``--resume``; oldest first."""
+    left beside it, and ``<out>.partial<suffix>`` of a run interrupted without ``--resume``; oldest first.
+    Only this output's names count (``.preds.<8 random>.partial.jsonl``, as :class:`SafeRecordWriter` makes
+    them, not ``preds.site2``'s), and a file a running writer still holds locked is left alone."""
     o = Path(out)
-    found = [*o.parent.glob(f".{glob_escape(o.stem)}.*.partial{glob_escape(o.suffix)}"),
-             o.with_name(f"{o.stem}.partial{o.suffix}")]
-    return sorted((f for f in found if f.is_file() and f.stat().st_size > 0), key=lambda f: f.stat().st_mtime)
+    own = re.compile(rf"\.{re.escape(o.stem)}\.[a-z0-9_]{{8}}\.partial{re.escape(o.suffix)}")
+    found = [f for f in o.parent.glob(f".*.partial{glob_escape(o.suffix)}") if own.fullmatch(f.name)]
+    found.append(o.with_name(f"{o.stem}.partial{o.suffix}"))
+    return sorted((f for f in found if f.is_file() and f.stat().st_size > 0 and not _locked(f)),
+                  key=lambda f: f.stat().st_mtime)
+
+
+def _locked(path: Path) -> bool:
+    """Whether a running :class:`SafeRecordWriter` holds ``path`` (its flock): that run is not interrupted."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock to ask
+        return False
+    try:
+        with open(path, "rb") as fh:
+            try:
+                fcntl.flock(fh.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except OSError:
+                return True
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+    except OSError:
+        return True
+    return False
 
 
 def glob_escape(text: str) -> str:
@@ -144,6 +167,12 @@ class SafeRecordWriter(RecordWriter):
         os.close(fd)
         self.tmp = Path(tmp)
         super().__init__(tmp, classes)
+        try:  # held while this run writes, so --resume of another process never takes (or deletes) its file
+            import fcntl
+
+            fcntl.flock(self.fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except (ImportError, OSError, AttributeError):
+            pass
         self.carried = len(carried)
         self.written = 0
         for rec in carried:
