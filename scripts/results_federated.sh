@@ -88,6 +88,10 @@ echo "runs: $RUNS; ${SIZE} px, $ROUNDS round(s) x $LOCAL_EPOCHS local epoch(s) (
 elapsed() { echo $(( $(date +%s) - START )); }
 mark() { printf '%s\t%s\t%s\n' "$1" "$2" "$3" >> "$RUNS/status.tsv"; }          # setting, id, ok | failed: ... | not run: ...
 timing() { printf '%s\t%s\n' "$1" "$2" >> "$RUNS/timings.tsv"; }
+# this invocation's own wall time, written once, also when it is interrupted (Ctrl-C, TERM, an error): a later
+# CONTINUE=1 run then adds its own, and the run's minutes are the sum (pauses between invocations not counted)
+invocation_timed() { [ -n "${TIMED:-}" ] && return 0; TIMED=1; timing "whole script" "$(( $(date +%s) - INVOCATION_START ))"; }
+trap invocation_timed EXIT
 done_ok() { [ "$CONTINUE" = 1 ] && grep -q "^$1	$2	ok$" "$RUNS/status.tsv"; }
 pool() { while [ "$(jobs -rp | wc -l)" -ge "$JOBS" ]; do wait -n; done; }
 cat > "$RUNS/run.json" <<EOF
@@ -192,9 +196,7 @@ EOF
   timing "$s: paired bootstrap vs central" $(( $(elapsed) - t0 ))
 done
 
-# this invocation's own wall time (a CONTINUE=1 run after a pause must not count the pause); the run's minutes
-# are the sum over its invocations
-timing "whole script" "$(( $(date +%s) - INVOCATION_START ))"
+invocation_timed
 $PY - "$RUNS/run.json" "$RUNS/timings.tsv" <<'EOF'
 import datetime, json, sys
 p, timings = sys.argv[1], sys.argv[2]; d = json.load(open(p))
