@@ -444,3 +444,17 @@ def test_dp_clips_each_site_noises_the_mean_and_reports_epsilon(tmp_path: Path) 
     assert dp["epsilon"] == pytest.approx(acc.get_epsilon(delta), rel=1e-3)
     assert dp["noise_multiplier"] == z and dp["clipping_norm"] == clip and dp["releases"] == 1
     assert "DP epsilon" in r.stderr
+
+
+def test_a_site_masking_with_another_lung_segmenter_is_refused() -> None:
+    """A lung-mask recipe: the coordinator's checkpoint records its segmenter, so a site whose films another one
+    masked must not join (inference would use the recorded segmenter on films masked differently)."""
+    from covidcxr.federated.plan import segmenter_mismatch
+
+    a = {"name": "lung-unet-vgg11", "sha256": "a" * 64}
+    b = {"name": "lung-unet-local", "sha256": "b" * 64}
+    assert segmenter_mismatch(a, dict(a)) is None
+    assert segmenter_mismatch(None, a) is None and segmenter_mismatch(a, None) is None  # no lung masks in play
+    why = segmenter_mismatch(b, a)
+    assert why == ("lung segmenter 'lung-unet-local' (sha256 bbbbbbbbbbbb) here, 'lung-unet-vgg11' "
+                   "(sha256 aaaaaaaaaaaa) at the coordinator")

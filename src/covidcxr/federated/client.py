@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from covidcxr.federated.params import exchanged_keys, get_arrays, local_keys, set_arrays
-from covidcxr.federated.plan import FederatedError, mismatch
+from covidcxr.federated.plan import FederatedError, mismatch, segmenter_mismatch
 from covidcxr.train.module import CXRClassifier
 
 log = logging.getLogger("covidcxr.federated")
@@ -113,14 +113,19 @@ class SiteClient:
         from covidcxr.train.config import ConfigError
         from covidcxr.train.runner import prepare
 
+        from covidcxr.segment.maskspec import TRAINING_KEY, MaskSpecError
+
         cfg = json.loads(str(config["recipe"]))
         reason = mismatch(self.local_config, cfg)
         if reason is None:
             try:
                 dm, preset, classes, summary = prepare(cfg, self.data)
-                dm.setup("fit")
-                robust = self._robust_groups(cfg, dm, classes)
-            except (ConfigError, ManifestError, ValueError, OSError) as err:
+                reason = segmenter_mismatch(summary.get(TRAINING_KEY),
+                                            json.loads(str(config.get("lung_segmenter") or "null")))
+                if reason is None:
+                    dm.setup("fit")
+                    robust = self._robust_groups(cfg, dm, classes)
+            except (ConfigError, ManifestError, MaskSpecError, ValueError, OSError) as err:
                 reason = str(err)
         if reason is not None:
             self.refused = reason

@@ -83,3 +83,13 @@ def mismatch(local_cfg: dict[str, Any] | None, server_cfg: dict[str, Any]) -> st
     mine, theirs = identity(local_cfg), identity(server_cfg)
     diffs = [f"{k} {mine[k]!r} here, {theirs[k]!r} at the coordinator" for k in mine if mine[k] != theirs[k]]
     return "; ".join(diffs) or None
+
+
+def segmenter_mismatch(local: dict[str, Any] | None, coordinator: dict[str, Any] | None) -> str | None:
+    """Why a site whose lung segmenter (``{"name", "sha256"}``, or None) is ``local`` must not train a recipe whose
+    films need lung masks when the coordinator's checkpoint will record ``coordinator``: inference would use the
+    recorded one on films the site masked with another."""
+    if not local or not coordinator or local.get("sha256") == coordinator.get("sha256"):
+        return None
+    return (f"lung segmenter {local.get('name')!r} (sha256 {str(local.get('sha256'))[:12]}) here, "
+            f"{coordinator.get('name')!r} (sha256 {str(coordinator.get('sha256'))[:12]}) at the coordinator")

@@ -273,16 +273,19 @@ class _SiteAware:
                                                           indent=2, default=str), encoding="utf-8")
 
 
-def make_strategy(plan: Plan, n_sites: int) -> Any:
-    """Flower's FedAvg (fedavg, fedbn) or FedProx (fedprox) with the site bookkeeping mixed in."""
+def make_strategy(plan: Plan, n_sites: int, segmenter: dict[str, Any] | None = None) -> Any:
+    """Flower's FedAvg (fedavg, fedbn) or FedProx (fedprox) with the site bookkeeping mixed in. ``segmenter``: the
+    lung segmenter the checkpoint will record (a recipe whose films need lung masks), sent so a site masking
+    with another one refuses to join."""
     from flwr.server.strategy import FedAvg, FedProx
 
     base = FedProx if plan.strategy == "fedprox" else FedAvg
     recipe = plan.recipe_json()
+    seg = json.dumps(segmenter) if segmenter else ""
 
     def fit_config(rnd: int) -> dict[str, Any]:
         return {"recipe": recipe, "strategy": plan.strategy, "local_epochs": plan.local_epochs,
-                "server_round": rnd, "rounds": plan.rounds}
+                "server_round": rnd, "rounds": plan.rounds, "lung_segmenter": seg}
 
     def eval_config(rnd: int) -> dict[str, Any]:
         release = plan.strategy == "fedbn" and plan.dp is None and rnd == plan.rounds
@@ -314,7 +317,8 @@ def run_server(plan: Plan, address: str, out: str | os.PathLike, *, sites: int =
     min_sites = min(min_sites or min(2, sites), sites)
     from covidcxr.federated.client import quiet_flower
     from covidcxr.train.module import init_model
-    from covidcxr.train.runner import training_preset
+    from covidcxr.segment.maskspec import TRAINING_KEY
+    from covidcxr.train.runner import segmenter_record, training_preset
 
     quiet_flower(verbose)
     cfg = plan.config
@@ -328,7 +332,7 @@ def run_server(plan: Plan, address: str, out: str | os.PathLike, *, sites: int =
 
     torch.manual_seed(int(cfg["seed"]))
     model = init_model(cfg["model"]["arch"], cfg["model"]["weights"], ident["classes"], kwargs)
-    strategy = make_strategy(plan, sites)
+    strategy = make_strategy(plan, sites, segmenter_record(preset).get(TRAINING_KEY))
     strategy.setup_run(plan, out, model, preset, ident["classes"], sites, min_sites, connect_timeout)
     from flwr.common import ndarrays_to_parameters
 
