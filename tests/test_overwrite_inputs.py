@@ -97,7 +97,12 @@ def test_explain_never_writes_into_the_folder_of_its_inputs(study, tmp_path, cap
     shutil.copy(study["imgs"][0], a)
     shutil.copy(study["imgs"][1], b)
     line = _refused(["explain", str(folder), "--model", str(study["ckpt"]), "--out", str(folder)], capsys, a, b)
-    assert "holds its input" in line
+    assert "a folder it searches for inputs" in line or "holds its input" in line
+    line = _refused(["explain", str(folder), "--model", str(study["ckpt"]), "--out", str(folder / "overlays")],
+                    capsys, a, b)
+    assert "a folder it searches for inputs" in line and not (folder / "overlays").exists()
+    line = _refused(["explain", str(a), "--model", str(study["ckpt"]), "--out", str(folder)], capsys, a, b)
+    assert "holds its input" in line  # a file named on its own, in the output folder: its overlay's neighbour
 
 
 def test_evaluate_refuses_a_split_that_lists_one_image_twice(study, tmp_path, capsys) -> None:

@@ -229,9 +229,10 @@ def cmd_explain(args: argparse.Namespace) -> int:
         print(md)
         return 1 if failed else 0
     methods = args.method or ["gradcam"]
-    from covidcxr.outpaths import OverwriteError
+    from covidcxr.outpaths import OverwriteError, refuse_inside
 
     try:
+        refuse_inside(out, args.images, "covidcxr explain", "its overlays would be read as X-rays by the next run")
         records, failures = explain_files(files, loaded, methods, out, batch_size=args.batch_size,
                                           target=args.target, ctx=ctx, heat_scale=args.heat_scale,
                                           on_error=lambda f, r: _err("explain", f, r))
