@@ -82,6 +82,13 @@ def resolve_model(path: str | os.PathLike, *, severity: bool = False) -> str:
     return str(f)
 
 
+def model_files(path: str | os.PathLike) -> list[Path]:
+    """The files a model argument reads (``reference`` resolved): the model file and, for a safetensors model,
+    its JSON metadata beside it. What a command that writes files must never write over."""
+    f = Path(resolve_model(path))
+    return [f, f.with_suffix(".json")] if f.suffix == ".safetensors" else [f]
+
+
 @lru_cache(maxsize=8)
 def _read_meta(path: str, mtime: float) -> dict[str, Any]:
     with open(path, encoding="utf-8") as fh:

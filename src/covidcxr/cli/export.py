@@ -119,14 +119,12 @@ def _refuse_writing_inputs(args: argparse.Namespace, outputs: list[Path]) -> Non
     """An export never writes over the model it exports (or its metadata file) or a file it reads."""
     from covidcxr.cli import UserError
     from covidcxr.outpaths import OverwriteError, refuse_overwrite
-    from covidcxr.reference_models import ReferenceModelError, resolve_model
+    from covidcxr.reference_models import ReferenceModelError, model_files
 
     try:
-        model = Path(resolve_model(args.model))
+        inputs = [*model_files(args.model), args.calibrate, *(args.parity_images or [])]
     except ReferenceModelError as err:
         raise UserError(str(err)) from None
-    inputs = [model, model.with_suffix(".json") if model.suffix == ".safetensors" else None, args.calibrate,
-              *(p for p in (args.parity_images or []) if Path(p).is_file())]
     try:
         refuse_overwrite(outputs, inputs, "covidcxr export")
     except OverwriteError as err:

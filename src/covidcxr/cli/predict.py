@@ -105,24 +105,25 @@ def cmd_predict(args: argparse.Namespace) -> int:
             if Path(args.out).is_dir():
                 raise OutputError(f"--out {args.out} is a folder; give the records' file (preds.jsonl or preds.csv)")
             check_output_path(args.out, args.paths, files)
-        if args.heatmap and pipe.heatmapper is not None:  # overlays inside a searched folder: read as X-rays next
-            from covidcxr.outpaths import OverwriteError, refuse_inside  # time
+        if args.heatmap and pipe.heatmapper is not None:
+            from covidcxr.outpaths import OverwriteError, refuse_inside
 
             try:
                 refuse_inside(args.heatmap, args.paths, "covidcxr predict --heatmap",
                               "its overlays would be read as X-rays by the next run")
             except OverwriteError as err:
                 raise OutputError(str(err)) from None
+        interrupted = leftovers(args.out) if args.out else []
         if args.resume:
-            consumed = leftovers(args.out)
-            carried, done = read_done(args.out, predictor.classes, predictor.sha256)
+            consumed = interrupted
+            carried, done = read_done(args.out, predictor.classes, predictor.sha256, interrupted)
             total_inputs = len(files)
             files = [f for f in files if resolved(f) not in done]
             print(f"--resume: {len(carried)} of {total_inputs} inputs already have a record in {args.out}"
                   + (f" or {len(consumed)} interrupted run(s) on it" if consumed else "")
                   + f"; {len(files)} to go", file=sys.stderr)
-        elif args.out and leftovers(args.out):
-            print(f"note: an interrupted run on {args.out} left records in {leftovers(args.out)[-1]}; "
+        elif interrupted:
+            print(f"note: an interrupted run on {args.out} left records in {interrupted[-1]}; "
                   "--resume would continue it", file=sys.stderr)
     except OutputError as err:
         raise UserError(str(err)) from None

@@ -64,7 +64,7 @@ def leftovers(out: str | os.PathLike) -> list[Path]:
     them, not ``preds.site2``'s), and a file a running writer still holds locked is left alone."""
     o = Path(out)
     own = re.compile(rf"\.{re.escape(o.stem)}\.[a-z0-9_]{{8}}\.partial{re.escape(o.suffix)}")
-    found = [f for f in o.parent.glob(f".*.partial{glob_escape(o.suffix)}") if own.fullmatch(f.name)]
+    found = [f for f in o.parent.iterdir() if own.fullmatch(f.name)] if o.parent.is_dir() else []
     found.append(o.with_name(f"{o.stem}.partial{o.suffix}"))
     return sorted((f for f in found if f.is_file() and f.stat().st_size > 0 and not _locked(f)),
                   key=lambda f: f.stat().st_mtime)
@@ -88,14 +88,10 @@ def _locked(path: Path) -> bool:
     return False
 
 
-def glob_escape(text: str) -> str:
-    return "".join(f"[{c}]" if c in "*?[]" else c for c in text)
-
-
-def read_done(out: str | os.PathLike, classes: Sequence[str], model_sha256: str | None = None
-              ) -> tuple[list[dict[str, Any]], set[str]]:
+def read_done(out: str | os.PathLike, classes: Sequence[str], model_sha256: str | None = None,
+              interrupted: Sequence[Path] = ()) -> tuple[list[dict[str, Any]], set[str]]:
     """The successful records of an earlier ``--out`` (for ``--resume``) and their resolved input paths, with
-    those of interrupted runs on it (:func:`leftovers`), each input once (``--out`` first).
+    those of the ``interrupted`` runs' files on it (:func:`leftovers`), each input once (``--out`` first).
 
     A JSON-lines file may end in a partial line (a run killed mid-write): it is ignored.
     A CSV written for other classes cannot be continued and is an :class:`OutputError`; so is a file
@@ -103,7 +99,7 @@ def read_done(out: str | os.PathLike, classes: Sequence[str], model_sha256: str 
     """
     keep: list[dict[str, Any]] = []
     done: set[str] = set()
-    for f in [Path(out), *leftovers(out)]:
+    for f in [Path(out), *interrupted]:
         if not f.is_file() or f.stat().st_size == 0:
             continue
         for rec in _records(f, out, classes, model_sha256):

@@ -361,12 +361,10 @@ def calibrate_site(model: str | os.PathLike, data: str | os.PathLike, out: str |
     if folds < 2:
         raise SiteError(f"--folds {folds}: cross-fitting needs at least 2 folds")
     from covidcxr.outpaths import OverwriteError, refuse_overwrite
-    from covidcxr.reference_models import resolve_model
+    from covidcxr.reference_models import model_files
 
-    model_file = Path(resolve_model(model))  # "reference" is the shipped file, with its metadata beside it
     try:
-        refuse_overwrite([out], [model_file, data, model_file.with_suffix(".json")
-                                 if model_file.suffix == ".safetensors" else None], "covidcxr site calibrate")
+        refuse_overwrite([out], [*model_files(model), data], "covidcxr site calibrate")
     except OverwriteError as err:
         raise SiteError(str(err)) from None
     bundle = read_bundle(model)

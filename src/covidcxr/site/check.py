@@ -191,9 +191,10 @@ def check_site(model: str | os.PathLike, inputs: Sequence[str | os.PathLike], ou
         raise SiteError(f"{model}: its training-feature summary does not fit the model ({err})") from None
     site = lm.meta.get(SITE_KEY)
     sets = [prediction_set(p, lm.classes, site) for p in probs] if isinstance(site, dict) else None
+    model_file = resolve_model(model)  # "reference": the shipped file
     report: dict[str, Any] = {
-        "model": str(Path(resolve_model(model)).resolve()),  # "reference": the shipped file
-        "model_sha256": file_sha256(resolve_model(model)),
+        "model": str(Path(model_file).resolve()),
+        "model_sha256": file_sha256(model_file),
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "inputs": [str(p) for p in inputs],
         "n_images": len(paths),
