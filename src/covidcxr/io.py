@@ -697,12 +697,9 @@ def decode(data: bytes, path: str | os.PathLike | None = None) -> tuple[np.ndarr
         arr, info = reader(data, name)
     except (CXRReadError, MemoryError, KeyboardInterrupt, ImportError):
         raise
-    except OSError as err:
-        if err.errno in (errno.ENOSPC, errno.EACCES, errno.EMFILE, errno.ENFILE):  # this machine's fault, not the file's
-            raise
-        raise CXRReadError(path, f"cannot decode {'DICOM' if reader is _read_dicom else kind.upper()} file "
-                                 f"({type(err).__name__}: {str(err)[:200] or 'no detail'})") from None
     except Exception as err:  # noqa: BLE001  a decoder's own surprise on a corrupt file is still a bad file
+        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EACCES, errno.EMFILE, errno.ENFILE):
+            raise  # this machine's fault (no space, permissions, file handles), not the file's
         raise CXRReadError(path, f"cannot decode {'DICOM' if reader is _read_dicom else kind.upper()} file "
                                  f"({type(err).__name__}: {str(err)[:200] or 'no detail'})") from None
     if not np.isfinite(arr).all():  # a float TIFF or DICOM with NaN/Inf pixels would give NaN probabilities
