@@ -118,6 +118,9 @@ def _read_raster(data: bytes, path: str | None) -> tuple[np.ndarray, ImageInfo]:
     ImageFile.LOAD_TRUNCATED_IMAGES = False
     try:
         with warnings.catch_warnings():
+            # Pillow's notes on a damaged header (skipped TIFF tags, corrupt EXIF) are not ours to print: a file
+            # that then fails is one CXRReadError line, one that decodes is fine
+            warnings.simplefilter("ignore", UserWarning)
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(_io.BytesIO(data))
             fmt = (img.format or "unknown").lower()
