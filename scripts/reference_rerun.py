@@ -72,6 +72,10 @@ def settings_of(t: dict[str, Any]) -> dict[str, Any]:
         out["MAX_STEPS"] = trainer["max_steps"]
     elif "stopped" in str(t.get("stopped", "")) and t.get("global_step"):
         out["MAX_STEPS"] = t["global_step"]  # stopped by hand: the step count it reached
+    qat = t.get("qat")
+    out["QAT"] = 1 if qat else 0  # a model trained before quantization-aware fine-tuning existed had none
+    if qat:
+        out.update({"QAT_EPOCHS": qat.get("epochs"), "QAT_LR": qat.get("lr")})
     return {k: v for k, v in out.items() if v is not None}
 
 

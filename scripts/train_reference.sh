@@ -6,6 +6,8 @@
 #      out of train/val, so Actualmed (one hospital the model never sees) is a true hold-out;
 #   2. the reference classifier: RECIPE (default: the transfer recipe, the best measured; see below) on
 #      that train split, best epoch and COVID-19 threshold chosen on val, temperature fitted on val;
+#      2b. (QAT=1, the default) quantization-aware fine-tuning on the train split (`covidcxr qat`), so that its
+#      INT8 export passes the parity gate; threshold and temperature are then chosen again on val (step 3);
 #   3. evaluation with patient-bootstrap CIs: the patient split's test split (per source) and the Actualmed
 #      hold-out; ONNX export and the INT8 parity gate; the shortcut audit (Grad-CAM inside the lungs) on
 #      AUDIT_LIMIT test images;
@@ -26,7 +28,7 @@
 #                                   # (RUNS/audit) and leave-one-source-out (results-out/run3/loso)
 #
 # Environment: RUNS (default reference-out/), RECIPE, SEED (0), EPOCHS (3), SIZE (224), THREADS (2), BOOT (1000),
-# SEV_EPOCHS (4), AUDIT_LIMIT (60), MAX_STEPS (stop after that many optimiser steps; the shipped 1.0.0 run was
+# SEV_EPOCHS (4), AUDIT_LIMIT (60), QAT (1), QAT_EPOCHS (3), QAT_LR (2e-5), MAX_STEPS (stop after that many optimiser steps; the shipped 1.0.0 run was
 # stopped by hand after its second epoch, i.e. EPOCHS=3 MAX_STEPS=56, for CPU time), VERSION (the release number written into the model), PRECISION (e.g.
 # bf16-mixed, when the trainer supports it), COVIDCXR_SHARED (../shared), COVIDCXR_WEIGHTS_DIR (<shared>/weights).
 # Research use only: nothing here is a clinical performance claim.
@@ -68,6 +70,10 @@ else
   LIMIT=()
 fi
 THREADS=${THREADS:-2}
+# quantization-aware fine-tuning (step 2b): on unless QAT=0; SMOKE: one epoch
+QAT=${QAT:-1}
+if [ "$SMOKE" = 1 ]; then QAT_EPOCHS=${QAT_EPOCHS:-1}; else QAT_EPOCHS=${QAT_EPOCHS:-3}; fi
+QAT_LR=${QAT_LR:-2e-5}
 export OMP_NUM_THREADS=$THREADS MKL_NUM_THREADS=$THREADS
 mkdir -p "$RUNS"
 START=$(date +%s)
@@ -116,7 +122,8 @@ fi
 if [ "$STAGE" = all ] || [ "$STAGE" = post ]; then
   # a training stopped by hand (or by MAX_STEPS) leaves Lightning's best.ckpt: make it the slim covidcxr checkpoint
   # and add the training-feature summary that `covidcxr site check` needs, as covidcxr train does at its end
-  $PY - "$RUNS/run/best.ckpt" "$RUNS/reference-manifest.csv" <<'PY'
+  slim() {
+  $PY - "$1" "$RUNS/reference-manifest.csv" <<'PY'
 import sys
 from pathlib import Path
 import pandas as pd
@@ -136,6 +143,22 @@ t["stopped"] = (f"training stopped after epoch {t.get('epoch')} (counted from 0)
 atomic_torch_save(b, ckpt)
 print(f"{ckpt}: slim covidcxr checkpoint with the training-feature summary ({t['stopped']})")
 PY
+  }
+  SEV_INIT="$RUNS/run/best.ckpt"
+  if [ "$QAT" = 1 ]; then
+    # ------------------------------------------------------------ 2b. quantization-aware fine-tuning
+    # so that the INT8 export agrees with fp32 (the parity gate below): the trained model is kept as trained.ckpt
+    # (a STAGE=post run starts again from it) and the fine-tuned one becomes best.ckpt; the severity model starts
+    # from the trained one (folded BatchNorm would only be re-learnt by its training)
+    if [ ! -f "$RUNS/run/trained.ckpt" ]; then slim "$RUNS/run/best.ckpt"; mv "$RUNS/run/best.ckpt" "$RUNS/run/trained.ckpt"; fi
+    step "quantization-aware fine-tuning ($QAT_EPOCHS epochs, lr $QAT_LR; covidcxr qat)"
+    $CX qat --model "$RUNS/run/trained.ckpt" --data "$RUNS/reference-manifest.csv" --out "$RUNS/run/best.ckpt" \
+      --epochs "$QAT_EPOCHS" --lr "$QAT_LR" --seed "$SEED" --threads "$THREADS" --cache-dir "$RUNS/cache" \
+      > "$RUNS/qat.log" 2>&1 || { tail -3 "$RUNS/qat.log"; exit 1; }
+    tail -2 "$RUNS/qat.log"
+    SEV_INIT="$RUNS/run/trained.ckpt"
+  fi
+  slim "$RUNS/run/best.ckpt"
   # ---------------------------------------------------------------- 3. evaluation
   # first (it rewrites best.ckpt): temperature fitted on val, then the COVID-19 threshold chosen again on val at
   # that temperature (sensitivity >= 0.95), so predict/serve use both; then the patient split's test split
@@ -149,14 +172,14 @@ PY
       --out "$RUNS/eval-actualmed" --n-boot "$BOOT" > "$RUNS/eval-actualmed.log" 2>&1 \
       || echo "actualmed evaluation failed: see $RUNS/eval-actualmed.log" ) &
   ( if $CX export --model "$RUNS/run/best.ckpt" --onnx "$RUNS/onnx/model.int8.onnx" --quantize int8 \
-         --calibrate "$RUNS/reference-manifest.csv" --parity-images "$RUNS/reference-manifest.csv" --parity-count 16 \
+         --calibration-method percentile --calibrate "$RUNS/reference-manifest.csv" --parity-images "$RUNS/reference-manifest.csv" --parity-count 16 \
          > "$RUNS/int8.log" 2>&1; then echo ok > "$RUNS/int8.status"; else tail -2 "$RUNS/int8.log" > "$RUNS/int8.status"; fi ) &
   ( $CX audit-model --model "$RUNS/run/best.ckpt" --data "$RUNS/reference-manifest.csv" --split test --methods gradcam \
       --limit "$AUDIT_LIMIT" --bootstrap "$BOOT" --no-progress --threads 1 --out "$RUNS/audit" > "$RUNS/audit.log" 2>&1 \
       || echo "shortcut audit failed: see $RUNS/audit.log" ) &
   # ---------------------------------------------------------------- 4. severity
   SEV_LIMIT=(); [ "$SMOKE" = 1 ] && SEV_LIMIT=(--size "$SIZE")
-  ( $CX severity train --task scores --data "$RUNS/reference-manifest.csv" --init "$RUNS/run/best.ckpt" --out "$RUNS/severity" \
+  ( $CX severity train --task scores --data "$RUNS/reference-manifest.csv" --init "$SEV_INIT" --out "$RUNS/severity" \
       --max-epochs "$SEV_EPOCHS" --seed "$SEED" --accelerator cpu "${SEV_LIMIT[@]}" > "$RUNS/severity.log" 2>&1 \
     && $CX severity evaluate --model "$RUNS/severity/best.ckpt" --data "$RUNS/reference-manifest.csv" --split test \
       --out "$RUNS/severity-eval" --bootstrap "$BOOT" > "$RUNS/severity-eval.log" 2>&1 \

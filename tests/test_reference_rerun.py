@@ -38,7 +38,10 @@ def test_a_run_stopped_by_hand_is_repeated_with_the_steps_it_reached() -> None:
          "stopped": "training stopped after epoch 1 (counted from 0) of max_epochs 3",
          "config": {"trainer": {"max_epochs": 3, "max_steps": -1, "num_threads": 2}, "data": {"size": 224}}}
     assert rr.settings_of(t) == {"RECIPE": "configs/x.yaml", "SEED": 3, "EPOCHS": 3, "SIZE": 224, "THREADS": 2,
-                                 "MAX_STEPS": 56}
+                                 "MAX_STEPS": 56, "QAT": 0}
+    t["qat"] = {"epochs": 3, "lr": 2e-5}  # quantization-aware fine-tuning is repeated as it ran
+    assert {k: rr.settings_of(t)[k] for k in ("QAT", "QAT_EPOCHS", "QAT_LR")} == {"QAT": 1, "QAT_EPOCHS": 3,
+                                                                                 "QAT_LR": 2e-5}
     t["config"]["trainer"]["max_steps"] = 20  # an explicit limit wins over the step reached
     assert rr.settings_of(t)["MAX_STEPS"] == 20
     del t["stopped"]

@@ -6,7 +6,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from covidcxr.cli import add_trust_checkpoint, float_between
+from covidcxr.cli import add_trust_checkpoint, float_between, int_at_least
 
 log = logging.getLogger("covidcxr")
 _probability = float_between(0.0, 1.0)  # thresholds and target sensitivities
@@ -92,6 +92,31 @@ def register(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--threads", type=int, default=1,
                    help="torch threads for the CPU latency (default 1: stable on a shared machine)")
     c.set_defaults(func=cmd_compare)
+
+    q = sub.add_parser(
+        "qat",
+        help="quantization-aware fine-tuning, so that a classifier's INT8 export agrees with its fp32 one",
+        description="Folds BatchNorm into the convolutions and fine-tunes on the manifest's train split with "
+        "onnxruntime's INT8 rounding simulated (int8 per-channel weights, uint8 per-tensor activations), pulling "
+        "both the simulated-INT8 and the fp32 logits towards the input model's own. Writes a checkpoint of the "
+        "same architecture with training.qat recorded. Then choose the threshold again on val (covidcxr "
+        "evaluate --calibrate --set-threshold) and export with --quantize int8, whose parity gate decides. "
+        "MobileNetV2 only. Research use only.",
+    )
+    add_trust_checkpoint(q)
+    q.add_argument("--model", required=True, metavar="CKPT", help="covidcxr checkpoint, or 'reference'")
+    q.add_argument("--data", required=True, metavar="MANIFEST", help="split manifest; only its train rows are read")
+    q.add_argument("--out", required=True, metavar="OUT.ckpt", help="checkpoint to write (never the input)")
+    q.add_argument("--epochs", type=int_at_least(1), default=3, help="passes over the train split (default: 3)")
+    q.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate, cosine decay (default: 1e-4)")
+    q.add_argument("--batch-size", type=int_at_least(1), default=16, help="default: 16")
+    q.add_argument("--calibration-count", type=int_at_least(1), default=128,
+                   help="train images spread over the split that set the activation ranges (default: 128, as the "
+                        "export's --calibration-count)")
+    q.add_argument("--cache-dir", help="prepared-image cache (as data.cache_dir of a recipe)")
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--threads", type=int_at_least(1), help="torch threads (default: torch's)")
+    q.set_defaults(func=cmd_qat)
 
 
 def _user_error(err: Exception):
@@ -196,4 +221,33 @@ def cmd_compare(args: argparse.Namespace) -> int:
     out = Path(args.out)
     print((out / "compare.md").read_text(encoding="utf-8"))
     print(f"written: {out / 'compare.md'}, {out / 'compare.csv'}, {out / 'compare.json'}")
+    return 0
+
+
+def cmd_qat(args: argparse.Namespace) -> int:
+    import torch
+
+    from covidcxr.outpaths import OverwriteError, refuse_overwrite
+    from covidcxr.reference_models import model_files
+    from covidcxr.train.qat import QATError, qat_checkpoint
+
+    try:
+        refuse_overwrite([args.out], [*model_files(args.model), args.data], "covidcxr qat")
+    except OverwriteError as err:
+        raise _user_error(err) from None
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        rep = qat_checkpoint(args.model, args.data, args.out, epochs=args.epochs, lr=args.lr,
+                             batch_size=args.batch_size, calibration_count=args.calibration_count,
+                             cache_dir=args.cache_dir, seed=args.seed, progress=log.info)
+    except QATError as err:
+        raise _user_error(err) from None
+    b, a = rep.before, rep.after
+    print(f"wrote {args.out} ({rep.steps} steps on {rep.train_images} train images, {rep.seconds:.0f} s)\n"
+          f"on the train images, against the input model: simulated INT8 logit error {b['int8_simulated_logit_error']:.3f}"
+          f" -> {a['int8_simulated_logit_error']:.3f}, labels {b['int8_simulated_label_agreement']:.1%} -> "
+          f"{a['int8_simulated_label_agreement']:.1%}; fp32 logit error {a['fp32_logit_error']:.3f}, labels "
+          f"{a['fp32_label_agreement']:.1%}\n"
+          "next: covidcxr evaluate --calibrate --set-threshold on val, then covidcxr export --quantize int8 (its gate decides)")
     return 0

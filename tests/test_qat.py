@@ -1,0 +1,147 @@
+"""Quantization-aware fine-tuning (covidcxr.train.qat, `covidcxr qat`): synthetic images, a small MobileNetV2."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image
+
+from covidcxr.models import build
+from covidcxr.models.checkpoint import load, save
+from covidcxr.preprocess import get_preset
+from covidcxr.train.qat import Simulator, finetune, fold_batchnorm
+
+CLASSES = ["COVID-19", "normal", "pneumonia"]
+
+
+def _model(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    m = build("mobilenet_v2", num_classes=3)
+    with torch.no_grad():  # BatchNorm statistics as after training: folding has something to fold
+        for mod in m.modules():
+            if isinstance(mod, torch.nn.BatchNorm2d):
+                mod.running_mean.normal_(0, 0.2)
+                mod.running_var.uniform_(0.2, 2.0)
+                mod.weight.uniform_(0.5, 1.5)
+                mod.bias.normal_(0, 0.1)
+    return m.eval()
+
+
+def _images(n: int = 48, size: int = 64, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 3, size, size, generator=g)
+
+
+def test_folding_batchnorm_keeps_the_function_and_the_architecture():
+    m = _model()
+    x = _images(8)
+    with torch.no_grad():
+        before = m(x)
+        folded = _model()
+        n = fold_batchnorm(folded)
+        after = folded(x)
+    assert n == 52  # every Conv2d -> BatchNorm2d pair of MobileNetV2
+    assert torch.allclose(before, after, atol=1e-4, rtol=1e-4)
+    assert set(folded.state_dict()) == set(m.state_dict())  # loads into the same arch
+    bns = [b for b in folded.modules() if isinstance(b, torch.nn.BatchNorm2d)]
+    assert all(torch.all(b.weight == 1) and torch.all(b.running_mean == 0) for b in bns)
+
+
+def test_simulated_int8_moves_the_logits_only_while_enabled_and_leaves_plain_weights():
+    m = _model()
+    fold_batchnorm(m)
+    x = _images(8)
+    with torch.no_grad():
+        ref = m(x)
+    sim = Simulator(m)
+    sim.observe(iter([x]))
+    assert all(np.isfinite(r.hi) for r in sim.ranges.values()) and len(sim.ranges) > 30
+    with torch.no_grad():
+        assert torch.allclose(m(x), ref)  # disabled: fp32
+        sim.enabled = True
+        q = m(x)
+        sim.enabled = False
+    assert not torch.allclose(q, ref, atol=1e-3)
+    sim.remove()
+    assert set(m.state_dict()) == set(_model().state_dict())
+    with torch.no_grad():
+        assert torch.allclose(m(x), ref)
+
+
+def test_finetuning_brings_simulated_int8_closer_to_the_model_and_keeps_fp32_near_it():
+    m = _model()
+    x = _images(48)
+    with torch.no_grad():
+        p = torch.softmax(m(x), 1)[:, 0]
+    threshold = float(p.median())  # half the images either side: labels flip easily
+    tuned, rep = finetune(m, x, temperature=1.0, positive_index=0, threshold=threshold, epochs=4, lr=3e-4,
+                          batch_size=8, calibration_count=16)
+    assert rep.steps == 24 and rep.bn_folded == 52 and rep.calibration_images == 16
+    assert rep.after["int8_simulated_logit_error"] < 0.7 * rep.before["int8_simulated_logit_error"]
+    assert rep.after["fp32_logit_error"] < rep.before["int8_simulated_logit_error"]
+    assert set(tuned.state_dict()) == set(m.state_dict())
+    with torch.no_grad():  # the input model is untouched
+        assert torch.allclose(torch.softmax(m(x), 1)[:, 0], p)
+
+
+def _write_run(tmp: Path, arch: str = "mobilenet_v2") -> tuple[Path, Path]:
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(24):
+        f = tmp / f"img{i}.png"
+        Image.fromarray(rng.integers(0, 255, (72, 72), dtype=np.uint8)).save(f)
+        rows.append({"patient_id": f"p{i}", "path": str(f), "label": CLASSES[i % 3], "source": "s",
+                     "split": "train" if i < 18 else "val"})
+    man = tmp / "manifest.csv"
+    pd.DataFrame(rows).to_csv(man, index=False)
+    model = _model() if arch == "mobilenet_v2" else build(arch, num_classes=3).eval()
+    ckpt = tmp / "model.ckpt"
+    save(ckpt, model, arch=arch, classes=CLASSES, preset=get_preset("imagenet", size=64), threshold=0.3,
+         training={"recipe": "test"})
+    return ckpt, man
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "covidcxr", *args], capture_output=True, text=True, timeout=600)
+
+
+def test_cli_writes_a_loadable_checkpoint_with_the_qat_record(tmp_path):
+    ckpt, man = _write_run(tmp_path)
+    out = tmp_path / "qat.ckpt"
+    r = _cli("qat", "--model", str(ckpt), "--data", str(man), "--out", str(out), "--epochs", "1",
+             "--batch-size", "6", "--threads", "1")
+    assert r.returncode == 0, r.stderr
+    assert "simulated INT8 logit error" in r.stdout
+    lm = load(out)
+    assert lm.arch == "mobilenet_v2" and lm.classes == CLASSES and lm.threshold == 0.3
+    q = lm.training["qat"]
+    assert q["train_images"] == 18 and q["steps"] == 3 and q["from_sha256"] and lm.training["recipe"] == "test"
+    assert lm.preset.size == 64
+
+
+def test_cli_refuses_its_own_input_and_other_architectures_in_one_line(tmp_path):
+    ckpt, man = _write_run(tmp_path)
+    before = ckpt.read_bytes()
+    r = _cli("qat", "--model", str(ckpt), "--data", str(man), "--out", str(ckpt))
+    assert r.returncode == 2 and "would write over its input" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and ckpt.read_bytes() == before
+    other = tmp_path / "r"
+    other.mkdir()
+    rckpt, rman = _write_run(other, arch="resnet18")
+    r = _cli("qat", "--model", str(rckpt), "--data", str(rman), "--out", str(other / "q.ckpt"))
+    assert r.returncode == 2 and "mobilenet_v2 only" in r.stderr and "Traceback" not in r.stderr
+    assert not (other / "q.ckpt").exists()
+
+
+def test_cli_refuses_a_manifest_without_train_rows(tmp_path):
+    ckpt, man = _write_run(tmp_path)
+    df = pd.read_csv(man)
+    df["split"] = "val"
+    df.to_csv(man, index=False)
+    r = _cli("qat", "--model", str(ckpt), "--data", str(man), "--out", str(tmp_path / "q.ckpt"))
+    assert r.returncode == 2 and "no 'train' rows" in r.stderr and "Traceback" not in r.stderr
