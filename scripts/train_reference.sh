@@ -6,8 +6,9 @@
 #      out of train/val, so Actualmed (one hospital the model never sees) is a true hold-out;
 #   2. the reference classifier: RECIPE (default: the transfer recipe, the best measured; see below) on
 #      that train split, best epoch and COVID-19 threshold chosen on val, temperature fitted on val;
-#      2b. (QAT=1, the default) quantization-aware fine-tuning on the train split (`covidcxr qat`), so that its
-#      INT8 export passes the parity gate; threshold and temperature are then chosen again on val (step 3);
+#      2b. (QAT=1; off by default, as for the shipped 1.0.0) quantization-aware fine-tuning on the train split
+#      (`covidcxr qat`), meant to let its INT8 export pass the parity gate (measured: not reliably, see
+#      docs/deployment.md); threshold and temperature are then chosen again on val (step 3);
 #   3. evaluation with patient-bootstrap CIs: the patient split's test split (per source) and the Actualmed
 #      hold-out; ONNX export and the INT8 parity gate; the shortcut audit (Grad-CAM inside the lungs) on
 #      AUDIT_LIMIT test images;
@@ -28,7 +29,7 @@
 #                                   # (RUNS/audit) and leave-one-source-out (results-out/run3/loso)
 #
 # Environment: RUNS (default reference-out/), RECIPE, SEED (0), EPOCHS (3), SIZE (224), THREADS (2), BOOT (1000),
-# SEV_EPOCHS (4), AUDIT_LIMIT (60), QAT (1), QAT_EPOCHS (3), QAT_LR (2e-5), MAX_STEPS (stop after that many optimiser steps; the shipped 1.0.0 run was
+# SEV_EPOCHS (4), AUDIT_LIMIT (60), QAT (0), QAT_EPOCHS (3), QAT_LR (2e-5), MAX_STEPS (stop after that many optimiser steps; the shipped 1.0.0 run was
 # stopped by hand after its second epoch, i.e. EPOCHS=3 MAX_STEPS=56, for CPU time), VERSION (the release number written into the model), PRECISION (e.g.
 # bf16-mixed, when the trainer supports it), COVIDCXR_SHARED (../shared), COVIDCXR_WEIGHTS_DIR (<shared>/weights).
 # Research use only: nothing here is a clinical performance claim.
@@ -70,8 +71,8 @@ else
   LIMIT=()
 fi
 THREADS=${THREADS:-2}
-# quantization-aware fine-tuning (step 2b): on unless QAT=0; SMOKE: one epoch
-QAT=${QAT:-1}
+# quantization-aware fine-tuning (step 2b): off unless QAT=1 (it did not make the INT8 gate pass reliably); SMOKE: 1 epoch
+QAT=${QAT:-0}
 if [ "$SMOKE" = 1 ]; then QAT_EPOCHS=${QAT_EPOCHS:-1}; else QAT_EPOCHS=${QAT_EPOCHS:-3}; fi
 QAT_LR=${QAT_LR:-2e-5}
 export OMP_NUM_THREADS=$THREADS MKL_NUM_THREADS=$THREADS

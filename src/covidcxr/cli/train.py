@@ -101,7 +101,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "both the simulated-INT8 and the fp32 logits towards the input model's own. Writes a checkpoint of the "
         "same architecture with training.qat recorded. Then choose the threshold again on val (covidcxr "
         "evaluate --calibrate --set-threshold) and export with --quantize int8, whose parity gate decides. "
-        "MobileNetV2 only. Research use only.",
+        "The train images are held in memory (about 0.6 MB each at 224 px). MobileNetV2 only. Research use only.",
     )
     add_trust_checkpoint(q)
     q.add_argument("--model", required=True, metavar="CKPT", help="covidcxr checkpoint, or 'reference'")
@@ -113,6 +113,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--calibration-count", type=int_at_least(1), default=128,
                    help="train images spread over the split that set the activation ranges (default: 128, as the "
                         "export's --calibration-count)")
+    q.add_argument("--keep-fp32", type=int_at_least(0), default=0, metavar="N",
+                   help="the first N convolutions are not rounded (default: 0); give the N that the INT8 export will "
+                        "keep fp32 (its --keep-fp32; 'auto' there reports what it chose)")
     q.add_argument("--cache-dir", help="prepared-image cache (as data.cache_dir of a recipe)")
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--threads", type=int_at_least(1), help="torch threads (default: torch's)")
@@ -240,7 +243,7 @@ def cmd_qat(args: argparse.Namespace) -> int:
     try:
         rep = qat_checkpoint(args.model, args.data, args.out, epochs=args.epochs, lr=args.lr,
                              batch_size=args.batch_size, calibration_count=args.calibration_count,
-                             cache_dir=args.cache_dir, seed=args.seed, progress=log.info)
+                             fp32_convs=args.keep_fp32, cache_dir=args.cache_dir, seed=args.seed, progress=log.info)
     except QATError as err:
         raise _user_error(err) from None
     b, a = rep.before, rep.after

@@ -117,12 +117,17 @@ class _Range:
 
 
 class Simulator:
-    """Fake quantization hooks on a (BatchNorm-folded) MobileNetV2-style network; ``enabled`` switches it."""
+    """Fake quantization hooks on a (BatchNorm-folded) MobileNetV2-style network; ``enabled`` switches it.
 
-    def __init__(self, model: nn.Module):
+    Where onnxruntime's QDQ export rounds: the weights of every Conv2d/Linear, the input of each of them (the consumer
+    side, so a layer kept fp32 reads fp32), and both sides of each residual add. ``fp32_convs``: the first that many
+    convolutions stay fp32, weights and input, as ``covidcxr export --keep-fp32 N`` leaves them; the fine-tuning then
+    spends itself on the layers that will be INT8.
+    """
+
+    def __init__(self, model: nn.Module, fp32_convs: int = 0):
         from torch.nn.utils import parametrize
         from torchvision.models.mobilenetv2 import InvertedResidual
-        from torchvision.ops.misc import Conv2dNormActivation
 
         self.model = model
         self.enabled = False
@@ -130,21 +135,22 @@ class Simulator:
         self.ranges: dict[str, _Range] = {}
         self._hooks: list[Any] = []
         self.weights = 0
+        convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+        if fp32_convs < 0 or fp32_convs > len(convs):
+            raise QATError(f"fp32_convs must lie in 0..{len(convs)}, not {fp32_convs}")
+        kept = {id(m) for m in convs[:fp32_convs]}
+        self.fp32_convs = fp32_convs
+        points: list[tuple[str, nn.Module, str]] = []
         for name, mod in model.named_modules():
-            if isinstance(mod, (nn.Conv2d, nn.Linear)):
+            if isinstance(mod, (nn.Conv2d, nn.Linear)) and id(mod) not in kept:
                 parametrize.register_parametrization(mod, "weight", _WeightFakeQuant(self))
                 self.weights += 1
-        points: list[tuple[str, nn.Module, str]] = [("input", model, "pre")]
-        for name, mod in model.named_modules():
-            if isinstance(mod, Conv2dNormActivation):
-                points.append((name, mod, "out"))
-            elif isinstance(mod, InvertedResidual):
+                points.append((f"{name}.input", mod, "pre"))
+            elif isinstance(mod, InvertedResidual) and mod.use_res_connect:
                 last_bn = [m for m in mod.conv.children() if isinstance(m, nn.BatchNorm2d)]
                 if last_bn:
                     points.append((f"{name}.project", last_bn[-1], "out"))
                 points.append((name, mod, "out"))
-            elif isinstance(mod, nn.Linear):
-                points.append((f"{name}.input", mod, "pre"))
         for key, mod, kind in points:
             self.ranges[key] = _Range()
             if kind == "pre":
@@ -202,6 +208,7 @@ class QATReport:
     epochs: int
     lr: float
     batch_size: int
+    fp32_convs: int
     train_images: int
     calibration_images: int
     bn_folded: int
@@ -228,7 +235,7 @@ def _covid_labels(logits: torch.Tensor, temperature: float, pos: int, threshold:
 
 def finetune(model: nn.Module, images: torch.Tensor, *, temperature: float, positive_index: int, threshold: float,
              epochs: int = 3, lr: float = 1e-5, batch_size: int = 16, calibration_count: int = 128,
-             seed: int = 0, progress: Callable[[str], None] | None = None) -> tuple[nn.Module, QATReport]:
+             fp32_convs: int = 0, seed: int = 0, progress: Callable[[str], None] | None = None) -> tuple[nn.Module, QATReport]:
     """Quantization-aware fine-tuning of ``model`` on ``images`` (N x C x H x W, preprocessed train images).
 
     Returns a new, BatchNorm-folded model (``model`` is left as it is) and a :class:`QATReport`.
@@ -241,7 +248,7 @@ def finetune(model: nn.Module, images: torch.Tensor, *, temperature: float, posi
     teacher = model.eval()
     student = copy.deepcopy(model).float().eval()  # eval: frozen (folded) BatchNorm, no dropout
     folded = fold_batchnorm(student)
-    sim = Simulator(student)
+    sim = Simulator(student, fp32_convs)
     cal_idx = np.unique(np.linspace(0, len(images) - 1, min(calibration_count, len(images))).round().astype(int))
 
     def cal_batches() -> Iterator[torch.Tensor]:
@@ -308,7 +315,8 @@ def finetune(model: nn.Module, images: torch.Tensor, *, temperature: float, posi
     sim.remove()
     for p in student.parameters():
         p.requires_grad_(True)
-    report = QATReport(steps=step, epochs=epochs, lr=lr, batch_size=batch_size, train_images=len(images),
+    report = QATReport(steps=step, epochs=epochs, lr=lr, batch_size=batch_size, fp32_convs=fp32_convs,
+                       train_images=len(images),
                        calibration_images=len(cal_idx), bn_folded=folded, weights_quantized=sim.weights,
                        activation_points=len(sim.ranges), seconds=round(time.monotonic() - started, 1),
                        before=before, after=after, history=history)
@@ -344,7 +352,7 @@ SUPPORTED_ARCHS = ("mobilenet_v2",)
 
 
 def qat_checkpoint(model_path: str | Path, manifest: str | Path, out: str | Path, *, epochs: int = 3,
-                   lr: float = 1e-4, batch_size: int = 16, calibration_count: int = 128,
+                   lr: float = 1e-4, batch_size: int = 16, calibration_count: int = 128, fp32_convs: int = 0,
                    cache_dir: str | Path | None = None, seed: int = 0,
                    progress: Callable[[str], None] | None = None) -> QATReport:
     """Fine-tune the checkpoint ``model_path`` quantization-aware on ``manifest``'s train split; write ``out``.
@@ -372,7 +380,7 @@ def qat_checkpoint(model_path: str | Path, manifest: str | Path, out: str | Path
     model, report = finetune(lm.model, images, temperature=lm.temperature,
                              positive_index=lm.classes.index("COVID-19"), threshold=float(lm.threshold),
                              epochs=epochs, lr=lr, batch_size=batch_size, calibration_count=calibration_count,
-                             seed=seed, progress=progress)
+                             fp32_convs=fp32_convs, seed=seed, progress=progress)
     bundle = dict(read_bundle(model_path))
     bundle.pop(SUMMARY_KEY, None)
     bundle.pop("stored_as", None)
