@@ -129,7 +129,8 @@ def qat_summary(training: dict[str, Any]) -> str:
     b, a = q.get("before") or {}, q.get("after") or {}
     return (f"Quantization-aware fine-tuning first (`covidcxr qat`: BatchNorm folded, {q.get('epochs')} epochs at "
             f"lr {q.get('lr')} on the {q.get('train_images')} train images, simulated INT8 and fp32 logits pulled "
-            f"towards the trained model's; on those train images the simulated all-INT8 logit error went from "
+            f"towards the trained model's; first {q.get('fp32_convs', 0)} convolutions left fp32; on those train images the "
+            f"simulated INT8 logit error went from "
             f"{b.get('int8_simulated_logit_error')} to {a.get('int8_simulated_logit_error')} and the fp32 COVID-19 "
             f"labels agree with the trained model's on {a.get('fp32_label_agreement', float('nan')):.1%}; the "
             "threshold and temperature were then chosen again on val). ")
@@ -230,16 +231,19 @@ def loso_summary(loso: Path | None, model_id: str) -> tuple[list[str], list[list
     return items, rows, figs
 
 
-def stored_loso() -> tuple[list[str], list[list[Any]], dict[str, Any]]:
+def stored_loso(recipe: str) -> tuple[list[str], list[list[Any]], dict[str, Any]]:
     """The shipped card's leave-one-source-out part, for a new card when the LOSO run's outputs are gone.
 
     Those figures belong to the recipe (retrained per held-out source), not to the shipped weights, so a new model of
     the same recipe may carry them, saying where they come from."""
-    from covidcxr.reference_models import CLASSIFIER, card
+    from covidcxr.reference_models import CLASSIFIER, card, metadata
 
     try:
         old = card(CLASSIFIER)
+        old_recipe = (metadata(CLASSIFIER).get("training") or {}).get("recipe_file")
     except Exception:  # nothing installed yet
+        return [], [], {}
+    if Path(str(old_recipe)).name != Path(recipe).name:  # another recipe's figures say nothing about this one
         return [], [], {}
     items = [i for sec in old.get("sections") or [] for i in sec.get("items") or []
              if str(i).startswith("Leave-one-source-out") and "not measured for" not in str(i)]
@@ -338,7 +342,7 @@ def classifier_card(runs: Path, version: str, recipe: str, seed: int, loso: Path
     audit_items, figures["audit"] = audit_summary(runs)
     loso_items, loso_rows, figures["loso"] = loso_summary(loso, loso_model)
     if not loso_rows:
-        kept = stored_loso()
+        kept = stored_loso(recipe)
         if kept[1]:
             loso_items, loso_rows, figures["loso"] = kept
     header = ["setting", "images / patients", "COVID-19 AUC", "COVID-19 sensitivity", "COVID-19 specificity",

@@ -75,7 +75,7 @@ def settings_of(t: dict[str, Any]) -> dict[str, Any]:
     qat = t.get("qat")
     out["QAT"] = 1 if qat else 0  # a model trained before quantization-aware fine-tuning existed had none
     if qat:
-        out.update({"QAT_EPOCHS": qat.get("epochs"), "QAT_LR": qat.get("lr")})
+        out.update({"QAT_EPOCHS": qat.get("epochs"), "QAT_LR": qat.get("lr"), "QAT_KEEP_FP32": qat.get("fp32_convs")})
     return {k: v for k, v in out.items() if v is not None}
 
 

@@ -39,9 +39,9 @@ def test_a_run_stopped_by_hand_is_repeated_with_the_steps_it_reached() -> None:
          "config": {"trainer": {"max_epochs": 3, "max_steps": -1, "num_threads": 2}, "data": {"size": 224}}}
     assert rr.settings_of(t) == {"RECIPE": "configs/x.yaml", "SEED": 3, "EPOCHS": 3, "SIZE": 224, "THREADS": 2,
                                  "MAX_STEPS": 56, "QAT": 0}
-    t["qat"] = {"epochs": 3, "lr": 2e-5}  # quantization-aware fine-tuning is repeated as it ran
-    assert {k: rr.settings_of(t)[k] for k in ("QAT", "QAT_EPOCHS", "QAT_LR")} == {"QAT": 1, "QAT_EPOCHS": 3,
-                                                                                 "QAT_LR": 2e-5}
+    t["qat"] = {"epochs": 3, "lr": 2e-5, "fp32_convs": 4}  # quantization-aware fine-tuning is repeated as it ran
+    assert {k: rr.settings_of(t)[k] for k in ("QAT", "QAT_EPOCHS", "QAT_LR", "QAT_KEEP_FP32")} == {
+        "QAT": 1, "QAT_EPOCHS": 3, "QAT_LR": 2e-5, "QAT_KEEP_FP32": 4}
     t["config"]["trainer"]["max_steps"] = 20  # an explicit limit wins over the step reached
     assert rr.settings_of(t)["MAX_STEPS"] == 20
     del t["stopped"]

@@ -39,6 +39,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from covidcxr.predict import ONNX_META_PREFIX, POSITIVE_CLASS, Predictor, file_sha256, iter_batches
+from covidcxr.train.qat import logit_error  # one definition for the export's choice and the fine-tuning's report
 
 log = logging.getLogger(__name__)
 
@@ -168,18 +169,6 @@ class _Calibration:
 
     def rewind(self) -> None:
         self._next = 0
-
-
-def logit_error(ref: np.ndarray, new: np.ndarray) -> float:
-    """How far ``new`` logits are from ``ref`` (N x classes), relative to how much ``ref`` varies between images.
-
-    Rows are centred first (softmax ignores a shift common to all classes), so this is the RMS error of the
-    class contrasts divided by their RMS spread over the images: 0 is identical, 1 is as large as the signal.
-    """
-    r = ref - ref.mean(axis=1, keepdims=True)
-    d = (new - ref) - (new - ref).mean(axis=1, keepdims=True)
-    spread = float(np.sqrt(np.mean((r - r.mean(axis=0)) ** 2)))
-    return float(np.sqrt(np.mean(d ** 2))) / spread if spread > 0 else float("inf")
 
 
 def _auc(y: np.ndarray, score: np.ndarray) -> float | None:

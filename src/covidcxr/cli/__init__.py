@@ -61,6 +61,8 @@ def float_between(low: float, high: float = float("inf"), *, low_open: bool = Fa
             value = float(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if value != value:  # nan compares false with every bound
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number")
         if value > high or value < low or (low_open and value == low):
             if high == float("inf"):
                 raise argparse.ArgumentTypeError(f"{text} must be above {low:g}" if low_open else f"{text} is below {low:g}")

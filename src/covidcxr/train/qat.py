@@ -11,15 +11,16 @@ What :func:`finetune` does, on the ``train`` split only:
 1. **BatchNorm is folded** into the preceding convolutions, as onnxruntime's pre-processing does before it
    quantizes; the folded network keeps the architecture (each BatchNorm becomes ``x + bias``), so the result is
    an ordinary checkpoint of the same ``arch``.
-2. **Fake quantization where onnxruntime quantizes**: weights of every Conv2d/Linear per output channel
-   (symmetric int8), activations per tensor (asymmetric uint8) at the model input, after each
-   conv-norm-activation, after each projection and residual add, and at the pooled features. Activation ranges
-   are the min/max over calibration images (onnxruntime's ``minmax`` calibration) and are measured again each
-   epoch. The logits stay fp32, as in the export.
+2. **Fake quantization where onnxruntime's QDQ export rounds**: the weights of every Conv2d/Linear per output
+   channel (symmetric int8); activations per tensor (asymmetric uint8) on the consumer side: the input of every
+   Conv2d/Linear, both operands and the output of each residual add, and the last convolution's output before
+   the pooling. The first ``fp32_convs`` convolutions stay fp32, as ``export --keep-fp32 N`` keeps them.
+   Activation ranges are the min/max over calibration images (onnxruntime's ``minmax`` calibration), measured
+   again each epoch. The logits stay fp32, as in the export.
 3. **Distillation from the model itself**: each step runs the network twice, with and without the simulated
-   quantization, and pulls both logits (centred: a softmax ignores a common shift) towards the original model's.
-   Both matter: the parity gate compares the INT8 file with *this* model's fp32 export, so the fp32 forward must
-   not drift while the quantized one learns to follow it.
+   quantization. The loss is the squared difference of the two (centred: a softmax ignores a common shift) logit
+   vectors, which is what the parity gate measures since it compares the INT8 file with *this* model's fp32
+   export, plus the fp32 logits' squared distance from the trained model's, which keeps the fp32 model where it was.
 
 The result is a checkpoint with the original's preset, classes and provenance plus ``training.qat`` (steps,
 rates, the fp32/simulated-INT8 agreement measured on the train images); the threshold and temperature are
@@ -128,6 +129,7 @@ class Simulator:
     def __init__(self, model: nn.Module, fp32_convs: int = 0):
         from torch.nn.utils import parametrize
         from torchvision.models.mobilenetv2 import InvertedResidual
+        from torchvision.ops.misc import Conv2dNormActivation
 
         self.model = model
         self.enabled = False
@@ -137,7 +139,7 @@ class Simulator:
         self.weights = 0
         convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
         if fp32_convs < 0 or fp32_convs > len(convs):
-            raise QATError(f"fp32_convs must lie in 0..{len(convs)}, not {fp32_convs}")
+            raise QATError(f"--keep-fp32 {fp32_convs}: this model has {len(convs)} convolutions")
         kept = {id(m) for m in convs[:fp32_convs]}
         self.fp32_convs = fp32_convs
         points: list[tuple[str, nn.Module, str]] = []
@@ -147,10 +149,16 @@ class Simulator:
                 self.weights += 1
                 points.append((f"{name}.input", mod, "pre"))
             elif isinstance(mod, InvertedResidual) and mod.use_res_connect:
+                # the block input is one tensor for the Add and the first conv: onnxruntime rounds it once for both
+                points.append((f"{name}.skip", mod, "pre"))
                 last_bn = [m for m in mod.conv.children() if isinstance(m, nn.BatchNorm2d)]
                 if last_bn:
                     points.append((f"{name}.project", last_bn[-1], "out"))
                 points.append((name, mod, "out"))
+        # the last conv-norm-ReLU6 (features[-1]) is rounded at its output before the (fp32) pooling
+        tail = [(n, m) for n, m in model.named_modules() if isinstance(m, Conv2dNormActivation)]
+        if tail and not any(id(c) in kept for c in tail[-1][1].modules()):
+            points.append((f"{tail[-1][0]}.output", tail[-1][1], "out"))
         for key, mod, kind in points:
             self.ranges[key] = _Range()
             if kind == "pre":
@@ -225,6 +233,24 @@ class QATReport:
         return asdict(self)
 
 
+def logit_error(ref: np.ndarray, new: np.ndarray) -> float:
+    """How far ``new`` logits are from ``ref`` (N x classes), relative to how much ``ref`` varies between images.
+
+    Rows are centred first (softmax ignores a shift common to all classes), so this is the RMS error of the
+    class contrasts divided by their RMS spread over the images: 0 is identical, 1 is as large as the signal.
+    """
+    r = ref - ref.mean(axis=1, keepdims=True)
+    d = (new - ref) - (new - ref).mean(axis=1, keepdims=True)
+    spread = float(np.sqrt(np.mean((r - r.mean(axis=0)) ** 2)))
+    return float(np.sqrt(np.mean(d ** 2))) / spread if spread > 0 else float("inf")
+
+
+def _describe(m: dict[str, float]) -> str:
+    return (f"simulated INT8 logit error {m['int8_simulated_logit_error']:.3f}, labels "
+            f"{m['int8_simulated_label_agreement']:.1%}; fp32 logit error {m['fp32_logit_error']:.3f}, labels "
+            f"{m['fp32_label_agreement']:.1%} (train images, against the input model)")
+
+
 def _centre(z: torch.Tensor) -> torch.Tensor:
     return z - z.mean(dim=1, keepdim=True)
 
@@ -234,7 +260,7 @@ def _covid_labels(logits: torch.Tensor, temperature: float, pos: int, threshold:
 
 
 def finetune(model: nn.Module, images: torch.Tensor, *, temperature: float, positive_index: int, threshold: float,
-             epochs: int = 3, lr: float = 1e-5, batch_size: int = 16, calibration_count: int = 128,
+             epochs: int = 3, lr: float = 2e-5, batch_size: int = 16, calibration_count: int = 128,
              fp32_convs: int = 0, seed: int = 0, progress: Callable[[str], None] | None = None) -> tuple[nn.Module, QATReport]:
     """Quantization-aware fine-tuning of ``model`` on ``images`` (N x C x H x W, preprocessed train images).
 
@@ -244,9 +270,8 @@ def finetune(model: nn.Module, images: torch.Tensor, *, temperature: float, posi
     if images.ndim != 4 or len(images) < batch_size:
         raise QATError(f"quantization-aware fine-tuning needs at least {batch_size} train images, got {len(images)}")
     started = time.monotonic()
-    torch.manual_seed(seed)
-    teacher = model.eval()
-    student = copy.deepcopy(model).float().eval()  # eval: frozen (folded) BatchNorm, no dropout
+    teacher = copy.deepcopy(model).float().eval()  # the caller's model keeps its mode and weights
+    student = copy.deepcopy(teacher)  # eval: frozen (folded) BatchNorm, no dropout
     folded = fold_batchnorm(student)
     sim = Simulator(student, fp32_convs)
     cal_idx = np.unique(np.linspace(0, len(images) - 1, min(calibration_count, len(images))).round().astype(int))
@@ -265,8 +290,7 @@ def finetune(model: nn.Module, images: torch.Tensor, *, temperature: float, posi
             for mode in ("fp32", "int8_simulated"):
                 sim.enabled = mode != "fp32"
                 z = torch.cat([student(images[i:i + batch_size]) for i in range(0, len(images), batch_size)])
-                err = (_centre(z) - _centre(target)).pow(2).mean().sqrt() / _centre(target).pow(2).mean().sqrt()
-                out[f"{mode}_logit_error"] = round(float(err), 4)
+                out[f"{mode}_logit_error"] = round(logit_error(target.numpy(), z.numpy()), 4)
                 out[f"{mode}_label_agreement"] = round(float(
                     (_covid_labels(z, temperature, positive_index, threshold) == ref_labels).float().mean()), 4)
         sim.enabled = False
@@ -275,7 +299,7 @@ def finetune(model: nn.Module, images: torch.Tensor, *, temperature: float, posi
     sim.observe(cal_batches())
     before = measure()
     if progress:
-        progress(f"QAT start: {before}")
+        progress(f"QAT start: {_describe(before)}")
     params = [p for p in student.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=lr)
     steps_per_epoch = len(images) // batch_size
@@ -305,13 +329,13 @@ def finetune(model: nn.Module, images: torch.Tensor, *, temperature: float, posi
             sched.step()
             step += 1
             running += float(loss.detach())
-        history.append({"epoch": epoch, "loss": round(running / max(1, steps_per_epoch), 5)})
+        history.append({"epoch": epoch, "loss": float(f"{running / max(1, steps_per_epoch):.6g}")})
         if progress:
             progress(f"QAT epoch {epoch + 1}/{epochs}: loss {history[-1]['loss']:.5f}")
     sim.observe(cal_batches())
     after = measure()
     if progress:
-        progress(f"QAT end: {after}")
+        progress(f"QAT end: {_describe(after)}")
     sim.remove()
     for p in student.parameters():
         p.requires_grad_(True)
@@ -344,15 +368,21 @@ def load_train_images(manifest: str | Path, preset: Any, cache_dir: str | Path |
             log.warning("%s", err)
     if not xs:
         raise QATError(f"{manifest}: none of the {len(df)} {split!r} images could be read")
+    if len(skipped) > MAX_UNREADABLE_SHARE * len(df):  # as the INT8 export's calibration refuses
+        raise QATError(f"{manifest}: {len(skipped)} of {len(df)} {split!r} images could not be read "
+                       f"({len(skipped) / len(df):.1%}, limit {MAX_UNREADABLE_SHARE:.0%}); e.g. {skipped[0]}")
     return torch.stack(xs), skipped
 
+
+#: largest share of unreadable train images accepted (the INT8 export's calibration has the same limit)
+MAX_UNREADABLE_SHARE = 0.02
 
 #: architectures whose activations :class:`Simulator` places as onnxruntime quantizes them
 SUPPORTED_ARCHS = ("mobilenet_v2",)
 
 
 def qat_checkpoint(model_path: str | Path, manifest: str | Path, out: str | Path, *, epochs: int = 3,
-                   lr: float = 1e-4, batch_size: int = 16, calibration_count: int = 128, fp32_convs: int = 0,
+                   lr: float = 2e-5, batch_size: int = 16, calibration_count: int = 128, fp32_convs: int = 0,
                    cache_dir: str | Path | None = None, seed: int = 0,
                    progress: Callable[[str], None] | None = None) -> QATReport:
     """Fine-tune the checkpoint ``model_path`` quantization-aware on ``manifest``'s train split; write ``out``.
@@ -363,7 +393,8 @@ def qat_checkpoint(model_path: str | Path, manifest: str | Path, out: str | Path
     again on val (``covidcxr evaluate --calibrate --set-threshold``).
     """
     from covidcxr.models.checkpoint import FORMAT, CheckpointError, atomic_torch_save, load, read_bundle
-    from covidcxr.models.features import SUMMARY_KEY
+    from covidcxr.models.checkpoint import _version
+    from covidcxr.models.features import SUMMARY_KEY, summarise_frames
     from covidcxr.models.reference import file_sha256
     from covidcxr.reference_models import resolve_model
 
@@ -377,22 +408,39 @@ def qat_checkpoint(model_path: str | Path, manifest: str | Path, out: str | Path
     if lm.logit_bias is not None:
         raise QATError(f"{model_path}: a site-calibrated checkpoint (logit bias); fine-tune the model it came from")
     images, skipped = load_train_images(manifest, lm.preset, cache_dir)
+    if len(images) < batch_size:
+        raise QATError(f"{manifest}: {len(images)} readable train images, fewer than one batch ({batch_size})")
     model, report = finetune(lm.model, images, temperature=lm.temperature,
                              positive_index=lm.classes.index("COVID-19"), threshold=float(lm.threshold),
                              epochs=epochs, lr=lr, batch_size=batch_size, calibration_count=calibration_count,
                              fp32_convs=fp32_convs, seed=seed, progress=progress)
     bundle = dict(read_bundle(model_path))
-    bundle.pop(SUMMARY_KEY, None)
-    bundle.pop("stored_as", None)
+    for key in ("stored_as", "card"):  # a shipped model's file format and card describe the input, not this model
+        bundle.pop(key, None)
     bundle["format"] = FORMAT
+    bundle["covidcxr_version"] = _version()
     bundle["state_dict"] = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     training = dict(bundle.get("training") or {})
     source = Path(resolve_model(model_path))
-    training["qat"] = {**report.to_dict(), "from": str(model_path), "from_sha256": file_sha256(source),
+    # new weights: not the input's release or run name (records name the model that made them), and none of the
+    # input's figures; the threshold is the input's until `evaluate --set-threshold` chooses it on val again
+    from_model = {"path": str(source), "sha256": file_sha256(source), "name": training.pop("run_name", None),
+                  "version": training.pop("model_version", None)}
+    training["qat"] = {**report.to_dict(), "from": from_model, "from_sha256": from_model["sha256"],
                        "manifest": str(manifest), "split": "train", "unreadable": skipped, "seed": seed,
                        "note": "BatchNorm folded; fine-tuned with simulated onnxruntime INT8 (covidcxr.train.qat); "
                                "threshold and temperature are the input's until chosen again on val"}
     bundle["training"] = training
+    bundle["metrics"] = {"operating_point": {"positive": "COVID-19", "chosen_on": "inherited",
+                                             "note": "the input model's threshold, not chosen again for these weights "
+                                                     "(covidcxr evaluate --calibrate --set-threshold does)"}}
+    # the training-feature summary that `covidcxr site check` compares a site with, for these weights
+    from covidcxr.data import read_manifest
+
+    frame = read_manifest(manifest, require_split=True, check_leakage=False)
+    model.eval()
+    bundle[SUMMARY_KEY] = summarise_frames(model, lm.preset, frame[frame["split"] == "train"],
+                                           frame[frame["split"] == "val"])
     try:
         atomic_torch_save(bundle, out)
     except OSError as err:
