@@ -320,9 +320,9 @@ def finetune(model: nn.Module, images: torch.Tensor, *, temperature: float, posi
             zq = _centre(student(x))
             sim.enabled = False
             zf = _centre(student(x))
-            # the gate compares INT8 with this model's own fp32: pull them together; the second term keeps the
-            # fp32 model where it was
-            loss = (zq - zf).pow(2).mean() + (zf - t).pow(2).mean()
+            # the gate compares INT8 with this model's own fp32: the INT8 forward follows the fp32 one (not the
+            # other way round), and the second term keeps the fp32 model where it was
+            loss = (zq - zf.detach()).pow(2).mean() + (zf - t).pow(2).mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
