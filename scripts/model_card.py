@@ -128,8 +128,8 @@ def qat_summary(training: dict[str, Any]) -> str:
         return "No quantization-aware fine-tuning. "
     b, a = q.get("before") or {}, q.get("after") or {}
     return (f"Quantization-aware fine-tuning first (`covidcxr qat`: BatchNorm folded, {q.get('epochs')} epochs at "
-            f"lr {q.get('lr')} on the {q.get('train_images')} train images, simulated INT8 and fp32 logits pulled "
-            f"towards the trained model's; first {q.get('fp32_convs', 0)} convolutions left fp32; on those train images the "
+            f"lr {q.get('lr')} on the {q.get('train_images')} train images, simulated INT8 logits pulled towards the "
+            f"fp32 ones and those towards the trained model's; first {q.get('fp32_convs', 0)} convolutions left fp32; on those train images the "
             f"simulated INT8 logit error went from "
             f"{b.get('int8_simulated_logit_error')} to {a.get('int8_simulated_logit_error')} and the fp32 COVID-19 "
             f"labels agree with the trained model's on {a.get('fp32_label_agreement', float('nan')):.1%}; the "
