@@ -72,6 +72,7 @@ DATA=(--source "csv=$SHARED/data/covid-cxr-dev/metadata.csv" --source "nih=$SHAR
       --source "hannover=$SHARED/data/hannover-covid")
 mkdir -p "$RUNS"
 START=$(date +%s)
+INVOCATION_START=$START
 if [ "${CONTINUE:-0}" = 1 ] && [ -f "$RUNS/start_epoch" ]; then START=$(cat "$RUNS/start_epoch"); else echo "$START" > "$RUNS/start_epoch"; fi
 STARTED=$(date -u -d "@$START" +"%Y-%m-%d %H:%M")
 # CONTINUE=1 picks up an interrupted run in RUNS: keeps its data, masks, status and timings, and never
@@ -85,6 +86,10 @@ echo "weights: $COVIDCXR_WEIGHTS_DIR; runs: $RUNS; epochs $EPOCHS, ${SIZE} px, $
 
 elapsed() { echo $(( $(date +%s) - START )); }
 timing() { printf '%s\t%s\n' "$1" "$2" >> "$RUNS/timings.tsv"; }
+# this invocation's own wall time, written once, also when it is interrupted (Ctrl-C, TERM, an error): a later
+# CONTINUE=1 run adds its own, and run.json's minutes are the sum (the pause between invocations is not run time)
+invocation_timed() { [ -n "${TIMED:-}" ] && return 0; TIMED=1; timing "whole script" "$(( $(date +%s) - INVOCATION_START ))"; }
+trap invocation_timed EXIT
 mark() { printf '%s\t%s\t%s\n' "$1" "$2" "$3" >> "$RUNS/status.tsv"; }
 pool() { while [ "$(jobs -rp | wc -l)" -ge "$JOBS" ]; do wait -n; done; }
 
@@ -377,12 +382,15 @@ done
 wait
 
 # ------------------------------------------------------------------ 4. tables
-MIN=$(( ($(elapsed) + 30) / 60 ))
-$PY - "$RUNS/run.json" "$STARTED" "$MIN" "epochs $EPOCHS, ${SIZE} px, $JOBS jobs, bootstrap $BOOT, smoke $SMOKE, precision ${PRECISION:-as in the recipes}, stages:$STAGES" <<'PY'
+invocation_timed
+MIN=$($PY - "$RUNS/run.json" "$STARTED" "$RUNS/timings.tsv" "epochs $EPOCHS, ${SIZE} px, $JOBS jobs, bootstrap $BOOT, smoke $SMOKE, precision ${PRECISION:-as in the recipes}, stages:$STAGES" <<'PY'
 import json, sys, datetime
+secs = [int(line.rstrip("\n").split("\t")[1]) for line in open(sys.argv[3]) if line.startswith("whole script\t")]
+minutes = int((sum(secs) + 30) // 60)
 json.dump({"started": sys.argv[2], "finished": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M"),
-           "minutes": int(sys.argv[3]), "settings": sys.argv[4]}, open(sys.argv[1], "w"), indent=2)
+           "minutes": minutes, "invocations": len(secs), "settings": sys.argv[4]}, open(sys.argv[1], "w"), indent=2)
+print(minutes)
 PY
-timing "whole script" "$(elapsed)"
+)
 if [ -n "$DOC" ]; then $PY scripts/results_tables.py "$RUNS" --doc "$DOC"; else $PY scripts/results_tables.py "$RUNS"; fi
 echo "total $MIN min; checkpoints, reports and audits under $RUNS"
