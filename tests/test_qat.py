@@ -92,6 +92,17 @@ def test_layers_the_export_keeps_fp32_are_not_rounded():
         Simulator(m, fp32_convs=len(convs) + 1)
 
 
+def test_boundary_margin_is_the_nearer_of_the_two_label_changes():
+    from covidcxr.train.qat import _boundary_margin
+
+    z = torch.tensor([[0.0, 0.0, 0.0], [5.0, 0.0, -1.0], [-4.0, 3.0, 0.0]])
+    m = _boundary_margin(z, 1.0, 0, 0.5)
+    assert m[0] == 0  # on both boundaries
+    assert abs(float(m[1]) - 1.0) < 1e-6  # COVID-19 far above 0.5 (log-odds 4.7), normal vs pneumonia 1 apart
+    assert abs(float(m[2]) - 3.0) < 1e-6  # COVID-19 log-odds -7.05, far below; normal and pneumonia 3 apart
+    assert abs(float(_boundary_margin(z, 1.0, 0, 0.001)[2]) - abs(-7.0486 + 6.9068)) < 1e-3  # now COVID-19 is near
+
+
 def test_finetuning_lowers_its_objective_and_leaves_the_input_model_alone():
     # a random network's logits hardly vary between images, so its INT8 error says nothing (docs/deployment.md has
     # the figures on real films); what holds here: the objective falls, and the input model is untouched

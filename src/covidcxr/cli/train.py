@@ -117,6 +117,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--keep-fp32", type=int_at_least(0), default=0, metavar="N",
                    help="the first N convolutions are not rounded (default: 0); give the N that the INT8 export will "
                         "keep fp32 (its --keep-fp32; 'auto' there reports what it chose)")
+    q.add_argument("--boundary-weight", type=float_between(0), default=0.0, metavar="W",
+                   help="weigh the INT8-vs-fp32 term of an image by 1 + W exp(-margin / 0.5), the margin being how far "
+                        "(in logits) the trained model is from changing that image's label (default: 0, all alike)")
     q.add_argument("--cache-dir", help="prepared-image cache (as data.cache_dir of a recipe)")
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--threads", type=int_at_least(1), help="torch threads (default: torch's)")
@@ -244,7 +247,7 @@ def cmd_qat(args: argparse.Namespace) -> int:
     try:
         rep = qat_checkpoint(args.model, args.data, args.out, epochs=args.epochs, lr=args.lr,
                              batch_size=args.batch_size, calibration_count=args.calibration_count,
-                             fp32_convs=args.keep_fp32, cache_dir=args.cache_dir, seed=args.seed, progress=log.info)
+                             fp32_convs=args.keep_fp32, boundary_weight=args.boundary_weight, cache_dir=args.cache_dir, seed=args.seed, progress=log.info)
     except QATError as err:
         raise _user_error(err) from None
     b, a = rep.before, rep.after

@@ -217,6 +217,7 @@ class QATReport:
     lr: float
     batch_size: int
     fp32_convs: int
+    boundary_weight: float
     train_images: int
     calibration_images: int
     bn_folded: int
@@ -255,13 +256,25 @@ def _centre(z: torch.Tensor) -> torch.Tensor:
     return z - z.mean(dim=1, keepdim=True)
 
 
+def _boundary_margin(logits: torch.Tensor, temperature: float, pos: int, threshold: float) -> torch.Tensor:
+    """Per image, how far (in logits) the trained model is from changing its label: the COVID-19 log-odds against
+    the threshold's, and the gap between the two other classes, whichever is smaller."""
+    z = logits / temperature
+    logp = torch.log_softmax(z, dim=1)
+    p = logp[:, pos].exp().clamp(1e-7, 1 - 1e-7)
+    covid = (torch.log(p) - torch.log1p(-p) - math.log(threshold / (1 - threshold))).abs()
+    others = torch.cat([z[:, :pos], z[:, pos + 1:]], dim=1)
+    top2 = others.topk(2, dim=1).values if others.shape[1] >= 2 else torch.full_like(others, math.inf)
+    return torch.minimum(covid, (top2[:, 0] - top2[:, -1]).abs())
+
+
 def _covid_labels(logits: torch.Tensor, temperature: float, pos: int, threshold: float) -> torch.Tensor:
     return torch.softmax(logits / temperature, dim=1)[:, pos] >= threshold
 
 
 def finetune(model: nn.Module, images: torch.Tensor, *, temperature: float, positive_index: int, threshold: float,
              epochs: int = 3, lr: float = 2e-5, batch_size: int = 16, calibration_count: int = 128,
-             fp32_convs: int = 0, seed: int = 0, progress: Callable[[str], None] | None = None) -> tuple[nn.Module, QATReport]:
+             fp32_convs: int = 0, boundary_weight: float = 0.0, seed: int = 0, progress: Callable[[str], None] | None = None) -> tuple[nn.Module, QATReport]:
     """Quantization-aware fine-tuning of ``model`` on ``images`` (N x C x H x W, preprocessed train images).
 
     Returns a new, BatchNorm-folded model (``model`` is left as it is) and a :class:`QATReport`.
@@ -283,6 +296,7 @@ def finetune(model: nn.Module, images: torch.Tensor, *, temperature: float, posi
     with torch.no_grad():
         target = torch.cat([teacher(images[i:i + batch_size]) for i in range(0, len(images), batch_size)])
     ref_labels = _covid_labels(target, temperature, positive_index, threshold)
+    weights = 1.0 + boundary_weight * torch.exp(-_boundary_margin(target, temperature, positive_index, threshold) / 0.5)
 
     def measure() -> dict[str, float]:
         out: dict[str, float] = {}
@@ -322,7 +336,10 @@ def finetune(model: nn.Module, images: torch.Tensor, *, temperature: float, posi
             zf = _centre(student(x))
             # the gate compares INT8 with this model's own fp32: the INT8 forward follows the fp32 one (not the
             # other way round), and the second term keeps the fp32 model where it was
-            loss = (zq - zf.detach()).pow(2).mean() + (zf - t).pow(2).mean()
+            gap = (zq - zf.detach()).pow(2).mean(dim=1)
+            if boundary_weight:
+                gap = gap * weights[idx]
+            loss = gap.mean() + (zf - t).pow(2).mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -340,7 +357,7 @@ def finetune(model: nn.Module, images: torch.Tensor, *, temperature: float, posi
     for p in student.parameters():
         p.requires_grad_(True)
     report = QATReport(steps=step, epochs=epochs, lr=lr, batch_size=batch_size, fp32_convs=fp32_convs,
-                       train_images=len(images),
+                       boundary_weight=boundary_weight, train_images=len(images),
                        calibration_images=len(cal_idx), bn_folded=folded, weights_quantized=sim.weights,
                        activation_points=len(sim.ranges), seconds=round(time.monotonic() - started, 1),
                        before=before, after=after, history=history)
@@ -383,7 +400,7 @@ SUPPORTED_ARCHS = ("mobilenet_v2",)
 
 def qat_checkpoint(model_path: str | Path, manifest: str | Path, out: str | Path, *, epochs: int = 3,
                    lr: float = 2e-5, batch_size: int = 16, calibration_count: int = 128, fp32_convs: int = 0,
-                   cache_dir: str | Path | None = None, seed: int = 0,
+                   boundary_weight: float = 0.0, cache_dir: str | Path | None = None, seed: int = 0,
                    progress: Callable[[str], None] | None = None) -> QATReport:
     """Fine-tune the checkpoint ``model_path`` quantization-aware on ``manifest``'s train split; write ``out``.
 
@@ -413,7 +430,7 @@ def qat_checkpoint(model_path: str | Path, manifest: str | Path, out: str | Path
     model, report = finetune(lm.model, images, temperature=lm.temperature,
                              positive_index=lm.classes.index("COVID-19"), threshold=float(lm.threshold),
                              epochs=epochs, lr=lr, batch_size=batch_size, calibration_count=calibration_count,
-                             fp32_convs=fp32_convs, seed=seed, progress=progress)
+                             fp32_convs=fp32_convs, boundary_weight=boundary_weight, seed=seed, progress=progress)
     bundle = dict(read_bundle(model_path))
     for key in ("stored_as", "card"):  # a shipped model's file format and card describe the input, not this model
         bundle.pop(key, None)
