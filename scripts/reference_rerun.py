@@ -75,7 +75,8 @@ def settings_of(t: dict[str, Any]) -> dict[str, Any]:
     qat = t.get("qat")
     out["QAT"] = 1 if qat else 0  # a model trained before quantization-aware fine-tuning existed had none
     if qat:
-        out.update({"QAT_EPOCHS": qat.get("epochs"), "QAT_LR": qat.get("lr"), "QAT_KEEP_FP32": qat.get("fp32_convs")})
+        out.update({"QAT_EPOCHS": qat.get("epochs"), "QAT_LR": qat.get("lr"), "QAT_KEEP_FP32": qat.get("fp32_convs"),
+                    "QAT_BOUNDARY_WEIGHT": qat.get("boundary_weight", 0.0)})
     return {k: v for k, v in out.items() if v is not None}
 
 

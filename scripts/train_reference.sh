@@ -29,7 +29,7 @@
 #                                   # (RUNS/audit) and leave-one-source-out (results-out/run3/loso)
 #
 # Environment: RUNS (default reference-out/), RECIPE, SEED (0), EPOCHS (3), SIZE (224), THREADS (2), BOOT (1000),
-# SEV_EPOCHS (4), AUDIT_LIMIT (60), QAT (0), QAT_EPOCHS (3), QAT_LR (2e-5), QAT_KEEP_FP32 (4), MAX_STEPS (stop after that many optimiser steps; the shipped 1.0.0 run was
+# SEV_EPOCHS (4), AUDIT_LIMIT (60), QAT (0), QAT_EPOCHS (3), QAT_LR (2e-5), QAT_KEEP_FP32 (4), QAT_BOUNDARY_WEIGHT (0), MAX_STEPS (stop after that many optimiser steps; the shipped 1.0.0 run was
 # stopped by hand after its second epoch, i.e. EPOCHS=3 MAX_STEPS=56, for CPU time), VERSION (the release number written into the model), PRECISION (e.g.
 # bf16-mixed, when the trainer supports it), COVIDCXR_SHARED (../shared), COVIDCXR_WEIGHTS_DIR (<shared>/weights).
 # Research use only: nothing here is a clinical performance claim.
@@ -77,6 +77,7 @@ if [ "$SMOKE" = 1 ]; then QAT_EPOCHS=${QAT_EPOCHS:-1}; else QAT_EPOCHS=${QAT_EPO
 QAT_LR=${QAT_LR:-2e-5}
 # the first convolutions left fp32, in the fine-tuning and in the INT8 export alike (without QAT: the export's auto)
 QAT_KEEP_FP32=${QAT_KEEP_FP32:-4}
+QAT_BOUNDARY_WEIGHT=${QAT_BOUNDARY_WEIGHT:-0}
 KEEP_FP32=auto; [ "$QAT" = 1 ] && KEEP_FP32=$QAT_KEEP_FP32
 export OMP_NUM_THREADS=$THREADS MKL_NUM_THREADS=$THREADS
 mkdir -p "$RUNS"
@@ -159,21 +160,23 @@ PY
     step "quantization-aware fine-tuning ($QAT_EPOCHS epochs, lr $QAT_LR, first $QAT_KEEP_FP32 convolutions fp32; covidcxr qat)"
     # a best.ckpt already fine-tuned from this trained.ckpt with these settings is kept (a resumed STAGE=post run)
     if [ -f "$RUNS/run/best.ckpt" ] && $PY - "$RUNS/run/best.ckpt" "$RUNS/run/trained.ckpt" "$QAT_EPOCHS" "$QAT_LR" \
-         "$QAT_KEEP_FP32" "$SEED" <<'PY'
+         "$QAT_KEEP_FP32" "$SEED" "$QAT_BOUNDARY_WEIGHT" <<'PY'
 import sys
 from covidcxr.models.checkpoint import read_bundle
 from covidcxr.models.reference import file_sha256
-best, trained, epochs, lr, keep, seed = sys.argv[1:]
+best, trained, epochs, lr, keep, seed, bw = sys.argv[1:]
 q = (read_bundle(best).get("training") or {}).get("qat") or {}
 same = (q.get("from_sha256") == file_sha256(trained) and q.get("epochs") == int(epochs) and q.get("lr") == float(lr)
-        and q.get("fp32_convs") == int(keep) and q.get("seed") == int(seed))
+        and q.get("fp32_convs") == int(keep) and q.get("seed") == int(seed)
+        and float(q.get("boundary_weight", 0.0)) == float(bw))
 sys.exit(0 if same else 1)
 PY
     then
       echo "$RUNS/run/best.ckpt: already fine-tuned from trained.ckpt with these settings; kept"
     else
       $CX qat --model "$RUNS/run/trained.ckpt" --data "$RUNS/reference-manifest.csv" --out "$RUNS/run/best.ckpt" \
-        --epochs "$QAT_EPOCHS" --lr "$QAT_LR" --keep-fp32 "$QAT_KEEP_FP32" --seed "$SEED" --threads "$THREADS" \
+        --epochs "$QAT_EPOCHS" --lr "$QAT_LR" --keep-fp32 "$QAT_KEEP_FP32" --boundary-weight "$QAT_BOUNDARY_WEIGHT" \
+        --seed "$SEED" --threads "$THREADS" \
         --cache-dir "$RUNS/cache" > "$RUNS/qat.log" 2>&1 || { tail -3 "$RUNS/qat.log"; exit 1; }
       tail -2 "$RUNS/qat.log"
     fi
