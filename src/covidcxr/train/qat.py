@@ -274,7 +274,8 @@ def _covid_labels(logits: torch.Tensor, temperature: float, pos: int, threshold:
 
 def finetune(model: nn.Module, images: torch.Tensor, *, temperature: float, positive_index: int, threshold: float,
              epochs: int = 3, lr: float = 2e-5, batch_size: int = 16, calibration_count: int = 128,
-             fp32_convs: int = 0, boundary_weight: float = 0.0, seed: int = 0, progress: Callable[[str], None] | None = None) -> tuple[nn.Module, QATReport]:
+             fp32_convs: int = 0, boundary_weight: float = 0.0, seed: int = 0,
+             progress: Callable[[str], None] | None = None) -> tuple[nn.Module, QATReport]:
     """Quantization-aware fine-tuning of ``model`` on ``images`` (N x C x H x W, preprocessed train images).
 
     Returns a new, BatchNorm-folded model (``model`` is left as it is) and a :class:`QATReport`.
@@ -293,20 +294,22 @@ def finetune(model: nn.Module, images: torch.Tensor, *, temperature: float, posi
         for i in range(0, len(cal_idx), batch_size):
             yield images[cal_idx[i:i + batch_size]]
 
-    with torch.no_grad():
-        target = torch.cat([teacher(images[i:i + batch_size]) for i in range(0, len(images), batch_size)])
+    def logits_of(net: nn.Module) -> torch.Tensor:
+        with torch.no_grad():
+            return torch.cat([net(images[i:i + batch_size]) for i in range(0, len(images), batch_size)])
+
+    target = logits_of(teacher)
     ref_labels = _covid_labels(target, temperature, positive_index, threshold)
     weights = 1.0 + boundary_weight * torch.exp(-_boundary_margin(target, temperature, positive_index, threshold) / 0.5)
 
     def measure() -> dict[str, float]:
         out: dict[str, float] = {}
-        with torch.no_grad():
-            for mode in ("fp32", "int8_simulated"):
-                sim.enabled = mode != "fp32"
-                z = torch.cat([student(images[i:i + batch_size]) for i in range(0, len(images), batch_size)])
-                out[f"{mode}_logit_error"] = round(logit_error(target.numpy(), z.numpy()), 4)
-                out[f"{mode}_label_agreement"] = round(float(
-                    (_covid_labels(z, temperature, positive_index, threshold) == ref_labels).float().mean()), 4)
+        for mode in ("fp32", "int8_simulated"):
+            sim.enabled = mode != "fp32"
+            z = logits_of(student)
+            out[f"{mode}_logit_error"] = round(logit_error(target.numpy(), z.numpy()), 4)
+            out[f"{mode}_label_agreement"] = round(float(
+                (_covid_labels(z, temperature, positive_index, threshold) == ref_labels).float().mean()), 4)
         sim.enabled = False
         return out
 
