@@ -190,7 +190,8 @@ def _films(shared_dir: Path) -> list[str]:
 @pytest.mark.slow
 @pytest.mark.xfail(strict=True, reason="reference 1.0.0 misses the bar (measured: 96.0% of 50 films; its own gate: "
                    "96.6% of 378 val+test images): threshold 0.041 sits in its probability mass and the INT8 error is "
-                   "spread over the whole network (docs/deployment.md, 'The default model'); strict: passing means "
+                   "spread over the whole network (docs/deployment.md, 'The default model'; quantization-aware fine-tuning did "
+                   "not fix it either: 'Quantization-aware fine-tuning'); strict: passing means "
                    "the export can be served, so this mark goes")
 def test_int8_reference_agrees_with_fp32_on_independent_films(shared_dir, tmp_path):
     """The reference exported to INT8 as `covidcxr export --quantize int8` does (train-split calibration of the
