@@ -30,13 +30,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from covidcxr.io import MAX_UNREADABLE_SHARE
 from covidcxr.predict import ONNX_META_PREFIX, Predictor, collect_inputs, file_sha256
 
 log = logging.getLogger(__name__)
 
 DEFAULT_OPSET = 18
-#: largest share of unreadable parity images accepted (above: the check is refused, not run on what decoded)
-MAX_UNREADABLE_SHARE = 0.02
 
 
 class ExportError(RuntimeError):

@@ -37,6 +37,9 @@ MAX_PIXELS = 64_000_000
 #: Smallest side accepted: below this an image cannot be a usable CXR.
 MIN_SIDE = 64
 
+#: largest share of unreadable images a check or calibration over a set accepts (ONNX parity, INT8 calibration
+#: and gate, quantization-aware fine-tuning): above it the step is refused, since what decoded says little of the rest
+MAX_UNREADABLE_SHARE = 0.02
 DICOM_SUFFIXES = {".dcm", ".dicom", ".dic"}
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"}
 SUPPORTED_SUFFIXES = DICOM_SUFFIXES | IMAGE_SUFFIXES

@@ -39,6 +39,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from covidcxr.predict import ONNX_META_PREFIX, POSITIVE_CLASS, Predictor, file_sha256, iter_batches
+from covidcxr.io import MAX_UNREADABLE_SHARE
 from covidcxr.train.qat import logit_error  # one definition for the export's choice and the fine-tuning's report
 
 log = logging.getLogger(__name__)
@@ -49,8 +50,6 @@ OP_TYPES = ["Conv", "Gemm", "MatMul", "Add", "Mul", "Relu", "Clip", "MaxPool", "
 CALIBRATION_METHODS = ("minmax", "percentile", "entropy")
 #: calibration-set logit error (:func:`logit_error`) at which ``keep_fp32="auto"`` stops keeping layers fp32
 MAX_LOGIT_ERROR = 0.05
-#: largest share of unreadable calibration or held-out images the quantization accepts (above: refused)
-MAX_UNREADABLE_SHARE = 0.02
 
 
 class QuantizeError(RuntimeError):

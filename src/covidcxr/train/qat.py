@@ -42,6 +42,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from covidcxr.io import MAX_UNREADABLE_SHARE, CXRReadError
+
 log = logging.getLogger(__name__)
 
 
@@ -224,8 +226,8 @@ class QATReport:
     weights_quantized: int
     activation_points: int
     seconds: float
-    #: on the train images, against the original model: (centred) logit RMS error and COVID-19 label agreement at
-    #: the original threshold, for the fp32 forward and the simulated-INT8 forward, before and after
+    #: on the train images, against the original model: :func:`logit_error` and COVID-19 label agreement at the
+    #: original threshold, for the fp32 forward and the simulated-INT8 forward, before and after
     before: dict[str, float] = field(default_factory=dict)
     after: dict[str, float] = field(default_factory=dict)
     history: list[dict[str, float]] = field(default_factory=list)
@@ -367,15 +369,13 @@ def finetune(model: nn.Module, images: torch.Tensor, *, temperature: float, posi
     return student.eval(), report
 
 
-def load_train_images(manifest: str | Path, preset: Any, cache_dir: str | Path | None = None,
-                      split: str = "train") -> tuple[torch.Tensor, list[str]]:
-    """The manifest's ``split`` images, preprocessed by ``preset`` (no augmentation), as one tensor."""
-    from covidcxr.data import read_manifest
+def load_train_images(frame: Any, preset: Any, cache_dir: str | Path | None = None, split: str = "train",
+                      manifest: str | Path = "the manifest") -> tuple[torch.Tensor, list[str]]:
+    """The ``split`` images of a manifest ``frame`` (``read_manifest``), preprocessed by ``preset`` (no
+    augmentation), as one tensor; unreadable ones are skipped and named, up to :data:`MAX_UNREADABLE_SHARE`."""
     from covidcxr.data.dataset import CXRDataset
-    from covidcxr.io import CXRReadError
 
-    df = read_manifest(manifest, require_split=True, check_leakage=False)
-    df = df[df["split"] == split]
+    df = frame[frame["split"] == split]
     if df.empty:
         raise QATError(f"{manifest}: no {split!r} rows to fine-tune on")
     ds = CXRDataset(df, preset, cache_dir=cache_dir, classes=sorted(set(df["label"].astype(str))))
@@ -394,9 +394,6 @@ def load_train_images(manifest: str | Path, preset: Any, cache_dir: str | Path |
     return torch.stack(xs), skipped
 
 
-#: largest share of unreadable train images accepted (the INT8 export's calibration has the same limit)
-MAX_UNREADABLE_SHARE = 0.02
-
 #: architectures whose activations :class:`Simulator` places as onnxruntime quantizes them
 SUPPORTED_ARCHS = ("mobilenet_v2",)
 
@@ -407,13 +404,14 @@ def qat_checkpoint(model_path: str | Path, manifest: str | Path, out: str | Path
                    progress: Callable[[str], None] | None = None) -> QATReport:
     """Fine-tune the checkpoint ``model_path`` quantization-aware on ``manifest``'s train split; write ``out``.
 
-    ``out`` keeps the input's arch, classes, preset, threshold, temperature and training record, and adds
-    ``training.qat`` (the report, the input file and its sha256). The training-feature summary is dropped, since
-    the features moved (``covidcxr train`` style scripts compute it again), and the threshold should be chosen
-    again on val (``covidcxr evaluate --calibrate --set-threshold``).
+    ``out`` keeps the input's arch, classes, preset, threshold, temperature and training record, less its release
+    and run name, card and figures (new weights), and adds ``training.qat`` (the report; the input's file, sha256,
+    name and release). Its threshold is marked ``inherited`` until chosen again on val (``covidcxr evaluate
+    --calibrate --set-threshold``); its training-feature summary (for ``covidcxr site check``) is computed anew.
     """
+    from covidcxr import __version__
+    from covidcxr.data import read_manifest
     from covidcxr.models.checkpoint import FORMAT, CheckpointError, atomic_torch_save, load, read_bundle
-    from covidcxr.models.checkpoint import _version
     from covidcxr.models.features import SUMMARY_KEY, summarise_frames
     from covidcxr.models.reference import file_sha256
     from covidcxr.reference_models import resolve_model
@@ -427,7 +425,8 @@ def qat_checkpoint(model_path: str | Path, manifest: str | Path, out: str | Path
                        f"for {', '.join(SUPPORTED_ARCHS)} only")
     if lm.logit_bias is not None:
         raise QATError(f"{model_path}: a site-calibrated checkpoint (logit bias); fine-tune the model it came from")
-    images, skipped = load_train_images(manifest, lm.preset, cache_dir)
+    frame = read_manifest(manifest, require_split=True, check_leakage=False)
+    images, skipped = load_train_images(frame, lm.preset, cache_dir, manifest=manifest)
     if len(images) < batch_size:
         raise QATError(f"{manifest}: {len(images)} readable train images, fewer than one batch ({batch_size})")
     model, report = finetune(lm.model, images, temperature=lm.temperature,
@@ -438,7 +437,7 @@ def qat_checkpoint(model_path: str | Path, manifest: str | Path, out: str | Path
     for key in ("stored_as", "card"):  # a shipped model's file format and card describe the input, not this model
         bundle.pop(key, None)
     bundle["format"] = FORMAT
-    bundle["covidcxr_version"] = _version()
+    bundle["covidcxr_version"] = __version__
     bundle["state_dict"] = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     training = dict(bundle.get("training") or {})
     source = Path(resolve_model(model_path))
@@ -455,9 +454,6 @@ def qat_checkpoint(model_path: str | Path, manifest: str | Path, out: str | Path
                                              "note": "the input model's threshold, not chosen again for these weights "
                                                      "(covidcxr evaluate --calibrate --set-threshold does)"}}
     # the training-feature summary that `covidcxr site check` compares a site with, for these weights
-    from covidcxr.data import read_manifest
-
-    frame = read_manifest(manifest, require_split=True, check_leakage=False)
     model.eval()
     bundle[SUMMARY_KEY] = summarise_frames(model, lm.preset, frame[frame["split"] == "train"],
                                            frame[frame["split"] == "val"])
